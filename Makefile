@@ -1,0 +1,44 @@
+# One entry point for people and CI. `make test` and `make demo` work on a
+# fresh Debian 12 machine: both depend on `setup`, which installs what is missing.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+export BCC_KERNEL_SOURCE := $(CURDIR)/build/kernel-headers
+
+.PHONY: setup lint typecheck unit netns vm-test test demo bench bench-host bench-vm clean
+
+setup:
+	@bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check controlplane tests vm-tests bench examples
+	$(VENV)/bin/ruff format --check controlplane tests vm-tests bench examples
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+netns: setup
+	$(PY) -m pytest -q tests/netns
+
+vm-test: setup
+	$(PY) vm-tests/run --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite --junitxml=build/vm-results/junit.xml
+
+test: lint typecheck unit netns vm-test
+
+demo: setup
+	@bash scripts/demo.sh
+
+bench: bench-host bench-vm
+
+bench-host: setup
+	$(PY) bench/bench_apply.py
+	$(PY) bench/bench_reuseport.py
+
+bench-vm: setup
+	$(PY) vm-tests/run --results build/vm-bench -- $(CURDIR)/$(PY) vm-tests/bench_vm.py
+
+clean:
+	rm -rf build .mypy_cache .pytest_cache .ruff_cache

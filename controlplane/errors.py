@@ -1,0 +1,71 @@
+"""One error hierarchy that says whose fault it is.
+
+- :class:`ConfigError`: the user's input is wrong (exit 2).
+- :class:`KernelError`: the kernel refused an operation; carries errno, the
+  operation and the payload that failed (exit 1).
+- :class:`UnsupportedError`: the running kernel lacks a feature (exit 3).
+- :class:`EnvironmentProblem`: missing privileges, namespace, bpffs... (exit 4).
+- :class:`PlanError`: our own bug (the renderer produced something inconsistent).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import dataclass, field
+
+
+class ControlPlaneError(Exception):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line is not None else ""
+        return f"{self.path}{where}: {self.message}"
+
+
+class ConfigError(ControlPlaneError):
+    exit_code = 2
+
+    def __init__(self, issues: list[ConfigIssue], source: str | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class PlanError(ControlPlaneError):
+    exit_code = 70
+
+
+class EnvironmentProblem(ControlPlaneError):
+    """Something around us is missing: root, a namespace, bpffs, a device."""
+
+    exit_code = 4
+
+
+class UnsupportedError(ControlPlaneError):
+    """The running kernel cannot do what the config asks (e.g. no flowtables)."""
+
+    exit_code = 3
+
+
+@dataclass
+class KernelError(ControlPlaneError):
+    operation: str
+    message: str
+    errno: int | None = None
+    payload: object = field(default=None, repr=False)
+
+    exit_code = 1
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        code = f" ({_errno.errorcode.get(self.errno, self.errno)})" if self.errno else ""
+        return f"{self.operation}: {self.message}{code}"
