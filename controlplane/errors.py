@@ -2,7 +2,7 @@
 
 - :class:`ConfigError`: the user's input is wrong (exit 2).
 - :class:`KernelError`: the kernel refused an operation; carries errno, the
-  operation and the payload that failed (exit 1).
+  operation and the payload that failed (exit 5).
 - :class:`UnsupportedError`: the running kernel lacks a feature (exit 3).
 - :class:`EnvironmentProblem`: missing privileges, namespace, bpffs... (exit 4).
 - :class:`PlanError`: our own bug (the renderer produced something inconsistent).
@@ -61,7 +61,7 @@ class KernelError(ControlPlaneError):
     errno: int | None = None
     payload: object = field(default=None, repr=False)
 
-    exit_code = 1
+    exit_code = 5
 
     def __post_init__(self) -> None:
         super().__init__(str(self))

@@ -8,6 +8,7 @@ calling thread, which is what we want: other threads keep their namespace.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,23 @@ from controlplane.errors import EnvironmentProblem
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """setns(2) for the calling thread (os.setns only exists from Python 3.12)."""
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def unshare_net() -> None:
+    """Move the calling process into a new, empty network namespace."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def netns_path(name: str) -> str:
@@ -48,7 +66,7 @@ def entered(name: str | None) -> Iterator[None]:
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            os.setns(target, CLONE_NEWNET)
+            setns(target)
         except PermissionError:
             raise EnvironmentProblem(
                 f"cannot enter network namespace {name!r}: need root (CAP_SYS_ADMIN)"
@@ -56,7 +74,7 @@ def entered(name: str | None) -> Iterator[None]:
         try:
             yield
         finally:
-            os.setns(original, CLONE_NEWNET)
+            setns(original)
     finally:
         os.close(target)
         os.close(original)

@@ -1,0 +1,521 @@
+"""The nftables object model: frozen values rendered to libnftables JSON and to nft text.
+
+Every statement carries both forms, built side by side in one place, so the
+JSON we send and the text we show (or send, see ``needs_text``) cannot drift.
+Names reaching this module are already validated (``controlplane.config``),
+so quoting is only ever about nft's grammar, never about injection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+JSON = Any  # a JSON-serialisable value
+
+TAG_PREFIX = "cp:"
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """One nft expression/statement: its JSON object and its text, made together."""
+
+    json_text: str  # canonical JSON of the statement (hashable, comparable)
+    text: str
+
+    @property
+    def json(self) -> JSON:
+        return json.loads(self.json_text)
+
+
+def _stmt(obj: JSON, text: str) -> Stmt:
+    return Stmt(json.dumps(obj, sort_keys=True, separators=(",", ":")), text)
+
+
+def _quote(name: str) -> str:
+    return f'"{name}"'
+
+
+def _rhs(values: list[JSON], texts: list[str]) -> tuple[JSON, str]:
+    if len(values) == 1:
+        return values[0], texts[0]
+    return {"set": values}, "{ " + ", ".join(texts) + " }"
+
+
+def match_meta(key: str, values: list[str], quote: bool = True) -> Stmt:
+    rhs, text = _rhs(list(values), [_quote(v) if quote else v for v in values])
+    return _stmt(
+        {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": rhs}}, f"{key} {text}"
+    )
+
+
+def match_l4proto(protos: list[str]) -> Stmt:
+    rhs, text = _rhs(list(protos), list(protos))
+    return _stmt(
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": rhs}},
+        f"meta l4proto {text}",
+    )
+
+
+def match_nfproto(version: int) -> Stmt:
+    name = "ipv4" if version == 4 else "ipv6"
+    return _stmt(
+        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": name}},
+        f"meta nfproto {name}",
+    )
+
+
+def match_prefixes(fieldname: str, nets: list[IPv4Network] | list[IPv6Network]) -> Stmt:
+    proto = "ip" if nets[0].version == 4 else "ip6"
+    values: list[JSON] = []
+    texts: list[str] = []
+    for net in nets:
+        if net.prefixlen == net.max_prefixlen:
+            values.append(str(net.network_address))
+        else:
+            values.append({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
+        texts.append(str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net))
+    rhs, text = _rhs(values, texts)
+    return _stmt(
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": proto, "field": fieldname}},
+                "right": rhs,
+            }
+        },
+        f"{proto} {fieldname} {text}",
+    )
+
+
+def match_dport(proto: str, port: int) -> Stmt:
+    return _stmt(
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": proto, "field": "dport"}},
+                "right": port,
+            }
+        },
+        f"{proto} dport {port}",
+    )
+
+
+def match_ct_packets_over(n: int) -> Stmt:
+    return _stmt(
+        {"match": {"op": ">", "left": {"ct": {"key": "packets"}}, "right": n}},
+        f"ct packets > {n}",
+    )
+
+
+def match_ct_state_new() -> Stmt:
+    return _stmt(
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, "ct state new"
+    )
+
+
+def match_tcp_not_syn() -> Stmt:
+    flags = ["fin", "syn", "rst", "ack"]
+    return _stmt(
+        {
+            "match": {
+                "op": "!=",
+                "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, flags]},
+                "right": "syn",
+            }
+        },
+        "tcp flags & (fin | syn | rst | ack) != syn",
+    )
+
+
+def counter(name: str | None = None) -> Stmt:
+    if name is None:
+        return _stmt({"counter": None}, "counter")
+    return _stmt({"counter": name}, f"counter name {_quote(name)}")
+
+
+def flow_add(flowtable: str) -> Stmt:
+    return _stmt({"flow": {"op": "add", "flowtable": f"@{flowtable}"}}, f"flow add @{flowtable}")
+
+
+def masquerade() -> Stmt:
+    return _stmt({"masquerade": None}, "masquerade")
+
+
+def snat(addr: IPv4Address | IPv6Address) -> Stmt:
+    fam = "ip" if addr.version == 4 else "ip6"
+    shown = str(addr) if addr.version == 4 else f"[{addr}]"
+    return _stmt({"snat": {"family": fam, "addr": str(addr)}}, f"snat {fam} to {shown}")
+
+
+def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
+    fam = "ip" if addr.version == 4 else "ip6"
+    obj: dict[str, JSON] = {"family": fam, "addr": str(addr)}
+    shown = str(addr) if addr.version == 4 else f"[{addr}]"
+    if port is not None:
+        obj["port"] = port
+        shown += f":{port}"
+    return _stmt({"dnat": obj}, f"dnat {fam} to {shown}")
+
+
+def verdict(kind: str) -> Stmt:
+    assert kind in ("accept", "drop")
+    return _stmt({kind: None}, kind)
+
+
+class Hook(StrEnum):
+    PREROUTING = "prerouting"
+    INPUT = "input"
+    FORWARD = "forward"
+    POSTROUTING = "postrouting"
+
+
+@dataclass(frozen=True)
+class Flowtable:
+    name: str
+    priority: int
+    devices: tuple[str, ...]  # sorted
+    hw_offload: bool = False
+    counter: bool = False
+
+    @property
+    def definition(self) -> tuple[int, bool, bool]:
+        """What cannot change in place: a change here means delete and recreate."""
+        return (self.priority, self.hw_offload, self.counter)
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    type: str
+    hook: Hook
+    priority: int
+    policy: str = "accept"
+
+    @property
+    def definition(self) -> tuple[str, str, int, str]:
+        return (self.type, self.hook.value, self.priority, self.policy)
+
+
+@dataclass(frozen=True)
+class Rule:
+    chain: str
+    stmts: tuple[Stmt, ...]
+    label: str  # a human hint kept in the comment, e.g. "policy lan-wan"
+
+    @property
+    def tag(self) -> str:
+        """Content hash: how we recognise our own rules in the kernel's listing."""
+        h = hashlib.sha256(self.chain.encode())
+        for s in self.stmts:
+            h.update(s.json_text.encode())
+        return h.hexdigest()[:12]
+
+    @property
+    def comment(self) -> str:
+        return f"{TAG_PREFIX}{self.tag} {self.label}".strip()
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.stmts) + f" comment {_quote(self.comment)}"
+
+    @property
+    def flowtable_ref(self) -> str | None:
+        for s in self.stmts:
+            obj = s.json
+            if isinstance(obj, dict) and "flow" in obj:
+                return str(obj["flow"]["flowtable"]).removeprefix("@")
+        return None
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The complete desired content of the owned table."""
+
+    family: str
+    table: str
+    flowtables: tuple[Flowtable, ...] = ()
+    counters: tuple[str, ...] = ()
+    chains: tuple[Chain, ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+    def rules_of(self, chain: str) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.chain == chain)
+
+    def flowtable(self, name: str) -> Flowtable | None:
+        return next((f for f in self.flowtables if f.name == name), None)
+
+
+# --- operations: what a transaction is made of -------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of transaction operations (knftables-style verbs)."""
+
+    def json(self, rs: TableRef) -> JSON:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def text(self, rs: TableRef) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def needs_text(self) -> bool:
+        """True when libnftables' JSON grammar cannot express this operation."""
+        return False
+
+
+@dataclass(frozen=True)
+class TableRef:
+    family: str
+    table: str
+
+    @property
+    def base(self) -> dict[str, str]:
+        return {"family": self.family, "table": self.table}
+
+    @property
+    def spec(self) -> str:
+        return f"{self.family} {self.table}"
+
+
+def _ft_devices_text(devices: tuple[str, ...]) -> str:
+    return "devices = { " + ", ".join(_quote(d) for d in devices) + " };"
+
+
+@dataclass(frozen=True)
+class AddTable(Op):
+    def json(self, rs: TableRef) -> JSON:
+        return {"add": {"table": {"family": rs.family, "name": rs.table}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"add table {rs.spec}"
+
+
+@dataclass(frozen=True)
+class DeleteTable(Op):
+    def json(self, rs: TableRef) -> JSON:
+        return {"delete": {"table": {"family": rs.family, "name": rs.table}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"delete table {rs.spec}"
+
+
+@dataclass(frozen=True)
+class AddFlowtable(Op):
+    """Create a flowtable, or add ``devices`` to an existing one (same verb in nft)."""
+
+    ft: Flowtable
+
+    @property
+    def needs_text(self) -> bool:
+        # libnftables-json(5) of nft 1.0.x has no flowtable flags.
+        return self.ft.hw_offload or self.ft.counter
+
+    def json(self, rs: TableRef) -> JSON:
+        obj: dict[str, JSON] = {
+            **rs.base,
+            "name": self.ft.name,
+            "hook": "ingress",
+            "prio": self.ft.priority,
+        }
+        if self.ft.devices:
+            obj["dev"] = list(self.ft.devices)
+        return {"add": {"flowtable": obj}}
+
+    def text(self, rs: TableRef) -> str:
+        body = f"hook ingress priority {self.ft.priority};"
+        if self.ft.devices:
+            body += " " + _ft_devices_text(self.ft.devices)
+        if self.ft.hw_offload:
+            body += " flags offload;"
+        if self.ft.counter:
+            body += " counter;"
+        return f"add flowtable {rs.spec} {self.ft.name} {{ {body} }}"
+
+
+@dataclass(frozen=True)
+class DeleteFlowtableDevices(Op):
+    name: str
+    devices: tuple[str, ...]
+
+    @property
+    def needs_text(self) -> bool:
+        return True
+
+    def json(self, rs: TableRef) -> JSON:
+        # nft 1.0.x's JSON parser ignores "dev" on delete and would delete the
+        # whole flowtable: this operation only exists in the text grammar.
+        raise NotImplementedError("flowtable device removal has no JSON form in nft 1.0.x")
+
+    def text(self, rs: TableRef) -> str:
+        return f"delete flowtable {rs.spec} {self.name} {{ {_ft_devices_text(self.devices)} }}"
+
+
+@dataclass(frozen=True)
+class DeleteFlowtable(Op):
+    name: str
+
+    def json(self, rs: TableRef) -> JSON:
+        return {"delete": {"flowtable": {**rs.base, "name": self.name}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"delete flowtable {rs.spec} {self.name}"
+
+
+@dataclass(frozen=True)
+class AddCounter(Op):
+    name: str
+
+    def json(self, rs: TableRef) -> JSON:
+        return {"add": {"counter": {**rs.base, "name": self.name}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"add counter {rs.spec} {self.name}"
+
+
+@dataclass(frozen=True)
+class DeleteCounter(Op):
+    name: str
+
+    def json(self, rs: TableRef) -> JSON:
+        return {"delete": {"counter": {**rs.base, "name": self.name}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"delete counter {rs.spec} {self.name}"
+
+
+@dataclass(frozen=True)
+class AddChain(Op):
+    chain: Chain
+
+    def json(self, rs: TableRef) -> JSON:
+        c = self.chain
+        return {
+            "add": {
+                "chain": {
+                    **rs.base,
+                    "name": c.name,
+                    "type": c.type,
+                    "hook": c.hook.value,
+                    "prio": c.priority,
+                    "policy": c.policy,
+                }
+            }
+        }
+
+    def text(self, rs: TableRef) -> str:
+        c = self.chain
+        return (
+            f"add chain {rs.spec} {c.name} {{ type {c.type} hook {c.hook.value}"
+            f" priority {c.priority}; policy {c.policy}; }}"
+        )
+
+
+@dataclass(frozen=True)
+class FlushChain(Op):
+    name: str
+
+    def json(self, rs: TableRef) -> JSON:
+        return {"flush": {"chain": {**rs.base, "name": self.name}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"flush chain {rs.spec} {self.name}"
+
+
+@dataclass(frozen=True)
+class DeleteChain(Op):
+    name: str
+
+    def json(self, rs: TableRef) -> JSON:
+        return {"delete": {"chain": {**rs.base, "name": self.name}}}
+
+    def text(self, rs: TableRef) -> str:
+        return f"delete chain {rs.spec} {self.name}"
+
+
+@dataclass(frozen=True)
+class AddRule(Op):
+    rule: Rule
+
+    def json(self, rs: TableRef) -> JSON:
+        return {
+            "add": {
+                "rule": {
+                    **rs.base,
+                    "chain": self.rule.chain,
+                    "expr": [s.json for s in self.rule.stmts],
+                    "comment": self.rule.comment,
+                }
+            }
+        }
+
+    def text(self, rs: TableRef) -> str:
+        return f"add rule {rs.spec} {self.rule.chain} {self.rule.text}"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """An ordered list of operations on one table, applied as one kernel transaction."""
+
+    ref: TableRef
+    ops: tuple[Op, ...]
+
+    @property
+    def needs_text(self) -> bool:
+        return any(op.needs_text for op in self.ops)
+
+    def to_json(self) -> JSON:
+        return {
+            "nftables": [{"metainfo": {"json_schema_version": 1}}]
+            + [op.json(self.ref) for op in self.ops]
+        }
+
+    def to_text(self) -> str:
+        return "".join(op.text(self.ref) + "\n" for op in self.ops)
+
+
+def create_ops(rs: Ruleset) -> list[Op]:
+    """Operations that build ``rs`` in an empty (or absent) table."""
+    ops: list[Op] = [AddTable()]
+    ops += [AddCounter(c) for c in rs.counters]
+    ops += [AddFlowtable(ft) for ft in rs.flowtables]
+    ops += [AddChain(c) for c in rs.chains]
+    ops += [AddRule(r) for r in rs.rules]
+    return ops
+
+
+def ruleset_json(rs: Ruleset) -> JSON:
+    """The whole table as a libnftables JSON document (``add`` commands)."""
+    return Transaction(TableRef(rs.family, rs.table), tuple(create_ops(rs))).to_json()
+
+
+def ruleset_text(rs: Ruleset) -> str:
+    """The whole table in nft's block syntax, loadable with ``nft -f``."""
+    out = [f"table {rs.family} {rs.table} {{"]
+    for name in rs.counters:
+        out.append(f"\tcounter {name} {{\n\t}}")
+    for ft in rs.flowtables:
+        out.append(f"\tflowtable {ft.name} {{")
+        out.append(f"\t\thook ingress priority {ft.priority};")
+        if ft.devices:
+            out.append(f"\t\t{_ft_devices_text(ft.devices)}")
+        if ft.hw_offload:
+            out.append("\t\tflags offload;")
+        if ft.counter:
+            out.append("\t\tcounter;")
+        out.append("\t}")
+    for chain in rs.chains:
+        out.append(f"\tchain {chain.name} {{")
+        out.append(
+            f"\t\ttype {chain.type} hook {chain.hook.value} priority {chain.priority};"
+            f" policy {chain.policy};"
+        )
+        out.extend(f"\t\t{r.text}" for r in rs.rules_of(chain.name))
+        out.append("\t}")
+    out.append("}")
+    return "\n".join(out) + "\n"
