@@ -254,3 +254,7 @@ def main(argv: list[str] | None = None) -> Any:
         if exc.code not in (0, None) and isinstance(exc.code, int):
             sys.exit(exc.code)
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -211,11 +211,16 @@ def _check_ifname(name: str) -> str:
     return name
 
 
-def _check_objname(name: str) -> str:
+def _check_label(name: str) -> str:
     if not _OBJNAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid name {name!r}: start with a letter, then up to 62 of A-Z a-z 0-9 _ -"
         )
+    return name
+
+
+def _check_objname(name: str) -> str:
+    _check_label(name)
     if name in NFT_KEYWORDS:
         raise ValueError(f"{name!r} is an nft keyword and cannot be used as a name")
     return name
@@ -240,7 +245,10 @@ def _parse_address(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
 
 
 IfName = Annotated[str, AfterValidator(_check_ifname)]
+# Names nft sees as identifiers (table, flowtable) vs names that only end up
+# in comments or bpffs paths (policies, reuseport groups).
 ObjName = Annotated[str, AfterValidator(_check_objname)]
+Label = Annotated[str, AfterValidator(_check_label)]
 # Prefixes and addresses come from YAML/JSON as strings; parse them ourselves
 # (strict=True would demand ipaddress objects) and serialise back to strings.
 Network = Annotated[
@@ -336,7 +344,7 @@ class Flowtable(_Model):
 class OffloadPolicy(_Model):
     """Which forwarded traffic is put into which flowtable, and when."""
 
-    name: ObjName
+    name: Label
     flowtable: ObjName
     protocols: list[L4Proto] = Field(default_factory=lambda: ["tcp", "udp"], min_length=1)
     iifnames: list[IfName] = Field(default_factory=list)
@@ -413,7 +421,7 @@ class Vlan(_Model):
 
 
 class ReuseportGroup(_Model):
-    name: ObjName
+    name: Label
     max_listeners: Annotated[int, Field(ge=1, le=4096)] = 64
     drop_when_no_target: bool = Field(
         default=False,

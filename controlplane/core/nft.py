@@ -210,7 +210,7 @@ class Rule:
     @property
     def tag(self) -> str:
         """Content hash: how we recognise our own rules in the kernel's listing."""
-        h = hashlib.sha256(self.chain.encode())
+        h = hashlib.sha256(f"{self.chain}\0{self.label}".encode())
         for s in self.stmts:
             h.update(s.json_text.encode())
         return h.hexdigest()[:12]
