@@ -63,14 +63,14 @@ def _preflight(cfg: Config, rs: nft.Ruleset, netns: str | None) -> None:
                     f"flowtables[{i}].devices[{j}]: device {dev!r} does not exist{where}"
                 )
     owners: dict[str, str] = {}
-    for ft in rs.flowtables:
-        for dev in ft.devices:
+    for rendered in rs.flowtables:
+        for dev in rendered.devices:
             if dev in owners:
                 raise EnvironmentProblem(
-                    f"device {dev!r} would be in flowtables {owners[dev]!r} and {ft.name!r}"
+                    f"device {dev!r} would be in flowtables {owners[dev]!r} and {rendered.name!r}"
                     " (a bridge port listed twice?)"
                 )
-            owners[dev] = ft.name
+            owners[dev] = rendered.name
     if rs.flowtables:
         cap = probe.flowtables(netns)
         if not cap.ok:

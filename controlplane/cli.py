@@ -176,7 +176,10 @@ def show(
     if listing is None:
         _err(f"table inet {table} does not exist")
         raise typer.Exit(1)
-    typer.echo(json.dumps(listing[0], indent=2) if as_json else listing[1], nl=not as_json)
+    if as_json:
+        typer.echo(json.dumps(listing[0], indent=2))
+    else:
+        typer.echo(Nft(netns).list_text(f"list table inet {table}"), nl=False)
 
 
 @app.command()

@@ -341,12 +341,15 @@ class Flowtable(_Model):
         return self
 
 
+_BOTH_PROTOCOLS: list[L4Proto] = ["tcp", "udp"]
+
+
 class OffloadPolicy(_Model):
     """Which forwarded traffic is put into which flowtable, and when."""
 
     name: Label
     flowtable: ObjName
-    protocols: list[L4Proto] = Field(default_factory=lambda: ["tcp", "udp"], min_length=1)
+    protocols: list[L4Proto] = Field(default_factory=lambda: _BOTH_PROTOCOLS.copy(), min_length=1)
     iifnames: list[IfName] = Field(default_factory=list)
     oifnames: list[IfName] = Field(default_factory=list)
     saddr: list[Network] = Field(default_factory=list)

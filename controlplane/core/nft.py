@@ -9,9 +9,9 @@ so quoting is only ever about nft's grammar, never about injection.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -22,18 +22,18 @@ TAG_PREFIX = "cp:"
 
 @dataclass(frozen=True)
 class Stmt:
-    """One nft expression/statement: its JSON object and its text, made together."""
+    """One nft expression/statement: its JSON object and its text, made together.
 
-    json_text: str  # canonical JSON of the statement (hashable, comparable)
+    Identity is the text (canonical: one builder per statement kind); the JSON
+    object rides along and is never mutated.
+    """
+
     text: str
-
-    @property
-    def json(self) -> JSON:
-        return json.loads(self.json_text)
+    json: JSON = field(compare=False, hash=False, repr=False)
 
 
 def _stmt(obj: JSON, text: str) -> Stmt:
-    return Stmt(json.dumps(obj, sort_keys=True, separators=(",", ":")), text)
+    return Stmt(text, obj)
 
 
 def _quote(name: str) -> str:
@@ -207,13 +207,11 @@ class Rule:
     stmts: tuple[Stmt, ...]
     label: str  # a human hint kept in the comment, e.g. "policy lan-wan"
 
-    @property
+    @cached_property
     def tag(self) -> str:
         """Content hash: how we recognise our own rules in the kernel's listing."""
-        h = hashlib.sha256(f"{self.chain}\0{self.label}".encode())
-        for s in self.stmts:
-            h.update(s.json_text.encode())
-        return h.hexdigest()[:12]
+        body = "\0".join([self.chain, self.label, *(s.text for s in self.stmts)])
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     @property
     def comment(self) -> str:

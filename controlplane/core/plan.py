@@ -170,15 +170,15 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
     # Flowtables that must go away (removed or redefined) first lose the rules
     # that reference them: the kernel refuses to delete a flowtable in use.
     doomed: set[str] = set()
-    for name, cur in obs.flowtables.items():
-        want = desired.flowtable(name)
-        if want is None:
+    for name, old in obs.flowtables.items():
+        new = desired.flowtable(name)
+        if new is None:
             doomed.add(name)
-            changes.append(FlowtableChange(name, removed=tuple(sorted(cur.devices)), deleted=True))
+            changes.append(FlowtableChange(name, removed=tuple(sorted(old.devices)), deleted=True))
             summary.append(f"- flowtable {name} (its offloaded flows are torn down)")
-        elif want.definition != cur.definition:
+        elif new.definition != old.definition:
             doomed.add(name)
-            changes.append(FlowtableChange(name, added=want.devices, recreated=True))
+            changes.append(FlowtableChange(name, added=new.devices, recreated=True))
             summary.append(
                 f"! flowtable {name} recreated: priority/flags changed"
                 " (its offloaded flows are torn down)"
@@ -221,16 +221,16 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
         else:
             pre_ops.append(nft.FlushChain(name))
             summary.append(f"~ chain {name}: rules replaced")
-        want = desired.rules_of(name)
-        want_tags = {r.tag for r in want}
-        have_tags = {r.tag for r in have}
+        new_rules = desired.rules_of(name)
+        new_tags = {r.tag for r in new_rules}
+        old_tags = {r.tag for r in have}
         summary += [
             f"    - {r.comment or f'rule handle {r.handle} (not ours)'}"
             for r in have
-            if r.tag not in want_tags
+            if r.tag not in new_tags
         ]
-        summary += [f"    + {r.text}" for r in want if r.tag not in have_tags]
-        post_ops += [nft.AddRule(r) for r in want]
+        summary += [f"    + {r.text}" for r in new_rules if r.tag not in old_tags]
+        post_ops += [nft.AddRule(r) for r in new_rules]
 
     for name in sorted(doomed):
         pre_ops.append(nft.DeleteFlowtable(name))

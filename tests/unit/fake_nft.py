@@ -39,7 +39,9 @@ class FakeNft:
         if t is None:
             return None
         rules = tuple(
-            ObservedRule(chain, i, r.comment) for chain, rs in t.rules.items() for i, r in enumerate(rs)
+            ObservedRule(chain, i, r.comment)
+            for chain, rs in t.rules.items()
+            for i, r in enumerate(rs)
         )
         return Observed(dict(t.flowtables), dict(t.chains), rules, frozenset(t.counters))
 
@@ -72,7 +74,11 @@ class FakeNft:
                 if cur.definition != (ft.priority, ft.hw_offload, ft.counter):
                     raise FakeKernelError("EOPNOTSUPP: flowtable redefinition")
                 t.flowtables[ft.name] = ObservedFlowtable(
-                    ft.name, cur.priority, cur.devices | set(ft.devices), cur.hw_offload, cur.counter
+                    ft.name,
+                    cur.priority,
+                    cur.devices | set(ft.devices),
+                    cur.hw_offload,
+                    cur.counter,
                 )
         elif isinstance(op, nft.DeleteFlowtableDevices):
             cur = t.flowtables[op.name]

@@ -13,9 +13,7 @@ names = st.text(_alpha, min_size=2, max_size=8).filter(lambda s: s not in NFT_KE
 ifnames = st.text(_alpha + "0123456789.-_", min_size=1, max_size=15).filter(
     lambda s: s not in (".", "..")
 )
-v4nets = st.builds(
-    lambda a, n: f"10.{a}.0.0/{n}", st.integers(0, 255), st.integers(16, 16)
-)
+v4nets = st.builds(lambda a, n: f"10.{a}.0.0/{n}", st.integers(0, 255), st.integers(16, 16))
 v6nets = st.builds(lambda a: f"fd00:{a:x}::/64", st.integers(0, 0xFFFF))
 
 
@@ -37,7 +35,7 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
         )
     policies = []
     if ft_names:
-        for j, pname in enumerate(draw(st.lists(names, max_size=4, unique=True))):
+        for pname in draw(st.lists(names, max_size=4, unique=True)):
             pol: dict[str, Any] = {"name": pname, "flowtable": draw(st.sampled_from(ft_names))}
             pol["protocols"] = draw(st.sampled_from([["tcp"], ["udp"], ["tcp", "udp"]]))
             if draw(st.booleans()):

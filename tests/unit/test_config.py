@@ -23,10 +23,26 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({}, "version", "missing"),
     ({"version": 2}, "version", "1"),
     ({"version": 1, "bogus": 1}, "bogus", "unknown key"),
-    ({"version": 1, "flowtables": [_ft(devices=["eth0", "x" * 16])]}, "flowtables[0].devices[1]", "1-15"),
-    ({"version": 1, "flowtables": [_ft(devices=["a b"])]}, "flowtables[0].devices[0]", "invalid interface"),
-    ({"version": 1, "flowtables": [_ft(devices=[".."])]}, "flowtables[0].devices[0]", "invalid interface"),
-    ({"version": 1, "flowtables": [_ft(devices=["a", "b", "a"])]}, "flowtables[0].devices[2]", "duplicate"),
+    (
+        {"version": 1, "flowtables": [_ft(devices=["eth0", "x" * 16])]},
+        "flowtables[0].devices[1]",
+        "1-15",
+    ),
+    (
+        {"version": 1, "flowtables": [_ft(devices=["a b"])]},
+        "flowtables[0].devices[0]",
+        "invalid interface",
+    ),
+    (
+        {"version": 1, "flowtables": [_ft(devices=[".."])]},
+        "flowtables[0].devices[0]",
+        "invalid interface",
+    ),
+    (
+        {"version": 1, "flowtables": [_ft(devices=["a", "b", "a"])]},
+        "flowtables[0].devices[2]",
+        "duplicate",
+    ),
     ({"version": 1, "flowtables": [_ft(devices=[])]}, "flowtables[0].devices", "at least one"),
     ({"version": 1, "flowtables": [_ft(name="flow")]}, "flowtables[0].name", "keyword"),
     ({"version": 1, "flowtables": [_ft(), _ft()]}, "flowtables[1]", "duplicate flowtable"),
@@ -41,23 +57,47 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
         "unknown flowtable",
     ),
     (
-        {"version": 1, "flowtables": [_ft()], "policies": [{"name": "p", "flowtable": "ft", "protocols": ["icmp"]}]},
+        {
+            "version": 1,
+            "flowtables": [_ft()],
+            "policies": [{"name": "p", "flowtable": "ft", "protocols": ["icmp"]}],
+        },
         "policies[0].protocols[0]",
         "tcp",
     ),
     (
-        {"version": 1, "flowtables": [_ft()], "policies": [{"name": "p", "flowtable": "ft", "min_packets": -1}]},
+        {
+            "version": 1,
+            "flowtables": [_ft()],
+            "policies": [{"name": "p", "flowtable": "ft", "min_packets": -1}],
+        },
         "policies[0].min_packets",
         "greater than or equal",
     ),
     (
-        {"version": 1, "flowtables": [_ft()], "policies": [{"name": "p", "flowtable": "ft", "saddr": ["10.0.0.1/8"]}]},
+        {
+            "version": 1,
+            "flowtables": [_ft()],
+            "policies": [{"name": "p", "flowtable": "ft", "saddr": ["10.0.0.1/8"]}],
+        },
         "policies[0].saddr[0]",
         "host bits",
     ),
-    ({"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": 0}]}, "vlans[0].id", "greater than"),
-    ({"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": 4095}]}, "vlans[0].id", "less than"),
-    ({"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": "10"}]}, "vlans[0].id", "integer"),
+    (
+        {"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": 0}]},
+        "vlans[0].id",
+        "greater than",
+    ),
+    (
+        {"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": 4095}]},
+        "vlans[0].id",
+        "less than",
+    ),
+    (
+        {"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": "10"}]},
+        "vlans[0].id",
+        "integer",
+    ),
     (
         {"version": 1, "vlans": [{"name": "v", "parent": "eth0", "id": 1, "protocol": "802.1x"}]},
         "vlans[0].protocol",
@@ -75,7 +115,11 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
         "vlans[2].parent",
         "at most two",
     ),
-    ({"version": 1, "vlans": [{"name": "a", "parent": "a", "id": 1}]}, "vlans[0].parent", "own parent"),
+    (
+        {"version": 1, "vlans": [{"name": "a", "parent": "a", "id": 1}]},
+        "vlans[0].parent",
+        "own parent",
+    ),
     (
         {"version": 1, "nat": {"dnat": [{"iifname": "wan", "port": 70000, "to": "10.0.0.1"}]}},
         "nat.dnat[0].port",

@@ -19,6 +19,6 @@ def test_core_imports_no_io() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             for name in names:
-                assert not any(
-                    name == f or name.startswith(f + ".") for f in FORBIDDEN
-                ), f"{path.name} imports {name}"
+                assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN), (
+                    f"{path.name} imports {name}"
+                )

@@ -39,7 +39,7 @@ def test_golden_renderings(example: Path) -> None:
 def _objects_from_json(doc: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"flowtables": {}, "chains": [], "rules": [], "counters": []}
     for cmd in doc["nftables"][1:]:
-        (kind, obj), = cmd["add"].items()
+        ((kind, obj),) = cmd["add"].items()
         if kind == "flowtable":
             out["flowtables"][obj["name"]] = sorted(obj.get("dev", []))
         elif kind == "chain":
@@ -56,7 +56,9 @@ def _objects_from_text(text: str) -> dict[str, Any]:
     chain = None
     for name, body in re.findall(r"\tflowtable (\S+) \{(.*?)\n\t\}", text, re.S):
         devs = re.search(r"devices = \{ (.*?) \};", body)
-        out["flowtables"][name] = sorted(d.strip('"') for d in devs.group(1).split(", ")) if devs else []
+        out["flowtables"][name] = (
+            sorted(d.strip('"') for d in devs.group(1).split(", ")) if devs else []
+        )
     for line in text.splitlines():
         if m := re.match(r"\tcounter (\S+) \{", line):
             out["counters"].append(m.group(1))
@@ -95,7 +97,9 @@ def test_masquerade_adds_the_guard() -> None:
 
 
 def test_bridge_ports_join_the_flowtable() -> None:
-    cfg = parse_config({"version": 1, "flowtables": [{"name": "ft", "devices": ["wan0"], "bridges": ["br0"]}]})
+    cfg = parse_config(
+        {"version": 1, "flowtables": [{"name": "ft", "devices": ["wan0"], "bridges": ["br0"]}]}
+    )
     rs = render(cfg, Facts(bridge_ports={"br0": ("p2", "p1")}))
     assert rs.flowtables[0].devices == ("p1", "p2", "wan0")
 

@@ -1,0 +1,147 @@
+"""Apply benchmark: offloadctl's render+plan+apply vs raw ``nft -f`` of the same text.
+
+Both sides build the same table from scratch in a fresh network namespace, in
+the same run, alternating, median of several runs. With ``--devices N`` the
+config also has a flowtable over N veth devices (needs a kernel with
+flowtables: run it in the VM, ``make bench-vm``). On the host it uses rules
+the host kernel supports (DNAT port forwards).
+
+Goal (issue 2): offloadctl <= 1.5x raw nft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlplane import applier
+from controlplane.core import nft
+from controlplane.core.plan import make_plan
+from controlplane.core.render import render
+from controlplane.kernel.libnft import Nft
+from controlplane.loader import parse_config
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def make_config(rules: int, devices: int) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "version": 1,
+        "nat": {
+            "masquerade": [{"oifname": "wan0"}],
+            "dnat": [
+                {
+                    "iifname": "wan0",
+                    "port": 1024 + i,
+                    "to": f"10.0.{i // 250}.{i % 250 + 1}",
+                    "to_port": 80,
+                }
+                for i in range(rules)
+            ],
+        },
+    }
+    if devices:
+        cfg["flowtables"] = [
+            {"name": "ft", "devices": ["wan0"] + [f"d{i}" for i in range(devices)]}
+        ]
+        cfg["policies"] = [{"name": "all", "flowtable": "ft"}]
+    return cfg
+
+
+def setup_netns(devices: int) -> str:
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    batch = ["link add wan0 type veth peer name lan0"]
+    batch += [f"link add d{i} type veth peer name e{i}" for i in range(devices)]
+    with tempfile.NamedTemporaryFile("w", suffix=".ip") as f:
+        f.write("\n".join(batch) + "\n")
+        f.flush()
+        sh("ip", "-n", ns, "-batch", f.name)
+    return ns
+
+
+def timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rules", type=int, default=1000)
+    ap.add_argument("--devices", type=int, default=0)
+    ap.add_argument("--runs", type=int, default=7)
+    args = ap.parse_args()
+
+    cfg_data = make_config(args.rules, args.devices)
+    cfg = parse_config(cfg_data)
+    text = nft.ruleset_text(render(cfg))
+    ns = setup_netns(args.devices)
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as f:
+            f.write(text)
+        ours, raw, noop, lib_json, lib_text = [], [], [], [], []
+        txn = make_plan(render(cfg), None).transaction
+        ctx = Nft(ns)
+        payload = json.dumps(txn.to_json())
+        drop = f"delete table inet {cfg.table.name}"
+        for _ in range(args.runs):
+            raw.append(timed(lambda: sh("ip", "netns", "exec", ns, "nft", "-f", f.name)))
+            ctx.run_text(drop)
+            ours.append(timed(lambda: applier.apply(parse_config(cfg_data), ns)))
+            noop.append(timed(lambda: applier.apply(parse_config(cfg_data), ns)))
+            ctx.run_text(drop)
+            # The libnftables floor: the same transaction, already rendered,
+            # through its JSON parser and through its text parser.
+            lib_json.append(timed(lambda: ctx.run_json(json.loads(payload))))
+            ctx.run_text(drop)
+            lib_text.append(timed(lambda: ctx.run_text(txn.to_text())))
+            ctx.run_text(drop)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        Path(f.name).unlink(missing_ok=True)
+
+    med_raw, med_ours, med_noop = (statistics.median(x) * 1000 for x in (raw, ours, noop))
+    rule_count = text.count(" comment ")
+    print(
+        f"\napply benchmark: {rule_count} rules, {args.devices} flowtable devices,"
+        f" median of {args.runs} runs (ms)"
+    )
+    print(f"{'case':<44}{'median':>9}{'min':>9}{'max':>9}{'ratio':>8}")
+    rows = [
+        ("raw nft -f (baseline, same text)", raw),
+        ("offloadctl apply (render+plan+commit)", ours),
+        ("offloadctl apply, unchanged (plan only)", noop),
+        ("  floor: libnftables JSON, pre-rendered", lib_json),
+        ("  floor: libnftables text, pre-rendered", lib_text),
+    ]
+    for name, xs in rows:
+        ms = [x * 1000 for x in xs]
+        ratio = statistics.median(xs) * 1000 / med_raw
+        print(
+            f"{name:<44}{statistics.median(ms):>9.1f}{min(ms):>9.1f}{max(ms):>9.1f}{ratio:>7.2f}x"
+        )
+    goal = med_ours / med_raw <= 1.5
+    print(
+        f"goal offloadctl <= 1.5x raw nft: {'met' if goal else 'NOT met'}"
+        f" ({med_ours / med_raw:.2f}x); unchanged re-apply {med_noop:.1f} ms"
+    )
+    floor = statistics.median(lib_json) / statistics.median(lib_text)
+    print(f"libnftables' JSON parser alone costs {floor:.2f}x its text parser on this transaction")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

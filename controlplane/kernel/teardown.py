@@ -1,0 +1,94 @@
+"""Tear down exactly the flows whose path uses some devices.
+
+The wiring of the flow-path resolver: dump conntrack, snapshot the topology
+(routes only for the addresses the flows need), resolve each flow's path with
+the pure :mod:`controlplane.core.flowpath`, delete the matching entries.
+
+Used when devices leave a flowtable (the kernel leaves their offloaded flows
+in place) and, later, for cache invalidation (moved MAC, changed neighbour or
+route): in every case "which flows use these devices" is the question.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from controlplane.core.flowpath import (
+    flow_egress_addresses,
+    resolve_paths,
+    select_flows_through,
+)
+from controlplane.kernel.conntrack import ConntrackSocket
+from controlplane.kernel.topology import snapshot
+
+__all__ = ["TeardownReport", "teardown_flows_via"]
+
+
+@dataclass(frozen=True)
+class TeardownReport:
+    """What a teardown did.
+
+    ``examined``: entries dumped (only offloaded ones if asked); ``matched``:
+    entries whose path uses a requested device; ``deleted`` + ``already_gone``
+    = ``matched`` (already gone: expired or recreated since the dump).
+    ``per_device``: matched entries per requested device (an entry through
+    two requested devices counts for both). ``ambiguous``: matched entries
+    whose path was over-approximated (missing neighbour or FDB entry).
+    ``unknown_devices``: requested names absent from the namespace; the kernel
+    flushes a device's flows itself when it unregisters.
+    """
+
+    examined: int
+    matched: int
+    deleted: int
+    already_gone: int
+    elapsed: float
+    per_device: dict[str, int] = field(default_factory=dict)
+    ambiguous: int = 0
+    unknown_devices: frozenset[str] = frozenset()
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def teardown_flows_via(
+    devices: set[str], netns: str | None = None, only_offloaded: bool = True
+) -> TeardownReport:
+    """Delete the conntrack entries of the flows whose path goes through any of ``devices``."""
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - since
+        return now
+
+    with ConntrackSocket(netns) as ct:
+        flows = ct.dump(only_offloaded=only_offloaded)
+        t = lap("dump", start)
+        addresses = {addr for flow in flows for addr in flow_egress_addresses(flow)}
+        topology = snapshot(addresses, netns)
+        t = lap("topology", t)
+        by_name = {link.name: link.ifindex for link in topology.links.values()}
+        wanted = {name: by_name[name] for name in devices if name in by_name}
+        paths = resolve_paths(topology, flows)
+        selected = select_flows_through(flows, paths, wanted.values())
+        t = lap("resolve", t)
+        result = ct.delete(selected)
+        lap("delete", t)
+
+    per_device: Counter[str] = Counter({name: 0 for name in wanted})
+    for flow in selected:
+        used = paths[flow].devices
+        per_device.update(name for name, ifindex in wanted.items() if ifindex in used)
+    return TeardownReport(
+        examined=len(flows),
+        matched=len(selected),
+        deleted=result.deleted,
+        already_gone=result.already_gone,
+        elapsed=time.perf_counter() - start,
+        per_device=dict(per_device),
+        ambiguous=sum(1 for flow in selected if paths[flow].ambiguous),
+        unknown_devices=frozenset(devices - wanted.keys()),
+        timings=timings,
+    )

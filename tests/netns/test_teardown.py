@@ -1,0 +1,327 @@
+"""Flow teardown against the real host kernel.
+
+Lab: a router namespace with bridge br0 (ports p1, p2 to clients A and B) and
+a masqueraded "wan" veth to a server S. TCP connections go from each client
+to S port 5000 (conntrack zone 0) and 5001 (zone 5, set in the raw hook for
+both directions). The host has no flowtables, so nothing is [OFFLOAD]:
+teardown runs with ``only_offloaded=False`` and the conntrack entries of
+forwarded flows stand in for offloaded ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from controlplane.core.flowpath import CtTuple, Family, Flow
+from controlplane.kernel.conntrack import ConntrackSocket, delete_flows, dump_flows
+from controlplane.kernel.netns import entered
+from controlplane.kernel.teardown import teardown_flows_via
+from controlplane.kernel.topology import bridge_ports, link_names, snapshot
+from tests.netns.conftest import sh
+
+SERVER = "192.0.2.2"
+WAN_ADDR = "192.0.2.1"
+CLIENT = {"A": "10.0.1.2", "B": "10.0.1.3"}
+PORT_ZONE = {5000: 0, 5001: 5}
+
+RULESET = """
+table ip cpt {
+    chain raw_pre {
+        type filter hook prerouting priority raw;
+        tcp dport 5001 ct zone set 5
+        tcp sport 5001 ct zone set 5
+    }
+    chain post {
+        type nat hook postrouting priority srcnat;
+        oifname "wan" masquerade
+    }
+}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _setns_on_python_311(monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.setns only exists from Python 3.12; netns.entered() calls it. Until
+    # netns.py carries its own fallback, give 3.11 the libc call.
+    if hasattr(os, "setns"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setns(fd: int, nstype: int = 0) -> None:
+        if libc.setns(fd, nstype) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "setns", setns, raising=False)
+
+
+@dataclass
+class Lab:
+    router: str
+    clients: dict[str, str]
+    server: str
+    conns: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+
+    def roundtrip(self, key: tuple[str, int], payload: bytes) -> bytes:
+        conn = self.conns[key]
+        conn.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def _serve(listener: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # listener closed at teardown
+        threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+
+@pytest.fixture
+def lab(make_netns: Callable[[], str]) -> Iterator[Lab]:
+    r, a, b, s = make_netns(), make_netns(), make_netns(), make_netns()
+    sh("ip", "-n", r, "link", "add", "br0", "type", "bridge")
+    for name, (ns, addr) in {"p1": (a, CLIENT["A"]), "p2": (b, CLIENT["B"])}.items():
+        sh("ip", "-n", r, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", r, "link", "set", name, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", "10.0.1.1")
+    sh("ip", "-n", r, "addr", "add", "10.0.1.1/24", "dev", "br0")
+    sh("ip", "-n", r, "link", "set", "br0", "up")
+    sh("ip", "-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "eth0", "netns", s)
+    sh("ip", "-n", r, "addr", "add", f"{WAN_ADDR}/24", "dev", "wan")
+    sh("ip", "-n", r, "link", "set", "wan", "up")
+    sh("ip", "-n", s, "addr", "add", f"{SERVER}/24", "dev", "eth0")
+    sh("ip", "-n", s, "link", "set", "eth0", "up")
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=r)
+    _nft(r, RULESET)
+
+    listeners = []
+    with entered(s):
+        for port in PORT_ZONE:
+            listener = socket.create_server(("0.0.0.0", port))
+            listeners.append(listener)
+            threading.Thread(target=_serve, args=(listener,), daemon=True).start()
+    lab = Lab(router=r, clients={"A": a, "B": b}, server=s)
+    try:
+        for client, ns in lab.clients.items():
+            with entered(ns):
+                for port in PORT_ZONE:
+                    conn = socket.create_connection((SERVER, port), timeout=5)
+                    lab.conns[(client, port)] = conn
+        for key in lab.conns:
+            assert lab.roundtrip(key, b"hello") == b"hello"
+        yield lab
+    finally:
+        for conn in lab.conns.values():
+            conn.close()
+        for listener in listeners:
+            listener.close()
+
+
+def _nft(netns: str, ruleset: str) -> None:
+    path = f"/tmp/cpt-{netns}.nft"
+    with open(path, "w") as f:
+        f.write(ruleset)
+    try:
+        sh("nft", "-f", path, netns=netns)
+    finally:
+        os.unlink(path)
+
+
+_CT_LINE = re.compile(r"src=(\S+) dst=\S+ sport=(\d+) dport=(\d+) .*?(?:zone=(\d+))?\s*use=")
+
+
+def tcp_entries(router: str) -> set[tuple[str, int, int]]:
+    """(client, server port, zone) of the router's TCP entries, read by the conntrack tool."""
+    out = sh("conntrack", "-L", "-p", "tcp", netns=router)
+    entries = set()
+    for line in out.splitlines():
+        m = _CT_LINE.search(line)
+        assert m, line
+        client = next(k for k, v in CLIENT.items() if v == m.group(1))
+        entries.add((client, int(m.group(3)), int(m.group(4) or 0)))
+    return entries
+
+
+ALL = {("A", 5000, 0), ("A", 5001, 5), ("B", 5000, 0), ("B", 5001, 5)}
+
+
+@pytest.mark.parametrize(
+    ("devices", "torn_down"),
+    [
+        ({"p1"}, {"A"}),
+        ({"p2"}, {"B"}),
+        ({"wan"}, {"A", "B"}),
+        ({"br0"}, {"A", "B"}),
+        ({"p1", "p2"}, {"A", "B"}),
+        ({"lo"}, set()),
+    ],
+    ids=["p1", "p2", "wan", "br0", "both-ports", "lo"],
+)
+def test_teardown_deletes_exactly_the_flows_through_the_devices(
+    lab: Lab, devices: set[str], torn_down: set[str]
+) -> None:
+    assert tcp_entries(lab.router) == ALL
+    report = teardown_flows_via(devices, netns=lab.router, only_offloaded=False)
+
+    expected_gone = {e for e in ALL if e[0] in torn_down}
+    assert tcp_entries(lab.router) == ALL - expected_gone
+    assert report.examined == 4
+    assert report.matched == report.deleted == len(expected_gone)
+    assert report.already_gone == 0
+    assert report.ambiguous == 0
+    assert sum(report.per_device.values()) >= report.matched
+    assert set(report.per_device) == devices
+
+    # The connections survive: the next client packet recreates the entry
+    # (nf_conntrack_tcp_loose), in the same zone, with the same masquerade.
+    for key in lab.conns:
+        assert lab.roundtrip(key, b"more data " * 100) == b"more data " * 100
+    assert tcp_entries(lab.router) == ALL
+
+
+def test_per_device_counts_and_unknown_devices(lab: Lab) -> None:
+    report = teardown_flows_via({"p1", "wan", "gone0"}, netns=lab.router, only_offloaded=False)
+    assert report.per_device == {"p1": 2, "wan": 4}
+    assert report.matched == report.deleted == 4
+    assert report.unknown_devices == {"gone0"}
+    assert set(report.timings) == {"dump", "topology", "resolve", "delete"}
+
+
+def test_only_offloaded_skips_classic_path_flows(lab: Lab) -> None:
+    # Nothing can be offloaded on this kernel: the default mode must touch nothing.
+    report = teardown_flows_via({"wan"}, netns=lab.router)
+    assert (report.examined, report.matched, report.deleted) == (0, 0, 0)
+    assert tcp_entries(lab.router) == ALL
+
+
+def test_topology_helpers(lab: Lab) -> None:
+    assert bridge_ports("br0", netns=lab.router) == ["p1", "p2"]
+    assert {"br0", "p1", "p2", "wan", "lo"} <= link_names(netns=lab.router)
+    topo = snapshot([CLIENT["A"], SERVER, WAN_ADDR, "203.0.113.9"], netns=lab.router)
+    wan_route = topo.routes[WAN_ADDR]
+    assert wan_route is not None and wan_route.local
+    assert topo.routes["203.0.113.9"] is None  # no default route in the router
+    route = topo.routes[CLIENT["A"]]
+    assert route is not None and route.oif == topo.ifindex("br0")
+
+
+def _insert(router: str, *args: str) -> None:
+    sh("conntrack", "-I", *args, "-t", "300", netns=router)
+
+
+def test_dump_decodes_what_the_kernel_holds(netns: str) -> None:
+    _insert(
+        netns,
+        *("-s", "10.1.0.1", "-d", "10.2.0.1", "-p", "tcp", "--sport", "1234", "--dport", "80"),
+        *("--state", "ESTABLISHED", "-w", "7", "-m", "42"),
+    )
+    _insert(netns, "-s", "fd00::1", "-d", "fd00::2", "-p", "udp", "--sport", "53", "--dport", "99")
+    _insert(
+        netns,
+        *("-s", "10.1.0.1", "-d", "10.2.0.1", "-p", "icmp"),
+        *("--icmp-type", "8", "--icmp-code", "0", "--icmp-id", "77"),
+    )
+    flows = {(f.orig.proto, f.orig.family): f for f in dump_flows(netns)}
+    assert set(flows) == {(6, Family.IPV4), (17, Family.IPV6), (1, Family.IPV4)}
+    t = flows[(6, Family.IPV4)]
+    assert t.orig == CtTuple(Family.IPV4, 6, "10.1.0.1", "10.2.0.1", 1234, 80)
+    assert t.reply == CtTuple(Family.IPV4, 6, "10.2.0.1", "10.1.0.1", 80, 1234)
+    assert (t.zone, t.mark, t.offloaded) == (7, 42, False)
+    assert t.id != 0
+    u = flows[(17, Family.IPV6)]
+    assert (u.orig.src, u.orig.dst, u.orig.sport, u.orig.dport) == ("fd00::1", "fd00::2", 53, 99)
+    i = flows[(1, Family.IPV4)]
+    assert (i.orig.icmp_id, i.orig.icmp_type, i.orig.icmp_code) == (77, 8, 0)
+    assert i.reply.icmp_type == 0  # echo reply
+    assert len(dump_flows(netns, family=Family.IPV6)) == 1
+
+    result = delete_flows(flows.values(), netns)
+    assert (result.deleted, result.already_gone) == (3, 0)
+    assert dump_flows(netns) == []
+    # Second delete: every entry is already gone, which is not an error.
+    result = delete_flows(flows.values(), netns)
+    assert (result.deleted, result.already_gone) == (0, 3)
+
+
+def test_delete_hits_the_right_zone_and_id(netns: str) -> None:
+    # Same tuple in zone 0 and zone 5: deleting the zone-5 entry must leave the
+    # zone-0 twin (pyroute2's ct.delete(entry) would drop the zone).
+    tuple_args = ("-s", "10.1.0.1", "-d", "10.2.0.1", "-p", "udp", "--sport", "1", "--dport", "2")
+    _insert(netns, *tuple_args)
+    _insert(netns, *tuple_args, "-w", "5")
+    flows = dump_flows(netns)
+    assert sorted(f.zone for f in flows) == [0, 5]
+    zone5 = next(f for f in flows if f.zone == 5)
+    assert delete_flows([zone5], netns).deleted == 1
+    assert [f.zone for f in dump_flows(netns)] == [0]
+
+    # A stale id (the entry was recreated since the dump) must not delete the new entry.
+    zone0 = dump_flows(netns)[0]
+    stale = Flow(zone0.orig, zone0.reply, id=zone0.id ^ 1, zone=0)
+    assert delete_flows([stale], netns).already_gone == 1
+    assert dump_flows(netns) == [zone0]
+
+
+BENCH_N = int(os.environ.get("CPT_TEARDOWN_BENCH_N", "5000"))
+
+
+def test_bench_examine_and_delete(lab: Lab) -> None:
+    """Timing only (printed with -s); correctness asserted, speed not."""
+    with entered(lab.server):
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("0.0.0.0", 9))
+    try:
+        t0 = time.perf_counter()
+        with entered(lab.clients["A"]):
+            for i in range(BENCH_N):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind(("0.0.0.0", 10000 + i))
+                    s.sendto(b"x", (SERVER, 9))
+        created = time.perf_counter() - t0
+        with ConntrackSocket(lab.router) as ct:
+            count = len(ct.dump())
+        assert count >= BENCH_N + 4
+
+        miss = teardown_flows_via({"p2"}, netns=lab.router, only_offloaded=False)
+        assert miss.matched == 2  # only B's TCP flows
+        hit = teardown_flows_via({"p1"}, netns=lab.router, only_offloaded=False)
+        assert hit.deleted == hit.matched >= BENCH_N + 2
+        with ConntrackSocket(lab.router) as ct:
+            left = ct.dump()
+        # B's TCP entries went with p2; only the router's own traffic (IGMP) may remain.
+        assert CLIENT["A"] not in {f.orig.src for f in left}
+        assert {f.orig.src for f in left} <= {CLIENT["B"], "10.0.1.1"}
+    finally:
+        sink.close()
+
+    print(f"\n[bench] {BENCH_N} UDP flows created in {created:.2f}s")
+    for label, r in (("examine, delete 2", miss), ("examine, delete all A", hit)):
+        steps = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in r.timings.items())
+        print(
+            f"[bench] {label}: examined={r.examined} matched={r.matched} deleted={r.deleted}"
+            f" elapsed={r.elapsed * 1000:.0f}ms ({steps})"
+        )
