@@ -98,8 +98,12 @@ def test_failing_rule_rolls_back_everything(router: str, tmp_path: Path) -> None
     desired = render(parse_config({**NAT, "nat": {**NAT["nat"], "dnat": []}}))  # type: ignore[dict-item]
     bad = nft.Rule("input", (nft.masquerade(),), "broken on purpose")
     desired = nft.Ruleset(
-        desired.family, desired.table, desired.flowtables, desired.counters,
-        desired.chains, (*desired.rules, bad),
+        desired.family,
+        desired.table,
+        desired.flowtables,
+        desired.counters,
+        desired.chains,
+        (*desired.rules, bad),
     )
     ctx = Nft(router)
     listing = ctx.list_table("inet", "offloadctl")
@@ -122,8 +126,11 @@ def test_kernel_rejection_via_cli_keeps_previous_state(router: str, tmp_path: Pa
 
 
 def test_other_tables_untouched(router: str, tmp_path: Path) -> None:
-    sh("nft", "add table inet other; add chain inet other c; add rule inet other c counter accept",
-       netns=router)
+    sh(
+        "nft",
+        "add table inet other; add chain inet other c; add rule inet other c counter accept",
+        netns=router,
+    )
     sh("nft", "add table ip legacy", netns=router)
     other = sh("nft", "list", "table", "inet", "other", netns=router)
     run("apply", str(write(tmp_path, NAT)), "--netns", router)
@@ -134,8 +141,11 @@ def test_other_tables_untouched(router: str, tmp_path: Path) -> None:
 
 
 def test_refuses_a_table_it_does_not_own(router: str, tmp_path: Path) -> None:
-    sh("nft", "add table inet offloadctl; add chain inet offloadctl c; add rule inet offloadctl c accept",
-       netns=router)
+    sh(
+        "nft",
+        "add table inet offloadctl; add chain inet offloadctl c; add rule inet offloadctl c accept",
+        netns=router,
+    )
     res = run("apply", str(write(tmp_path, NAT)), "--netns", router, check_rc=4)
     assert "not written by offloadctl" in res.stderr
 
@@ -158,8 +168,11 @@ def test_check_mode_commits_nothing(router: str, tmp_path: Path) -> None:
 
 
 def test_flowtables_refused_with_reason(router: str, tmp_path: Path) -> None:
-    cfg = {"version": 1, "flowtables": [{"name": "ft", "devices": ["wan0", "lan0"]}],
-           "policies": [{"name": "p", "flowtable": "ft"}]}
+    cfg = {
+        "version": 1,
+        "flowtables": [{"name": "ft", "devices": ["wan0", "lan0"]}],
+        "policies": [{"name": "p", "flowtable": "ft"}],
+    }
     res = run("apply", str(write(tmp_path, cfg)), "--netns", router, check_rc=3)
     assert "NF_FLOW_TABLE" in res.stderr
     assert "offloadctl" not in ruleset(router)
@@ -187,9 +200,20 @@ def test_needs_root(router: str) -> None:
     cfg = Path(f.name)
     os.chmod(cfg, 0o644)
     res = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *OFFLOADCTL,
-         "apply", str(cfg), "--netns", router],
-        capture_output=True, text=True, check=False,
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *OFFLOADCTL,
+            "apply",
+            str(cfg),
+            "--netns",
+            router,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     cfg.unlink()

@@ -10,7 +10,6 @@ forwarded flows stand in for offloaded ones.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import socket
@@ -46,22 +45,6 @@ table ip cpt {
     }
 }
 """
-
-
-@pytest.fixture(autouse=True)
-def _setns_on_python_311(monkeypatch: pytest.MonkeyPatch) -> None:
-    # os.setns only exists from Python 3.12; netns.entered() calls it. Until
-    # netns.py carries its own fallback, give 3.11 the libc call.
-    if hasattr(os, "setns"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def setns(fd: int, nstype: int = 0) -> None:
-        if libc.setns(fd, nstype) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    monkeypatch.setattr(os, "setns", setns, raising=False)
 
 
 @dataclass
