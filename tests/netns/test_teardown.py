@@ -172,7 +172,7 @@ def test_teardown_deletes_exactly_the_flows_through_the_devices(
 
     expected_gone = {e for e in ALL if e[0] in torn_down}
     assert tcp_entries(lab.router) == ALL - expected_gone
-    assert report.examined == 4
+    assert report.examined >= 4  # plus whatever else the netns tracks (ND, ...)
     assert report.matched == report.deleted == len(expected_gone)
     assert report.already_gone == 0
     assert report.ambiguous == 0
