@@ -1,0 +1,946 @@
+"""Test topologies and traffic/observation helpers for the VM suite.
+
+Everything here runs inside the guest (root, Debian 6.1 kernel) and shells out to ``ip``,
+``nft`` and ``conntrack``. Three network namespaces::
+
+    ns1 (LAN host) eth0 ──veth── lan0 [nsr1: router] wan0 ──veth── eth0 ns2 (WAN host)
+
+Addresses: LAN 10.0.1.0/24 + fd00:1::/64 (router .1 / ::1, ns1 .2 / ::2), WAN 10.0.2.0/24 +
+fd00:2::/64 (router .1 / ::1, ns2 .2 / ::2). ns1 and ns2 route everything through the router;
+the router forwards v4 and v6. What sits between ``lan0`` and the router's LAN address depends
+on the topology kind (see ``KINDS``); ``Topology.flow_devices`` names the devices a flowtable
+must list (the lower veths) and ``Topology.lan_dev`` the router's L3 device on the LAN side.
+
+Traffic runs in-process: sockets are created in a namespace by a short-lived thread that
+``setns()``-es into it (a socket keeps the namespace it was created in), so a transfer costs no
+process start-up (slow under TCG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+MiB = 1024 * 1024
+
+NS1 = "ns1"
+NSR = "nsr1"
+NS2 = "ns2"
+
+#: Topology kinds, with the router's LAN-side layout.
+KINDS = {
+    "bridge": "seed: br0 (L3) with port lan0",
+    "routed": "lan0 carries the LAN addresses (no bridge)",
+    "vlan_port": "br0 (L3) with port lan0.10 (802.1Q 10 on lan0); ns1 uses eth0.10",
+    "vlan_filtering": "vlan_filtering br0, lan0 tagged member of VLAN 10, L3 on br0.10; "
+    "ns1 uses eth0.10",
+    "qinq": "lan0.100 (802.1ad 100) / lan0.100.10 (802.1Q 10) carries the LAN addresses; "
+    "ns1 uses eth0.100.10",
+    "qinq_bridge": "br0 (L3) with port lan0.100.10 (802.1ad 100 + 802.1Q 10)",
+}
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run(*argv: str, check: bool = True, input: str | None = None) -> str:
+    """Run a command, return stdout; raise with stderr on failure if CHECK."""
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+            f"stderr: {proc.stderr}"
+        )
+    return proc.stdout
+
+
+def ns_run(ns: str, *argv: str, check: bool = True, input: str | None = None) -> str:
+    """Run ARGV inside network namespace NS (``ip netns exec``), return stdout."""
+    return run("ip", "netns", "exec", ns, *argv, check=check, input=input)
+
+
+def ip_batch(ns: str | None, commands: list[str]) -> None:
+    """Run several ``ip`` commands in one process (``ip -batch``), in NS if given."""
+    if not commands:
+        return
+    argv = ["ip"] + (["-n", ns] if ns else []) + ["-batch", "-"]
+    run(*argv, input="\n".join(commands) + "\n")
+
+
+def sysctl(ns: str, **values: str | int) -> None:
+    """Set sysctls in NS; keys use ``__`` for ``.`` (e.g. ``net__ipv4__ip_forward=1``)."""
+    args = [f"{k.replace('__', '.')}={v}" for k, v in values.items()]
+    ns_run(ns, "sysctl", "-q", "-w", *args)
+
+
+# --------------------------------------------------------------------------- netns threads
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """Call FN in a thread switched into network namespace NS; return its result."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=f"netns-{ns}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+
+
+def netns_socket(ns: str, family: socket.AddressFamily, kind: int = socket.SOCK_STREAM):
+    """A socket living in network namespace NS (usable from any thread)."""
+    return in_netns(ns, lambda: socket.socket(family, kind))
+
+
+def tcp_listen(ns: str, addr: str, port: int = 0) -> socket.socket:
+    """A listening TCP socket in NS bound to ADDR:PORT (PORT 0 = any free port)."""
+    fam = _family(addr)
+    srv = netns_socket(ns, fam)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, port))
+    srv.listen(16)
+    return srv
+
+
+def tcp_connect(ns: str, addr: str, port: int, timeout: float = 20.0) -> socket.socket:
+    """A TCP socket in NS connected to ADDR:PORT."""
+    sock = netns_socket(ns, _family(addr))
+    sock.settimeout(timeout)
+    sock.connect((addr, port))
+    return sock
+
+
+# --------------------------------------------------------------------------- topologies
+
+
+@dataclass
+class Topology:
+    """A built topology; names and addresses to use in configs and assertions."""
+
+    kind: str
+    lan_dev: str  # router's L3 device on the LAN side (carries 10.0.1.1 / fd00:1::1)
+    ns1_dev: str  # ns1's L3 device (carries 10.0.1.2 / fd00:1::2)
+    bridge: str | None = None  # "br0" when the LAN side is bridged
+    bridge_ports: tuple[str, ...] = ()
+    vlan_devices: tuple[str, ...] = ()  # VLAN devices created in nsr1
+    ns1: str = NS1
+    router: str = NSR
+    ns2: str = NS2
+    lan_port: str = "lan0"  # nsr1 veth toward ns1
+    wan_dev: str = "wan0"  # nsr1 veth toward ns2 (carries 10.0.2.1 / fd00:2::1)
+    ns2_dev: str = "eth0"
+    flow_devices: tuple[str, ...] = ("lan0", "wan0")  # devices a flowtable must list
+    addrs: dict[str, str] = field(
+        default_factory=lambda: {
+            "ns1_v4": "10.0.1.2",
+            "ns1_v6": "fd00:1::2",
+            "lan_v4": "10.0.1.1",
+            "lan_v6": "fd00:1::1",
+            "wan_v4": "10.0.2.1",
+            "wan_v6": "fd00:2::1",
+            "ns2_v4": "10.0.2.2",
+            "ns2_v6": "fd00:2::2",
+        }
+    )
+
+    def addr(self, who: Literal["ns1", "lan", "wan", "ns2"], v: Literal[4, 6] = 4) -> str:
+        """Address of WHO ("ns1", "lan" = router LAN side, "wan" = router WAN side, "ns2")."""
+        return self.addrs[f"{who}_v{v}"]
+
+    @property
+    def namespaces(self) -> tuple[str, str, str]:
+        return (self.ns1, self.router, self.ns2)
+
+    def teardown(self) -> None:
+        delete_namespaces(self.namespaces)
+
+    def ping(self, v: Literal[4, 6] = 4, timeout: float = 1.0) -> bool:
+        """One ICMP echo ns1 → ns2 through the router; True if answered."""
+        return ping(self.ns1, self.addr("ns2", v), timeout)
+
+
+def delete_namespaces(names: tuple[str, ...] | list[str] = (NS1, NSR, NS2)) -> None:
+    existing = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    for name in names:
+        if name in existing:
+            run("ip", "netns", "delete", name, check=False)
+
+
+def _l3(dev: str, v4: str, v6: str) -> list[str]:
+    return [
+        f"addr add {v4}/24 dev {dev}",
+        f"addr add {v6}/64 dev {dev} nodad",
+        f"link set {dev} up",
+    ]
+
+
+def build_topology(kind: str = "bridge", *, check: bool = True) -> Topology:
+    """Create ns1, nsr1, ns2 wired as KIND (see ``KINDS``); ping through it if CHECK.
+
+    Existing namespaces with these names are deleted first.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown topology kind {kind!r}; known: {', '.join(KINDS)}")
+    delete_namespaces()
+    topo = _layout(kind)
+    a = topo.addrs
+    for ns in topo.namespaces:
+        run("ip", "netns", "add", ns)
+        # No duplicate address detection (addresses usable at once), loopback up.
+        sysctl(ns, net__ipv6__conf__all__accept_dad=0, net__ipv6__conf__default__accept_dad=0)
+        ip_batch(ns, ["link set lo up"])
+    sysctl(topo.router, net__ipv4__ip_forward=1, net__ipv6__conf__all__forwarding=1)
+    run(
+        "ip", "link", "add", "lan0", "netns", topo.router, "type", "veth",
+        "peer", "name", "eth0", "netns", topo.ns1,
+    )  # fmt: skip
+    run(
+        "ip", "link", "add", "wan0", "netns", topo.router, "type", "veth",
+        "peer", "name", "eth0", "netns", topo.ns2,
+    )  # fmt: skip
+
+    r: list[str] = ["link set lan0 up", *_l3("wan0", a["wan_v4"], a["wan_v6"])]
+    h1: list[str] = ["link set eth0 up"]
+    if kind == "bridge":
+        r += _bridge("lan0")
+    elif kind == "routed":
+        pass
+    elif kind == "vlan_port":
+        r += ["link add link lan0 name lan0.10 type vlan id 10", "link set lan0.10 up"]
+        r += _bridge("lan0.10")
+        h1 += ["link add link eth0 name eth0.10 type vlan id 10"]
+    elif kind == "vlan_filtering":
+        r += [
+            "link add br0 type bridge vlan_filtering 1 stp_state 0 forward_delay 0",
+            "link set lan0 master br0",
+            "link set br0 up",
+        ]
+        h1 += ["link add link eth0 name eth0.10 type vlan id 10"]
+    elif kind in ("qinq", "qinq_bridge"):
+        r += [
+            "link add link lan0 name lan0.100 type vlan protocol 802.1ad id 100",
+            "link set lan0.100 up",
+            "link add link lan0.100 name lan0.100.10 type vlan protocol 802.1Q id 10",
+            "link set lan0.100.10 up",
+        ]
+        if kind == "qinq_bridge":
+            r += _bridge("lan0.100.10")
+        h1 += [
+            "link add link eth0 name eth0.100 type vlan protocol 802.1ad id 100",
+            "link set eth0.100 up",
+            "link add link eth0.100 name eth0.100.10 type vlan protocol 802.1Q id 10",
+        ]
+    if kind != "vlan_filtering":  # br0.10 comes after the bridge VLAN set-up below
+        r += _l3(topo.lan_dev, a["lan_v4"], a["lan_v6"])
+    ip_batch(topo.router, r)
+    if kind == "vlan_filtering":
+        run(
+            "ip", "netns", "exec", topo.router, "bridge", "-batch", "-",
+            input="vlan add dev lan0 vid 10\nvlan del dev lan0 vid 1\n"
+            "vlan add dev br0 vid 10 self\n",
+        )  # fmt: skip
+        ip_batch(
+            topo.router,
+            [
+                "link add link br0 name br0.10 type vlan id 10",
+                *_l3("br0.10", a["lan_v4"], a["lan_v6"]),
+            ],
+        )
+    h1 += _l3(topo.ns1_dev, a["ns1_v4"], a["ns1_v6"])
+    h1 += [f"route add default via {a['lan_v4']}", f"route add ::/0 via {a['lan_v6']}"]
+    ip_batch(topo.ns1, h1)
+    h2 = _l3("eth0", a["ns2_v4"], a["ns2_v6"])
+    h2 += [f"route add default via {a['wan_v4']}", f"route add ::/0 via {a['wan_v6']}"]
+    ip_batch(topo.ns2, h2)
+    if check:
+        wait_connectivity(topo)
+    return topo
+
+
+def _bridge(port: str) -> list[str]:
+    return [
+        "link add br0 type bridge stp_state 0 forward_delay 0",
+        f"link set {port} master br0",
+        "link set br0 up",
+    ]
+
+
+def _layout(kind: str) -> Topology:
+    if kind == "bridge":
+        return Topology(kind, "br0", "eth0", bridge="br0", bridge_ports=("lan0",))
+    if kind == "routed":
+        return Topology(kind, "lan0", "eth0")
+    if kind == "vlan_port":
+        return Topology(
+            kind, "br0", "eth0.10", bridge="br0", bridge_ports=("lan0.10",),
+            vlan_devices=("lan0.10",),
+        )  # fmt: skip
+    if kind == "vlan_filtering":
+        return Topology(
+            kind, "br0.10", "eth0.10", bridge="br0", bridge_ports=("lan0",),
+            vlan_devices=("br0.10",),
+        )  # fmt: skip
+    if kind == "qinq":
+        return Topology(
+            kind, "lan0.100.10", "eth0.100.10", vlan_devices=("lan0.100", "lan0.100.10")
+        )
+    return Topology(
+        kind, "br0", "eth0.100.10", bridge="br0", bridge_ports=("lan0.100.10",),
+        vlan_devices=("lan0.100", "lan0.100.10"),
+    )  # fmt: skip
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ping(ns: str, addr: str, timeout: float = 1.0) -> bool:
+    """Send one ICMP/ICMPv6 echo request from NS to ADDR; True if the reply came back.
+
+    Raw sockets in-process: no ping binary needed (iputils-ping is not installed here).
+    """
+    v6 = _family(addr) == socket.AF_INET6
+    fam, proto = (
+        (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
+    )
+    sock = in_netns(ns, lambda: socket.socket(fam, socket.SOCK_RAW, proto))
+    ident = os.getpid() & 0xFFFF
+    seq = int(time.monotonic() * 1000) & 0xFFFF
+    req_type, rep_type = (128, 129) if v6 else (8, 0)
+    payload = b"vmtest-ping"
+    hdr = struct.pack("!BBHHH", req_type, 0, 0, ident, seq)
+    if not v6:  # the kernel fills in the ICMPv6 checksum itself
+        hdr = struct.pack("!BBHHH", req_type, 0, _checksum(hdr + payload), ident, seq)
+    try:
+        sock.sendto(hdr + payload, (addr, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, _ = sock.recvfrom(2048)
+            except (TimeoutError, OSError):
+                return False
+            icmp = data if v6 else data[(data[0] & 0x0F) * 4 :]
+            typ, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+            if typ == rep_type and rid == ident and rseq == seq:
+                return True
+        return False
+    finally:
+        sock.close()
+
+
+def wait_connectivity(topo: Topology, timeout: float = 10.0) -> None:
+    """Wait until ns1 reaches ns2 over v4 and v6 through the router (before any ruleset)."""
+    deadline = time.monotonic() + timeout
+    for v in (4, 6):
+        while not topo.ping(v, timeout=0.5):  # type: ignore[arg-type]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{topo.kind}: ns1 cannot reach ns2 over IPv{v}")
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def _payload_block(size: int) -> bytes:
+    return os.urandom(size)
+
+
+@dataclass
+class TransferResult:
+    size: int
+    received: int
+    sha_sent: str
+    sha_received: str
+    seconds: float
+    client: tuple[str, int]  # client socket's local address (the conntrack orig source)
+    server: tuple[str, int]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.received == self.size and self.intact
+
+    @property
+    def intact(self) -> bool:
+        return self.sha_sent == self.sha_received
+
+    @property
+    def mbit_s(self) -> float:
+        return self.received * 8 / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class TcpTransfer:
+    """One TCP connection from CLIENT_NS to SERVER_ADDR (listening in SERVER_NS) carrying SIZE
+    random bytes, sha256-checked.
+
+    ``direction="download"``: server → client (e.g. ns2 → ns1 when ns1 connects out);
+    ``"upload"``: client → server. After the data has arrived the connection stays open (so a
+    test can look at conntrack while the flow is still offloaded) until ``close()``::
+
+        with TcpTransfer(NS1, NS2, "10.0.2.2", 8 * MiB) as t:
+            res = t.wait()
+            assert res.ok
+            entries = find_conntrack(NSR, sport=res.client[1], dport=res.server[1])
+    """
+
+    def __init__(
+        self,
+        client_ns: str,
+        server_ns: str,
+        server_addr: str,
+        size: int = 8 * MiB,
+        *,
+        direction: Literal["download", "upload"] = "download",
+        port: int = 0,
+        chunk: int = 256 * 1024,
+        timeout: float = 120.0,
+    ) -> None:
+        self.client_ns, self.server_ns, self.server_addr = client_ns, server_ns, server_addr
+        self.size, self.direction, self.port = size, direction, port
+        self.chunk, self.timeout = chunk, timeout
+        self._data = _payload_block(size)
+        self._sha_sent = hashlib.sha256(self._data).hexdigest()
+        self._sha = hashlib.sha256()
+        self._received = 0
+        self._error: str | None = None
+        self._done = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._t0 = 0.0
+        self._t1 = 0.0
+        self.client: tuple[str, int] = ("", 0)
+        self.server: tuple[str, int] = ("", 0)
+
+    def start(self) -> TcpTransfer:
+        srv = tcp_listen(self.server_ns, self.server_addr, self.port)
+        srv.settimeout(self.timeout)
+        self._sockets.append(srv)
+        port = srv.getsockname()[1]
+        cli = tcp_connect(self.client_ns, self.server_addr, port, timeout=self.timeout)
+        conn, _ = srv.accept()
+        conn.settimeout(self.timeout)
+        self._sockets += [cli, conn]
+        self.client = cli.getsockname()[:2]
+        self.server = (self.server_addr, port)
+        sender, receiver = (conn, cli) if self.direction == "download" else (cli, conn)
+        self._t0 = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._send, args=(sender,), daemon=True),
+            threading.Thread(target=self._recv, args=(receiver,), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _send(self, sock: socket.socket) -> None:
+        view = memoryview(self._data)
+        try:
+            for off in range(0, self.size, self.chunk):
+                sock.sendall(view[off : off + self.chunk])
+        except OSError as exc:
+            self._fail(f"send: {exc!r}")
+
+    def _recv(self, sock: socket.socket) -> None:
+        try:
+            while self._received < self.size:
+                data = sock.recv(min(1024 * 1024, self.size - self._received))
+                if not data:
+                    self._fail(f"recv: EOF after {self._received} of {self.size} bytes")
+                    return
+                self._sha.update(data)
+                self._received += len(data)
+        except OSError as exc:
+            self._fail(f"recv: {exc!r}")
+        finally:
+            self._t1 = time.monotonic()
+            self._done.set()
+
+    def _fail(self, msg: str) -> None:
+        if self._error is None:
+            self._error = msg
+        self._done.set()
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def wait(self, timeout: float | None = None) -> TransferResult:
+        """Wait until all data arrived (or failed); the connection stays open."""
+        if not self._done.wait(self.timeout if timeout is None else timeout):
+            self._fail(f"timeout: {self._received} of {self.size} bytes arrived")
+        return self.result()
+
+    def result(self) -> TransferResult:
+        return TransferResult(
+            size=self.size,
+            received=self._received,
+            sha_sent=self._sha_sent,
+            sha_received=self._sha.hexdigest(),
+            seconds=(self._t1 or time.monotonic()) - self._t0,
+            client=self.client,
+            server=self.server,
+            error=self._error,
+        )
+
+    def close(self) -> TransferResult:
+        for s in self._sockets:
+            s.close()
+        for t in self._threads:
+            t.join(timeout=5)
+        return self.result()
+
+    def __enter__(self) -> TcpTransfer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tcp_transfer(
+    client_ns: str,
+    server_ns: str,
+    server_addr: str,
+    size: int = 8 * MiB,
+    *,
+    direction: Literal["download", "upload"] = "download",
+    before_close: Callable[[TransferResult], None] | None = None,
+    timeout: float = 120.0,
+) -> TransferResult:
+    """Run a whole ``TcpTransfer``; call BEFORE_CLOSE(result) while the connection is open."""
+    with TcpTransfer(
+        client_ns, server_ns, server_addr, size, direction=direction, timeout=timeout
+    ) as t:
+        res = t.wait()
+        if before_close is not None:
+            before_close(res)
+    return res
+
+
+@dataclass
+class StreamResult:
+    sent: int
+    received: int
+    seconds: float
+    client: tuple[str, int]
+    server: tuple[str, int]
+    mismatch_at: int | None  # first byte offset that differed, if any
+    error: str | None
+
+    @property
+    def intact(self) -> bool:
+        return self.error is None and self.mismatch_at is None and self.sent == self.received
+
+
+class TcpStream:
+    """A long-running background TCP stream (patterned data, verified as it arrives).
+
+    Sends until ``stop()``; optional RATE in bytes/s. ``stop()`` half-closes the sender, lets
+    the receiver drain to EOF and returns a ``StreamResult`` (``intact`` = no error, no
+    corrupted byte, everything sent arrived)::
+
+        s = TcpStream(NS1, NS2, "10.0.2.2").start()
+        s.wait_received(1 * MiB)
+        ...  # change the router's configuration
+        assert s.stop().intact
+    """
+
+    PATTERN = 65521  # prime length: chunk boundaries drift through the pattern
+
+    def __init__(
+        self,
+        client_ns: str,
+        server_ns: str,
+        server_addr: str,
+        *,
+        direction: Literal["download", "upload"] = "download",
+        port: int = 0,
+        rate: float | None = None,
+        chunk: int = 64 * 1024,
+        timeout: float = 60.0,
+    ) -> None:
+        self.client_ns, self.server_ns, self.server_addr = client_ns, server_ns, server_addr
+        self.direction, self.port, self.rate = direction, port, rate
+        self.chunk, self.timeout = min(chunk, self.PATTERN), timeout
+        block = os.urandom(self.PATTERN)
+        self._pattern = memoryview(block + block)
+        self.sent = 0
+        self.received = 0
+        self._mismatch: int | None = None
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._eof = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._sender: socket.socket | None = None
+        self._t0 = 0.0
+        self.client: tuple[str, int] = ("", 0)
+        self.server: tuple[str, int] = ("", 0)
+
+    def start(self) -> TcpStream:
+        srv = tcp_listen(self.server_ns, self.server_addr, self.port)
+        srv.settimeout(self.timeout)
+        port = srv.getsockname()[1]
+        cli = tcp_connect(self.client_ns, self.server_addr, port, timeout=self.timeout)
+        conn, _ = srv.accept()
+        srv.close()
+        conn.settimeout(self.timeout)
+        self._sockets = [cli, conn]
+        self.client = cli.getsockname()[:2]
+        self.server = (self.server_addr, port)
+        sender, receiver = (conn, cli) if self.direction == "download" else (cli, conn)
+        self._sender = sender
+        self._t0 = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._send, args=(sender,), daemon=True),
+            threading.Thread(target=self._recv, args=(receiver,), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _send(self, sock: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                off = self.sent % self.PATTERN
+                n = sock.send(self._pattern[off : off + self.chunk])
+                self.sent += n
+                if self.rate:
+                    ahead = self.sent / self.rate - (time.monotonic() - self._t0)
+                    if ahead > 0:
+                        self._stop.wait(ahead)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._error = self._error or f"send: {exc!r}"
+
+    def _recv(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                data = sock.recv(256 * 1024)
+                if not data:
+                    break
+                if self._mismatch is None:
+                    self._check(data)
+                self.received += len(data)
+        except OSError as exc:
+            self._error = self._error or f"recv: {exc!r}"
+        finally:
+            self._eof.set()
+
+    def _check(self, data: bytes) -> None:
+        pos, view = 0, memoryview(data)
+        while pos < len(data):
+            off = (self.received + pos) % self.PATTERN
+            n = min(len(data) - pos, self.PATTERN)
+            if view[pos : pos + n] != self._pattern[off : off + n]:
+                exp = self._pattern[off : off + n]
+                i = next(i for i in range(n) if view[pos + i] != exp[i])
+                self._mismatch = self.received + pos + i
+                return
+            pos += n
+
+    def wait_received(self, nbytes: int, timeout: float | None = None) -> None:
+        """Block until at least NBYTES arrived (raises TimeoutError / on stream error)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self.received < nbytes:
+            if self._error or self._eof.is_set():
+                raise RuntimeError(f"stream ended early: {self._error or 'EOF'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream: {self.received} of {nbytes} bytes arrived")
+            time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None and not self._eof.is_set()
+
+    def stop(self, timeout: float | None = None) -> StreamResult:
+        """Stop sending, drain, close; return the result."""
+        self._stop.set()
+        self._threads[0].join(timeout=self.timeout if timeout is None else timeout)
+        self._eof.wait(self.timeout if timeout is None else timeout)
+        for s in self._sockets:
+            s.close()
+        for t in self._threads:
+            t.join(timeout=5)
+        return StreamResult(
+            sent=self.sent,
+            received=self.received,
+            seconds=time.monotonic() - self._t0,
+            client=self.client,
+            server=self.server,
+            mismatch_at=self._mismatch,
+            error=self._error,
+        )
+
+    def __enter__(self) -> TcpStream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._threads:
+            self.stop()
+
+
+# --------------------------------------------------------------------------- conntrack
+
+
+@dataclass
+class CtEntry:
+    """One ``conntrack -L`` line."""
+
+    proto: str
+    orig: dict[str, str]  # src, dst, sport, dport of the original direction
+    reply: dict[str, str]  # same keys, reply direction
+    flags: frozenset[str]  # e.g. {"OFFLOAD", "ASSURED"}
+    fields: dict[str, str]  # everything else key=value (id, mark, zone, use, ...)
+    state: str | None  # TCP state (ESTABLISHED, ...) if printed
+    raw: str
+
+    @property
+    def offloaded(self) -> bool:
+        return "OFFLOAD" in self.flags or "HW_OFFLOAD" in self.flags
+
+    @property
+    def id(self) -> str | None:
+        return self.fields.get("id")
+
+
+_TUPLE_KEYS = ("src", "dst", "sport", "dport")
+
+
+def parse_conntrack_line(line: str) -> CtEntry | None:
+    parts = line.split()
+    if len(parts) < 3:
+        return None
+    proto = parts[0]
+    orig: dict[str, str] = {}
+    reply: dict[str, str] = {}
+    fields: dict[str, str] = {}
+    flags: set[str] = set()
+    state = None
+    for tok in parts[1:]:
+        if tok.startswith("[") and tok.endswith("]"):
+            flags.add(tok[1:-1])
+        elif "=" in tok:
+            k, v = tok.split("=", 1)
+            if k in _TUPLE_KEYS:
+                (reply if k in orig else orig)[k] = v
+            else:
+                fields.setdefault(k, v)
+        elif tok.isupper():
+            state = tok
+    return CtEntry(proto, orig, reply, frozenset(flags), fields, state, line)
+
+
+def conntrack_list(ns: str, *, family: Literal[4, 6] = 4, proto: str = "tcp") -> list[CtEntry]:
+    """All conntrack entries of PROTO/FAMILY in NS (``conntrack -L -o id``)."""
+    out = ns_run(
+        ns, "conntrack", "-L", "-f", "ipv6" if family == 6 else "ipv4", "-p", proto, "-o", "id"
+    )
+    return [e for e in map(parse_conntrack_line, out.splitlines()) if e is not None]
+
+
+def _norm(addr: str) -> str:
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError:
+        return addr
+
+
+def find_conntrack(
+    ns: str,
+    *,
+    src: str | None = None,
+    dst: str | None = None,
+    sport: int | None = None,
+    dport: int | None = None,
+    proto: str = "tcp",
+    family: Literal[4, 6] | None = None,
+) -> list[CtEntry]:
+    """Entries whose ORIGINAL tuple matches every given field (family guessed from addrs)."""
+    if family is None:
+        known = src or dst
+        family = 6 if known and ipaddress.ip_address(known).version == 6 else 4
+    want = {
+        k: _norm(str(v))
+        for k, v in (("src", src), ("dst", dst), ("sport", sport), ("dport", dport))
+        if v is not None
+    }
+    return [
+        e
+        for e in conntrack_list(ns, family=family, proto=proto)
+        if all(_norm(e.orig.get(k, "")) == v for k, v in want.items())
+    ]
+
+
+def offloaded_entries(ns: str, **tuple_fields: Any) -> list[CtEntry]:
+    """``find_conntrack`` filtered to [OFFLOAD] entries."""
+    return [e for e in find_conntrack(ns, **tuple_fields) if e.offloaded]
+
+
+def flow_entries(ns: str, res: TransferResult | StreamResult | Any) -> list[CtEntry]:
+    """Conntrack entries in NS for the connection of a transfer/stream (by its orig tuple)."""
+    return find_conntrack(
+        ns, src=res.client[0], sport=res.client[1], dst=res.server[0], dport=res.server[1]
+    )
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.1, what: str = ""
+) -> T:
+    """Poll PREDICATE until it returns something truthy (returned); TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def wait_offloaded(ns: str, flow: Any, timeout: float = 10.0) -> CtEntry:
+    """Wait until the conntrack entry of FLOW (a transfer, stream or result) is [OFFLOAD]."""
+    return wait_for(
+        lambda: next((e for e in flow_entries(ns, flow) if e.offloaded), None),
+        timeout,
+        what=f"[OFFLOAD] for {flow.client} -> {flow.server} in {ns}",
+    )
+
+
+# --------------------------------------------------------------------------- nftables
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int
+    bytes: int
+
+
+def nft(ns: str, *args: str) -> str:
+    """``nft ARGS`` in NS; returns stdout."""
+    return ns_run(ns, "nft", *args)
+
+
+def nft_apply(ns: str, ruleset: str) -> None:
+    """Load RULESET text in NS in one transaction (``nft -f -``)."""
+    ns_run(ns, "nft", "-f", "-", input=ruleset)
+
+
+def nft_json(ns: str, *args: str) -> list[dict[str, Any]]:
+    """``nft -j ARGS`` in NS, returns the ``nftables`` list."""
+    return json.loads(nft(ns, "-j", *args))["nftables"]  # type: ignore[no-any-return]
+
+
+def nft_counter(ns: str, table: str, name: str, family: str = "inet") -> Counter:
+    """Value of the named counter object FAMILY TABLE NAME in NS."""
+    for item in nft_json(ns, "list", "counter", family, table, name):
+        if "counter" in item:
+            c = item["counter"]
+            return Counter(int(c["packets"]), int(c["bytes"]))
+    raise LookupError(f"counter {family} {table} {name} not found in {ns}")
+
+
+OBSERVER_TABLE = "observer"
+
+
+def add_observer(
+    ns: str = NSR,
+    *,
+    counter: str = "fwd_tcp",
+    match: str = "meta l4proto tcp",
+    priority: int = -300,
+    table: str = OBSERVER_TABLE,
+) -> None:
+    """A separate ``inet TABLE`` with a forward-hook chain counting MATCH into COUNTER.
+
+    Offloaded packets skip the forward hook entirely (in every table), so this counter shows
+    how many packets took the classic path regardless of what the project's table does.
+    Calling it again for another COUNTER adds that counter and rule.
+    """
+    nft_apply(
+        ns,
+        f"""
+table inet {table} {{
+    counter {counter} {{ }}
+    chain forward {{
+        type filter hook forward priority {priority}; policy accept;
+        {match} counter name "{counter}"
+    }}
+}}
+""",
+    )
+
+
+def observer_counter(
+    ns: str = NSR, counter: str = "fwd_tcp", table: str = OBSERVER_TABLE
+) -> Counter:
+    return nft_counter(ns, table, counter)
+
+
+def reset_counter(ns: str, table: str, name: str, family: str = "inet") -> None:
+    nft(ns, "reset", "counter", family, table, name)
+
+
+# --------------------------------------------------------------------------- project CLI
+
+
+def offloadctl(
+    *args: str, check: bool = True, input: str | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run the project's CLI with this interpreter (``python -m controlplane.cli ARGS``).
+
+    E.g. ``offloadctl("apply", str(config_path), "--netns", NSR)``. Python start-up plus the
+    project's imports cost seconds under TCG: prefer few calls per test.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(
+            f"offloadctl {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+            f"stderr: {proc.stderr}"
+        )
+    return proc
