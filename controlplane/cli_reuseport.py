@@ -1,0 +1,227 @@
+"""``offloadctl reuseport``: load, inspect and steer listener-migration groups.
+
+Every command names a group with ``--name`` and, optionally, the network
+namespace it belongs to (``--netns``; default: the current one, "host" when
+it has no 'ip netns' name). Errors print one line on stderr and exit with the
+error class's code; there is never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+
+from controlplane.errors import ControlPlaneError
+from controlplane.kernel import bpf_loader
+from controlplane.reuseport import COUNTER_NAMES, GroupStatus, ReuseportGroup
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Zero-reset restarts behind SO_REUSEPORT (BPF SELECT_OR_MIGRATE).",
+    no_args_is_help=True,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+NameOpt = typer.Option(..., "--name", "-n", help="group name")
+NetnsOpt = typer.Option(
+    None, "--netns", help="network namespace (default: the current one)", show_default=False
+)
+BpffsOpt = typer.Option(
+    bpf_loader.DEFAULT_BPFFS, "--bpffs", envvar="OFFLOADCTL_BPFFS", help="bpffs mount point"
+)
+GenerationOpt = typer.Option(..., "--generation", "-g", min=1, max=2**32 - 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _errors(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ControlPlaneError as exc:
+            typer.echo(f"error: {_one_line(exc)}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            # Something around us (permissions, a vanished path): still one line.
+            typer.echo(f"error: {_one_line(exc)}", err=True)
+            raise typer.Exit(4) from None
+
+    return wrapper
+
+
+def _open(name: str, netns: str | None, bpffs: str) -> ReuseportGroup:
+    return ReuseportGroup.open(name, netns=netns, bpffs=bpffs)
+
+
+@app.command()
+@_errors
+def load(
+    name: str = NameOpt,
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+    max_listeners: int = typer.Option(64, min=1, max=bpf_loader.MAX_CAPACITY),
+    drop_when_no_target: bool = typer.Option(
+        False, help="reset migrating connections when no active generation has a listener"
+    ),
+) -> None:
+    """Compile the program, create the maps and pin them (mounts bpffs if needed)."""
+    res = bpf_loader.load_group(
+        name,
+        netns=netns,
+        bpffs=bpffs,
+        max_listeners=max_listeners,
+        drop_when_no_target=drop_when_no_target,
+    )
+    if res.mounted_bpffs:
+        typer.echo(f"mounted bpffs at {bpffs}")
+    if res.already_loaded:
+        typer.echo(f"group {name!r} in {res.netns} already loaded (prog id {res.prog_id})")
+        return
+    typer.echo(
+        f"loaded group {name!r} in {res.netns}: {res.capacity} listener slots,"
+        f" prog id {res.prog_id}, pinned at {res.pin_dir}"
+        f" (compiled and verified in {res.compile_seconds:.2f} s)"
+    )
+
+
+@app.command()
+@_errors
+def status(
+    name: str = NameOpt,
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Generations, listener slots, the target and the program's counters."""
+    with _open(name, netns, bpffs) as group:
+        st = group.status()
+    typer.echo(st.to_json() if json_out else _render(st))
+
+
+def _render(st: GroupStatus) -> str:
+    registered = sum(len(g.slots) for g in st.generations)
+    policy = "reset" if st.drop_when_no_target else "left to the kernel"
+    lines = [
+        f"group {st.name} ({st.netns}), prog id {st.prog_id}, pins {st.pin_dir}",
+        f"listeners: {registered} of {st.capacity} slots;"
+        f" target generation: {st.target_generation or 'none'};"
+        f" migrations without a target are {policy}",
+    ]
+    if st.generations:
+        lines.append(f"  {'generation':>10}  {'state':<8}  {'listeners':>9}  slots")
+        for g in st.generations:
+            state = "target" if g.target else ("active" if g.active else "standby")
+            slots = ",".join(map(str, g.slots)) or "-"
+            lines.append(f"  {g.generation:>10}  {state:<8}  {len(g.slots):>9}  {slots}")
+    counts = "  ".join(f"{n} {getattr(st.counters, n)}" for n in COUNTER_NAMES)
+    lines.append(f"counters: {counts}")
+    return "\n".join(lines)
+
+
+@app.command()
+@_errors
+def activate(
+    name: str = NameOpt,
+    generation: int = GenerationOpt,
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Mark a generation active; the newest active one receives connections."""
+    with _open(name, netns, bpffs) as group:
+        group.activate(generation)
+        target = group.status().target_generation
+    typer.echo(f"generation {generation} active; target generation {target}")
+
+
+@app.command()
+@_errors
+def retire(
+    name: str = NameOpt,
+    generation: int = GenerationOpt,
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Stop targeting a generation and free its slots (its sockets stay open)."""
+    with _open(name, netns, bpffs) as group:
+        freed = group.retire(generation)
+        target = group.status().target_generation
+    typer.echo(
+        f"generation {generation} retired ({len(freed)} slots freed);"
+        f" target generation {target or 'none'}"
+    )
+
+
+@app.command()
+@_errors
+def unload(
+    name: str = NameOpt,
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Remove the pins. A live group keeps the program until its listeners close."""
+    res = bpf_loader.unload_group(name, netns=netns, bpffs=bpffs)
+    note = (
+        f"; {res.live_listeners} registered listeners still open keep the program"
+        " attached with its last policy"
+        if res.live_listeners
+        else ""
+    )
+    typer.echo(f"unloaded group {name!r} in {res.netns}{note}")
+
+
+@app.command()
+@_errors
+def adopt(
+    name: str = NameOpt,
+    generation: int = GenerationOpt,
+    pid: int = typer.Option(..., "--pid", min=1, help="process holding the listener"),
+    fd: int = typer.Option(..., "--fd", min=0, help="its file descriptor number"),
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Register another process's listener, taken with pidfd_getfd(2)."""
+    from controlplane.kernel.fd_handover import take_fd
+
+    with _open(name, netns, bpffs) as group:
+        mine = take_fd(pid, fd)
+        try:
+            slot = group.register(mine, generation)
+        finally:
+            os.close(mine)
+    typer.echo(f"registered fd {fd} of pid {pid} as generation {generation}, slot {slot}")
+
+
+@app.command()
+@_errors
+def receive(
+    name: str = NameOpt,
+    socket_path: str = typer.Option(..., "--socket", help="Unix socket to listen on"),
+    clients: int = typer.Option(
+        0, min=0, help="stop after this many client connections (0: run until killed)"
+    ),
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Register listeners sent over a Unix socket with SCM_RIGHTS."""
+    from controlplane.kernel.fd_handover import HandoverServer
+
+    with _open(name, netns, bpffs) as group, HandoverServer(socket_path) as server:
+        typer.echo(f"waiting for listeners on {socket_path}")
+        served = 0
+        while clients == 0 or served < clients:
+            for r in server.serve_one(group.register):
+                if r.error is None:
+                    typer.echo(f"pid {r.pid}: generation {r.generation} -> slot {r.slot}")
+                else:
+                    typer.echo(f"pid {r.pid}: refused: {r.error}", err=True)
+            served += 1

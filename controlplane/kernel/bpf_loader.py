@@ -1,0 +1,352 @@
+"""Compile, load and pin the reuseport migration program (bcc), and unpin it.
+
+Layout under bpffs, one directory per network namespace and group::
+
+    <bpffs>/offloadctl/<netns name or "host">/<group>/
+        prog       SK_REUSEPORT program, attach type SELECT_OR_MIGRATE
+        socks      REUSEPORT_SOCKARRAY: slot -> listener
+        slot_gen   ARRAY: slot -> generation (0 = free)
+        gen_state  HASH: generation -> state bits (1 = active)
+        policy     ARRAY[2]: target tables, double-buffered
+        ctl        ARRAY[1]: {live table index, flags}
+        counters   ARRAY[5]: outcome counters
+
+Everything after loading (registering, activating, reading counters) goes
+through these pins with raw syscalls (:mod:`controlplane.reuseport`), so only
+this module imports bcc, and only inside :func:`load_group`.
+
+Pins are made in a staging sibling directory and renamed into place, so a
+reader never sees a half-loaded group.
+
+The program is *not* attached here: attaching needs a socket of the group,
+and a reuseport group only exists while it has listeners. Registering a
+listener attaches it (:meth:`controlplane.reuseport.ReuseportGroup.register`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.core.reuseport_policy import check_group_name
+from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
+from controlplane.kernel import bpf_syscall as sysbpf
+from controlplane.kernel.netns import NETNS_DIR, netns_path
+
+__all__ = [
+    "DEFAULT_BPFFS",
+    "PIN_NAMES",
+    "LoadResult",
+    "UnloadResult",
+    "current_netns_name",
+    "ensure_bpffs",
+    "group_pin_dir",
+    "load_group",
+    "netns_label",
+    "require_bpffs",
+    "unload_group",
+]
+
+DEFAULT_BPFFS = "/sys/fs/bpf"
+PIN_ROOT = "offloadctl"
+HOST_LABEL = "host"
+PIN_NAMES = ("prog", "socks", "slot_gen", "gen_state", "policy", "ctl", "counters")
+# Maps declared in the C source (bcc creates them); socks comes from Python.
+_C_MAPS = ("slot_gen", "gen_state", "policy", "ctl", "counters")
+
+_REPO = Path(__file__).resolve().parents[2]
+BPF_SOURCE = _REPO / "bpf" / "reuseport_migrate.c"
+_HEADERS = _REPO / "build" / "kernel-headers"
+_FUNC = b"select_or_migrate"
+_ATTACH_SELECT_OR_MIGRATE = 40  # enum bpf_attach_type; bcc 0.26 has no name for it
+MAX_CAPACITY = 4096
+
+
+def current_netns_name() -> str:
+    """The ``ip netns`` name of this thread's network namespace, else "host".
+
+    Any namespace without a name under /run/netns counts as the host: that is
+    where a service started without 'ip netns' runs (in a container, the
+    container's own namespace).
+    """
+    here = os.stat("/proc/thread-self/ns/net")
+    try:
+        names = sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(NETNS_DIR, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+            return name
+    return HOST_LABEL
+
+
+def netns_label(netns: str | None) -> str:
+    """Directory name for ``netns``: its name, "host", or the current one if None."""
+    if netns is None:
+        return current_netns_name()
+    if netns == HOST_LABEL:
+        return HOST_LABEL
+    path = netns_path(netns)  # validates the name
+    if not os.path.exists(path):
+        raise EnvironmentProblem(
+            f"network namespace {netns!r} does not exist (no {path}); create it with"
+            f" 'ip netns add {netns}'"
+        )
+    return netns
+
+
+def group_pin_dir(bpffs: str, label: str, group: str) -> str:
+    return os.path.join(bpffs, PIN_ROOT, label, check_group_name(group))
+
+
+def _bpffs_hint(bpffs: str) -> str:
+    if bpffs.startswith("/sys/"):
+        # ip netns exec mounts a fresh sysfs over /sys in a private mount
+        # namespace, hiding a bpffs mounted below it.
+        return (
+            "; note that 'ip netns exec' hides mounts under /sys: enter only the"
+            " network namespace (setns) or use a bpffs outside /sys"
+        )
+    return ""
+
+
+def require_bpffs(bpffs: str) -> None:
+    if not sysbpf.is_bpffs(bpffs):
+        raise EnvironmentProblem(
+            f"no bpffs mounted at {bpffs}; mount it with 'mount -t bpf bpf {bpffs}'"
+            f" or run 'offloadctl reuseport load', which mounts it{_bpffs_hint(bpffs)}"
+        )
+
+
+def ensure_bpffs(bpffs: str) -> bool:
+    """Mount bpffs at ``bpffs`` unless it is one already; True if we mounted it."""
+    if not os.path.isabs(bpffs):
+        raise EnvironmentProblem(f"bpffs path must be absolute, got {bpffs!r}")
+    if sysbpf.is_bpffs(bpffs):
+        return False
+    sysbpf.mount_bpffs(bpffs)
+    return True
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    group: str
+    netns: str
+    pin_dir: str
+    capacity: int
+    prog_id: int
+    compile_seconds: float
+    mounted_bpffs: bool
+    already_loaded: bool
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    group: str
+    netns: str
+    pin_dir: str
+    live_listeners: int
+
+
+def _kernel_source() -> None:
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return
+    if _HEADERS.is_dir():
+        os.environ["BCC_KERNEL_SOURCE"] = str(_HEADERS)
+        return
+    raise EnvironmentProblem(
+        "bcc needs a kernel header tree: set BCC_KERNEL_SOURCE or run 'make setup'"
+        f" (which builds {_HEADERS})"
+    )
+
+
+def _existing(pin_dir: str, group: str, label: str, capacity: int) -> int:
+    """Validate an already-loaded group; return its program id."""
+    missing = [n for n in PIN_NAMES if not os.path.exists(os.path.join(pin_dir, n))]
+    if missing:
+        raise EnvironmentProblem(
+            f"group {group!r} in {label} is half there ({pin_dir} lacks"
+            f" {', '.join(missing)}); run 'offloadctl reuseport unload --name {group}' first"
+        )
+    with sysbpf.BpfMap.open_pinned(os.path.join(pin_dir, "socks")) as socks:
+        have = socks.info.max_entries
+    if have != capacity:
+        raise EnvironmentProblem(
+            f"group {group!r} in {label} is already loaded with {have} listener slots,"
+            f" not {capacity}; unload it first to change that"
+        )
+    with sysbpf.BpfProg.open_pinned(os.path.join(pin_dir, "prog")) as prog:
+        return prog.info().id
+
+
+def load_group(
+    group: str,
+    *,
+    netns: str | None = None,
+    bpffs: str = DEFAULT_BPFFS,
+    max_listeners: int = 64,
+    drop_when_no_target: bool = False,
+    source: Path = BPF_SOURCE,
+) -> LoadResult:
+    """Compile and pin the program and maps of ``group``; idempotent.
+
+    Loading a group that is already pinned with the same capacity changes
+    nothing (its live policy and counters are kept).
+    """
+    check_group_name(group)
+    if not 1 <= max_listeners <= MAX_CAPACITY:
+        raise EnvironmentProblem(f"max_listeners must be within 1..{MAX_CAPACITY}")
+    label = netns_label(netns)
+    mounted = ensure_bpffs(bpffs)
+    final = group_pin_dir(bpffs, label, group)
+    if os.path.isdir(final):
+        prog_id = _existing(final, group, label, max_listeners)
+        return LoadResult(group, label, final, max_listeners, prog_id, 0.0, mounted, True)
+
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    # bpffs refuses names with dots; "~" cannot appear in a group name.
+    staging = os.path.join(parent, f"{group}~loading-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging)
+    try:
+        prog_id, seconds = _compile_and_pin(
+            staging, source, max_listeners, drop_when_no_target=drop_when_no_target
+        )
+        try:
+            os.rename(staging, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise KernelError(f"move pins into {final}", str(exc), exc.errno) from None
+            # Somebody else loaded it meanwhile: keep theirs.
+            _remove_pins(staging)
+            prog_id = _existing(final, group, label, max_listeners)
+            return LoadResult(group, label, final, max_listeners, prog_id, 0.0, mounted, True)
+    except BaseException:
+        _remove_pins(staging)
+        raise
+    return LoadResult(group, label, final, max_listeners, prog_id, seconds, mounted, False)
+
+
+def _compile_and_pin(
+    pin_dir: str, source: Path, capacity: int, *, drop_when_no_target: bool
+) -> tuple[int, float]:
+    _kernel_source()
+    try:
+        from bcc import BPF
+        from bcc.libbcc import lib
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"cannot import bcc ({exc}); install python3-bpfcc and run 'make setup'"
+        ) from None
+
+    lib.bcc_create_map.restype = ct.c_int
+    lib.bcc_create_map.argtypes = [ct.c_int, ct.c_char_p, ct.c_int, ct.c_int, ct.c_int, ct.c_int]
+    # bcc 0.26 cannot declare a REUSEPORT_SOCKARRAY in C: create it here and
+    # hand its fd to the C code as a macro (referenced with bpf_pseudo_fd).
+    socks_fd = lib.bcc_create_map(
+        sysbpf.BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, b"socks", 4, 8, capacity, 0
+    )
+    if socks_fd < 0:
+        err = ct.get_errno()
+        raise UnsupportedError(
+            f"the kernel refused to create a REUSEPORT_SOCKARRAY map: {os.strerror(err)}"
+        )
+    started = time.monotonic()
+    bpf = None
+    try:
+        try:
+            bpf = BPF(
+                src_file=str(source).encode(),
+                cflags=[f"-DSOCKS_FD={socks_fd}", f"-DMAX_SLOTS={capacity}"],
+            )
+        except Exception as exc:
+            raise EnvironmentProblem(f"cannot compile {source}: {exc}") from None
+        try:
+            fn = bpf.load_func(
+                _FUNC, sysbpf.BPF_PROG_TYPE_SK_REUSEPORT, attach_type=_ATTACH_SELECT_OR_MIGRATE
+            )
+        except Exception as exc:
+            message = str(exc)
+            if "Invalid argument" in message:
+                raise UnsupportedError(
+                    "the kernel refused an SK_REUSEPORT program with attach type"
+                    f" SELECT_OR_MIGRATE (needs Linux >= 5.14): {message}"
+                ) from None
+            raise KernelError("load reuseport program", message) from None
+        seconds = time.monotonic() - started
+
+        fds = {"prog": fn.fd, "socks": socks_fd}
+        fds.update({name: bpf[name.encode()].map_fd for name in _C_MAPS})
+        # Start with an empty target table and the group's flags, live index 0.
+        flags = 1 if drop_when_no_target else 0
+        ctl = sysbpf.BpfMap(os.dup(fds["ctl"]))
+        with ctl:
+            ctl.update(struct.pack("<I", 0), struct.pack("<II", 0, flags))
+        policy = sysbpf.BpfMap(os.dup(fds["policy"]))
+        with policy:
+            empty = struct.pack("<IIII", 0, 0, flags, 0) + bytes(4 * capacity)
+            for idx in (0, 1):
+                policy.update(struct.pack("<I", idx), empty)
+        for name, fd in fds.items():
+            sysbpf.obj_pin(fd, os.path.join(pin_dir, name))
+        with sysbpf.BpfProg(os.dup(fn.fd)) as prog:
+            prog_id = prog.info().id
+        return prog_id, seconds
+    finally:
+        if bpf is not None:
+            bpf.cleanup()  # closes bcc's fds; the pins keep the objects alive
+        os.close(socks_fd)
+
+
+def _remove_pins(pin_dir: str) -> None:
+    for name in PIN_NAMES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pin_dir, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(pin_dir)
+
+
+def unload_group(
+    group: str, *, netns: str | None = None, bpffs: str = DEFAULT_BPFFS
+) -> UnloadResult:
+    """Remove the pins of ``group``.
+
+    A program attached to a live reuseport group stays attached (the group
+    holds a reference) with its last policy until the group's last listener
+    closes; ``live_listeners`` says how many registered listeners remain.
+    """
+    check_group_name(group)
+    label = netns_label(netns)
+    require_bpffs(bpffs)
+    pin_dir = group_pin_dir(bpffs, label, group)
+    if not os.path.isdir(pin_dir):
+        raise EnvironmentProblem(
+            f"reuseport group {group!r} is not loaded in {label} (no {pin_dir})"
+        )
+    live = 0
+    socks_pin = os.path.join(pin_dir, "socks")
+    if os.path.exists(socks_pin):
+        with sysbpf.BpfMap.open_pinned(socks_pin) as socks:
+            for slot in range(socks.info.max_entries):
+                if socks.lookup(struct.pack("<I", slot)) is not None:
+                    live += 1
+    _remove_pins(pin_dir)
+    # Drop the per-namespace and root directories once empty.
+    for path in (os.path.dirname(pin_dir), os.path.dirname(os.path.dirname(pin_dir))):
+        try:
+            os.rmdir(path)
+        except OSError:
+            break
+    return UnloadResult(group, label, pin_dir, live)
