@@ -155,7 +155,8 @@ def apply(
         t = res.teardown
         typer.echo(
             f"tore down {t.deleted} offloaded flow(s) through removed devices"
-            f" (examined {t.examined})"
+            f" (examined {t.examined}; {t.recreated} re-created on the classic path"
+            f" in {t.elapsed * 1000:.0f} ms)"
         )
     typer.echo(f"applied in {res.seconds * 1000:.0f} ms ({len(res.plan.ops)} operations)")
 

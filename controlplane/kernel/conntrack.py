@@ -24,8 +24,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 from controlplane.core.flowpath import IPS_OFFLOAD, CtTuple, Family, Flow
@@ -60,6 +60,32 @@ CTA_MARK = 8
 CTA_ID = 12
 CTA_ZONE = 18
 CTA_STATUS_MASK = 26
+CTA_PROTOINFO = 4
+CTA_NAT_SRC = 6
+CTA_TIMEOUT = 7
+CTA_NAT_DST = 13
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+CTA_NAT_V4_MINIP = 1
+CTA_NAT_V4_MAXIP = 2
+CTA_NAT_PROTO = 3
+CTA_NAT_V6_MINIP = 4
+CTA_NAT_V6_MAXIP = 5
+CTA_PROTONAT_PORT_MIN = 1
+CTA_PROTONAT_PORT_MAX = 2
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+TCP_CONNTRACK_ESTABLISHED = 3
+IPPROTO_TCP = 6
+# Fresh timeouts for re-created entries: the kernel's defaults for an
+# established TCP connection and an assured UDP stream.
+_REINJECT_TIMEOUT = {IPPROTO_TCP: 432_000}
+_REINJECT_TIMEOUT_OTHER = 120
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
@@ -154,6 +180,78 @@ def encode_delete(flow: Flow, seq: int) -> bytes:
     return _message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, flow.orig.family, attrs)
 
 
+def _nat_range(kind: int, family: Family, addr: str, port: int) -> bytes:
+    af = socket.AF_INET if family == Family.IPV4 else socket.AF_INET6
+    lo, hi = (
+        (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP)
+        if af == socket.AF_INET
+        else (
+            CTA_NAT_V6_MINIP,
+            CTA_NAT_V6_MAXIP,
+        )
+    )
+    raw = socket.inet_pton(af, addr)
+    ports = _nest(
+        CTA_NAT_PROTO,
+        _nla(CTA_PROTONAT_PORT_MIN, _BE16.pack(port)),
+        _nla(CTA_PROTONAT_PORT_MAX, _BE16.pack(port)),
+    )
+    return _nest(kind, _nla(lo, raw), _nla(hi, raw), ports)
+
+
+def encode_reinject(flow: Flow, seq: int) -> bytes:
+    """CT_NEW re-creating ``flow`` as it was (tuples, zone, mark, NAT), minus OFFLOAD.
+
+    Why not just delete: with NAT, the first packet after a delete may be a
+    reply addressed to the router's own (masquerade) address; with no entry
+    it is local traffic, dropped by the guard or answered with a RST, and a
+    silent client never sends the packet that would re-create the mapping.
+    Re-creating the entry (what conntrackd does for fail-over) keeps the flow
+    on the classic path without a gap. Window tracking restarts from the next
+    packet (td_maxwin = 0), as the kernel's own flowtable teardown does.
+    """
+    nat = flow.status & (IPS_SRC_NAT | IPS_DST_NAT)
+    # With NAT the reply tuple must be the un-NATed inverse of orig: the kernel
+    # sets the NAT status bits only when the mapping it computes from our
+    # ranges changes the reply tuple (it keeps the same address and port).
+    reply = (
+        replace(
+            flow.orig,
+            src=flow.orig.dst,
+            dst=flow.orig.src,
+            sport=flow.orig.dport,
+            dport=flow.orig.sport,
+        )
+        if nat
+        else flow.reply
+    )
+    attrs = [
+        encode_tuple(CTA_TUPLE_ORIG, flow.orig),
+        encode_tuple(CTA_TUPLE_REPLY, reply),
+        # CONFIRMED: the kernel sets it before applying CTA_STATUS and answers
+        # EBUSY to a status that would clear it.
+        _nla(CTA_STATUS, _BE32.pack(IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED)),
+        _nla(
+            CTA_TIMEOUT,
+            _BE32.pack(_REINJECT_TIMEOUT.get(flow.orig.proto, _REINJECT_TIMEOUT_OTHER)),
+        ),
+    ]
+    if flow.orig.proto == IPPROTO_TCP:
+        state = _nla(CTA_PROTOINFO_TCP_STATE, bytes([TCP_CONNTRACK_ESTABLISHED]))
+        attrs.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, state)))
+    if flow.status & IPS_SRC_NAT:  # translated source = where replies are sent
+        attrs.append(_nat_range(CTA_NAT_SRC, flow.orig.family, flow.reply.dst, flow.reply.dport))
+    if flow.status & IPS_DST_NAT:  # translated destination = who replies
+        attrs.append(_nat_range(CTA_NAT_DST, flow.orig.family, flow.reply.src, flow.reply.sport))
+    if flow.zone:
+        attrs.append(_nla(CTA_ZONE, _BE16.pack(flow.zone)))
+    if flow.mark:
+        attrs.append(_nla(CTA_MARK, _BE32.pack(flow.mark)))
+    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    return _message(msg_type, flags, seq, flow.orig.family, b"".join(attrs))
+
+
 def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, payload start, payload end) of each attribute in buf[start:end]."""
     unpack = _NLA.unpack_from
@@ -233,6 +331,7 @@ class ConntrackSocket:
                 raise KernelError("conntrack open", exc.strerror or str(exc), exc.errno) from exc
         self._sock = sock
         self._seq = 0
+        self.last_deleted: list[Flow] = []
         try:
             sock.bind((0, 0))
             # Error ACKs without a copy of our request: keeps batches of ACKs small.
@@ -314,19 +413,43 @@ class ConntrackSocket:
 
     def delete(self, flows: Iterable[Flow]) -> DeleteResult:
         """Delete each entry by orig tuple + zone + id. ENOENT counts as already gone."""
-        deleted = gone = 0
+        done, skipped = self._batched("conntrack delete", encode_delete, flows, errno.ENOENT)
+        self.last_deleted = done
+        return DeleteResult(len(done), skipped)
+
+    def reinject(self, flows: Iterable[Flow]) -> tuple[int, int]:
+        """Re-create deleted entries (see :func:`encode_reinject`); returns (created,
+        already there) — EEXIST: a packet re-created the entry first, which is fine."""
+        done, skipped = self._batched("conntrack re-create", encode_reinject, flows, errno.EEXIST)
+        return len(done), skipped
+
+    def _batched(
+        self,
+        operation: str,
+        encode: Callable[[Flow, int], bytes],
+        flows: Iterable[Flow],
+        benign: int,
+    ) -> tuple[list[Flow], int]:
+        done: list[Flow] = []
+        skipped = 0
         batch: list[Flow] = []
         for flow in flows:
             batch.append(flow)
             if len(batch) == _DELETE_BATCH:
-                d, g = self._delete_batch(batch)
-                deleted, gone, batch = deleted + d, gone + g, []
+                skipped += self._batch(operation, encode, batch, benign, done)
+                batch = []
         if batch:
-            d, g = self._delete_batch(batch)
-            deleted, gone = deleted + d, gone + g
-        return DeleteResult(deleted, gone)
+            skipped += self._batch(operation, encode, batch, benign, done)
+        return done, skipped
 
-    def _delete_batch(self, batch: list[Flow]) -> tuple[int, int]:
+    def _batch(
+        self,
+        operation: str,
+        encode: Callable[[Flow, int], bytes],
+        batch: list[Flow],
+        benign: int,
+        done: list[Flow],
+    ) -> int:
         # One send, many requests: the kernel handles each message of the
         # buffer in turn and answers each with an ACK carrying its seq.
         pending: dict[int, Flow] = {}
@@ -334,31 +457,31 @@ class ConntrackSocket:
         for flow in batch:
             seq = self._next_seq()
             pending[seq] = flow
-            parts.append(encode_delete(flow, seq))
+            parts.append(encode(flow, seq))
         try:
             self._sock.send(b"".join(parts))
         except OSError as exc:
-            raise KernelError("conntrack delete", exc.strerror or str(exc), exc.errno) from exc
-        deleted = gone = 0
+            raise KernelError(operation, exc.strerror or str(exc), exc.errno) from exc
+        skipped = 0
         while pending:
-            buf = self._recv("conntrack delete")
+            buf = self._recv(operation)
             offset = 0
             while offset + _NLMSGHDR.size <= len(buf):
                 length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
                 if length < _NLMSGHDR.size:
-                    raise KernelError("conntrack delete", "malformed netlink message")
+                    raise KernelError(operation, "malformed netlink message")
                 start, offset = offset, (offset + length + 3) & ~3
                 if kind != NLMSG_ERROR or msg_seq not in pending:
                     continue
                 flow = pending.pop(msg_seq)
                 code = -struct.unpack_from("=i", buf, start + _NLMSGHDR.size)[0]
                 if code == 0:
-                    deleted += 1
-                elif code == errno.ENOENT:
-                    gone += 1
+                    done.append(flow)
+                elif code == benign:
+                    skipped += 1
                 else:
-                    raise KernelError("conntrack delete", os.strerror(code), code, payload=flow)
-        return deleted, gone
+                    raise KernelError(operation, os.strerror(code), code, payload=flow)
+        return skipped
 
 
 def dump_flows(

@@ -43,6 +43,7 @@ class TeardownReport:
     examined: int
     matched: int
     deleted: int
+    recreated: int
     already_gone: int
     elapsed: float
     per_device: dict[str, int] = field(default_factory=dict)
@@ -52,9 +53,18 @@ class TeardownReport:
 
 
 def teardown_flows_via(
-    devices: set[str], netns: str | None = None, only_offloaded: bool = True
+    devices: set[str],
+    netns: str | None = None,
+    only_offloaded: bool = True,
+    reinject: bool = True,
 ) -> TeardownReport:
-    """Delete the conntrack entries of the flows whose path goes through any of ``devices``."""
+    """Take the flows whose path goes through any of ``devices`` off the fast path.
+
+    Their conntrack entries are deleted (which tears the offloaded flow down)
+    and, with ``reinject``, re-created at once without the OFFLOAD bit, with
+    the same tuples, zone, mark and NAT mapping, so that NATed connections
+    continue on the classic path (and are re-offloaded if still eligible).
+    """
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -75,7 +85,12 @@ def teardown_flows_via(
         selected = select_flows_through(flows, paths, wanted.values())
         t = lap("resolve", t)
         result = ct.delete(selected)
-        lap("delete", t)
+        t = lap("delete", t)
+        recreated = 0
+        if reinject:
+            # flowtables only carry TCP and UDP; other entries just go
+            recreated, _ = ct.reinject(f for f in ct.last_deleted if f.orig.proto in (6, 17))
+            lap("reinject", t)
 
     per_device: Counter[str] = Counter({name: 0 for name in wanted})
     for flow in selected:
@@ -85,6 +100,7 @@ def teardown_flows_via(
         examined=len(flows),
         matched=len(selected),
         deleted=result.deleted,
+        recreated=recreated,
         already_gone=result.already_gone,
         elapsed=time.perf_counter() - start,
         per_device=dict(per_device),

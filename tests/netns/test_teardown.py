@@ -168,7 +168,7 @@ def test_teardown_deletes_exactly_the_flows_through_the_devices(
     lab: Lab, devices: set[str], torn_down: set[str]
 ) -> None:
     assert tcp_entries(lab.router) == ALL
-    report = teardown_flows_via(devices, netns=lab.router, only_offloaded=False)
+    report = teardown_flows_via(devices, netns=lab.router, only_offloaded=False, reinject=False)
 
     expected_gone = {e for e in ALL if e[0] in torn_down}
     assert tcp_entries(lab.router) == ALL - expected_gone
@@ -187,7 +187,9 @@ def test_teardown_deletes_exactly_the_flows_through_the_devices(
 
 
 def test_per_device_counts_and_unknown_devices(lab: Lab) -> None:
-    report = teardown_flows_via({"p1", "wan", "gone0"}, netns=lab.router, only_offloaded=False)
+    report = teardown_flows_via(
+        {"p1", "wan", "gone0"}, netns=lab.router, only_offloaded=False, reinject=False
+    )
     assert report.per_device == {"p1": 2, "wan": 4}
     assert report.matched == report.deleted == 4
     assert report.unknown_devices == {"gone0"}
@@ -289,9 +291,9 @@ def test_bench_examine_and_delete(lab: Lab) -> None:
             count = len(ct.dump())
         assert count >= BENCH_N + 4
 
-        miss = teardown_flows_via({"p2"}, netns=lab.router, only_offloaded=False)
+        miss = teardown_flows_via({"p2"}, netns=lab.router, only_offloaded=False, reinject=False)
         assert miss.matched == 2  # only B's TCP flows
-        hit = teardown_flows_via({"p1"}, netns=lab.router, only_offloaded=False)
+        hit = teardown_flows_via({"p1"}, netns=lab.router, only_offloaded=False, reinject=False)
         assert hit.deleted == hit.matched >= BENCH_N + 2
         with ConntrackSocket(lab.router) as ct:
             left = ct.dump()
@@ -308,3 +310,43 @@ def test_bench_examine_and_delete(lab: Lab) -> None:
             f"[bench] {label}: examined={r.examined} matched={r.matched} deleted={r.deleted}"
             f" elapsed={r.elapsed * 1000:.0f}ms ({steps})"
         )
+
+
+@pytest.mark.parametrize("reinject", [False, True])
+def test_reinjection_keeps_a_masqueraded_download_alive(lab: Lab, reinject: bool) -> None:
+    """A silent client downloading through masquerade: after a bare delete the server's
+    next segment is addressed to the router itself (no entry) and never reaches the
+    client; after delete + re-create (same tuples, zone and NAT) it flows on."""
+    with entered(lab.server):
+        listener = socket.create_server(("0.0.0.0", 6000))
+    with entered(lab.clients["A"]):
+        client = socket.create_connection((SERVER, 6000), timeout=5)
+    conn, _ = listener.accept()
+    try:
+        conn.sendall(b"x" * 1000)
+        assert len(client.recv(4096)) > 0
+        before = [f for f in dump_flows(lab.router) if f.orig.dport == 6000]
+        report = teardown_flows_via(
+            {"p1"}, netns=lab.router, only_offloaded=False, reinject=reinject
+        )
+        assert report.deleted >= 1
+        after = [f for f in dump_flows(lab.router) if f.orig.dport == 6000]
+        if reinject:
+            assert report.recreated == report.deleted
+            assert [(f.orig, f.reply, f.zone) for f in after] == [
+                (f.orig, f.reply, f.zone) for f in before
+            ]
+            assert after[0].reply.dst == WAN_ADDR  # the masquerade mapping survived
+        else:
+            assert after == []
+        time.sleep(0.2)
+        conn.sendall(b"y" * 1000)
+        client.settimeout(2.5)
+        try:
+            got = client.recv(4096)
+        except TimeoutError:
+            got = b""
+        assert (len(got) > 0) == reinject, got[:10]
+    finally:
+        for s in (client, conn, listener):
+            s.close()
