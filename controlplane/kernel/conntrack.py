@@ -180,7 +180,7 @@ def encode_delete(flow: Flow, seq: int) -> bytes:
     return _message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, flow.orig.family, attrs)
 
 
-def _nat_range(kind: int, family: Family, addr: str, port: int) -> bytes:
+def _nat_range(kind: int, family: int, addr: str, port: int) -> bytes:
     af = socket.AF_INET if family == Family.IPV4 else socket.AF_INET6
     lo, hi = (
         (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP)
