@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "suite"))
 sys.path.insert(0, str(HERE.parent))
 
-from topology import MiB, NS1, NS2, NSR, build_topology, tcp_transfer  # noqa: E402
+from topology import NS1, NS2, NSR, MiB, build_topology, tcp_transfer  # noqa: E402
 
 from controlplane import applier  # noqa: E402
 from controlplane.loader import parse_config  # noqa: E402
@@ -43,20 +43,32 @@ def throughput() -> None:
             assert res.ok, res
             out.append(res.mbit_s)
     topo.teardown()
-    print(f"\nforwarding throughput, {SIZE // MiB} MiB TCP transfers, {RUNS} alternating runs"
-          " (Mbit/s, QEMU/TCG)")
+    print(
+        f"\nforwarding throughput, {SIZE // MiB} MiB TCP transfers, {RUNS} alternating runs"
+        " (Mbit/s, QEMU/TCG)"
+    )
     print(f"{'path':<30}{'min':>9}{'median':>9}{'max':>9}")
     for name, xs in (("flowtable fast path", fast), ("classic forwarding", classic)):
         print(f"{name:<30}{min(xs):>9.0f}{statistics.median(xs):>9.0f}{max(xs):>9.0f}")
     ratios = [f / c for f, c in zip(fast, classic, strict=True)]
-    print(f"fast/classic ratio: median {statistics.median(fast) / statistics.median(classic):.2f}x"
-          f" (per pair min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    print(
+        f"fast/classic ratio: median {statistics.median(fast) / statistics.median(classic):.2f}x"
+        f" (per pair min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
+    )
 
 
 def apply_time() -> None:
     subprocess.run(
-        [sys.executable, str(HERE.parent / "bench" / "bench_apply.py"),
-         "--rules", "1000", "--devices", "1000", "--runs", "5"],
+        [
+            sys.executable,
+            str(HERE.parent / "bench" / "bench_apply.py"),
+            "--rules",
+            "1000",
+            "--devices",
+            "1000",
+            "--runs",
+            "5",
+        ],
         check=True,
     )
 

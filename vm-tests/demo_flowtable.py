@@ -11,10 +11,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "suite"))
 
 from topology import (  # noqa: E402
-    MiB,
     NS1,
     NS2,
     NSR,
+    MiB,
     TcpStream,
     add_observer,
     build_topology,
@@ -56,7 +56,10 @@ def main() -> int:
     step("16 MiB download ns2 -> ns1 through the router")
     seen: dict[str, object] = {}
     res = tcp_transfer(
-        NS1, NS2, topo.addr("ns2"), 16 * MiB,
+        NS1,
+        NS2,
+        topo.addr("ns2"),
+        16 * MiB,
         before_close=lambda r: seen.update(ct=find_conntrack(NSR, sport=r.client[1])),
     )
     c = observer_counter(NSR, "fwd_tcp")
@@ -65,8 +68,10 @@ def main() -> int:
         print("conntrack:", e.raw)
     print(f"forward hook (classic path) saw {c.packets} packets / {c.bytes} bytes of {16 * MiB}")
 
-    step("a live stream stays offloaded while the config grows, and is torn down when its"
-         " device leaves the flowtable")
+    step(
+        "a live stream stays offloaded while the config grows, and is torn down when its"
+        " device leaves the flowtable"
+    )
     s = TcpStream(NS1, NS2, topo.addr("ns2"), direction="download", rate=4 * MiB).start()
     s.wait_received(2 * MiB, timeout=30)
     wait_for(lambda: any(e.offloaded for e in find_conntrack(NSR, dport=s.server[1])), timeout=10)
@@ -75,8 +80,10 @@ def main() -> int:
     path.write_text(json.dumps(cfg))
     sh_offloadctl("apply", str(path), "--netns", NSR)
     time.sleep(1)
-    print(f"classic-path packets of the stream during the re-apply: "
-          f"{observer_counter(NSR, 'fwd_tcp').packets}")
+    print(
+        f"classic-path packets of the stream during the re-apply: "
+        f"{observer_counter(NSR, 'fwd_tcp').packets}"
+    )
     cfg["flowtables"] = [{"name": "ft", "devices": ["wan0"]}]
     path.write_text(json.dumps(cfg))
     sh_offloadctl("apply", str(path), "--netns", NSR)
