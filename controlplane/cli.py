@@ -8,21 +8,16 @@ Exit codes: 0 ok · 1 ``plan``: changes pending · 2 invalid config or usage ·
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from controlplane.cli_errors import err as _err
+from controlplane.cli_errors import handles_errors
 from controlplane.config import Config
-from controlplane.errors import ConfigError, ControlPlaneError
 from controlplane.loader import load_config
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 app = typer.Typer(
     name="offloadctl",
@@ -37,39 +32,6 @@ NetnsOpt = Annotated[
     str | None,
     typer.Option("--netns", help="network namespace name (ip netns)", show_default=False),
 ]
-
-
-def _err(message: str) -> None:
-    typer.echo(f"offloadctl: {message}", err=True)
-
-
-def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn our error hierarchy into one line on stderr and its exit code."""
-
-    @wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            src = f"{exc.source}: " if exc.source else ""
-            _err(f"{src}invalid config ({len(exc.issues)} problem(s))")
-            for issue in exc.issues:
-                typer.echo(f"  {issue}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except ControlPlaneError as exc:
-            _err(str(exc))
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except Exception as exc:
-            if os.environ.get("OFFLOADCTL_DEBUG"):
-                raise
-            _err(f"internal error: {type(exc).__name__}: {exc} (OFFLOADCTL_DEBUG=1 shows more)")
-            raise typer.Exit(70) from None
-
-    return wrapper
 
 
 def _load(path: Path) -> Config:

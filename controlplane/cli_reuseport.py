@@ -8,14 +8,11 @@ error class's code; there is never a traceback.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
 
 import typer
 
-from controlplane.errors import ControlPlaneError
+from controlplane.cli_errors import handles_errors
 from controlplane.kernel import bpf_loader
 from controlplane.reuseport import COUNTER_NAMES, GroupStatus, ReuseportGroup
 
@@ -25,9 +22,6 @@ app = typer.Typer(
     help="Zero-reset restarts behind SO_REUSEPORT (BPF SELECT_OR_MIGRATE).",
     no_args_is_help=True,
 )
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 NameOpt = typer.Option(..., "--name", "-n", help="group name")
 NetnsOpt = typer.Option(
@@ -39,32 +33,12 @@ BpffsOpt = typer.Option(
 GenerationOpt = typer.Option(..., "--generation", "-g", min=1, max=2**32 - 1)
 
 
-def _one_line(exc: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def _errors(fn: Callable[P, R]) -> Callable[P, R]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except ControlPlaneError as exc:
-            typer.echo(f"error: {_one_line(exc)}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except OSError as exc:
-            # Something around us (permissions, a vanished path): still one line.
-            typer.echo(f"error: {_one_line(exc)}", err=True)
-            raise typer.Exit(4) from None
-
-    return wrapper
-
-
 def _open(name: str, netns: str | None, bpffs: str) -> ReuseportGroup:
     return ReuseportGroup.open(name, netns=netns, bpffs=bpffs)
 
 
 @app.command()
-@_errors
+@handles_errors
 def load(
     name: str = NameOpt,
     netns: str | None = NetnsOpt,
@@ -95,7 +69,7 @@ def load(
 
 
 @app.command()
-@_errors
+@handles_errors
 def status(
     name: str = NameOpt,
     netns: str | None = NetnsOpt,
@@ -129,7 +103,7 @@ def _render(st: GroupStatus) -> str:
 
 
 @app.command()
-@_errors
+@handles_errors
 def activate(
     name: str = NameOpt,
     generation: int = GenerationOpt,
@@ -144,7 +118,7 @@ def activate(
 
 
 @app.command()
-@_errors
+@handles_errors
 def retire(
     name: str = NameOpt,
     generation: int = GenerationOpt,
@@ -162,7 +136,7 @@ def retire(
 
 
 @app.command()
-@_errors
+@handles_errors
 def unload(
     name: str = NameOpt,
     netns: str | None = NetnsOpt,
@@ -180,7 +154,7 @@ def unload(
 
 
 @app.command()
-@_errors
+@handles_errors
 def adopt(
     name: str = NameOpt,
     generation: int = GenerationOpt,
@@ -202,7 +176,7 @@ def adopt(
 
 
 @app.command()
-@_errors
+@handles_errors
 def receive(
     name: str = NameOpt,
     socket_path: str = typer.Option(..., "--socket", help="Unix socket to listen on"),

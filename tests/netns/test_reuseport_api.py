@@ -340,7 +340,7 @@ def test_adopt_by_pid_and_fd_through_the_cli(netns: str, group: ReuseportGroup, 
             app, ["adopt", *args, "-g", "4", "--pid", str(proc.pid), "--fd", "999"]
         )
         assert bad.exit_code == 4
-        assert bad.output.strip() == f"error: process {proc.pid} has no open fd 999"
+        assert bad.output.strip() == f"offloadctl: process {proc.pid} has no open fd 999"
     finally:
         proc.kill()
         proc.wait()
@@ -406,7 +406,7 @@ def test_cli_errors_are_one_line_with_exit_codes(netns: str, bpffs: str, tmp_pat
     run = CliRunner().invoke
     res = run(app, ["status", "--name", "ghost", "--netns", netns, "--bpffs", bpffs])
     assert res.exit_code == 4
-    assert res.output.count("\n") == 1 and res.output.startswith("error: reuseport group")
+    assert res.output.count("\n") == 1 and res.output.startswith("offloadctl: reuseport group")
     res = run(app, ["status", "--name", "x", "--netns", netns, "--bpffs", str(tmp_path)])
     assert res.exit_code == 4 and "no bpffs mounted" in res.output
     load_group("svc", netns=netns, bpffs=bpffs)

@@ -1,0 +1,59 @@
+"""How every ``offloadctl`` command reports failure: one line (plus, for a config,
+one line per problem) on stderr and the error class's exit code; never a traceback
+unless OFFLOADCTL_DEBUG is set."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+
+from controlplane.errors import ConfigError, ControlPlaneError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def err(message: str) -> None:
+    typer.echo(f"offloadctl: {message}", err=True)
+
+
+def one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            if exc.source is None and len(exc.issues) == 1:  # a bad flag, not a file
+                err(str(exc.issues[0]))
+                raise typer.Exit(exc.exit_code) from None
+            src = f"{exc.source}: " if exc.source else ""
+            err(f"{src}invalid config ({len(exc.issues)} problem(s))")
+            for issue in exc.issues:
+                typer.echo(f"  {issue}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except ControlPlaneError as exc:
+            err(one_line(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except OSError as exc:
+            # Something around us (permissions, a vanished path): still one line.
+            err(one_line(exc))
+            raise typer.Exit(4) from None
+        except Exception as exc:
+            if os.environ.get("OFFLOADCTL_DEBUG"):
+                raise
+            err(f"internal error: {type(exc).__name__}: {exc} (OFFLOADCTL_DEBUG=1 shows more)")
+            raise typer.Exit(70) from None
+
+    return wrapper
