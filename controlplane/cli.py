@@ -60,15 +60,28 @@ def schema() -> None:
 def render(
     config: ConfigArg,
     fmt: Annotated[str, typer.Option("--format", help="json or nft")] = "nft",
+    netns: Annotated[
+        str | None,
+        typer.Option("--netns", help="resolve bridge ports in this namespace", show_default=False),
+    ] = None,
 ) -> None:
-    """Render the owned table (bridge ports are not resolved: no kernel access)."""
+    """Render the owned table. Pure unless --netns is given to resolve bridge ports."""
     from controlplane.core import nft
+    from controlplane.core.render import Facts
     from controlplane.core.render import render as do_render
 
     if fmt not in ("json", "nft"):
         _err("--format must be 'json' or 'nft'")
         raise typer.Exit(2)
-    rs = do_render(_load(config))
+    cfg = _load(config)
+    facts = Facts()
+    if netns is not None:
+        from controlplane.applier import gather_facts
+
+        facts = gather_facts(cfg, netns)
+    elif any(ft.bridges for ft in cfg.flowtables):
+        _err("note: bridge ports join flowtables at apply time (--netns NS resolves them now)")
+    rs = do_render(cfg, facts)
     if fmt == "json":
         typer.echo(json.dumps(nft.ruleset_json(rs), indent=2))
     else:

@@ -12,16 +12,14 @@ version: 1
 flowtables:
   - name: ft
     devices: [wan0, a-name-far-too-long]
-policies:
-  - name: lan-wan
-    flowtable: missing
+    priority: 5000
 vlans:
   - {name: lan0.5000, parent: lan0, id: 5000}
 YAML
 $OC validate build/demo-bad.yaml || echo "(exit $?)"
 $OC validate nft/examples/seed.yaml
 
-step "2. rendering (pure): nft text of the seed topology"
+step "2. rendering (pure): nft text of the seed topology (br0's ports are resolved at apply)"
 $OC render nft/examples/seed.yaml
 
 step "3. what this host's kernel can do"
