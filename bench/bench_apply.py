@@ -33,7 +33,9 @@ from controlplane.loader import parse_config
 
 
 def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
+    res = subprocess.run(args, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed: {res.stderr.strip()[:2000]}")
 
 
 def make_config(rules: int, devices: int) -> dict[str, Any]:
@@ -53,10 +55,17 @@ def make_config(rules: int, devices: int) -> dict[str, Any]:
         },
     }
     if devices:
-        cfg["flowtables"] = [
-            {"name": "ft", "devices": ["wan0"] + [f"d{i}" for i in range(devices)]}
-        ]
-        cfg["policies"] = [{"name": "all", "flowtable": "ft"}]
+        # The kernel caps a flowtable at 256 devices: spread them over several,
+        # each with a policy for the traffic entering its devices.
+        names = [f"d{i}" for i in range(devices)]
+        per = 250
+        cfg["flowtables"], cfg["policies"] = [], []
+        for k in range(0, devices, per):
+            ft = f"ft{k // per}"
+            cfg["flowtables"].append({"name": ft, "devices": names[k : k + per]})
+            cfg["policies"].append(
+                {"name": f"p{k // per}", "flowtable": ft, "iifnames": names[k : k + per]}
+            )
     return cfg
 
 

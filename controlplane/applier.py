@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from controlplane.config import Config
+from controlplane.config import FLOWTABLE_MAX_DEVICES, TOO_MANY_DEVICES, Config
 from controlplane.core import nft
 from controlplane.core.plan import Plan, make_plan, parse_listing
 from controlplane.core.render import Facts, render
@@ -64,6 +64,11 @@ def _preflight(cfg: Config, rs: nft.Ruleset, netns: str | None) -> None:
                 )
     owners: dict[str, str] = {}
     for rendered in rs.flowtables:
+        if len(rendered.devices) > FLOWTABLE_MAX_DEVICES:
+            raise EnvironmentProblem(
+                f"flowtable {rendered.name}: {len(rendered.devices)} devices with bridge ports"
+                f" resolved; {TOO_MANY_DEVICES}"
+            )
         for dev in rendered.devices:
             if dev in owners:
                 raise EnvironmentProblem(

@@ -199,6 +199,15 @@ NFT_KEYWORDS = frozenset(
 )
 
 
+# The kernel refuses a flowtable with more hooks than this (EFBIG,
+# NFT_FLOWTABLE_DEVICE_MAX in include/net/netfilter/nf_tables.h).
+FLOWTABLE_MAX_DEVICES = 256
+TOO_MANY_DEVICES = (
+    f"at most {FLOWTABLE_MAX_DEVICES} devices per flowtable (kernel limit);"
+    " split them across several flowtables"
+)
+
+
 def _check_ifname(name: str) -> str:
     # The kernel's dev_valid_name() allows more, but these are the characters
     # that survive nft, shell and YAML without quoting surprises.
@@ -337,6 +346,8 @@ class Flowtable(_Model):
         issues += _duplicates(self.bridges, "bridges", "bridge")
         if not self.devices and not self.bridges:
             issues.append((("devices",), "a flowtable needs at least one device or bridge"))
+        if len(self.devices) > FLOWTABLE_MAX_DEVICES:
+            issues.append((("devices",), TOO_MANY_DEVICES))
         _raise(issues)
         return self
 

@@ -195,17 +195,25 @@ def snapshot(addresses: Iterable[str] = (), netns: str | None = None) -> Topolog
 
 
 def link_names(netns: str | None = None) -> set[str]:
-    with _iproute(netns, "list links") as ipr:
-        return {link.name for link in _links(ipr).values()}
+    # libc's if_nameindex(3) is one RTM_GETLINK dump decoded in C: 2,000 links
+    # in ~2 ms, where decoding them with pyroute2 took 0.73 s (and ~5 s under TCG).
+    with entered(netns):
+        try:
+            return {name for _, name in socket.if_nameindex()}
+        except OSError as exc:
+            raise KernelError("list links", exc.strerror or str(exc), exc.errno) from exc
 
 
 def bridge_ports(bridge_name: str, netns: str | None = None) -> list[str]:
     """Names of the ports enslaved to ``bridge_name``, sorted; KernelError(ENODEV) if absent."""
     with _iproute(netns, "list bridge ports") as ipr:
-        links = _links(ipr)
-    bridge = next((link for link in links.values() if link.name == bridge_name), None)
-    if bridge is None:
-        raise KernelError("list bridge ports", f"no device {bridge_name!r}", errno.ENODEV)
-    if bridge.kind != "bridge":
-        raise KernelError("list bridge ports", f"{bridge_name!r} is not a bridge", errno.EINVAL)
-    return sorted(link.name for link in links.values() if link.master == bridge.ifindex)
+        found = ipr.link_lookup(ifname=bridge_name)
+        if not found:
+            raise KernelError("list bridge ports", f"no device {bridge_name!r}", errno.ENODEV)
+        bridge = _link(ipr.get_links(found[0])[0])
+        if bridge.kind != "bridge":
+            raise KernelError("list bridge ports", f"{bridge_name!r} is not a bridge", errno.EINVAL)
+        # The kernel filters the dump by master (IFLA_MASTER): only the ports
+        # are decoded, not every link of the namespace.
+        ports = ipr.link("dump", master=bridge.ifindex)
+        return sorted(msg.get_attr("IFLA_IFNAME") for msg in ports)

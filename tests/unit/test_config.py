@@ -45,6 +45,11 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({"version": 1, "flowtables": [_ft(devices=[])]}, "flowtables[0].devices", "at least one"),
     ({"version": 1, "flowtables": [_ft(name="flow")]}, "flowtables[0].name", "keyword"),
+    (
+        {"version": 1, "flowtables": [_ft(devices=[f"d{i}" for i in range(257)])]},
+        "flowtables[0].devices",
+        "at most 256",
+    ),
     ({"version": 1, "flowtables": [_ft(), _ft()]}, "flowtables[1]", "duplicate flowtable"),
     (
         {"version": 1, "flowtables": [_ft(), _ft(name="ft2")]},
