@@ -148,14 +148,15 @@ def show(
     from controlplane.kernel.netns import require_root
 
     require_root("reading the kernel's ruleset")
-    listing = Nft(netns).list_table("inet", table)
+    ctx = Nft(netns)
+    listing = ctx.list_table("inet", table)
     if listing is None:
         _err(f"table inet {table} does not exist")
         raise typer.Exit(1)
     if as_json:
         typer.echo(json.dumps(listing[0], indent=2))
     else:
-        typer.echo(Nft(netns).list_text(f"list table inet {table}"), nl=False)
+        typer.echo(ctx.list_text(f"list table inet {table}"), nl=False)
 
 
 @app.command()
