@@ -28,7 +28,7 @@ from controlplane import applier
 from controlplane.core import nft
 from controlplane.core.plan import make_plan
 from controlplane.core.render import render
-from controlplane.kernel.libnft import Nft
+from controlplane.kernel.nft.libnft import Nft
 from controlplane.loader import parse_config
 
 

@@ -219,7 +219,7 @@ def run_mode(mode: str, args: argparse.Namespace, bpffs: str, tmp: str) -> ModeR
             sh("sysctl", "-qw", "net.ipv4.tcp_migrate_req=1", netns=srv)
         group: list[str] = []
         if mode == "program":
-            from controlplane.kernel.bpf_loader import load_group
+            from controlplane.kernel.bpf.loader import load_group
 
             load_group("bench", netns=srv, bpffs=bpffs)
             group = ["--group", "bench", "--bpffs", bpffs]
@@ -286,7 +286,7 @@ def run_mode(mode: str, args: argparse.Namespace, bpffs: str, tmp: str) -> ModeR
         for ns in (srv, cli):
             subprocess.run(["ip", "netns", "del", ns], check=False)
         if mode == "program":
-            from controlplane.kernel.bpf_loader import unload_group
+            from controlplane.kernel.bpf.loader import unload_group
 
             with contextlib.suppress(Exception):
                 unload_group("bench", netns=srv, bpffs=bpffs)

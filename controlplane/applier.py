@@ -20,11 +20,12 @@ from controlplane.core import nft
 from controlplane.core.plan import Plan, make_plan, parse_listing
 from controlplane.core.render import Facts, render
 from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
-from controlplane.kernel import probe, topology
-from controlplane.kernel.libnft import Nft
+from controlplane.kernel import probe
+from controlplane.kernel.ctnetlink.teardown import TeardownReport, teardown_flows_via
 from controlplane.kernel.netns import require_root
-from controlplane.kernel.teardown import TeardownReport, teardown_flows_via
-from controlplane.kernel.vlans import ensure_vlans, remove_vlans
+from controlplane.kernel.nft.libnft import Nft
+from controlplane.kernel.rtnl import topology
+from controlplane.kernel.rtnl.vlans import ensure_vlans, remove_vlans
 
 __all__ = ["ApplyResult", "apply", "plan"]
 

@@ -35,8 +35,8 @@ from typing import Protocol, Self
 from controlplane.core import reuseport_policy as policy
 from controlplane.core.reuseport_policy import GroupState, Target
 from controlplane.errors import EnvironmentProblem, KernelError
-from controlplane.kernel import bpf_syscall as sysbpf
-from controlplane.kernel.bpf_loader import (
+from controlplane.kernel.bpf import syscall as sysbpf
+from controlplane.kernel.bpf.loader import (
     DEFAULT_BPFFS,
     PIN_NAMES,
     group_pin_dir,

@@ -28,7 +28,7 @@ class Capability:
 
 
 def flowtables(netns: str | None = None) -> Capability:
-    from controlplane.kernel.libnft import Nft
+    from controlplane.kernel.nft.libnft import Nft
 
     text = (
         f"add table inet {PROBE_TABLE}\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from controlplane.core.plan import parse_listing
-from controlplane.kernel.conntrack import dump_flows
-from controlplane.kernel.libnft import Nft
+from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from controlplane.kernel.netns import require_root
+from controlplane.kernel.nft.libnft import Nft
 
 
 def collect(table: str, netns: str | None = None, family: str = "inet") -> dict[str, Any]:

@@ -22,7 +22,7 @@ from controlplane.core import nft
 from controlplane.core.plan import make_plan, parse_listing
 from controlplane.core.render import render
 from controlplane.errors import KernelError
-from controlplane.kernel.libnft import Nft
+from controlplane.kernel.nft.libnft import Nft
 from controlplane.loader import parse_config
 from tests.netns.conftest import sh
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controlplane.cli_reuseport import app
+from controlplane.cli.reuseport import app
 from controlplane.errors import ConfigError, EnvironmentProblem, KernelError
-from controlplane.kernel import bpf_syscall
-from controlplane.kernel.bpf_loader import load_group, unload_group
-from controlplane.kernel.fd_handover import HandoverServer, send_listener
+from controlplane.kernel.bpf import syscall as bpf_syscall
+from controlplane.kernel.bpf.fd_handover import HandoverServer, send_listener
+from controlplane.kernel.bpf.loader import load_group, unload_group
 from controlplane.kernel.netns import entered
 from controlplane.reuseport import ReuseportGroup
 from tests.netns import test_reuseport_support as sup

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.kernel.bpf_loader import load_group
+from controlplane.kernel.bpf.loader import load_group
 from controlplane.kernel.netns import entered
 from controlplane.reuseport import ReuseportGroup
 from tests.netns import test_reuseport_support as sup

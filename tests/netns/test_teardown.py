@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from controlplane.core.flowpath import CtTuple, Family, Flow
-from controlplane.kernel.conntrack import ConntrackSocket, delete_flows, dump_flows
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, delete_flows, dump_flows
+from controlplane.kernel.ctnetlink.teardown import teardown_flows_via
 from controlplane.kernel.netns import entered
-from controlplane.kernel.teardown import teardown_flows_via
-from controlplane.kernel.topology import bridge_ports, link_names, snapshot
+from controlplane.kernel.rtnl.topology import bridge_ports, link_names, snapshot
 from tests.netns.conftest import sh
 
 SERVER = "192.0.2.2"

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from controlplane.core.reuseport_policy import MAX_GENERATION, Target
 from controlplane.errors import KernelError
-from controlplane.kernel import fd_handover as fh
+from controlplane.kernel.bpf import fd_handover as fh
 from controlplane.reuseport import _decode_target, _encode_target
 
 

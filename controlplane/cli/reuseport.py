@@ -12,8 +12,8 @@ import os
 
 import typer
 
-from controlplane.cli_errors import handles_errors
-from controlplane.kernel import bpf_loader
+from controlplane.cli.errors import handles_errors
+from controlplane.kernel.bpf import loader as bpf_loader
 from controlplane.reuseport import COUNTER_NAMES, GroupStatus, ReuseportGroup
 
 __all__ = ["app"]
@@ -164,7 +164,7 @@ def adopt(
     bpffs: str = BpffsOpt,
 ) -> None:
     """Register another process's listener, taken with pidfd_getfd(2)."""
-    from controlplane.kernel.fd_handover import take_fd
+    from controlplane.kernel.bpf.fd_handover import take_fd
 
     with _open(name, netns, bpffs) as group:
         mine = take_fd(pid, fd)
@@ -187,7 +187,7 @@ def receive(
     bpffs: str = BpffsOpt,
 ) -> None:
     """Register listeners sent over a Unix socket with SCM_RIGHTS."""
-    from controlplane.kernel.fd_handover import HandoverServer
+    from controlplane.kernel.bpf.fd_handover import HandoverServer
 
     with _open(name, netns, bpffs) as group, HandoverServer(socket_path) as server:
         typer.echo(f"waiting for listeners on {socket_path}")

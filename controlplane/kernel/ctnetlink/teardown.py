@@ -20,8 +20,8 @@ from controlplane.core.flowpath import (
     resolve_paths,
     select_flows_through,
 )
-from controlplane.kernel.conntrack import ConntrackSocket
-from controlplane.kernel.topology import snapshot
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
+from controlplane.kernel.rtnl.topology import snapshot
 
 __all__ = ["TeardownReport", "teardown_flows_via"]
 

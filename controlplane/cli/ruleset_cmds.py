@@ -1,91 +1,15 @@
-"""``offloadctl``: the command line. Every error is one clear line and an exit code.
-
-Exit codes: 0 ok · 1 ``plan``: changes pending · 2 invalid config or usage ·
-3 kernel lacks a feature · 4 environment (root, netns, device, bpffs) ·
-5 the kernel refused the transaction (previous state kept).
-"""
+"""Commands on the owned nftables table: plan, apply, show, flush, status, probe."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from controlplane.cli_errors import err as _err
-from controlplane.cli_errors import handles_errors
-from controlplane.config import Config
-from controlplane.loader import load_config
-
-app = typer.Typer(
-    name="offloadctl",
-    help="Kernel-offload control plane: nftables flowtables, reuseport migration.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-ConfigArg = Annotated[Path, typer.Argument(help="config file (YAML or JSON)", show_default=False)]
-NetnsOpt = Annotated[
-    str | None,
-    typer.Option("--netns", help="network namespace name (ip netns)", show_default=False),
-]
-
-
-def _load(path: Path) -> Config:
-    return load_config(path)
-
-
-@app.command()
-@handles_errors
-def validate(config: ConfigArg) -> None:
-    """Check a config file; print every problem with its field path and line."""
-    cfg = _load(config)
-    typer.echo(
-        f"{config}: ok ({len(cfg.flowtables)} flowtable(s), {len(cfg.policies)} policy(ies),"
-        f" {len(cfg.vlans)} vlan(s))"
-    )
-
-
-@app.command()
-def schema() -> None:
-    """Print the config's JSON Schema."""
-    typer.echo(json.dumps(Config.model_json_schema(), indent=2))
-
-
-@app.command()
-@handles_errors
-def render(
-    config: ConfigArg,
-    fmt: Annotated[str, typer.Option("--format", help="json or nft")] = "nft",
-    netns: Annotated[
-        str | None,
-        typer.Option("--netns", help="resolve bridge ports in this namespace", show_default=False),
-    ] = None,
-) -> None:
-    """Render the owned table. Pure unless --netns is given to resolve bridge ports."""
-    from controlplane.core import nft
-    from controlplane.core.render import Facts
-    from controlplane.core.render import render as do_render
-
-    if fmt not in ("json", "nft"):
-        _err("--format must be 'json' or 'nft'")
-        raise typer.Exit(2)
-    cfg = _load(config)
-    facts = Facts()
-    if netns is not None:
-        from controlplane.applier import gather_facts
-
-        facts = gather_facts(cfg, netns)
-    elif any(ft.bridges for ft in cfg.flowtables):
-        _err("note: bridge ports join flowtables at apply time (--netns NS resolves them now)")
-    rs = do_render(cfg, facts)
-    if fmt == "json":
-        typer.echo(json.dumps(nft.ruleset_json(rs), indent=2))
-    else:
-        typer.echo(nft.ruleset_text(rs), nl=False)
+from controlplane.cli.common import ConfigArg, NetnsOpt, app, load
+from controlplane.cli.errors import err as _err
+from controlplane.cli.errors import handles_errors
 
 
 @app.command()
@@ -94,7 +18,7 @@ def plan(config: ConfigArg, netns: NetnsOpt = None) -> None:
     """Show what 'apply' would change; exit 0 if nothing, 1 if something."""
     from controlplane import applier
 
-    the_plan = applier.plan(_load(config), netns)
+    the_plan = applier.plan(load(config), netns)
     if the_plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
@@ -115,7 +39,7 @@ def apply(
     """Apply the config in one nftables transaction (all or nothing)."""
     from controlplane import applier
 
-    res = applier.apply(_load(config), netns, check=check)
+    res = applier.apply(load(config), netns, check=check)
     if res.plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
@@ -144,8 +68,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print the owned table as the kernel has it."""
-    from controlplane.kernel.libnft import Nft
     from controlplane.kernel.netns import require_root
+    from controlplane.kernel.nft.libnft import Nft
 
     require_root("reading the kernel's ruleset")
     ctx = Nft(netns)
@@ -165,7 +89,7 @@ def flush(config: ConfigArg, netns: NetnsOpt = None) -> None:
     """Delete the owned table (tears down every flow it offloaded)."""
     from controlplane import applier
 
-    cfg = _load(config)
+    cfg = load(config)
     if applier.flush(cfg, netns):
         typer.echo(f"deleted table {cfg.table.family} {cfg.table.name}")
     else:
@@ -214,27 +138,3 @@ def probe_cmd(
         return
     for c in caps:
         typer.echo(f"{c.name:<20} {'yes' if c.ok else 'no ':<4} {c.reason}")
-
-
-def _mount_subapps() -> None:
-    try:
-        from controlplane.cli_reuseport import app as reuseport_app
-    except ImportError:  # pragma: no cover
-        return
-    app.add_typer(reuseport_app, name="reuseport", help="SO_REUSEPORT listener migration")
-
-
-_mount_subapps()
-
-
-def main(argv: list[str] | None = None) -> Any:
-    try:
-        return app(args=argv, standalone_mode=True)
-    except SystemExit as exc:
-        if exc.code not in (0, None) and isinstance(exc.code, int):
-            sys.exit(exc.code)
-        raise
-
-
-if __name__ == "__main__":
-    main()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from controlplane.core.reuseport_policy import check_group_name
 from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
-from controlplane.kernel import bpf_syscall as sysbpf
+from controlplane.kernel.bpf import syscall as sysbpf
 from controlplane.kernel.netns import NETNS_DIR, netns_path
 
 __all__ = [
@@ -61,7 +61,7 @@ PIN_NAMES = ("prog", "socks", "slot_gen", "gen_state", "policy", "ctl", "counter
 # Maps declared in the C source (bcc creates them); socks comes from Python.
 _C_MAPS = ("slot_gen", "gen_state", "policy", "ctl", "counters")
 
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[3]
 BPF_SOURCE = _REPO / "bpf" / "reuseport_migrate.c"
 _HEADERS = _REPO / "build" / "kernel-headers"
 _FUNC = b"select_or_migrate"

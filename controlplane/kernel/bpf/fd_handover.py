@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from controlplane.errors import ControlPlaneError, EnvironmentProblem, KernelError
-from controlplane.kernel.bpf_syscall import pidfd_getfd
+from controlplane.kernel.bpf.syscall import pidfd_getfd
 
 __all__ = [
     "HandoverResult",

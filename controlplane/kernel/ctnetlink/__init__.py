@@ -1,0 +1,1 @@
+"""ctnetlink: conntrack dump, delete, re-create, and flow teardown."""

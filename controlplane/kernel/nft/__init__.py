@@ -1,0 +1,1 @@
+"""nftables: the libnftables adapter."""

@@ -1,0 +1,1 @@
+"""rtnetlink: links, neighbours, FDB, routes, VLAN devices."""
