@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from controlplane.config import FLOWTABLE_MAX_DEVICES, TOO_MANY_DEVICES, Config
 from controlplane.core import nft
 from controlplane.core.plan import Plan, make_plan, parse_listing
-from controlplane.core.render import Facts, render
-from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
+from controlplane.core.render import render
+from controlplane.errors import EnvironmentProblem, UnsupportedError
 from controlplane.kernel import probe
 from controlplane.kernel.ctnetlink.teardown import TeardownReport, teardown_flows_via
 from controlplane.kernel.netns import require_root
 from controlplane.kernel.nft.libnft import Nft
 from controlplane.kernel.rtnl import topology
+from controlplane.kernel.rtnl.facts import gather_facts
 from controlplane.kernel.rtnl.vlans import ensure_vlans, remove_vlans
 
 __all__ = ["ApplyResult", "apply", "plan"]
@@ -38,20 +39,6 @@ class ApplyResult:
     vlans_created: tuple[str, ...]
     teardown: TeardownReport | None
     seconds: float
-
-
-def gather_facts(cfg: Config, netns: str | None) -> Facts:
-    ports: dict[str, tuple[str, ...]] = {}
-    for ft in cfg.flowtables:
-        for bridge in ft.bridges:
-            if bridge not in ports:
-                try:
-                    ports[bridge] = tuple(topology.bridge_ports(bridge, netns))
-                except KernelError as exc:
-                    raise EnvironmentProblem(
-                        f"flowtable {ft.name}: bridge {bridge}: {exc.message}"
-                    ) from None
-    return Facts(bridge_ports=ports)
 
 
 def _preflight(cfg: Config, rs: nft.Ruleset, netns: str | None) -> None:
