@@ -4,7 +4,8 @@ Deleting an entry tears its offloaded flow down; the next packet recreates it
 on the classic path. This is the only effect the control plane needs, so the
 adapter does two things and does them fast and exactly.
 
-Hand-written ctnetlink codec instead of pyroute2's ``NFCTSocket``. Measured
+Hand-written ctnetlink codec (over the shared framing of ``kernel/netlink.py``)
+instead of pyroute2's ``NFCTSocket``. Measured
 on our 2-core machines with 50k entries: this parser 0.6-1.1 s for a full
 dump, ``NFCTSocket.dump()`` 4.2 s for bare messages (its ``Conntrack`` entry
 objects ~19 s, PLATFORM.md); with ``only_offloaded`` the kernel filters and a
@@ -24,33 +25,39 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from types import TracebackType
+from typing import TypeVar
 
 from controlplane.core.flowpath import IPS_OFFLOAD, CtTuple, Family, Flow
+from controlplane.core.reinject import CtTimeouts, reinject_plan
 from controlplane.errors import KernelError
+from controlplane.kernel import netlink
+from controlplane.kernel.netlink import HDR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, attrs, nest, nla
 from controlplane.kernel.netns import entered
 
-__all__ = ["ConntrackSocket", "DeleteResult", "delete_flows", "dump_flows"]
+__all__ = [
+    "ConntrackSocket",
+    "DeleteResult",
+    "decode_entry",
+    "delete_flows",
+    "dump_flows",
+    "encode_create",
+    "encode_delete",
+    "encode_reinject",
+    "read_timeouts",
+]
 
 NETLINK_NETFILTER = 12
-NETLINK_CAP_ACK = 10
-SOL_NETLINK = 270
-SO_RCVBUFFORCE = 33
-
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
+CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 
 # enum ctattr_type / ctattr_tuple / ctattr_ip / ctattr_l4proto
 CTA_TUPLE_ORIG = 1
@@ -73,8 +80,8 @@ CTA_NAT_V6_MINIP = 4
 CTA_NAT_V6_MAXIP = 5
 CTA_PROTONAT_PORT_MIN = 1
 CTA_PROTONAT_PORT_MAX = 2
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
+NLM_F_EXCL = netlink.NLM_F_EXCL
+NLM_F_CREATE = netlink.NLM_F_CREATE
 IPS_SEEN_REPLY = 1 << 1
 IPS_ASSURED = 1 << 2
 IPS_CONFIRMED = 1 << 3
@@ -82,10 +89,6 @@ IPS_SRC_NAT = 1 << 4
 IPS_DST_NAT = 1 << 5
 TCP_CONNTRACK_ESTABLISHED = 3
 IPPROTO_TCP = 6
-# Fresh timeouts for re-created entries: the kernel's defaults for an
-# established TCP connection and an assured UDP stream.
-_REINJECT_TIMEOUT = {IPPROTO_TCP: 432_000}
-_REINJECT_TIMEOUT_OTHER = 120
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
@@ -105,20 +108,20 @@ CTA_PROTO_ICMPV6_CODE = 9
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
-_HDR_LEN = _NLMSGHDR.size + _NFGENMSG.size
-
-# One send carries this many deletes; each yields one ACK (36 bytes with
-# NETLINK_CAP_ACK, but ~1 KiB of skb truesize against the receive buffer).
-_DELETE_BATCH = 256
+_HDR_LEN = HDR + _NFGENMSG.size
 _RCVBUF = 8 << 20
-_RECV_SIZE = 1 << 20
 
 _FAMILY = {2: Family.IPV4, 10: Family.IPV6}
+T = TypeVar("T")
+
+# Where the kernel keeps the timeouts a re-created entry should get (per netns).
+_TIMEOUT_SYSCTLS = {
+    "tcp_established": "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+    "udp_stream": "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +130,10 @@ class DeleteResult:
     already_gone: int  # ENOENT: expired, deleted or recreated (new id) since the dump
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    length = _NLA.size + len(payload)
-    return _NLA.pack(length, kind) + payload + b"\0" * (-length & 3)
-
-
-def _nest(kind: int, *children: bytes) -> bytes:
-    return _nla(kind | NLA_F_NESTED, b"".join(children))
-
-
-def _message(msg_type: int, flags: int, seq: int, family: int, attrs: bytes) -> bytes:
+def _message(msg_type: int, flags: int, seq: int, family: int, attrs_: bytes) -> bytes:
     # version=1: with version 0 the kernel ignores nfgen_family for filtered
     # dumps/flushes (PLATFORM.md: a "v6 only" flush deleted everything).
-    body = _NFGENMSG.pack(family, 1, 0) + attrs
-    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0)
-    return header + body
+    return netlink.message(msg_type, flags, seq, _NFGENMSG.pack(family, 1, 0) + attrs_)
 
 
 def encode_tuple(kind: int, t: CtTuple) -> bytes:
@@ -149,35 +141,34 @@ def encode_tuple(kind: int, t: CtTuple) -> bytes:
     src_type, dst_type = (
         (CTA_IP_V4_SRC, CTA_IP_V4_DST) if af == socket.AF_INET else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
     )
-    ip = _nest(
+    ip = nest(
         CTA_TUPLE_IP,
-        _nla(src_type, socket.inet_pton(af, t.src)),
-        _nla(dst_type, socket.inet_pton(af, t.dst)),
+        nla(src_type, socket.inet_pton(af, t.src)),
+        nla(dst_type, socket.inet_pton(af, t.dst)),
     )
-    proto = [_nla(CTA_PROTO_NUM, bytes([t.proto]))]
+    proto = [nla(CTA_PROTO_NUM, bytes([t.proto]))]
     if t.icmp_id is not None:
         v6 = t.proto == IPPROTO_ICMPV6
-        proto.append(_nla(CTA_PROTO_ICMPV6_ID if v6 else CTA_PROTO_ICMP_ID, _BE16.pack(t.icmp_id)))
+        proto.append(nla(CTA_PROTO_ICMPV6_ID if v6 else CTA_PROTO_ICMP_ID, _BE16.pack(t.icmp_id)))
         proto.append(
-            _nla(CTA_PROTO_ICMPV6_TYPE if v6 else CTA_PROTO_ICMP_TYPE, bytes([t.icmp_type or 0]))
+            nla(CTA_PROTO_ICMPV6_TYPE if v6 else CTA_PROTO_ICMP_TYPE, bytes([t.icmp_type or 0]))
         )
         proto.append(
-            _nla(CTA_PROTO_ICMPV6_CODE if v6 else CTA_PROTO_ICMP_CODE, bytes([t.icmp_code or 0]))
+            nla(CTA_PROTO_ICMPV6_CODE if v6 else CTA_PROTO_ICMP_CODE, bytes([t.icmp_code or 0]))
         )
     else:
-        proto.append(_nla(CTA_PROTO_SRC_PORT, _BE16.pack(t.sport)))
-        proto.append(_nla(CTA_PROTO_DST_PORT, _BE16.pack(t.dport)))
-    return _nest(kind, ip, _nest(CTA_TUPLE_PROTO, *proto))
+        proto.append(nla(CTA_PROTO_SRC_PORT, _BE16.pack(t.sport)))
+        proto.append(nla(CTA_PROTO_DST_PORT, _BE16.pack(t.dport)))
+    return nest(kind, ip, nest(CTA_TUPLE_PROTO, *proto))
 
 
 def encode_delete(flow: Flow, seq: int) -> bytes:
-    attrs = (
+    attrs_ = (
         encode_tuple(CTA_TUPLE_ORIG, flow.orig)
-        + _nla(CTA_ZONE, _BE16.pack(flow.zone))
-        + _nla(CTA_ID, _BE32.pack(flow.id))
+        + nla(CTA_ZONE, _BE16.pack(flow.zone))
+        + nla(CTA_ID, _BE32.pack(flow.id))
     )
-    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-    return _message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, flow.orig.family, attrs)
+    return _message(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, flow.orig.family, attrs_)
 
 
 def _nat_range(kind: int, family: int, addr: str, port: int) -> bytes:
@@ -185,30 +176,28 @@ def _nat_range(kind: int, family: int, addr: str, port: int) -> bytes:
     lo, hi = (
         (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP)
         if af == socket.AF_INET
-        else (
-            CTA_NAT_V6_MINIP,
-            CTA_NAT_V6_MAXIP,
-        )
+        else (CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP)
     )
     raw = socket.inet_pton(af, addr)
-    ports = _nest(
+    ports = nest(
         CTA_NAT_PROTO,
-        _nla(CTA_PROTONAT_PORT_MIN, _BE16.pack(port)),
-        _nla(CTA_PROTONAT_PORT_MAX, _BE16.pack(port)),
+        nla(CTA_PROTONAT_PORT_MIN, _BE16.pack(port)),
+        nla(CTA_PROTONAT_PORT_MAX, _BE16.pack(port)),
     )
-    return _nest(kind, _nla(lo, raw), _nla(hi, raw), ports)
+    return nest(kind, nla(lo, raw), nla(hi, raw), ports)
 
 
-def encode_reinject(flow: Flow, seq: int) -> bytes:
-    """CT_NEW re-creating ``flow`` as it was (tuples, zone, mark, NAT), minus OFFLOAD.
+def encode_create(flow: Flow, timeout: int, seq: int) -> bytes:
+    """CT_NEW creating ``flow`` (tuples, zone, mark, NAT) as an established,
+    assured entry with ``timeout`` seconds to live; the OFFLOAD bit is never set.
 
-    Why not just delete: with NAT, the first packet after a delete may be a
-    reply addressed to the router's own (masquerade) address; with no entry
-    it is local traffic, dropped by the guard or answered with a RST, and a
-    silent client never sends the packet that would re-create the mapping.
-    Re-creating the entry (what conntrackd does for fail-over) keeps the flow
-    on the classic path without a gap. Window tracking restarts from the next
-    packet (td_maxwin = 0), as the kernel's own flowtable teardown does.
+    Why re-create after a delete: with NAT, the first packet after a delete
+    may be a reply addressed to the router's own (masquerade) address; with
+    no entry it is local traffic, dropped by the guard or answered with a
+    RST, and a silent client never sends the packet that would re-create the
+    mapping. Re-creating the entry (what conntrackd does for fail-over) keeps
+    the flow on the classic path without a gap. Window tracking restarts from
+    the next packet (td_maxwin = 0), as the kernel's own flowtable teardown does.
     """
     nat = flow.status & (IPS_SRC_NAT | IPS_DST_NAT)
     # With NAT the reply tuple must be the un-NATed inverse of orig: the kernel
@@ -225,42 +214,33 @@ def encode_reinject(flow: Flow, seq: int) -> bytes:
         if nat
         else flow.reply
     )
-    attrs = [
+    parts = [
         encode_tuple(CTA_TUPLE_ORIG, flow.orig),
         encode_tuple(CTA_TUPLE_REPLY, reply),
         # CONFIRMED: the kernel sets it before applying CTA_STATUS and answers
         # EBUSY to a status that would clear it.
-        _nla(CTA_STATUS, _BE32.pack(IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED)),
-        _nla(
-            CTA_TIMEOUT,
-            _BE32.pack(_REINJECT_TIMEOUT.get(flow.orig.proto, _REINJECT_TIMEOUT_OTHER)),
-        ),
+        nla(CTA_STATUS, _BE32.pack(IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED)),
+        nla(CTA_TIMEOUT, _BE32.pack(timeout)),
     ]
     if flow.orig.proto == IPPROTO_TCP:
-        state = _nla(CTA_PROTOINFO_TCP_STATE, bytes([TCP_CONNTRACK_ESTABLISHED]))
-        attrs.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, state)))
+        state = nla(CTA_PROTOINFO_TCP_STATE, bytes([TCP_CONNTRACK_ESTABLISHED]))
+        parts.append(nest(CTA_PROTOINFO, nest(CTA_PROTOINFO_TCP, state)))
     if flow.status & IPS_SRC_NAT:  # translated source = where replies are sent
-        attrs.append(_nat_range(CTA_NAT_SRC, flow.orig.family, flow.reply.dst, flow.reply.dport))
+        parts.append(_nat_range(CTA_NAT_SRC, flow.orig.family, flow.reply.dst, flow.reply.dport))
     if flow.status & IPS_DST_NAT:  # translated destination = who replies
-        attrs.append(_nat_range(CTA_NAT_DST, flow.orig.family, flow.reply.src, flow.reply.sport))
+        parts.append(_nat_range(CTA_NAT_DST, flow.orig.family, flow.reply.src, flow.reply.sport))
     if flow.zone:
-        attrs.append(_nla(CTA_ZONE, _BE16.pack(flow.zone)))
+        parts.append(nla(CTA_ZONE, _BE16.pack(flow.zone)))
     if flow.mark:
-        attrs.append(_nla(CTA_MARK, _BE32.pack(flow.mark)))
-    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+        parts.append(nla(CTA_MARK, _BE32.pack(flow.mark)))
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-    return _message(msg_type, flags, seq, flow.orig.family, b"".join(attrs))
+    return _message(CT_NEW, flags, seq, flow.orig.family, b"".join(parts))
 
 
-def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each attribute in buf[start:end]."""
-    unpack = _NLA.unpack_from
-    while start + 4 <= end:
-        length, kind = unpack(buf, start)
-        if length < 4:
-            return
-        yield kind & NLA_TYPE_MASK, start + 4, start + length
-        start += (length + 3) & ~3
+def encode_reinject(flow: Flow, seq: int, timeouts: CtTimeouts | None = None) -> bytes:
+    """CT_NEW re-creating a deleted ``flow`` with the timeout ``timeouts`` gives it."""
+    timeout = (timeouts or CtTimeouts()).for_proto(flow.orig.proto) or 120
+    return encode_create(flow, timeout, seq)
 
 
 def _decode_tuple(buf: bytes, start: int, end: int, family: int) -> CtTuple:
@@ -270,15 +250,15 @@ def _decode_tuple(buf: bytes, start: int, end: int, family: int) -> CtTuple:
     icmp_type: int | None = None
     icmp_code: int | None = None
     af = socket.AF_INET if family == Family.IPV4 else socket.AF_INET6
-    for kind, s, e in _attrs(buf, start, end):
+    for kind, s, e in attrs(buf, start, end):
         if kind == CTA_TUPLE_IP:
-            for ikind, i, j in _attrs(buf, s, e):
+            for ikind, i, j in attrs(buf, s, e):
                 if ikind in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
                     src = socket.inet_ntop(af, buf[i:j])
                 elif ikind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                     dst = socket.inet_ntop(af, buf[i:j])
         elif kind == CTA_TUPLE_PROTO:
-            for pkind, i, _ in _attrs(buf, s, e):
+            for pkind, i, _ in attrs(buf, s, e):
                 if pkind == CTA_PROTO_NUM:
                     proto = buf[i]
                 elif pkind == CTA_PROTO_SRC_PORT:
@@ -295,13 +275,14 @@ def _decode_tuple(buf: bytes, start: int, end: int, family: int) -> CtTuple:
 
 
 def decode_entry(buf: bytes, start: int, end: int) -> Flow | None:
-    """One IPCTNL_MSG_CT_NEW message (header at ``start``) → Flow; None for other families."""
-    family = _FAMILY.get(buf[start + _NLMSGHDR.size])
+    """One ctnetlink entry message (header at ``start``: CT_NEW or CT_DELETE) → Flow;
+    None for other families or a message without both tuples."""
+    family = _FAMILY.get(buf[start + HDR])
     if family is None:
         return None
     orig = reply = None
     ct_id = zone = mark = status = 0
-    for kind, s, e in _attrs(buf, start + _HDR_LEN, end):
+    for kind, s, e in attrs(buf, start + _HDR_LEN, end):
         if kind == CTA_TUPLE_ORIG:
             orig = _decode_tuple(buf, s, e, family)
         elif kind == CTA_TUPLE_REPLY:
@@ -319,33 +300,32 @@ def decode_entry(buf: bytes, start: int, end: int) -> Flow | None:
     return Flow(orig, reply, ct_id, zone, mark, status)
 
 
+def read_timeouts(netns: str | None = None) -> CtTimeouts:
+    """The namespace's conntrack timeouts (net sysctls resolve in the reader's netns)."""
+    values: dict[str, int] = {}
+    with entered(netns):
+        for field_name, path in _TIMEOUT_SYSCTLS.items():
+            try:
+                with open(path) as f:
+                    values[field_name] = int(f.read().strip())
+            except (OSError, ValueError):
+                continue  # not exposed (no conntrack in this netns yet): kernel default
+    return CtTimeouts(**values)
+
+
 class ConntrackSocket:
     """A ctnetlink socket bound to the network namespace current when it is opened."""
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
-        with entered(netns):
-            try:
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            except OSError as exc:
-                raise KernelError("conntrack open", exc.strerror or str(exc), exc.errno) from exc
-        self._sock = sock
-        self._seq = 0
+        self._nl = netlink.NetlinkSocket(
+            NETLINK_NETFILTER, netns, rcvbuf=_RCVBUF, operation="conntrack open"
+        )
         self.last_deleted: list[Flow] = []
-        try:
-            sock.bind((0, 0))
-            # Error ACKs without a copy of our request: keeps batches of ACKs small.
-            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-        except OSError as exc:
-            sock.close()
-            raise KernelError("conntrack open", exc.strerror or str(exc), exc.errno) from exc
+        self._timeouts: CtTimeouts | None = None
 
     def close(self) -> None:
-        self._sock.close()
+        self._nl.close()
 
     def __enter__(self) -> ConntrackSocket:
         return self
@@ -358,16 +338,11 @@ class ConntrackSocket:
     ) -> None:
         self.close()
 
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        return self._seq
-
-    def _recv(self, operation: str) -> bytes:
-        try:
-            return self._sock.recv(_RECV_SIZE)
-        except OSError as exc:
-            # ENOBUFS here means ACKs were dropped: counts would be wrong, so fail.
-            raise KernelError(operation, exc.strerror or str(exc), exc.errno) from exc
+    @property
+    def timeouts(self) -> CtTimeouts:
+        if self._timeouts is None:
+            self._timeouts = read_timeouts(self._netns)
+        return self._timeouts
 
     def dump(self, *, only_offloaded: bool = False, family: Family | None = None) -> list[Flow]:
         """All entries of the namespace (IPv4 and IPv6 unless ``family`` is given).
@@ -376,40 +351,25 @@ class ConntrackSocket:
         (CTA_STATUS + CTA_STATUS_MASK, Linux ≥ 5.19) and checks the bit again
         here, for kernels that ignore the filter.
         """
-        attrs = b""
+        filt = b""
         if only_offloaded:
-            attrs = _nla(CTA_STATUS, _BE32.pack(IPS_OFFLOAD)) + _nla(
+            filt = nla(CTA_STATUS, _BE32.pack(IPS_OFFLOAD)) + nla(
                 CTA_STATUS_MASK, _BE32.pack(IPS_OFFLOAD)
             )
-        seq = self._next_seq()
-        msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-        request = _message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, int(family or 0), attrs)
-        try:
-            self._sock.send(request)
-        except OSError as exc:
-            raise KernelError("conntrack dump", exc.strerror or str(exc), exc.errno) from exc
         flows: list[Flow] = []
-        new_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-        while True:
-            buf = self._recv("conntrack dump")
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(buf):
-                length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-                if length < _NLMSGHDR.size:
-                    raise KernelError("conntrack dump", "malformed netlink message")
-                end = offset + length
-                if msg_seq == seq:
-                    if kind == NLMSG_DONE:
-                        return flows
-                    if kind == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)[0]
-                        if code:
-                            raise KernelError("conntrack dump", os.strerror(code), code)
-                    elif kind == new_type:
-                        flow = decode_entry(buf, offset, end)
-                        if flow is not None and (not only_offloaded or flow.status & IPS_OFFLOAD):
-                            flows.append(flow)
-                offset = (end + 3) & ~3
+
+        def encode(seq: int) -> bytes:
+            return _message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, int(family or 0), filt)
+
+        def on_message(kind: int, buf: bytes, start: int, end: int) -> None:
+            if kind != CT_NEW:
+                return
+            flow = decode_entry(buf, start, end)
+            if flow is not None and (not only_offloaded or flow.status & IPS_OFFLOAD):
+                flows.append(flow)
+
+        self._nl.dump("conntrack dump", encode, on_message)
+        return flows
 
     def delete(self, flows: Iterable[Flow]) -> DeleteResult:
         """Delete each entry by orig tuple + zone + id. ENOENT counts as already gone."""
@@ -418,70 +378,40 @@ class ConntrackSocket:
         return DeleteResult(len(done), skipped)
 
     def reinject(self, flows: Iterable[Flow]) -> tuple[int, int]:
-        """Re-create deleted entries (see :func:`encode_reinject`); returns (created,
-        already there) — EEXIST: a packet re-created the entry first, which is fine."""
-        done, skipped = self._batched("conntrack re-create", encode_reinject, flows, errno.EEXIST)
+        """Re-create deleted entries (see :func:`encode_create`) as
+        :func:`controlplane.core.reinject.reinject_plan` decides, with the timeouts
+        of this namespace's sysctls; returns (created, already there) — EEXIST: a
+        packet re-created the entry first, which is fine."""
+        return self.create(reinject_plan(flows, self.timeouts))
+
+    def create(self, entries: Iterable[tuple[Flow, int]]) -> tuple[int, int]:
+        """CT_NEW for each (entry, timeout), batched; returns (created, already existing)."""
+
+        def encode(entry: tuple[Flow, int], seq: int) -> bytes:
+            return encode_create(entry[0], entry[1], seq)
+
+        done, skipped = self._batched("conntrack create", encode, entries, errno.EEXIST)
         return len(done), skipped
 
     def _batched(
         self,
         operation: str,
-        encode: Callable[[Flow, int], bytes],
-        flows: Iterable[Flow],
+        encode: Callable[[T, int], bytes],
+        items: Iterable[T],
         benign: int,
-    ) -> tuple[list[Flow], int]:
-        done: list[Flow] = []
+    ) -> tuple[list[T], int]:
+        done: list[T] = []
         skipped = 0
-        batch: list[Flow] = []
-        for flow in flows:
-            batch.append(flow)
-            if len(batch) == _DELETE_BATCH:
-                skipped += self._batch(operation, encode, batch, benign, done)
-                batch = []
-        if batch:
-            skipped += self._batch(operation, encode, batch, benign, done)
+        for reply in self._nl.transact(operation, items, encode):
+            if reply.code == 0:
+                done.append(reply.item)
+            elif reply.code == benign:
+                skipped += 1
+            else:
+                raise KernelError(
+                    operation, os.strerror(reply.code), reply.code, payload=reply.item
+                )
         return done, skipped
-
-    def _batch(
-        self,
-        operation: str,
-        encode: Callable[[Flow, int], bytes],
-        batch: list[Flow],
-        benign: int,
-        done: list[Flow],
-    ) -> int:
-        # One send, many requests: the kernel handles each message of the
-        # buffer in turn and answers each with an ACK carrying its seq.
-        pending: dict[int, Flow] = {}
-        parts: list[bytes] = []
-        for flow in batch:
-            seq = self._next_seq()
-            pending[seq] = flow
-            parts.append(encode(flow, seq))
-        try:
-            self._sock.send(b"".join(parts))
-        except OSError as exc:
-            raise KernelError(operation, exc.strerror or str(exc), exc.errno) from exc
-        skipped = 0
-        while pending:
-            buf = self._recv(operation)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(buf):
-                length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-                if length < _NLMSGHDR.size:
-                    raise KernelError(operation, "malformed netlink message")
-                start, offset = offset, (offset + length + 3) & ~3
-                if kind != NLMSG_ERROR or msg_seq not in pending:
-                    continue
-                flow = pending.pop(msg_seq)
-                code = -struct.unpack_from("=i", buf, start + _NLMSGHDR.size)[0]
-                if code == 0:
-                    done.append(flow)
-                elif code == benign:
-                    skipped += 1
-                else:
-                    raise KernelError(operation, os.strerror(code), code, payload=flow)
-        return skipped
 
 
 def dump_flows(

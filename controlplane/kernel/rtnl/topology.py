@@ -5,7 +5,8 @@ namespace asked for even when the caller lives elsewhere. Links, neighbours
 and the FDB come from pyroute2 dumps. Routes are looked up per address
 (RTM_GETROUTE, i.e. ``ip route get``) rather than dumped: the kernel's own FIB
 lookup already applies rules, metrics and longest-prefix match, which we would
-otherwise have to reimplement. Those lookups go through a lean batched codec:
+otherwise have to reimplement. Those lookups go through the shared batched request loop of
+``kernel/netlink.py``:
 pyroute2's ``route("get")`` measured ~540 us per address, too slow for a
 router whose flows reach tens of thousands of distinct hosts.
 """
@@ -25,6 +26,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from controlplane.core.flowpath import ETH_P_8021Q, Link, Route, Topology
 from controlplane.errors import KernelError
+from controlplane.kernel.netlink import (
+    HDR,
+    NLM_F_REQUEST,
+    NLMSGHDR,
+    NetlinkSocket,
+    attrs,
+    message,
+    nla,
+)
 from controlplane.kernel.netns import entered
 
 __all__ = ["bridge_ports", "link_names", "snapshot"]
@@ -84,88 +94,57 @@ def _links(ipr: Any) -> dict[int, Link]:
     return {link.ifindex: link for link in map(_link, ipr.get_links())}
 
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
-_NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
-_NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
 _RTM_NEWROUTE = 24
 _RTM_GETROUTE = 26
 _RTA_DST = 1
 _RTA_OIF = 4
 _RTA_GATEWAY = 5
 _RTA_VIA = 18
-_ROUTE_BATCH = 256
 
 
 def _decode_route(buf: bytes, start: int, end: int) -> Route:
+    """rtmsg at ``start`` and its attributes → Route."""
     family, *_, rtm_type, _flags = _RTMSG.unpack_from(buf, start)
     if rtm_type in _NOT_FORWARDED:
         return Route(oif=None, local=True)
     oif: int | None = None
     gateway: str | None = None
-    offset = start + _RTMSG.size
-    while offset + 4 <= end:
-        length, kind = _NLA.unpack_from(buf, offset)
-        if length < 4:
-            break
-        payload = buf[offset + 4 : offset + length]
+    for kind, s, e in attrs(buf, start + _RTMSG.size, end):
         if kind == _RTA_OIF:
-            oif = _U32.unpack_from(payload)[0]
+            oif = _U32.unpack_from(buf, s)[0]
         elif kind == _RTA_GATEWAY:
-            gateway = socket.inet_ntop(family, payload)
+            gateway = socket.inet_ntop(family, buf[s:e])
         elif kind == _RTA_VIA:  # IPv4 route via an IPv6 next hop (RFC 5549)
-            via_family = struct.unpack_from("=H", payload)[0]
-            gateway = socket.inet_ntop(via_family, payload[2:])
-        offset += (length + 3) & ~3
+            via_family = struct.unpack_from("=H", buf, s)[0]
+            gateway = socket.inet_ntop(via_family, buf[s + 2 : e])
     return Route(oif=oif, gateway=gateway)
+
+
+def encode_route_get(address: str, seq: int) -> bytes:
+    """RTM_GETROUTE for one address (``ip route get ADDR``)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    raw = socket.inet_pton(family, address)
+    body = _RTMSG.pack(family, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + nla(_RTA_DST, raw)
+    return message(_RTM_GETROUTE, NLM_F_REQUEST, seq, body)
 
 
 def _lookup_routes(addresses: Iterable[str], netns: str | None) -> dict[str, Route | None]:
     """``ip route get`` for each address, many requests per send (one answer each)."""
     routes: dict[str, Route | None] = {}
-    todo = sorted(set(addresses))
-    with entered(netns):
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    with sock:
-        try:
-            sock.bind((0, 0))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            for first in range(0, len(todo), _ROUTE_BATCH):
-                pending: dict[int, str] = {}
-                parts: list[bytes] = []
-                for seq, address in enumerate(todo[first : first + _ROUTE_BATCH], start=1):
-                    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-                    raw = socket.inet_pton(family, address)
-                    body = _RTMSG.pack(family, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0)
-                    body += _NLA.pack(4 + len(raw), _RTA_DST) + raw
-                    header = _NLMSGHDR.pack(16 + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, seq, 0)
-                    parts.append(header + body)
-                    pending[seq] = address
-                sock.send(b"".join(parts))
-                while pending:
-                    buf = sock.recv(1 << 20)
-                    offset = 0
-                    while offset + _NLMSGHDR.size <= len(buf):
-                        length, kind, _f, seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-                        if length < _NLMSGHDR.size:
-                            raise KernelError("route lookup", "malformed netlink message")
-                        start, offset = offset, (offset + length + 3) & ~3
-                        address = pending.pop(seq, "")
-                        if not address:
-                            continue
-                        if kind == _RTM_NEWROUTE:
-                            routes[address] = _decode_route(buf, start + 16, start + length)
-                        elif kind == _NLMSG_ERROR:
-                            code = -struct.unpack_from("=i", buf, start + 16)[0]
-                            if code not in _NO_ROUTE:
-                                raise KernelError(
-                                    "route lookup", os.strerror(code), code, payload=address
-                                )
-                            routes[address] = None
-        except OSError as exc:
-            raise KernelError("route lookup", exc.strerror or str(exc), exc.errno) from exc
+    with NetlinkSocket(socket.NETLINK_ROUTE, netns, operation="route lookup") as nl:
+        for reply in nl.transact("route lookup", sorted(set(addresses)), encode_route_get):
+            if reply.code == 0 and reply.data:
+                kind = NLMSGHDR.unpack_from(reply.data)[1]
+                if kind == _RTM_NEWROUTE:
+                    routes[reply.item] = _decode_route(reply.data, HDR, len(reply.data))
+                    continue
+            if reply.code not in _NO_ROUTE:
+                raise KernelError(
+                    "route lookup", os.strerror(reply.code), reply.code, payload=reply.item
+                )
+            routes[reply.item] = None
     return routes
 
 
