@@ -30,6 +30,8 @@ __all__ = [
     "DnatRule",
     "FieldErrors",
     "Flowtable",
+    "ForwardAccept",
+    "ForwardConfig",
     "InvalidationConfig",
     "L4Proto",
     "Masquerade",
@@ -275,6 +277,35 @@ Address = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def _parse_port_range(value: object) -> tuple[int, int]:
+    # issue 9: policies match L4 ports like the kernel selftest (tcp dport 12345).
+    if isinstance(value, bool):
+        raise ValueError("expected a port (80) or a range ('1000-2000')")
+    if isinstance(value, int):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\d{1,5}-\d{1,5}", value):
+        low, high = (int(x) for x in value.split("-"))
+    else:
+        raise ValueError("expected a port (80) or a range ('1000-2000')")
+    if not (1 <= low <= 65535 and 1 <= high <= 65535):
+        raise ValueError(f"port {value!r} out of range 1-65535")
+    if low > high:
+        raise ValueError(f"empty port range {value!r} (first port is greater)")
+    return (low, high)
+
+
+def _show_port_range(r: tuple[int, int]) -> int | str:
+    return r[0] if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
+PortRange = Annotated[
+    tuple[int, int],
+    BeforeValidator(_parse_port_range),
+    PlainSerializer(_show_port_range),
+    WithJsonSchema({"oneOf": [{"type": "integer"}, {"type": "string", "pattern": r"^\d+-\d+$"}]}),
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -365,6 +396,12 @@ class OffloadPolicy(_Model):
     oifnames: list[IfName] = Field(default_factory=list)
     saddr: list[Network] = Field(default_factory=list)
     daddr: list[Network] = Field(default_factory=list)
+    dport: list[PortRange] = Field(
+        default_factory=list, description="destination ports or ranges ('1000-2000')"
+    )
+    sport: list[PortRange] = Field(
+        default_factory=list, description="source ports or ranges ('1000-2000')"
+    )
     min_packets: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
         default=0, description="offload only once the connection has seen more packets"
     )
@@ -377,6 +414,8 @@ class OffloadPolicy(_Model):
             + _duplicates(self.oifnames, "oifnames", "interface")
             + _duplicates([str(n) for n in self.saddr], "saddr", "prefix")
             + _duplicates([str(n) for n in self.daddr], "daddr", "prefix")
+            + _duplicates([str(p) for p in self.dport], "dport", "port")
+            + _duplicates([str(p) for p in self.sport], "sport", "port")
         )
         return self
 
@@ -393,13 +432,88 @@ class SnatRule(_Model):
 
 
 class DnatRule(_Model):
-    """A port forward: traffic arriving on ``iifname`` for ``port`` goes to ``to``."""
+    """A port forward: traffic arriving on ``iifname`` and/or addressed to ``daddr``
+    for ``port`` goes to ``to``."""
 
-    iifname: IfName
+    iifname: IfName | None = None
+    daddr: Address | None = Field(
+        default=None, description="match this destination address (e.g. the public IP)"
+    )
     protocol: L4Proto = "tcp"
     port: Port
     to: Address
     to_port: Port | None = None
+
+    @model_validator(mode="after")
+    def _what(self) -> DnatRule:
+        issues: list[tuple[Loc, str]] = []
+        if self.iifname is None and self.daddr is None:
+            issues.append(
+                (("iifname",), "a port forward needs iifname or daddr (or both) to match on")
+            )
+        if self.daddr is not None and self.daddr.version != self.to.version:
+            issues.append(
+                (("daddr",), f"IPv{self.daddr.version} address but 'to' is IPv{self.to.version}")
+            )
+        _raise(issues)
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.iifname or '*'} {self.daddr or '*'} {self.protocol} {self.port}"
+
+
+ForwardProto = Literal["tcp", "udp", "icmp", "icmpv6"]
+
+
+class ForwardAccept(_Model):
+    """Forwarded traffic a default-deny router lets through (every field must match)."""
+
+    name: Label
+    protocols: list[ForwardProto] = Field(default_factory=list, description="empty: any")
+    iifnames: list[IfName] = Field(default_factory=list)
+    oifnames: list[IfName] = Field(default_factory=list)
+    saddr: list[Network] = Field(default_factory=list)
+    daddr: list[Network] = Field(default_factory=list)
+    dport: list[PortRange] = Field(default_factory=list)
+    sport: list[PortRange] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ForwardAccept:
+        issues = (
+            _duplicates(list(self.protocols), "protocols", "protocol")
+            + _duplicates(self.iifnames, "iifnames", "interface")
+            + _duplicates(self.oifnames, "oifnames", "interface")
+            + _duplicates([str(n) for n in self.saddr], "saddr", "prefix")
+            + _duplicates([str(n) for n in self.daddr], "daddr", "prefix")
+        )
+        for key in ("dport", "sport"):
+            if getattr(self, key) and (not self.protocols or set(self.protocols) - {"tcp", "udp"}):
+                issues.append(((key,), "ports need protocols limited to tcp and/or udp"))
+        _raise(issues)
+        return self
+
+
+class ForwardConfig(_Model):
+    """The forward chain's verdict for traffic no rule accepts (a default-deny router).
+
+    With ``policy: drop``: established/related traffic (replies, ICMP errors
+    such as "fragmentation needed") and port forwards from ``nat.dnat`` are
+    accepted; new connections only if an ``accept`` entry matches.
+    """
+
+    policy: Literal["accept", "drop"] = "accept"
+    accept: list[ForwardAccept] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ForwardConfig:
+        issues = _duplicates([a.name for a in self.accept], "accept", "name")
+        if self.accept and self.policy == "accept":
+            issues.append(
+                (("accept",), "accept entries need policy: drop (with accept, all is accepted)")
+            )
+        _raise(issues)
+        return self
 
 
 class NatConfig(_Model):
@@ -416,7 +530,7 @@ class NatConfig(_Model):
 
     @model_validator(mode="after")
     def _dnat_unique(self) -> NatConfig:
-        keys = [f"{d.iifname} {d.protocol} {d.port}" for d in self.dnat]
+        keys = [d.key for d in self.dnat]
         _raise(_duplicates(keys, "dnat", "port forward"))
         return self
 
@@ -475,6 +589,7 @@ class Config(_Model):
     table: TableConfig = Field(default_factory=TableConfig)
     flowtables: list[Flowtable] = Field(default_factory=list)
     policies: list[OffloadPolicy] = Field(default_factory=list)
+    forward: ForwardConfig = Field(default_factory=ForwardConfig)
     nat: NatConfig = Field(default_factory=NatConfig)
     vlans: list[Vlan] = Field(default_factory=list)
     reuseport: ReuseportConfig = Field(default_factory=ReuseportConfig)
