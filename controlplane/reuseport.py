@@ -27,8 +27,8 @@ import fcntl
 import json
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Protocol, Self
 
@@ -43,6 +43,7 @@ from controlplane.kernel.bpf.loader import (
     netns_label,
     require_bpffs,
 )
+from controlplane.kernel.bpf.ports import BpfMapPort, BpfMapsPort, BpfProgPort
 
 __all__ = ["DEFAULT_BPFFS", "Counters", "GenerationStatus", "GroupStatus", "ReuseportGroup"]
 
@@ -116,49 +117,65 @@ def _decode_target(raw: bytes, capacity: int) -> Target:
 
 
 class ReuseportGroup:
-    """One loaded group, opened through its pins. Use :meth:`open`."""
+    """One loaded group, opened through its pins. Use :meth:`open`.
+
+    The constructor takes the opened objects, so a test can hand it fakes
+    (:mod:`controlplane.kernel.bpf.ports`) and a lock of its own.
+    """
 
     def __init__(
         self,
         name: str,
         netns: str,
         pin_dir: str,
-        prog: sysbpf.BpfProg,
-        maps: dict[str, sysbpf.BpfMap],
+        prog: BpfProgPort,
+        maps: Mapping[str, BpfMapPort],
+        lock: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.name = name
         self.netns = netns
         self.pin_dir = pin_dir
         self._prog = prog
-        self._maps = maps
-        self.capacity = maps["socks"].info.max_entries
+        self._maps = dict(maps)
+        self._lock = lock or self._flock_pin_dir
+        self.capacity = self._maps["socks"].info.max_entries
 
     @classmethod
     def open(
-        cls, name: str, netns: str | None = None, bpffs: str = DEFAULT_BPFFS
+        cls,
+        name: str,
+        netns: str | None = None,
+        bpffs: str = DEFAULT_BPFFS,
+        *,
+        objects: BpfMapsPort = sysbpf.PINNED,
     ) -> ReuseportGroup:
         """Open group ``name`` of ``netns`` (None: this thread's namespace).
 
-        Raises EnvironmentProblem if bpffs is not mounted at ``bpffs`` or the
-        group is not loaded there.
+        Raises EnvironmentProblem if bpffs is not mounted at ``bpffs``, the
+        group is not loaded there, or this user may not open its pins (which
+        is said as such, with the ways out).
         """
         policy.check_group_name(name)
         label = netns_label(netns)
         require_bpffs(bpffs)
         pin_dir = group_pin_dir(bpffs, label, name)
-        if not os.path.isdir(pin_dir):
+        try:
+            os.stat(pin_dir)
+        except FileNotFoundError:
             hint = f" --netns {label}" if label != "host" else ""
             raise EnvironmentProblem(
                 f"reuseport group {name!r} is not loaded in {label} (no {pin_dir});"
                 f" run 'offloadctl reuseport load --name {name}{hint}'"
-            )
-        opened: list[sysbpf.BpfMap | sysbpf.BpfProg] = []
+            ) from None
+        except PermissionError:
+            raise _permission_problem(name, label, pin_dir, _errno.EACCES) from None
+        opened: list[BpfMapPort | BpfProgPort] = []
         try:
-            prog = sysbpf.BpfProg.open_pinned(os.path.join(pin_dir, "prog"))
+            prog = objects.open_prog(os.path.join(pin_dir, "prog"))
             opened.append(prog)
-            maps: dict[str, sysbpf.BpfMap] = {}
+            maps: dict[str, BpfMapPort] = {}
             for pin in PIN_NAMES[1:]:
-                maps[pin] = sysbpf.BpfMap.open_pinned(os.path.join(pin_dir, pin))
+                maps[pin] = objects.open_map(os.path.join(pin_dir, pin))
                 opened.append(maps[pin])
             _check_layout(pin_dir, prog, maps)
         except KernelError as exc:
@@ -169,6 +186,8 @@ class ReuseportGroup:
                     f"reuseport group {name!r} in {label} is incomplete ({exc});"
                     f" unload and load it again"
                 ) from None
+            if exc.errno in (_errno.EACCES, _errno.EPERM):
+                raise _permission_problem(name, label, pin_dir, exc.errno) from None
             raise
         except BaseException:
             for obj in opened:
@@ -216,7 +235,7 @@ class ReuseportGroup:
             except KernelError as exc:
                 raise _register_error(self.name, exc) from None
             try:
-                sysbpf.attach_reuseport_prog(fd, self._prog.fileno())
+                self._prog.attach_to(fd)
             except KernelError:
                 socks.delete(_U32.pack(slot))
                 raise
@@ -289,8 +308,11 @@ class ReuseportGroup:
 
     # --- kernel state <-> GroupState ------------------------------------------
 
+    def _locked(self) -> AbstractContextManager[None]:
+        return self._lock()
+
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _flock_pin_dir(self) -> Iterator[None]:
         # bpffs pin files cannot be opened, but the directory can, and flock
         # works on any inode: one lock per group, across processes.
         try:
@@ -300,6 +322,8 @@ class ReuseportGroup:
                 f"reuseport group {self.name!r} in {self.netns} was unloaded ({self.pin_dir}"
                 " is gone)"
             ) from None
+        except PermissionError:
+            raise _permission_problem(self.name, self.netns, self.pin_dir, _errno.EACCES) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -368,7 +392,7 @@ class ReuseportGroup:
         ctl.update(_U32.pack(0), _CTL.pack(idle, flags))
 
 
-def _check_layout(pin_dir: str, prog: sysbpf.BpfProg, maps: dict[str, sysbpf.BpfMap]) -> None:
+def _check_layout(pin_dir: str, prog: BpfProgPort, maps: Mapping[str, BpfMapPort]) -> None:
     """Refuse pins that are not the layout this module writes."""
     cap = maps["socks"].info.max_entries
     want = {
@@ -388,6 +412,27 @@ def _check_layout(pin_dir: str, prog: sysbpf.BpfProg, maps: dict[str, sysbpf.Bpf
             )
     if prog.info().type != sysbpf.BPF_PROG_TYPE_SK_REUSEPORT:
         raise EnvironmentProblem(f"{pin_dir}/prog is not an SK_REUSEPORT program")
+
+
+def _permission_problem(name: str, label: str, pin_dir: str, err: int) -> EnvironmentProblem:
+    """Say that permissions, not a missing group, stop this user, and the ways out."""
+    if err == _errno.EPERM:
+        cause = "the kernel denies bpf() to this user (EPERM"
+        try:
+            with open("/proc/sys/kernel/unprivileged_bpf_disabled") as f:
+                cause += f"; kernel.unprivileged_bpf_disabled={f.read().strip()}"
+        except OSError:
+            pass
+        cause += "; needs CAP_BPF)"
+    else:
+        cause = "permission denied on its bpffs pins (EACCES)"
+    return EnvironmentProblem(
+        f"cannot open reuseport group {name!r} in {label} as uid {os.geteuid()}: {cause};"
+        " run the service as root, or hand its listeners to a root agent"
+        " ('offloadctl reuseport receive' or 'adopt'), or give the service's group access"
+        f" to {pin_dir} and the bpffs directories above it (chgrp; g+rx on directories,"
+        " g+rw on pins)"
+    )
 
 
 def _register_error(group: str, exc: KernelError) -> KernelError:

@@ -48,7 +48,11 @@ def load(
         False, help="reset migrating connections when no active generation has a listener"
     ),
 ) -> None:
-    """Compile the program, create the maps and pin them (mounts bpffs if needed)."""
+    """Compile the program, create the maps and pin them.
+
+    Mounts a bpffs at --bpffs if none is there and the directory is missing or
+    empty; never over a directory with files in it.
+    """
     res = bpf_loader.load_group(
         name,
         netns=netns,
@@ -57,7 +61,8 @@ def load(
         drop_when_no_target=drop_when_no_target,
     )
     if res.mounted_bpffs:
-        typer.echo(f"mounted bpffs at {bpffs}")
+        typer.echo(f"mounted bpffs at {bpffs} (unload of its last group unmounts it)")
+    _report_stale(res.stale_staging_removed)
     if res.already_loaded:
         typer.echo(f"group {name!r} in {res.netns} already loaded (prog id {res.prog_id})")
         return
@@ -77,6 +82,7 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Generations, listener slots, the target and the program's counters."""
+    _report_stale(tuple(bpf_loader.remove_stale_staging_if_idle(bpffs)))
     with _open(name, netns, bpffs) as group:
         st = group.status()
     typer.echo(st.to_json() if json_out else _render(st))
@@ -150,7 +156,15 @@ def unload(
         if res.live_listeners
         else ""
     )
+    _report_stale(res.stale_staging_removed)
     typer.echo(f"unloaded group {name!r} in {res.netns}{note}")
+    if res.unmounted_bpffs:
+        typer.echo(f"unmounted bpffs at {bpffs} (load had mounted it)")
+
+
+def _report_stale(paths: tuple[str, ...]) -> None:
+    for path in paths:
+        typer.echo(f"removed {path}, left by a load that died", err=True)
 
 
 @app.command()

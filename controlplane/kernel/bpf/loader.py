@@ -15,8 +15,20 @@ Everything after loading (registering, activating, reading counters) goes
 through these pins with raw syscalls (:mod:`controlplane.reuseport`), so only
 this module imports bcc, and only inside :func:`load_group`.
 
-Pins are made in a staging sibling directory and renamed into place, so a
-reader never sees a half-loaded group.
+Pins are made in a staging sibling directory (``<group>~loading-<pid>``) and
+renamed into place, so a reader never sees a half-loaded group. Loads and
+unloads hold an flock on the directory that contains the bpffs mount point
+(it outlives mounting and unmounting), and a loader also holds an flock on its
+own staging directory until it is renamed: the kernel drops both locks when a
+loader dies, even by ``kill -9``, so a staging directory whose lock can be
+taken belongs to a dead loader and is removed by the next load, unload or
+status. A lock proves death where a pid cannot (pids are reused and differ
+between pid namespaces).
+
+``load`` mounts a bpffs only where nothing would be hidden (a missing or empty
+directory) and leaves the symlink :data:`MOUNT_MARKER` at the root of a mount
+it made; ``unload`` of the last group removes such a mount again, and only
+such a mount.
 
 The program is *not* attached here: attaching needs a socket of the group,
 and a reuseport group only exists while it has listeners. Registering a
@@ -28,10 +40,13 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
+import fcntl
 import os
-import shutil
+import signal
+import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +57,7 @@ from controlplane.kernel.netns import NETNS_DIR, netns_path
 
 __all__ = [
     "DEFAULT_BPFFS",
+    "MOUNT_MARKER",
     "PIN_NAMES",
     "LoadResult",
     "UnloadResult",
@@ -50,6 +66,7 @@ __all__ = [
     "group_pin_dir",
     "load_group",
     "netns_label",
+    "remove_stale_staging",
     "require_bpffs",
     "unload_group",
 ]
@@ -67,6 +84,15 @@ _HEADERS = _REPO / "build" / "kernel-headers"
 _FUNC = b"select_or_migrate"
 _ATTACH_SELECT_OR_MIGRATE = 40  # enum bpf_attach_type; bcc 0.26 has no name for it
 MAX_CAPACITY = 4096
+# bpffs refuses names with dots, and "~" cannot appear in a group name.
+STAGING_INFIX = "~loading-"
+# Symlink at the root of a bpffs that 'load' mounted (bpffs has no regular
+# files; a symlink carries a sentence for whoever runs ls).
+MOUNT_MARKER = "offloadctl-mounted"
+_MARKER_TEXT = "mounted by offloadctl reuseport load; unload of the last group unmounts it"
+# Test hook: after the pins are staged, write the staging path to this file and
+# wait to be killed, so a test can kill -9 a loader at that exact point.
+TEST_PAUSE_ENV = "OFFLOADCTL_TEST_PAUSE_AFTER_STAGING"
 
 
 def current_netns_name() -> str:
@@ -122,21 +148,140 @@ def _bpffs_hint(bpffs: str) -> str:
 
 
 def require_bpffs(bpffs: str) -> None:
-    if not sysbpf.is_bpffs(bpffs):
+    if sysbpf.is_bpffs(bpffs):
+        return
+    try:
+        os.stat(bpffs)
+    except PermissionError:
         raise EnvironmentProblem(
-            f"no bpffs mounted at {bpffs}; mount it with 'mount -t bpf bpf {bpffs}'"
-            f" or run 'offloadctl reuseport load', which mounts it{_bpffs_hint(bpffs)}"
-        )
+            f"permission denied looking up {bpffs} (uid {os.geteuid()}); run as root or"
+            " hand listeners to a root agent ('offloadctl reuseport receive' or 'adopt')"
+        ) from None
+    except OSError:
+        pass
+    raise EnvironmentProblem(
+        f"no bpffs mounted at {bpffs}; mount it with 'mount -t bpf bpf {bpffs}'"
+        f" or run 'offloadctl reuseport load', which mounts it{_bpffs_hint(bpffs)}"
+    )
 
 
 def ensure_bpffs(bpffs: str) -> bool:
-    """Mount bpffs at ``bpffs`` unless it is one already; True if we mounted it."""
+    """Mount bpffs at ``bpffs`` unless it is one already; True if we mounted it.
+
+    Never mounts over a directory with files in it (the mount would hide
+    them) or over anything that is not a directory.
+    """
     if not os.path.isabs(bpffs):
         raise EnvironmentProblem(f"bpffs path must be absolute, got {bpffs!r}")
     if sysbpf.is_bpffs(bpffs):
         return False
+    try:
+        st = os.stat(bpffs)
+    except FileNotFoundError:
+        pass  # mount_bpffs creates it
+    else:
+        if not stat.S_ISDIR(st.st_mode):
+            raise EnvironmentProblem(
+                f"refusing to mount bpffs at {bpffs}: it is not a directory; pass a new or"
+                " empty directory with --bpffs"
+            )
+        if os.listdir(bpffs):
+            raise EnvironmentProblem(
+                f"refusing to mount bpffs over {bpffs}: it is a non-empty directory, not a"
+                " bpffs, and the mount would hide its files; pass a new or empty directory"
+                f" with --bpffs, or mount a bpffs there yourself ('mount -t bpf bpf {bpffs}')"
+            )
     sysbpf.mount_bpffs(bpffs)
+    try:
+        os.symlink(_MARKER_TEXT, os.path.join(bpffs, MOUNT_MARKER))
+    except OSError as exc:
+        sysbpf.umount(bpffs)
+        raise EnvironmentProblem(f"cannot mark the bpffs mounted at {bpffs}: {exc}") from None
     return True
+
+
+def _unmount_if_ours_and_unused(bpffs: str) -> bool:
+    """Unmount ``bpffs`` if 'load' mounted it and nothing is pinned in it any more."""
+    if not os.path.islink(os.path.join(bpffs, MOUNT_MARKER)) or not os.path.ismount(bpffs):
+        return False
+    # Names with dots (maps.debug, progs.debug) are the kernel's own preloaded
+    # iterators: bpffs refuses dots in names anybody else creates.
+    others = [n for n in os.listdir(bpffs) if n != MOUNT_MARKER and "." not in n]
+    if others:
+        return False
+    os.unlink(os.path.join(bpffs, MOUNT_MARKER))
+    sysbpf.umount(bpffs)
+    return True
+
+
+@contextlib.contextmanager
+def _mount_lock(bpffs: str, *, blocking: bool = True) -> Iterator[bool]:
+    """flock the directory holding the mount point; yields False if busy (non-blocking).
+
+    The parent is locked, not the mount itself, because mounting and
+    unmounting replace the inode a lock on ``bpffs`` would sit on.
+    """
+    parent = os.path.dirname(os.path.normpath(bpffs)) or "/"
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot open {parent}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_staging(bpffs: str) -> list[str]:
+    """Remove staging directories left by loaders that died; returns their paths.
+
+    A live loader holds an flock on its staging directory; a dead one's lock
+    was released by the kernel, so taking it proves the loader is gone.
+    """
+    removed: list[str] = []
+    root = os.path.join(bpffs, PIN_ROOT)
+    try:
+        labels = os.listdir(root)
+    except OSError:
+        return removed
+    for label in labels:
+        try:
+            entries = os.listdir(os.path.join(root, label))
+        except OSError:
+            continue
+        for entry in entries:
+            if STAGING_INFIX not in entry:
+                continue
+            path = os.path.join(root, label, entry)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _remove_pins(path)
+                removed.append(path)
+            except OSError:
+                continue  # locked by a live loader, or not ours to remove
+            finally:
+                os.close(fd)
+    return removed
+
+
+def remove_stale_staging_if_idle(bpffs: str) -> list[str]:
+    """:func:`remove_stale_staging` unless a load or unload is running (for status)."""
+    if not sysbpf.is_bpffs(bpffs):
+        return []
+    try:
+        with _mount_lock(bpffs, blocking=False) as got:
+            return remove_stale_staging(bpffs) if got else []
+    except EnvironmentProblem:
+        return []
 
 
 @dataclass(frozen=True)
@@ -149,6 +294,7 @@ class LoadResult:
     compile_seconds: float
     mounted_bpffs: bool
     already_loaded: bool
+    stale_staging_removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +303,8 @@ class UnloadResult:
     netns: str
     pin_dir: str
     live_listeners: int
+    unmounted_bpffs: bool = False
+    stale_staging_removed: tuple[str, ...] = ()
 
 
 def _kernel_source() -> None:
@@ -208,35 +356,64 @@ def load_group(
     if not 1 <= max_listeners <= MAX_CAPACITY:
         raise EnvironmentProblem(f"max_listeners must be within 1..{MAX_CAPACITY}")
     label = netns_label(netns)
-    mounted = ensure_bpffs(bpffs)
-    final = group_pin_dir(bpffs, label, group)
-    if os.path.isdir(final):
-        prog_id = _existing(final, group, label, max_listeners)
-        return LoadResult(group, label, final, max_listeners, prog_id, 0.0, mounted, True)
-
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    # bpffs refuses names with dots; "~" cannot appear in a group name.
-    staging = os.path.join(parent, f"{group}~loading-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.mkdir(staging)
-    try:
-        prog_id, seconds = _compile_and_pin(
-            staging, source, max_listeners, drop_when_no_target=drop_when_no_target
-        )
-        try:
-            os.rename(staging, final)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise KernelError(f"move pins into {final}", str(exc), exc.errno) from None
-            # Somebody else loaded it meanwhile: keep theirs.
-            _remove_pins(staging)
+    if not os.path.isabs(bpffs):
+        raise EnvironmentProblem(f"bpffs path must be absolute, got {bpffs!r}")
+    with _mount_lock(bpffs):
+        mounted = ensure_bpffs(bpffs)
+        stale = tuple(remove_stale_staging(bpffs))
+        final = group_pin_dir(bpffs, label, group)
+        if os.path.isdir(final):
             prog_id = _existing(final, group, label, max_listeners)
-            return LoadResult(group, label, final, max_listeners, prog_id, 0.0, mounted, True)
+            return LoadResult(
+                group, label, final, max_listeners, prog_id, 0.0, mounted, True, stale
+            )
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, f"{group}{STAGING_INFIX}{os.getpid()}")
+        with _staging_dir(staging):
+            prog_id, seconds = _compile_and_pin(
+                staging, source, max_listeners, drop_when_no_target=drop_when_no_target
+            )
+            _pause_for_tests(staging)
+            try:
+                os.rename(staging, final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise KernelError(f"move pins into {final}", str(exc), exc.errno) from None
+                # Loaded meanwhile through another path to the same bpffs: keep theirs.
+                _remove_pins(staging)
+                prog_id = _existing(final, group, label, max_listeners)
+                return LoadResult(
+                    group, label, final, max_listeners, prog_id, 0.0, mounted, True, stale
+                )
+    return LoadResult(group, label, final, max_listeners, prog_id, seconds, mounted, False, stale)
+
+
+@contextlib.contextmanager
+def _staging_dir(staging: str) -> Iterator[None]:
+    """Create ``staging`` and hold its flock; remove it unless it was renamed away."""
+    os.mkdir(staging)
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # Held until we exit: proves to remove_stale_staging that we are alive.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     except BaseException:
         _remove_pins(staging)
         raise
-    return LoadResult(group, label, final, max_listeners, prog_id, seconds, mounted, False)
+    finally:
+        os.close(fd)
+
+
+def _pause_for_tests(staging: str) -> None:
+    path = os.environ.get(TEST_PAUSE_ENV)
+    if not path:
+        return
+    with open(f"{path}.tmp", "w") as f:
+        f.write(staging)
+    os.replace(f"{path}.tmp", path)
+    while True:
+        signal.pause()  # until a test kills us
 
 
 def _compile_and_pin(
@@ -330,23 +507,33 @@ def unload_group(
     check_group_name(group)
     label = netns_label(netns)
     require_bpffs(bpffs)
-    pin_dir = group_pin_dir(bpffs, label, group)
-    if not os.path.isdir(pin_dir):
-        raise EnvironmentProblem(
-            f"reuseport group {group!r} is not loaded in {label} (no {pin_dir})"
-        )
-    live = 0
-    socks_pin = os.path.join(pin_dir, "socks")
-    if os.path.exists(socks_pin):
-        with sysbpf.BpfMap.open_pinned(socks_pin) as socks:
-            for slot in range(socks.info.max_entries):
-                if socks.lookup(struct.pack("<I", slot)) is not None:
-                    live += 1
-    _remove_pins(pin_dir)
-    # Drop the per-namespace and root directories once empty.
-    for path in (os.path.dirname(pin_dir), os.path.dirname(os.path.dirname(pin_dir))):
+    with _mount_lock(bpffs):
+        stale = tuple(remove_stale_staging(bpffs))
+        pin_dir = group_pin_dir(bpffs, label, group)
+        if not os.path.isdir(pin_dir):
+            unmounted = _remove_empty_dirs(bpffs, label)
+            note = f"; removed {len(stale)} staging directories of dead loaders" if stale else ""
+            raise EnvironmentProblem(
+                f"reuseport group {group!r} is not loaded in {label} (no {pin_dir}){note}"
+                + ("; unmounted the bpffs that load had mounted" if unmounted else "")
+            )
+        live = 0
+        socks_pin = os.path.join(pin_dir, "socks")
+        if os.path.exists(socks_pin):
+            with sysbpf.BpfMap.open_pinned(socks_pin) as socks:
+                for slot in range(socks.info.max_entries):
+                    if socks.lookup(struct.pack("<I", slot)) is not None:
+                        live += 1
+        _remove_pins(pin_dir)
+        unmounted = _remove_empty_dirs(bpffs, label)
+    return UnloadResult(group, label, pin_dir, live, unmounted, stale)
+
+
+def _remove_empty_dirs(bpffs: str, label: str) -> bool:
+    """Drop the namespace and root directories once empty, then a mount we made."""
+    for path in (os.path.join(bpffs, PIN_ROOT, label), os.path.join(bpffs, PIN_ROOT)):
         try:
             os.rmdir(path)
         except OSError:
-            break
-    return UnloadResult(group, label, pin_dir, live)
+            return False
+    return _unmount_if_ours_and_unused(bpffs)

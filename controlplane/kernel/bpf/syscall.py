@@ -26,9 +26,11 @@ __all__ = [
     "BPF_MAP_TYPE_HASH",
     "BPF_MAP_TYPE_REUSEPORT_SOCKARRAY",
     "BPF_PROG_TYPE_SK_REUSEPORT",
+    "PINNED",
     "BpfMap",
     "BpfProg",
     "MapInfo",
+    "PinnedObjects",
     "ProgInfo",
     "attach_reuseport_prog",
     "is_bpffs",
@@ -36,6 +38,7 @@ __all__ = [
     "mount_bpffs",
     "obj_get",
     "obj_pin",
+    "umount",
 ]
 
 _SYS_BPF = {"x86_64": 321}
@@ -57,6 +60,7 @@ BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 BPF_PROG_TYPE_SK_REUSEPORT = 21
 
 _BPF_FS_MAGIC = 0xCAFE4A11
+_MNT_DETACH = 2
 
 _SOL_SOCKET = 1
 _SO_TYPE = 3
@@ -217,6 +221,9 @@ class _Fd:
 
 
 class BpfProg(_Fd):
+    def attach_to(self, sock_fd: int) -> None:
+        attach_reuseport_prog(sock_fd, self.fileno())
+
     def info(self) -> ProgInfo:
         raw = _ProgInfo()
         attr = _InfoAttr(bpf_fd=self.fileno(), info_len=ct.sizeof(raw), info=ct.addressof(raw))
@@ -382,6 +389,26 @@ def mount_bpffs(path: str) -> None:
             f"cannot mount bpffs at {path}: {os.strerror(err)}"
             + (" (need root, CAP_SYS_ADMIN)" if err == _errno.EPERM else "")
         )
+
+
+class PinnedObjects:
+    """Opens pinned objects with BPF_OBJ_GET (the real ``BpfMapsPort``)."""
+
+    def open_map(self, path: str) -> BpfMap:
+        return BpfMap.open_pinned(path)
+
+    def open_prog(self, path: str) -> BpfProg:
+        return BpfProg.open_pinned(path)
+
+
+PINNED = PinnedObjects()
+
+
+def umount(path: str) -> None:
+    """Detach the mount at ``path`` (lazily: open pins and fds keep their objects)."""
+    if _libc.umount2(os.fsencode(path), ct.c_int(_MNT_DETACH)) != 0:
+        err = ct.get_errno()
+        raise EnvironmentProblem(f"cannot unmount {path}: {os.strerror(err)}")
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
