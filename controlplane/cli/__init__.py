@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from controlplane.cli import agent as _agent_cmds  # noqa: F401  (registers agent, reload)
 from controlplane.cli import config_cmds, ruleset_cmds  # noqa: F401  (registers commands)
 from controlplane.cli.common import app
 

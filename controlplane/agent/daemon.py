@@ -1,0 +1,480 @@
+"""``offloadctl agent``: one thread owns every socket, timer and signal.
+
+Why ``selectors`` and not asyncio: everything the agent waits on is a file
+descriptor (the control socket and its clients, the netlink sockets of the
+watcher, a signal wake-up fd) and every action is short and synchronous
+(libnftables, ctnetlink and pyroute2's socket objects are blocking APIs bound
+to the calling thread and its namespace). A selector loop runs them in order
+on one thread with no executor hops, no coroutine colouring of the kernel
+adapters and a wait whose timeout is simply the next deadline.
+
+Why polling for config changes instead of inotify: a stat() per second is
+free, needs no ctypes, and follows what editors and Kubernetes really do
+(write a temp file and rename it; swap a ConfigMap's ``..data`` symlink),
+which an inotify watch on the file itself misses. A change is acted on only
+when the bytes' hash differs from the running config's.
+
+Decisions (:class:`Agent`) are separated from the loop (:class:`Loop`) so the
+unit tests drive the agent with fake ports and no sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from controlplane.agent import notify, protocol
+from controlplane.agent import state as state_mod
+from controlplane.agent.logs import DecisionLog
+from controlplane.agent.ports import Applier, Observer, Subsystem
+from controlplane.agent.snapshot import KernelView, Outcome, Snapshot
+from controlplane.config import Config
+from controlplane.errors import ConfigError, ControlPlaneError
+from controlplane.loader import load_config
+
+KERNEL_REFRESH = 10.0  # seconds between kernel views for status/metrics
+FLOWS_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    config_path: Path
+    netns: str | None = None
+    state_path: Path | None = None
+    socket_path: Path | None = None
+    cleanup_on_exit: bool = False
+    watch_interval: float = 1.0  # seconds between config-file checks; 0 disables
+    metrics: tuple[str, int] | None = None
+
+
+def _file_key(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _issues(exc: ConfigError) -> tuple[dict[str, Any], ...]:
+    return tuple({"path": i.path, "message": i.message, "line": i.line} for i in exc.issues)
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+class Agent:
+    """The agent's decisions; the loop calls these and nothing else."""
+
+    def __init__(
+        self,
+        opts: AgentOptions,
+        applier: Applier,
+        observer: Observer,
+        log: DecisionLog,
+        *,
+        version: str = "0",
+        subsystems: tuple[Subsystem, ...] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.opts = opts
+        self._applier = applier
+        self._observer = observer
+        self._log = log
+        self._clock = clock
+        self.subsystems = subsystems
+        self.state_path = opts.state_path or state_mod.default_state_path(opts.netns)
+        self.running: Config | None = None
+        self.running_sha = ""
+        self.owned: state_mod.AppliedState | None = None
+        self._rejected_sha = ""  # a bad file we already reported (don't repeat every poll)
+        self.control_stats: Callable[[], dict[str, int]] = dict
+        self._snap = Snapshot(
+            version=version,
+            pid=os.getpid(),
+            netns=opts.netns,
+            config_path=str(opts.config_path),
+            config_sha256="",
+            started_at=clock(),
+            table="",
+        )
+
+    # -- start / stop -------------------------------------------------------
+
+    def start(self) -> None:
+        """Refuse unusable state, parse the config, apply it. Raises on failure."""
+        self.owned = state_mod.load(self.state_path)  # a future schema stops us here
+        if self.owned is not None:
+            self._log.info(
+                "state",
+                f"recovered state of {time.ctime(self.owned.applied_at)}",
+                path=str(self.state_path),
+                groups=len(self.owned.reuseport_groups),
+            )
+        sha = _sha256(self.opts.config_path)
+        cfg = load_config(self.opts.config_path)
+        # The first apply reconciles: planned against what the kernel has, so a
+        # restart after kill -9 sends nothing when nothing changed meanwhile.
+        self._commit(cfg, sha, "start")
+        for sub in self.subsystems:
+            sub.reconfigure(cfg)
+        self.refresh_kernel()
+
+    def stop(self) -> None:
+        for sub in self.subsystems:
+            with contextlib.suppress(Exception):
+                sub.close()
+        if not self.opts.cleanup_on_exit or self.running is None:
+            self._log.info("stop", "stopping; kernel state left in place (fast paths keep serving)")
+            return
+        try:
+            done = self._applier.cleanup(self.running, self.opts.netns, self.owned)
+        except ControlPlaneError as exc:
+            self._log.error("stop", f"cleanup failed: {_one_line(exc)}")
+            return
+        state_mod.remove(self.state_path)
+        self._log.info("stop", "cleaned up what we own", actions="; ".join(done) or "nothing")
+
+    # -- apply / reload -----------------------------------------------------
+
+    def _commit(self, cfg: Config, sha: str, source: str) -> Outcome:
+        start = time.monotonic()
+        try:
+            res = self._applier.apply(cfg, self.opts.netns, self.owned)
+        except ControlPlaneError as exc:
+            out = Outcome(
+                self._clock(),
+                False,
+                source,
+                seconds=time.monotonic() - start,
+                error=_one_line(exc),
+                issues=_issues(exc) if isinstance(exc, ConfigError) else (),
+                exit_code=exc.exit_code,
+            )
+            self._record(apply=out)
+            self._log.error("apply", f"refused, running config kept: {out.error}", source=source)
+            raise
+        out = Outcome(
+            self._clock(), True, source, res.changed, res.summary, time.monotonic() - start
+        )
+        self.running, self.running_sha = cfg, sha
+        self.owned = state_mod.AppliedState(
+            netns=self.opts.netns,
+            config_path=str(self.opts.config_path),
+            config_sha256=sha,
+            table_family=cfg.table.family,
+            table_name=cfg.table.name,
+            applied_at=out.at,
+            reuseport_groups=tuple(sorted(res.reuseport)),
+            reuseport_bpffs=cfg.reuseport.bpffs,
+        )
+        state_mod.save(self.state_path, self.owned)
+        self._record(apply=out, reuseport=res.reuseport)
+        verdict = f"{len(res.summary)} change(s)" if res.changed else "no changes"
+        self._log.info(
+            "apply", f"committed: {verdict}", source=source, ms=round(out.seconds * 1000, 1)
+        )
+        for line in res.summary:
+            self._log.info("apply", line, source=source)
+        return out
+
+    def reload(self, source: str) -> Outcome:
+        """Parse the file again and commit it; on any error keep the running config."""
+        notify.reloading()
+        sha = _sha256(self.opts.config_path)
+        try:
+            cfg = load_config(self.opts.config_path)
+        except ConfigError as exc:
+            out = Outcome(
+                self._clock(),
+                False,
+                source,
+                error=f"invalid config ({len(exc.issues)} problem(s))",
+                issues=_issues(exc),
+                exit_code=exc.exit_code,
+            )
+            self._rejected_sha = sha
+            self._record(reload=out)
+            self._log.error(
+                "reload",
+                "invalid config; running config kept",
+                source=source,
+                problems="; ".join(str(i) for i in exc.issues),
+            )
+            notify.ready("running (last reload refused: invalid config)")
+            return out
+        try:
+            applied = self._commit(cfg, sha, source)
+        except ControlPlaneError as exc:
+            out = Outcome(
+                self._clock(),
+                False,
+                source,
+                error=_one_line(exc),
+                issues=_issues(exc) if isinstance(exc, ConfigError) else (),
+                exit_code=exc.exit_code,
+            )
+            self._rejected_sha = sha
+            self._record(reload=out)
+            notify.ready("running (last reload refused by the kernel)")
+            return out
+        for sub in self.subsystems:
+            sub.reconfigure(cfg)
+        self.refresh_kernel()
+        self._record(reload=applied)
+        notify.ready("running")
+        return applied
+
+    def config_file_changed(self) -> Outcome | None:
+        """Called when the file's stat changed: reload if its bytes did."""
+        sha = _sha256(self.opts.config_path)
+        if not sha or sha in (self.running_sha, self._rejected_sha):
+            return None
+        return self.reload("file")
+
+    # -- observation --------------------------------------------------------
+
+    def refresh_kernel(self) -> None:
+        if self.running is None:
+            return
+        try:
+            view = self._observer.observe(self.running, self.opts.netns)
+        except ControlPlaneError as exc:
+            view = replace(self._snap.kernel, at=self._clock(), error=_one_line(exc))
+        self._record(kernel=view)
+
+    def _record(
+        self,
+        *,
+        apply: Outcome | None = None,
+        reload: Outcome | None = None,
+        kernel: KernelView | None = None,
+        reuseport: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        s = self._snap
+        applies, reloads = dict(s.applies), dict(s.reloads)
+        if apply is not None:
+            key = "ok" if apply.ok else "failed"
+            applies[key] = applies.get(key, 0) + 1
+        if reload is not None:
+            key = "ok" if reload.ok else "failed"
+            reloads[key] = reloads.get(key, 0) + 1
+        inv: dict[str, Any] = {}
+        for sub in self.subsystems:
+            inv.update(sub.stats())
+        self._snap = replace(
+            s,
+            config_sha256=self.running_sha,
+            table=f"{self.running.table.family} {self.running.table.name}" if self.running else "",
+            last_apply=apply or s.last_apply,
+            last_reload=reload or s.last_reload,
+            applies=applies,
+            reloads=reloads,
+            kernel=kernel or s.kernel,
+            reuseport=reuseport if reuseport is not None else s.reuseport,
+            invalidation=inv or s.invalidation,
+            control=self.control_stats(),
+        )
+
+    def snapshot(self) -> Snapshot:
+        """The latest published snapshot (safe to call from any thread)."""
+        return self._snap
+
+    # -- control protocol ---------------------------------------------------
+
+    def handle(self, req: protocol.Request) -> bytes:
+        try:
+            if req.op == "status":
+                self.refresh_kernel()
+                return protocol.ok(self._snap.to_json())
+            if req.op == "reload":
+                out = self.reload("control")
+                if out.ok:
+                    return protocol.ok(
+                        {
+                            "changed": out.changed,
+                            "summary": list(out.summary),
+                            "seconds": out.seconds,
+                        }
+                    )
+                code: protocol.ErrorCode = "config_invalid" if out.issues else "apply_failed"
+                return protocol.error(
+                    code,
+                    f"{out.error}; running config kept",
+                    issues=list(out.issues),
+                    exit_code=out.exit_code,
+                )
+            if req.op == "flows":
+                limit = req.args.get("limit", FLOWS_LIMIT)
+                if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                    return protocol.error("bad_request", "'limit' must be a non-negative integer")
+                flows, truncated = self._observer.flows(self.opts.netns, min(limit, FLOWS_LIMIT))
+                return protocol.ok({"flows": flows, "truncated": truncated})
+        except ControlPlaneError as exc:
+            return protocol.error("unavailable", _one_line(exc))
+        except Exception as exc:  # a bug: answer and keep serving; the log says what
+            self._log.error("control", f"internal error in {req.op}: {type(exc).__name__}: {exc}")
+            return protocol.error("internal", f"{type(exc).__name__}: {exc}")
+        return protocol.error("unknown_op", f"unknown op {req.op!r}")
+
+
+@dataclass
+class _Periodic:
+    every: float
+    fn: Callable[[], None]
+    next_at: float = field(default=0.0)
+
+
+class Loop:
+    """Selector + timers + signals on the calling (main) thread."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self._timers: list[_Periodic] = []
+        self._deadlines: list[Callable[[], float | None]] = []
+        self._signals: dict[int, Callable[[], object]] = {}
+        self._stop = False
+        # Signals are delivered as bytes on a socketpair (set_wakeup_fd), so a
+        # signal handled mid-apply is processed afterwards, in order, by the loop.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_signal)
+        # Set now, not in run(): a SIGTERM during the initial apply is kept and handled.
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def every(self, seconds: float, fn: Callable[[], None]) -> None:
+        self._timers.append(_Periodic(seconds, fn, time.monotonic() + seconds))
+
+    def add_deadline_source(self, fn: Callable[[], float | None]) -> None:
+        self._deadlines.append(fn)
+
+    def on_signal(self, signum: int, fn: Callable[[], object]) -> None:
+        self._signals[signum] = fn
+        signal.signal(signum, lambda *_: None)  # the wake-up fd carries it
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _on_signal(self, _mask: int) -> None:
+        try:
+            data = self._wake_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            fn = self._signals.get(signum)
+            if fn is not None:
+                fn()
+
+    def run(self) -> None:
+        while not self._stop:
+            now = time.monotonic()
+            for t in self._timers:
+                if t.next_at <= now:
+                    t.next_at = now + t.every
+                    t.fn()
+            deadlines = [t.next_at for t in self._timers]
+            deadlines += [d for src in self._deadlines if (d := src()) is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for key, mask in self.sel.select(timeout):
+                key.data(mask)
+                if self._stop:
+                    break
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def run(
+    opts: AgentOptions,
+    applier: Applier,
+    observer: Observer,
+    log: DecisionLog,
+    *,
+    version: str = "0",
+    subsystems: tuple[Subsystem, ...] = (),
+) -> None:
+    """Run the agent until SIGTERM/SIGINT. Raises ControlPlaneError if it cannot start."""
+    from controlplane.agent import control
+
+    loop = Loop()
+    agent = Agent(opts, applier, observer, log, version=version, subsystems=subsystems)
+    socket_path = opts.socket_path or control.default_socket_path(opts.netns)
+    server: control.ControlServer | None = None
+    stop_metrics: Callable[[], None] | None = None
+    try:
+        # The socket first: a second agent for the same namespace stops here,
+        # before it touches the kernel.
+        server = control.ControlServer(socket_path, loop.sel, agent.handle)
+        srv = server
+        agent.control_stats = lambda: {
+            "requests": srv.stats.requests,
+            "errors": srv.stats.errors,
+            "refused": srv.stats.refused,
+            "timeouts": srv.stats.timeouts,
+        }
+        # Handlers before the first apply: a signal meanwhile waits for the loop.
+        loop.on_signal(signal.SIGHUP, lambda: agent.reload("sighup"))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.on_signal(sig, loop.stop)
+        agent.start()
+        loop.add_deadline_source(server.next_deadline)
+        loop.every(0.5, server.expire)
+        loop.every(KERNEL_REFRESH, agent.refresh_kernel)
+        if opts.watch_interval > 0:
+            last = [_file_key(opts.config_path)]
+
+            def poll_config() -> None:
+                key = _file_key(opts.config_path)
+                if key != last[0]:
+                    last[0] = key
+                    agent.config_file_changed()
+
+            loop.every(opts.watch_interval, poll_config)
+        for sub in subsystems:
+            fd = sub.fileno()
+            if fd is not None:
+                loop.sel.register(fd, selectors.EVENT_READ, lambda _m, s=sub: s.on_readable())
+            # TODO(integration): drive sub.tick() from its returned deadline.
+        if opts.metrics is not None:
+            from controlplane.agent import metrics
+
+            stop_metrics = metrics.serve(opts.metrics, agent.snapshot)
+            log.info("metrics", f"serving on {opts.metrics[0]}:{opts.metrics[1]}")
+        log.info(
+            "start",
+            "running",
+            netns=opts.netns or "host",
+            socket=str(socket_path),
+            state=str(agent.state_path),
+            config=str(opts.config_path),
+        )
+        notify.ready("running")
+        loop.run()
+        notify.stopping()
+        agent.stop()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+        if server is not None:
+            server.close()
+        loop.close()

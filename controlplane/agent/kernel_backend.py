@@ -1,0 +1,130 @@
+"""The real :class:`~controlplane.agent.ports.Applier` and ``Observer``.
+
+Thin: the apply path (ownership, lock, one transaction, teardown of flows of
+devices that left) is the applier's; reuseport pins are the bpf loader's.
+Heavy imports (libnftables, bcc) happen on first use so ``offloadctl agent
+--help`` and the unit tests stay light.
+
+TODO(integration): H2 may move ``controlplane.applier`` to
+``controlplane.service``; only the two imports below follow it. Once H2's
+per-netns lock lands, ``apply`` runs under it like every other writer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+from controlplane.agent.ports import ApplyOutcome
+from controlplane.agent.snapshot import KernelView
+from controlplane.agent.state import AppliedState
+from controlplane.config import Config
+from controlplane.errors import EnvironmentProblem
+
+
+class KernelApplier:
+    def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        from controlplane import applier
+
+        res = applier.apply(cfg, netns)
+        summary = list(res.plan.summary) if not res.plan.empty else []
+        if res.teardown is not None:
+            summary.append(f"tore down {res.teardown.deleted} flow(s) through removed devices")
+        groups = self._reuseport(cfg, netns, owned, summary)
+        return ApplyOutcome(
+            changed=not res.plan.empty or bool(summary),
+            summary=tuple(summary),
+            seconds=res.seconds,
+            reuseport=groups,
+        )
+
+    def _reuseport(
+        self, cfg: Config, netns: str | None, owned: AppliedState | None, summary: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        wanted = {g.name for g in cfg.reuseport.groups}
+        stale = [g for g in (owned.reuseport_groups if owned else ()) if g not in wanted]
+        if not wanted and not stale:
+            return {}
+        from controlplane.kernel.bpf import loader
+
+        facts: dict[str, dict[str, Any]] = {}
+        for group in cfg.reuseport.groups:
+            res = loader.load_group(
+                group.name,
+                netns=netns,
+                bpffs=cfg.reuseport.bpffs,
+                max_listeners=group.max_listeners,
+                drop_when_no_target=group.drop_when_no_target,
+            )
+            if not res.already_loaded:
+                summary.append(f"+ reuseport group {group.name} (prog id {res.prog_id})")
+            facts[group.name] = {
+                "pin_dir": res.pin_dir,
+                "prog_id": res.prog_id,
+                "capacity": res.capacity,
+            }
+        for group_name in stale:
+            try:
+                loader.unload_group(
+                    group_name, netns=netns, bpffs=owned.reuseport_bpffs if owned else "/sys/fs/bpf"
+                )
+            except EnvironmentProblem:
+                continue  # already gone: nothing of ours left to remove
+            summary.append(f"- reuseport group {group_name}")
+        return facts
+
+    def cleanup(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
+        from controlplane import applier
+
+        done: list[str] = []
+        if applier.flush(cfg, netns):
+            done.append(f"deleted table {cfg.table.family} {cfg.table.name}")
+        groups = set(owned.reuseport_groups if owned else ()) | {
+            g.name for g in cfg.reuseport.groups
+        }
+        if groups:
+            from controlplane.kernel.bpf import loader
+
+            for name in sorted(groups):
+                try:
+                    res = loader.unload_group(name, netns=netns, bpffs=cfg.reuseport.bpffs)
+                except EnvironmentProblem:
+                    continue
+                done.append(
+                    f"unloaded reuseport group {name} ({res.live_listeners} live listeners)"
+                )
+        return done
+
+
+class KernelObserver:
+    def observe(self, cfg: Config, netns: str | None) -> KernelView:
+        from controlplane.kernel import status
+
+        info = status.collect(cfg.table.name, netns, family=cfg.table.family)
+        return KernelView(
+            at=time.time(),
+            table_present=bool(info["table"]),
+            flowtables={ft["name"]: tuple(ft["devices"]) for ft in info["flowtables"]},
+            counters=dict(info["counters"]),
+            conntrack=int(info["conntrack"]),
+            offloaded=int(info["offloaded"]),
+        )
+
+    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        # TODO(integration): answer from H4a's flow index (with each flow's path devices)
+        # instead of a dump, once the engine runs in the agent.
+        from controlplane.kernel.ctnetlink.conntrack import dump_flows
+
+        flows = dump_flows(netns, only_offloaded=True)
+        out = [
+            {
+                "id": f.id,
+                "zone": f.zone,
+                "mark": f.mark,
+                "orig": asdict(f.orig),
+                "reply": asdict(f.reply),
+            }
+            for f in flows[:limit]
+        ]
+        return out, len(flows) > limit

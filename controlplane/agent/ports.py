@@ -1,0 +1,70 @@
+"""The seams between the agent's loop and the kernel, as small Protocols.
+
+The loop only ever calls these; :mod:`controlplane.agent.kernel_backend` holds
+the real implementations and unit tests inject fakes (tests/unit/test_agent_*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from controlplane.agent.snapshot import KernelView
+from controlplane.agent.state import AppliedState
+from controlplane.config import Config
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    changed: bool
+    summary: tuple[str, ...] = ()
+    seconds: float = 0.0
+    # reuseport group -> facts (prog id, pin dir, already loaded...)
+    reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Applier(Protocol):
+    def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        """Make the kernel match ``cfg`` in one transaction; raise a ControlPlaneError
+        (ConfigError / EnvironmentProblem / UnsupportedError / KernelError) with the
+        previous kernel state kept. ``owned`` is what an earlier run applied."""
+        ...
+
+    def cleanup(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
+        """Remove what we own (the table, our reuseport groups); one line per action."""
+        ...
+
+
+class Observer(Protocol):
+    def observe(self, cfg: Config, netns: str | None) -> KernelView: ...
+
+    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Up to ``limit`` offloaded flows as JSON-able dicts, and whether more exist."""
+        ...
+
+
+class Subsystem(Protocol):
+    """Something else the loop drives, e.g. the watcher + invalidation engine.
+
+    TODO(integration): H4b's watch loop implements this (fileno of its netlink
+    socket, on_readable drains and feeds H4a's engine, tick runs the periodic
+    FDB/neighbour reconciliation, reconfigure follows a committed reload).
+    """
+
+    name: str
+
+    def fileno(self) -> int | None: ...
+
+    def on_readable(self) -> None: ...
+
+    def tick(self, now: float) -> float | None:
+        """Do periodic work; return the monotonic time of the next call (None: none)."""
+        ...
+
+    def reconfigure(self, cfg: Config) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        """Merged into the status' ``invalidation``: events, overflows, resyncs, by_cause."""
+        ...
+
+    def close(self) -> None: ...

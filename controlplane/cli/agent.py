@@ -1,0 +1,210 @@
+"""``offloadctl agent`` (the host daemon) and ``offloadctl reload`` (its client).
+
+``agent_status`` and ``agent_flows`` let ``offloadctl status`` / ``flows`` answer
+from a running agent: each prints and returns True when an agent answered,
+False when none runs in that namespace (then the caller reads the kernel).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from controlplane.cli.common import ConfigArg, NetnsOpt, app
+from controlplane.cli.errors import err, handles_errors
+from controlplane.errors import EnvironmentProblem
+
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket",
+        help="control socket (default /run/offloadctl/<netns or host>.sock)",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+@handles_errors
+def agent(
+    config: ConfigArg,
+    netns: NetnsOpt = None,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(help="default /var/lib/offloadctl/<netns or host>/state.json"),
+    ] = None,
+    socket_path: SocketOpt = None,
+    log_format: Annotated[str, typer.Option(help="plain or json")] = "plain",
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9108"),
+    ] = None,
+    metrics_allow_remote: Annotated[
+        bool, typer.Option(help="allow a non-loopback --metrics address")
+    ] = False,
+    cleanup_on_exit: Annotated[
+        bool, typer.Option(help="on SIGTERM remove the table and reuseport groups we own")
+    ] = False,
+    watch_interval: Annotated[
+        float, typer.Option(help="seconds between config-file checks (0: only SIGHUP/reload)")
+    ] = 1.0,
+) -> None:
+    """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
+    from controlplane import __version__
+    from controlplane.agent import daemon, logs
+    from controlplane.agent.kernel_backend import KernelApplier, KernelObserver
+    from controlplane.errors import ConfigError, ConfigIssue
+    from controlplane.kernel.netns import require_root
+
+    if log_format not in ("plain", "json"):
+        raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
+    if watch_interval < 0:
+        raise ConfigError([ConfigIssue("--watch-interval", "must be >= 0")])
+    listen = None
+    if metrics is not None:
+        from controlplane.agent.metrics import parse_listen
+
+        listen = parse_listen(metrics, metrics_allow_remote)
+    require_root("running the agent")
+    log = logs.DecisionLog(logs.setup("json" if log_format == "json" else "plain"))
+    opts = daemon.AgentOptions(
+        config_path=config,
+        netns=netns,
+        state_path=state_file,
+        socket_path=socket_path,
+        cleanup_on_exit=cleanup_on_exit,
+        watch_interval=watch_interval,
+        metrics=listen,
+    )
+    # TODO(integration): subsystems=(H4b's watcher + H4a's engine as a Subsystem,)
+    try:
+        daemon.run(opts, KernelApplier(), KernelObserver(), log, version=__version__)
+    except Exception as exc:
+        # Also on the agent's own log stream, so a journal/JSON pipeline sees why it stopped.
+        log.error("start", f"cannot run: {'; '.join(str(exc).splitlines())}")
+        raise
+
+
+def _client(netns: str | None, socket_path: Path | None) -> Any:
+    from controlplane.agent.control import connect, default_socket_path
+
+    path = socket_path or default_socket_path(netns)
+    return connect(path)
+
+
+@app.command()
+@handles_errors
+def reload(
+    netns: NetnsOpt = None,
+    socket_path: SocketOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ask the running agent to re-read its config (a bad config keeps the running one)."""
+    client = _client(netns, socket_path)
+    if client is None:
+        where = f"network namespace {netns!r}" if netns else "the host"
+        raise EnvironmentProblem(f"no agent is running for {where}")
+    with client:
+        resp = client.call("reload")
+    if as_json:
+        typer.echo(json.dumps(resp.result if resp.ok else {"error": resp.error}, indent=2))
+    if resp.ok:
+        if not as_json:
+            summary = resp.result.get("summary", [])
+            if resp.result.get("changed"):
+                for line in summary:
+                    typer.echo(line)
+                typer.echo(f"reloaded: {len(summary)} change(s)")
+            else:
+                typer.echo("reloaded: no changes")
+        return
+    if not as_json:
+        err(f"reload refused: {resp.error_message}")
+        for issue in resp.error.get("issues", []):
+            line = f" (line {issue['line']})" if issue.get("line") is not None else ""
+            typer.echo(f"  {issue['path']}{line}: {issue['message']}", err=True)
+    code = resp.error.get("exit_code")
+    raise typer.Exit(code if isinstance(code, int) and code > 0 else 5)
+
+
+def status_lines(doc: dict[str, Any]) -> list[str]:
+    """Human-readable status of an agent (the ``status`` op's result)."""
+    import time
+
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    k = doc["kernel"]
+    lines = [
+        f"agent pid {doc['pid']} ({doc['netns'] or 'host'}), config {doc['config_path']},"
+        f" table {doc['table']}: {'present' if k['table_present'] else 'absent'}"
+    ]
+    for name, devs in sorted(k["flowtables"].items()):
+        lines.append(f"  flowtable {name}: devices {{ {', '.join(devs)} }}")
+    for name, c in sorted(k["counters"].items()):
+        lines.append(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
+    lines.append(f"  conntrack entries: {k['conntrack']} ({k['offloaded']} offloaded)")
+    if k.get("error"):
+        lines.append(f"  kernel view: {k['error']}")
+    inv = doc.get("invalidation") or {}
+    if inv:
+        causes = ", ".join(f"{c} {n}" for c, n in sorted(inv.get("by_cause", {}).items()))
+        lines.append(
+            f"  invalidations: {causes or 'none'}; events {inv.get('events', 0)},"
+            f" overflows {inv.get('overflows', 0)}, resyncs {inv.get('resyncs', 0)}"
+        )
+    for group, facts in sorted(doc.get("reuseport", {}).items()):
+        extra = ", ".join(f"{k2} {v}" for k2, v in sorted(facts.items()))
+        lines.append(f"  reuseport group {group}: {extra}")
+    for name in ("last_apply", "last_reload"):
+        out = doc.get(name)
+        if out is None:
+            continue
+        verdict = (
+            f"ok, {len(out['summary'])} change(s)" if out["ok"] else f"refused: {out['error']}"
+        )
+        label = name.replace("_", " ")
+        lines.append(f"  {label}: {when(out['at'])} ({out['source']}) {verdict}")
+    return lines
+
+
+def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
+    """Print a running agent's status; False when no agent runs for ``netns``."""
+    client = _client(netns, socket_path)
+    if client is None:
+        return False
+    with client:
+        resp = client.call("status", timeout=30.0)
+    if not resp.ok:
+        raise EnvironmentProblem(f"agent status: {resp.error_message}")
+    if as_json:
+        typer.echo(json.dumps(resp.result, indent=2))
+    else:
+        for line in status_lines(resp.result):
+            typer.echo(line)
+    return True
+
+
+def agent_flows(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
+    """Print a running agent's offloaded flows; False when no agent runs for ``netns``."""
+    client = _client(netns, socket_path)
+    if client is None:
+        return False
+    with client:
+        resp = client.call("flows", timeout=60.0)
+    if not resp.ok:
+        raise EnvironmentProblem(f"agent flows: {resp.error_message}")
+    if as_json:
+        typer.echo(json.dumps(resp.result, indent=2))
+        return True
+    for f in resp.result["flows"]:
+        o = f["orig"]
+        typer.echo(
+            f"id {f['id']} zone {f['zone']} {o['src']}:{o['sport']} -> {o['dst']}:{o['dport']}"
+        )
+    if resp.result.get("truncated"):
+        typer.echo("(truncated)")
+    return True
