@@ -116,7 +116,9 @@ class Link:
     ``lower`` is the device under a VLAN device (``IFLA_LINK``); ``master`` is
     the bridge a port is enslaved to. For a VLAN device ``vlan_id`` and
     ``vlan_protocol`` describe its tag; for a bridge ``vlan_protocol`` is the
-    bridge's and ``pvid`` its default PVID.
+    bridge's and ``pvid`` its default PVID. ``up``: the device can transmit
+    (administratively up with carrier); a flow cached through a device that is
+    not up is stale.
     """
 
     ifindex: int
@@ -128,6 +130,7 @@ class Link:
     vlan_protocol: int = ETH_P_8021Q
     vlan_filtering: bool = False
     pvid: int | None = None
+    up: bool = True
 
 
 @dataclass(frozen=True, slots=True)
