@@ -512,7 +512,7 @@ def unload_group(
         pin_dir = group_pin_dir(bpffs, label, group)
         if not os.path.isdir(pin_dir):
             unmounted = _remove_empty_dirs(bpffs, label)
-            note = f"; removed {len(stale)} staging directories of dead loaders" if stale else ""
+            note = f"; removed {', '.join(stale)}, left by a load that died" if stale else ""
             raise EnvironmentProblem(
                 f"reuseport group {group!r} is not loaded in {label} (no {pin_dir}){note}"
                 + ("; unmounted the bpffs that load had mounted" if unmounted else "")
