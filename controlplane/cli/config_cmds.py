@@ -51,9 +51,14 @@ def render(
     cfg = load(config)
     facts = Facts()
     if netns is not None:
-        from controlplane.applier import gather_facts
+        from controlplane.core.devices import explain
+        from controlplane.core.render import device_sets
+        from controlplane.kernel.rtnl.facts import gather_facts
 
         facts = gather_facts(cfg, netns)
+        # Which devices each flowtable hooks and why (stderr: stdout stays loadable).
+        for line in explain(device_sets(cfg, facts)):
+            typer.echo(line, err=True)
     elif any(ft.bridges for ft in cfg.flowtables):
         _err("note: bridge ports join flowtables at apply time (--netns NS resolves them now)")
     rs = do_render(cfg, facts)

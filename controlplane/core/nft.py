@@ -132,6 +132,71 @@ def match_tcp_not_syn() -> Stmt:
     )
 
 
+def match_ports(proto: str, fieldname: str, ranges: list[tuple[int, int]]) -> Stmt:
+    """``tcp dport { 22, 1000-2000 }``; ``proto`` "th" matches any transport header
+    (use it after ``meta l4proto`` names the protocols)."""
+    values: list[JSON] = []
+    texts: list[str] = []
+    for low, high in ranges:
+        values.append(low if low == high else {"range": [low, high]})
+        texts.append(str(low) if low == high else f"{low}-{high}")
+    rhs, text = _rhs(values, texts)
+    return _stmt(
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": proto, "field": fieldname}},
+                "right": rhs,
+            }
+        },
+        f"{proto} {fieldname} {text}",
+    )
+
+
+def match_ct_state(states: list[str]) -> Stmt:
+    return _stmt(
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": list(states)}},
+        "ct state " + ",".join(states),
+    )
+
+
+def match_ct_status(status: str) -> Stmt:
+    return _stmt(
+        {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": status}},
+        f"ct status {status}",
+    )
+
+
+# IPS_OFFLOAD (nf_conntrack_common.h): nft 1.0.x has no keyword for it, so the
+# bit goes as a number in both grammars (listed back as "ct status 0x4000").
+IPS_OFFLOAD = 0x4000
+
+
+def match_ct_offloaded() -> Stmt:
+    return _stmt(
+        {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": IPS_OFFLOAD}},
+        f"ct status {IPS_OFFLOAD:#x}",
+    )
+
+
+def counter_map(key: str, counters: dict[str, str]) -> Stmt:
+    """``counter name iifname map { "dev" : "cnt", ... }``: one named counter per key.
+
+    An objref map: one rule counts per device instead of one rule per device
+    (nft 1.0.6 / kernel 6.1 accept it in JSON and text alike)."""
+    items = sorted(counters.items())
+    return _stmt(
+        {
+            "counter": {
+                "map": {"key": {"meta": {"key": key}}, "data": {"set": [[k, v] for k, v in items]}}
+            }
+        },
+        f"counter name {key} map {{ "
+        + ", ".join(f"{_quote(k)} : {_quote(v)}" for k, v in items)
+        + " }",
+    )
+
+
 def counter(name: str | None = None) -> Stmt:
     if name is None:
         return _stmt({"counter": None}, "counter")

@@ -1,19 +1,36 @@
 """Config → the nftables ruleset of the owned table. Pure: no IO.
 
-What the kernel must tell us first (which ports a bridge has today) comes in
-as :class:`Facts`, gathered by the adapters before rendering.
+What the kernel must tell us first (which ports a bridge has today, which of
+them are VLAN devices on which real device) comes in as :class:`Facts`,
+gathered by the adapters (``kernel/rtnl/facts.py``) before rendering.
+
+The forward chain, in order (order matters: ``flow add`` only acts on
+established connections, so it must run before anything accepts them):
+
+1. counters: every classic-path packet (``classic_path``) and, per flowtable
+   device, packets of already-offloaded flows that still came in there
+   (``classic_in_*``: the per-direction truth, see ``core/devices.py``);
+2. offload policies (``flow add``);
+3. with ``forward.policy: drop``: established/related, port forwards, the
+   ``forward.accept`` entries; the rest meets the chain's drop policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
-from controlplane.config import Config, Flowtable, OffloadPolicy
+from controlplane.config import Config, ForwardAccept, OffloadPolicy
 from controlplane.core import nft
+from controlplane.core.devices import (
+    DeviceSet,
+    classic_counter_names,
+    derive_all,
+)
+from controlplane.core.devices import (
+    LinkFacts as Facts,
+)
 
-__all__ = ["CLASSIC_COUNTER", "Facts", "render"]
+__all__ = ["CLASSIC_COUNTER", "Facts", "device_sets", "render"]
 
 # Named counter of packets that took the classic forward path: the first thing
 # to look at when asking "is the fast path working?".
@@ -24,64 +41,138 @@ DSTNAT_PRIO = -100
 SRCNAT_PRIO = 100
 
 
-@dataclass(frozen=True)
-class Facts:
-    """Kernel state the rendering depends on."""
-
-    bridge_ports: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-def flowtable_devices(ft: Flowtable, facts: Facts) -> tuple[str, ...]:
-    devices = set(ft.devices)
-    for bridge in ft.bridges:
-        devices.update(facts.bridge_ports.get(bridge, ()))
-    return tuple(sorted(devices))
+def device_sets(cfg: Config, facts: Facts | None = None) -> tuple[DeviceSet, ...]:
+    """Each flowtable's derived devices with the reasons (what plan/render print)."""
+    return derive_all(cfg, facts or Facts())
 
 
 def _split(nets: list[IPv4Network | IPv6Network], version: int) -> list[IPv4Network | IPv6Network]:
     return [n for n in nets if n.version == version]
 
 
+def _l4(
+    protocols: list[str], dport: list[tuple[int, int]], sport: list[tuple[int, int]]
+) -> list[nft.Stmt]:
+    """Protocol and port matches, written the way nft lists them back: with ports
+    and one protocol, ``tcp dport 80`` (it implies ``meta l4proto tcp``)."""
+    out: list[nft.Stmt] = []
+    ports = dport or sport
+    if ports and len(protocols) == 1:
+        proto = protocols[0]
+    else:
+        if protocols:
+            out.append(nft.match_l4proto(protocols))
+        proto = "th"
+    if dport:
+        out.append(nft.match_ports(proto, "dport", dport))
+    if sport:
+        out.append(nft.match_ports(proto, "sport", sport))
+    return out
+
+
+def _by_family(
+    saddr: list[IPv4Network | IPv6Network], daddr: list[IPv4Network | IPv6Network]
+) -> list[tuple[int | None, list[nft.Stmt]]]:
+    """One entry per address family the prefixes allow (None: no prefix, any family)."""
+    if not saddr and not daddr:
+        return [(None, [])]
+    out: list[tuple[int | None, list[nft.Stmt]]] = []
+    for version in (4, 6):
+        s, d = _split(saddr, version), _split(daddr, version)
+        # A list that is set but has nothing of this family excludes the family.
+        if (saddr and not s) or (daddr and not d):
+            continue
+        stmts = []
+        if s:
+            stmts.append(nft.match_prefixes("saddr", s))  # type: ignore[arg-type]
+        if d:
+            stmts.append(nft.match_prefixes("daddr", d))  # type: ignore[arg-type]
+        out.append((version, stmts))
+    return out
+
+
 def _policy_rules(pol: OffloadPolicy) -> list[nft.Rule]:
-    base: list[nft.Stmt] = [nft.match_l4proto(list(pol.protocols))]
+    base: list[nft.Stmt] = []
     if pol.iifnames:
         base.append(nft.match_meta("iifname", pol.iifnames))
     if pol.oifnames:
         base.append(nft.match_meta("oifname", pol.oifnames))
+    l4 = _l4(list(pol.protocols), pol.dport, pol.sport)
+    if not pol.dport and not pol.sport:
+        # Kept first, as before issue 9, so existing rules keep their tags.
+        base.insert(0, l4.pop(0))
     tail: list[nft.Stmt] = []
     if pol.min_packets:
         tail.append(nft.match_ct_packets_over(pol.min_packets))
     tail += [nft.counter(), nft.flow_add(pol.flowtable)]
-
-    if not pol.saddr and not pol.daddr:
-        return [nft.Rule("forward", (*base, *tail), f"policy {pol.name}")]
     rules = []
-    for version in (4, 6):
-        saddr, daddr = _split(pol.saddr, version), _split(pol.daddr, version)
-        # A list that is set but has nothing of this family excludes the family.
-        if (pol.saddr and not saddr) or (pol.daddr and not daddr):
-            continue
-        stmts = list(base)
-        if saddr:
-            stmts.append(nft.match_prefixes("saddr", saddr))  # type: ignore[arg-type]
-        if daddr:
-            stmts.append(nft.match_prefixes("daddr", daddr))  # type: ignore[arg-type]
-        rules.append(nft.Rule("forward", (*stmts, *tail), f"policy {pol.name} ipv{version}"))
+    for version, addrs in _by_family(pol.saddr, pol.daddr):
+        label = f"policy {pol.name}" + (f" ipv{version}" if version else "")
+        rules.append(nft.Rule("forward", (*base, *addrs, *l4, *tail), label))
     return rules
 
 
-def _nat_rules(cfg: Config) -> tuple[list[nft.Rule], list[nft.Rule], list[nft.Rule]]:
+def _accept_rules(acc: ForwardAccept) -> list[nft.Rule]:
+    base: list[nft.Stmt] = []
+    if acc.iifnames:
+        base.append(nft.match_meta("iifname", acc.iifnames))
+    if acc.oifnames:
+        base.append(nft.match_meta("oifname", acc.oifnames))
+    # nft lists ICMPv6 by its /etc/protocols name.
+    protocols = ["ipv6-icmp" if p == "icmpv6" else p for p in acc.protocols]
+    l4 = _l4(protocols, acc.dport, acc.sport)
+    rules = []
+    for version, addrs in _by_family(acc.saddr, acc.daddr):
+        label = f"accept {acc.name}" + (f" ipv{version}" if version else "")
+        stmts = (*base, *addrs, *l4, nft.counter(), nft.verdict("accept"))
+        rules.append(nft.Rule("forward", stmts, label))
+    return rules
+
+
+def _default_deny_rules(cfg: Config) -> list[nft.Rule]:
+    """What a default-deny router accepts before its own list: the packets of
+    connections it already accepted (and their ICMP errors: "fragmentation
+    needed" must reach the sender or PMTU discovery breaks), and port forwards
+    the config itself declares (a DNAT rule is an explicit wish to let it in)."""
+    rules = [
+        nft.Rule(
+            "forward",
+            (nft.match_ct_state(["established", "related"]), nft.verdict("accept")),
+            "accept established",
+        )
+    ]
+    if cfg.nat.dnat:
+        rules.append(
+            nft.Rule(
+                "forward",
+                (nft.match_ct_status("dnat"), nft.verdict("accept")),
+                "accept port forwards",
+            )
+        )
+    for acc in cfg.forward.accept:
+        rules += _accept_rules(acc)
+    return rules
+
+
+def _dnat_rules(cfg: Config) -> list[nft.Rule]:
     pre: list[nft.Rule] = []
+    for d in cfg.nat.dnat:
+        stmts = []
+        if d.iifname is not None:
+            stmts.append(nft.match_meta("iifname", [d.iifname]))
+        stmts.append(nft.match_nfproto(d.to.version))
+        if d.daddr is not None:
+            stmts.append(nft.match_prefixes("daddr", [ip_network(d.daddr)]))  # type: ignore[arg-type]
+        stmts += [nft.match_dport(d.protocol, d.port), nft.dnat(d.to, d.to_port)]
+        where = " ".join(x for x in (d.iifname, str(d.daddr) if d.daddr else None) if x)
+        pre.append(nft.Rule("dstnat", tuple(stmts), f"dnat {where} {d.protocol} {d.port}"))
+    return pre
+
+
+def _nat_rules(cfg: Config) -> tuple[list[nft.Rule], list[nft.Rule], list[nft.Rule]]:
+    pre = _dnat_rules(cfg)
     post: list[nft.Rule] = []
     guard: list[nft.Rule] = []
-    for d in cfg.nat.dnat:
-        stmts = [
-            nft.match_meta("iifname", [d.iifname]),
-            nft.match_nfproto(d.to.version),
-            nft.match_dport(d.protocol, d.port),
-            nft.dnat(d.to, d.to_port),
-        ]
-        pre.append(nft.Rule("dstnat", tuple(stmts), f"dnat {d.iifname} {d.protocol} {d.port}"))
     for m in cfg.nat.masquerade:
         for version in (4, 6):
             saddr = _split(m.saddr, version)
@@ -125,29 +216,44 @@ def _nat_rules(cfg: Config) -> tuple[list[nft.Rule], list[nft.Rule], list[nft.Ru
 
 
 def render(cfg: Config, facts: Facts | None = None) -> nft.Ruleset:
-    facts = facts or Facts()
+    sets = device_sets(cfg, facts)
     flowtables = tuple(
         nft.Flowtable(
             name=ft.name,
             priority=ft.priority,
-            devices=flowtable_devices(ft, facts),
+            devices=ds.names,
             hw_offload=ft.hw_offload,
             counter=ft.counter,
         )
-        for ft in cfg.flowtables
+        for ft, ds in zip(cfg.flowtables, sets, strict=True)
     )
     chains: list[nft.Chain] = []
     rules: list[nft.Rule] = []
     counters: list[str] = []
 
-    if cfg.flowtables or cfg.policies:
+    deny = cfg.forward.policy == "drop"
+    if cfg.flowtables or cfg.policies or deny:
         counters.append(CLASSIC_COUNTER)
-        chains.append(nft.Chain("forward", "filter", nft.Hook.FORWARD, FILTER_PRIO))
+        chains.append(
+            nft.Chain("forward", "filter", nft.Hook.FORWARD, FILTER_PRIO, cfg.forward.policy)
+        )
         rules.append(
             nft.Rule("forward", (nft.counter(CLASSIC_COUNTER),), "packets on the classic path")
         )
+        per_device = classic_counter_names(d for ds in sets for d in ds.names)
+        if per_device:
+            counters += sorted(per_device.values())
+            rules.append(
+                nft.Rule(
+                    "forward",
+                    (nft.match_ct_offloaded(), nft.counter_map("iifname", per_device)),
+                    "offloaded flows on the classic path, by input device",
+                )
+            )
         for pol in cfg.policies:
             rules += _policy_rules(pol)
+        if deny:
+            rules += _default_deny_rules(cfg)
 
     pre, post, guard = _nat_rules(cfg)
     if guard:

@@ -12,14 +12,23 @@ import pytest
 from hypothesis import given, settings
 
 from controlplane.core import nft
+from controlplane.core.flowpath import Link
 from controlplane.core.render import Facts, render
 from controlplane.loader import load_config, parse_config
 from tests.unit.strategies import configs
 
 ROOT = Path(__file__).parents[2] / "nft"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-# Bridges in the examples resolve to these ports (the kernel tells us at apply time).
-FACTS = Facts(bridge_ports={"br0": ("lan0",)})
+# Bridges in the examples resolve to these ports (the kernel tells us at apply time):
+# br0's port is the VLAN device lan0.10 on lan0, so lan0 is what a flowtable hooks.
+FACTS = Facts(
+    bridge_ports={"br0": ("lan0.10",)},
+    links={
+        "br0": Link(10, "br0", kind="bridge"),
+        "lan0": Link(2, "lan0", kind="veth"),
+        "lan0.10": Link(11, "lan0.10", kind="vlan", master=10, lower=2, vlan_id=10),
+    },
+)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

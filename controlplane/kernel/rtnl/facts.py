@@ -1,28 +1,81 @@
-"""Gather the kernel facts rendering depends on (bridge ports today).
+"""Gather the kernel facts rendering depends on: bridge ports and the VLAN stacks
+under them and under listed devices (``core/devices.py`` decides what to hook).
 
-The only adapter render needs: it reads, never writes, and hands a plain
-:class:`~controlplane.core.render.Facts` to the pure core.
+Reads only, never writes, and hands a plain :class:`~controlplane.core.render.Facts`
+to the pure core. Only the links that matter are decoded (the bridges' ports via
+a dump filtered by master, listed devices by name, then lower devices by index):
+decoding every link of a namespace with pyroute2 costs ~0.4 ms per link.
 """
 
 from __future__ import annotations
 
+import errno
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
+
 from controlplane.config import Config
+from controlplane.core.flowpath import Link
 from controlplane.core.render import Facts
 from controlplane.errors import EnvironmentProblem, KernelError
 from controlplane.kernel.rtnl import topology
 
 __all__ = ["gather_facts"]
 
+# Stacked devices followed down (QinQ is two; the kernel stops at five).
+_MAX_LOWER = 5
+
+
+def _get(ipr: Any, **kw: Any) -> Link | None:
+    try:
+        msgs = ipr.link("get", **kw)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    # topology's decoder: one reading of IFLA_LINKINFO for the whole package.
+    return topology._link(msgs[0]) if msgs else None
+
 
 def gather_facts(cfg: Config, netns: str | None) -> Facts:
+    if not cfg.flowtables:
+        return Facts()
+    try:
+        return _gather(cfg, netns)
+    except KernelError as exc:
+        where = f" in network namespace {netns!r}" if netns else ""
+        raise EnvironmentProblem(f"reading links{where}: {exc.message}") from None
+
+
+def _gather(cfg: Config, netns: str | None) -> Facts:
     ports: dict[str, tuple[str, ...]] = {}
-    for ft in cfg.flowtables:
-        for bridge in ft.bridges:
-            if bridge not in ports:
-                try:
-                    ports[bridge] = tuple(topology.bridge_ports(bridge, netns))
-                except KernelError as exc:
-                    raise EnvironmentProblem(
-                        f"flowtable {ft.name}: bridge {bridge}: {exc.message}"
-                    ) from None
-    return Facts(bridge_ports=ports)
+    links: dict[int, Link] = {}
+    with topology._iproute(netns, "read links") as ipr:
+        for ft in cfg.flowtables:
+            for bridge in ft.bridges:
+                if bridge in ports:
+                    continue
+                found = _get(ipr, ifname=bridge)
+                if found is None or found.kind != "bridge":
+                    why = "no such device" if found is None else "not a bridge"
+                    raise EnvironmentProblem(f"flowtable {ft.name}: bridge {bridge}: {why}")
+                # The kernel filters the dump by IFLA_MASTER: only ports are decoded.
+                members = [topology._link(m) for m in ipr.link("dump", master=found.ifindex)]
+                ports[bridge] = tuple(sorted(m.name for m in members))
+                links[found.ifindex] = found
+                links.update((m.ifindex, m) for m in members)
+            known = {link.name for link in links.values()}
+            for dev in ft.devices:
+                if dev not in known and (link := _get(ipr, ifname=dev)) is not None:
+                    links[link.ifindex] = link
+        # VLAN devices' lower devices, down to the real one. A lower device in
+        # another namespace is not found here: derivation reports it.
+        todo = [link for link in links.values() if link.kind == "vlan"]
+        for _ in range(_MAX_LOWER):
+            lowers = {x.lower for x in todo if x.lower is not None and x.lower not in links}
+            found_links = [f for i in sorted(lowers) if (f := _get(ipr, index=i)) is not None]
+            links.update((f.ifindex, f) for f in found_links)
+            todo = [f for f in found_links if f.kind == "vlan"]
+            if not todo:
+                break
+    return Facts(bridge_ports=ports, links={link.name: link for link in links.values()})

@@ -1,0 +1,271 @@
+"""Which devices a flowtable must hook, derived from the topology the way the kernel
+resolves a forward path; and which of them still let offloaded flows take the
+classic path. Pure.
+
+How the kernel picks the ingress device of a flow (6.1, ``nft_flow_route`` →
+``nft_dev_forward_path`` → ``dev_fill_forward_path``): from the route's output
+device it walks down ``ndo_fill_forward_path`` (bridge → FDB port, VLAN →
+lower device, QinQ twice) and takes the *last* device of that stack. If that
+device is in the flowtable, the reverse direction's packets are expected on
+it (direct transmit); otherwise the kernel falls back to the route's own
+device (neighbour transmit). Hence:
+
+- **Bridge port that is a VLAN/QinQ sub-interface** (``br0`` ← ``veth0.10`` ←
+  ``veth0``): the route device is ``br0`` (never a useful hook: its ingress
+  runs after the bridge), so only the real device under the port can be the
+  hook. Listing the VLAN port itself leaves that direction on the classic path
+  while conntrack still says ``[OFFLOAD]`` (measured in the VM: 4,256
+  forward-hook packets for 4 MiB). We hook the lowest real device.
+- **Routed VLAN device** (L3 on ``veth0.10``): both work. With ``veth0.10``
+  listed the kernel uses neighbour transmit through the VLAN device; with
+  ``veth0`` listed it uses direct transmit, which caches the next hop's MAC
+  and needs cache invalidation when it moves. We keep what the user listed
+  (no device the user did not name is hooked outside ``bridges:``), so routed
+  VLAN flows stay on the self-healing neighbour path.
+- **An explicit VLAN device that is a bridge port** can never be the hook:
+  it is resolved to its lowest real device, with a note saying so (never
+  silently): the user meant "offload through this port".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from controlplane.config import Config, Flowtable
+from controlplane.core.flowpath import Link
+from controlplane.errors import EnvironmentProblem
+
+__all__ = [
+    "DeviceSet",
+    "LinkFacts",
+    "Member",
+    "classic_counter_names",
+    "classic_path_report",
+    "derive_devices",
+    "explain",
+    "lowest_device",
+]
+
+# dev_fill_forward_path() stops after NET_DEVICE_PATH_STACK_MAX (5) devices.
+_MAX_HOPS = 5
+
+# Named counters of packets of already-offloaded flows that still reached the
+# forward hook, one per flowtable device (by input device). The prefix keeps
+# them apart from "classic_path" and makes every name start with a letter.
+CLASSIC_IN_PREFIX = "classic_in_"
+
+
+def classic_counter_names(devices: Iterable[str]) -> dict[str, str]:
+    """Device → the name of its ``classic_in_*`` counter, for all devices of a table.
+
+    Counter names are nft object names (``config.ObjName``: no dots), device
+    names may hold dots: ``lan0.10`` → ``classic_in_lan0_10``. Two devices
+    that would share a name (``a.1`` and ``a_1``) both get a short hash of the
+    device name appended, so names stay readable and unique.
+    """
+    devs = sorted(set(devices))
+    plain = {d: CLASSIC_IN_PREFIX + d.replace(".", "_") for d in devs}
+    taken: dict[str, int] = {}
+    for name in plain.values():
+        taken[name] = taken.get(name, 0) + 1
+    return {
+        d: name if taken[name] == 1 else f"{name}_{hashlib.sha256(d.encode()).hexdigest()[:6]}"
+        for d, name in plain.items()
+    }
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """The links rendering needs: bridge ports by bridge name, links by name.
+
+    ``links`` holds at least each bridge port and listed device and, for VLAN
+    devices, their lower devices (``Link.lower`` is an ifindex). Missing
+    entries mean "unknown": a device is then taken as it is named.
+    """
+
+    bridge_ports: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    links: Mapping[str, Link] = field(default_factory=dict)
+
+    def by_index(self) -> dict[int, Link]:
+        return {link.ifindex: link for link in self.links.values()}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One device of a flowtable and every reason it is there."""
+
+    name: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeviceSet:
+    flowtable: str
+    members: tuple[Member, ...]  # sorted by name
+    notes: tuple[str, ...] = ()  # explicit devices we had to resolve
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.members)
+
+
+def lowest_device(link: Link, by_index: Mapping[int, Link]) -> tuple[Link, list[str]]:
+    """Walk VLAN devices down to the real device; also the names walked through.
+
+    Raises EnvironmentProblem when the lower device is not in this namespace
+    (a VLAN whose parent lives elsewhere cannot be hooked here) or the chain
+    is longer than the kernel would follow.
+    """
+    chain = [link.name]
+    cur = link
+    while cur.kind == "vlan" and cur.lower is not None:
+        if len(chain) > _MAX_HOPS:
+            raise EnvironmentProblem(
+                f"{link.name}: more than {_MAX_HOPS} stacked devices; the kernel's"
+                " forward path stops there"
+            )
+        lower = by_index.get(cur.lower)
+        if lower is None:
+            raise EnvironmentProblem(
+                f"{cur.name}: its lower device (ifindex {cur.lower}) is not in this network"
+                " namespace, so no flowtable here can hook the real device under it"
+            )
+        cur = lower
+        chain.append(cur.name)
+    return cur, chain
+
+
+def derive_devices(ft: Flowtable, facts: LinkFacts, where: str = "") -> DeviceSet:
+    """The devices ``ft`` must hook, each with the reasons (see the module doc).
+
+    ``where`` prefixes notes with the config path of the flowtable
+    (``flowtables[0]``).
+    """
+    by_index = facts.by_index()
+    reasons: dict[str, list[str]] = {}
+    notes: list[str] = []
+
+    def add(name: str, why: str) -> None:
+        reasons.setdefault(name, []).append(why)
+
+    prefix = f"{where}." if where else ""
+    for j, dev in enumerate(ft.devices):
+        link = facts.links.get(dev)
+        if link is None or link.kind != "vlan" or link.master is None:
+            add(dev, "listed in devices")
+            continue
+        master = by_index.get(link.master)
+        master_name = master.name if master is not None else f"ifindex {link.master}"
+        real, chain = lowest_device(link, by_index)
+        add(real.name, f"lower device of {dev} (listed; a port of {master_name})")
+        notes.append(
+            f"{prefix}devices[{j}]: {dev} is a VLAN device and a port of {master_name}:"
+            f" the kernel resolves the bridge path to {real.name}, so {real.name} is hooked"
+            f" instead (list {master_name} under bridges: to say so)"
+        )
+    for bridge in ft.bridges:
+        for port in facts.bridge_ports.get(bridge, ()):
+            link = facts.links.get(port)
+            if link is None or link.kind != "vlan":
+                add(port, f"port of bridge {bridge}")
+                continue
+            real, chain = lowest_device(link, by_index)
+            via = " of ".join(["lower device of bridge port " + chain[0], bridge])
+            add(real.name, via if len(chain) == 2 else f"{via} (through {', '.join(chain[1:-1])})")
+    members = tuple(Member(name, tuple(reasons[name])) for name in sorted(reasons))
+    return DeviceSet(ft.name, members, tuple(notes))
+
+
+def derive_all(cfg: Config, facts: LinkFacts) -> tuple[DeviceSet, ...]:
+    return tuple(
+        derive_devices(ft, facts, f"flowtables[{i}]") for i, ft in enumerate(cfg.flowtables)
+    )
+
+
+def explain(sets: Iterable[DeviceSet]) -> list[str]:
+    """Human lines: each derived device and why, then the notes."""
+    lines: list[str] = []
+    for ds in sets:
+        lines.append(f"flowtable {ds.flowtable}:")
+        width = max((len(m.name) for m in ds.members), default=0)
+        for m in ds.members:
+            lines.append(f"  {m.name:<{width}}  ({'; '.join(m.reasons)})")
+        if not ds.members:
+            lines.append("  (no devices: bridges without ports?)")
+        lines += [f"  note: {n}" for n in ds.notes]
+    return lines
+
+
+# --- per-direction truth ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassicPath:
+    """Packets of offloaded flows that entered on ``device`` and still took the
+    classic forward path. A few per flow are normal (the packets in flight
+    when the flow was added, FIN/RST which the fast path hands back); many
+    mean the flowtable does not hook this ingress and the direction entering
+    here is not offloaded, whatever conntrack's ``[OFFLOAD]`` says."""
+
+    device: str
+    flowtable: str
+    packets: int
+    bytes: int
+    suspect: bool
+
+
+# Above this many packets a device is flagged. A healthy 8 MiB transfer in the
+# VM leaves 0-3 such packets per direction; the unhooked VLAN bridge port left
+# thousands.
+SUSPECT_PACKETS = 64
+
+
+def classic_path_report(
+    flowtables: Mapping[str, Collection[str]],
+    counters: Mapping[str, tuple[int, int]],
+    threshold: int = SUSPECT_PACKETS,
+) -> list[ClassicPath]:
+    """Per flowtable device, from the ``classic_in_*`` counters (packets, bytes).
+
+    ``flowtables``: flowtable name → its devices (as listed by the kernel).
+    A device without its counter (a table written by an older offloadctl) is
+    left out rather than shown as 0.
+    """
+    out: list[ClassicPath] = []
+    names = classic_counter_names(d for devs in flowtables.values() for d in devs)
+    for ft, devices in sorted(flowtables.items()):
+        for dev in sorted(devices):
+            value = counters.get(names[dev])
+            if value is None:
+                continue
+            packets, nbytes = value
+            out.append(ClassicPath(dev, ft, packets, nbytes, packets > threshold))
+    return out
+
+
+def unhooked_directions(
+    paths: Mapping[object, tuple[tuple[str, ...], tuple[str, ...]]],
+    suspect_devices: Iterable[str],
+) -> dict[object, tuple[str, ...]]:
+    """Flows with a direction entering through a suspect device.
+
+    ``paths``: flow → (orig egress device chain, reply egress chain), top
+    device first (``flowpath.FlowPath`` with names). The ingress of the reply
+    direction is the last device of the orig egress chain and vice versa (the
+    kernel forces the reverse route through the input interface). Returns
+    flow → the directions ("orig"/"reply") that are not offloaded, for flows
+    that have one: such a flow must not be counted as offloaded.
+    """
+    suspect = frozenset(suspect_devices)
+    out: dict[object, tuple[str, ...]] = {}
+    for flow, (orig, reply) in paths.items():
+        bad = []
+        if reply and reply[-1] in suspect:
+            bad.append("orig")
+        if orig and orig[-1] in suspect:
+            bad.append("reply")
+        if bad:
+            out[flow] = tuple(bad)
+    return out
