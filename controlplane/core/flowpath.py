@@ -39,18 +39,25 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 __all__ = [
+    "EGRESS_LOCAL",
+    "EGRESS_NOWHERE",
     "ETH_P_8021AD",
     "ETH_P_8021Q",
     "IPS_OFFLOAD",
     "CtTuple",
+    "Egress",
     "EgressPath",
     "Family",
+    "FdbKey",
     "Flow",
     "FlowPath",
     "Link",
+    "NeighbourKey",
     "Route",
     "Topology",
+    "egress",
     "egress_path",
+    "egress_via",
     "flow_egress_addresses",
     "resolve_flow_path",
     "resolve_paths",
@@ -225,24 +232,95 @@ def egress_path(topology: Topology, address: str) -> EgressPath:
         return _LOCAL
     if route is None or route.oif is None:
         return _NOWHERE
+    trace = _trace(topology, route, address)
+    return EgressPath(trace.devices, ambiguous=bool(trace.notes), reason="; ".join(trace.notes))
+
+
+FdbKey = tuple[int, int, str]
+NeighbourKey = tuple[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    """What the kernel caches for one direction of a flow it offloads, from plain data.
+
+    ``nft_flow_route`` keeps, per direction, the route's device and (for
+    *direct transmit*) the output port and next hop's MAC. Direct transmit is
+    chosen when the device chain passes a bridge (``nft_dev_path_info``:
+    DEV_PATH_BRIDGE), so only ``bridged`` egresses can go stale: a routed
+    port uses *neighbour transmit*, a per-packet neighbour lookup plus a dst
+    check, and heals by itself (PLATFORM.md, "Which flows go stale").
+
+    ``devices``: as :func:`egress_path` (a superset when ``complete`` is
+    false); ``mac``: the next hop's MAC (``None``: no neighbour entry);
+    ``neighbour`` and ``fdb``: the neighbour and FDB keys the lookup consulted,
+    found or not (what an event must match to change this egress).
+    ``local``: the address is the router's own; no devices and not local:
+    unroutable.
+    """
+
+    devices: tuple[int, ...] = ()
+    mac: str | None = None
+    bridged: bool = False
+    complete: bool = True
+    local: bool = False
+    neighbour: NeighbourKey | None = None
+    fdb: tuple[FdbKey, ...] = ()
+
+
+EGRESS_LOCAL = Egress(local=True)
+EGRESS_NOWHERE = Egress()
+
+
+def egress(topology: Topology, address: str) -> Egress:
+    """The cached state of a direction toward ``address``, routed by ``topology.routes``."""
+    return egress_via(topology, topology.routes.get(address), address)
+
+
+def egress_via(topology: Topology, route: Route | None, address: str) -> Egress:
+    """As :func:`egress`, with the route to ``address`` given (``ip route get`` result)."""
+    if route is not None and route.local:
+        return EGRESS_LOCAL
+    if route is None or route.oif is None:
+        return EGRESS_NOWHERE
+    trace = _trace(topology, route, address)
+    return Egress(
+        devices=trace.devices,
+        mac=trace.mac,
+        bridged=trace.bridged,
+        complete=not trace.notes,
+        neighbour=(route.oif, route.gateway or address),
+        fdb=tuple(dict.fromkeys(trace.fdb)),
+    )
+
+
+@dataclass(slots=True)
+class _Trace:
+    mac: str | None
+    devices: tuple[int, ...] = ()
+    bridged: bool = False
+    notes: list[str] = field(default_factory=list)
+    fdb: list[FdbKey] = field(default_factory=list)
+
+
+def _trace(topology: Topology, route: Route, address: str) -> _Trace:
+    assert route.oif is not None
     nexthop = route.gateway or address
-    mac = topology.neighbours.get((route.oif, nexthop))
+    trace = _Trace(mac=topology.neighbours.get((route.oif, nexthop)))
     devices: list[int] = []
-    notes: list[str] = []
-    _walk(topology, route.oif, mac, [], devices, notes, 0)
+    _walk(topology, route.oif, trace, [], devices, 0)
     # A device can be reached twice only through an over-approximation; keep
     # the first occurrence so the chain still reads top-down.
-    unique = tuple(dict.fromkeys(devices))
-    return EgressPath(unique, ambiguous=bool(notes), reason="; ".join(notes))
+    trace.devices = tuple(dict.fromkeys(devices))
+    return trace
 
 
 def _walk(
     topology: Topology,
     ifindex: int,
-    mac: str | None,
+    trace: _Trace,
     vlans: list[tuple[int, int]],
     out: list[int],
-    notes: list[str],
     depth: int,
 ) -> None:
     out.append(ifindex)
@@ -252,10 +330,11 @@ def _walk(
     if link.kind == "vlan" and link.lower is not None:
         # vlan_dev_fill_forward_path(): push the tag, continue on the real device.
         tag = (link.vlan_id or 0, link.vlan_protocol)
-        _walk(topology, link.lower, mac, [*vlans, tag], out, notes, depth + 1)
+        _walk(topology, link.lower, trace, [*vlans, tag], out, depth + 1)
         return
     if link.kind != "bridge":
         return  # no ndo_fill_forward_path: the chain ends on this device
+    trace.bridged = True
     vid = 0
     if link.vlan_filtering:
         # br_vlan_fill_forward_path_pvid(): the innermost tag if its protocol
@@ -265,14 +344,18 @@ def _walk(
             vlans = vlans[:-1]
         else:
             vid = link.pvid or 0
-    port = topology.fdb.get((ifindex, vid, mac)) if mac is not None else None
+    mac = trace.mac
+    port = None
+    if mac is not None:
+        trace.fdb.append((ifindex, vid, mac))
+        port = topology.fdb.get((ifindex, vid, mac))
     if port is not None and port != ifindex:
-        _walk(topology, port, mac, vlans, out, notes, depth + 1)
+        _walk(topology, port, trace, vlans, out, depth + 1)
         return
     why = "no neighbour entry" if mac is None else f"no FDB entry for {mac} vlan {vid}"
-    notes.append(f"{link.name}: {why}, assuming every port")
+    trace.notes.append(f"{link.name}: {why}, assuming every port")
     for member in topology.ports_of(ifindex):
-        _walk(topology, member, mac, vlans, out, notes, depth + 1)
+        _walk(topology, member, trace, vlans, out, depth + 1)
 
 
 def _flow_path(orig: EgressPath, reply: EgressPath) -> FlowPath:
