@@ -122,7 +122,8 @@ def messages(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
 
 def error_code(buf: bytes, start: int) -> int:
     """errno of an NLMSG_ERROR message at ``start`` (0 = ACK)."""
-    return -_I32.unpack_from(buf, start + HDR)[0]
+    code: int = _I32.unpack_from(buf, start + HDR)[0]
+    return -code
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,16 +285,13 @@ class NetlinkSocket:
         while pending:
             buf = self.recv(operation)
             for kind, _flags, seq, start, end in messages(buf):
-                item = pending.pop(seq, _MISSING)
-                if item is _MISSING:
+                if seq not in pending:
                     continue  # a late ACK of an already answered request
+                item = pending.pop(seq)
                 if kind == NLMSG_ERROR:
-                    yield Reply(item, error_code(buf, start))  # type: ignore[arg-type]
+                    yield Reply(item, error_code(buf, start))
                 else:
-                    yield Reply(item, 0, buf[start:end])  # type: ignore[arg-type]
-
-
-_MISSING: object = object()
+                    yield Reply(item, 0, buf[start:end])
 
 
 def drain(sock: socket.socket) -> int:

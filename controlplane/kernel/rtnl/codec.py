@@ -13,6 +13,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from controlplane.core.flowpath import ETH_P_8021Q, Link, Topology
 from controlplane.kernel.netlink import HDR, NLM_F_DUMP, NLM_F_REQUEST, attrs, message
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "Decoded",
     "FdbMsg",
     "LinkMsg",
-    "LinkState",
     "NeighMsg",
     "RouteMsg",
     "RouteState",
@@ -47,7 +47,16 @@ SOURCE_GROUPS = {
 
 AF_BRIDGE = 7
 IFLA_IFNAME = 3
+IFLA_LINK = 5
 IFLA_MASTER = 10
+IFLA_LINKINFO = 18
+IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+IFLA_VLAN_ID = 1
+IFLA_VLAN_PROTOCOL = 5
+IFLA_BR_VLAN_FILTERING = 7
+IFLA_BR_VLAN_PROTOCOL = 8
+IFLA_BR_VLAN_DEFAULT_PVID = 39
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 NDA_DST = 1
@@ -67,17 +76,11 @@ _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
+_BE16 = struct.Struct(">H")
 
 FdbKey = tuple[int, int, str]  # (bridge ifindex, vlan, mac)
 NeighKey = tuple[int, str]  # (ifindex, ip)
 RouteKey = tuple[int, int, str]  # (table, family, prefix)
-
-
-@dataclass(frozen=True, slots=True)
-class LinkState:
-    name: str
-    master: int | None
-    up: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +91,10 @@ class RouteState:
 
 @dataclass
 class Caches:
-    """What the watcher knows of the namespace; the dump and the events keep it current."""
+    """What the watcher knows of the namespace (what ``flowpath.Topology`` holds, plus
+    the route table entries seen, to diff after a lost stretch of route events)."""
 
-    links: dict[int, LinkState] = field(default_factory=dict)
+    links: dict[int, Link] = field(default_factory=dict)
     fdb: dict[FdbKey, int] = field(default_factory=dict)
     neighbours: dict[NeighKey, str] = field(default_factory=dict)
     routes: dict[RouteKey, RouteState] = field(default_factory=dict)
@@ -99,14 +103,16 @@ class Caches:
         link = self.links.get(ifindex)
         return link.name if link is not None else f"if{ifindex}"
 
-
-# -- lean decoders: one message → one typed change ---------------------------------
+    def topology(self) -> Topology:
+        return Topology(
+            links=dict(self.links), neighbours=dict(self.neighbours), fdb=dict(self.fdb)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class LinkMsg:
     ifindex: int
-    state: LinkState | None  # None: the link was deleted
+    link: Link | None  # None: the link was deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,14 +149,51 @@ def _decode_link(kind: int, buf: bytes, start: int, end: int) -> LinkMsg | None:
     if kind == RTM_DELLINK:
         return LinkMsg(ifindex, None)
     name = ""
-    master: int | None = None
+    master = lower = vlan_id = pvid = None
+    link_kind = ""
+    vlan_protocol = ETH_P_8021Q
+    filtering = False
     for a, s, e in attrs(buf, start + HDR + _IFINFOMSG.size, end):
         if a == IFLA_IFNAME:
             name = buf[s:e].rstrip(b"\0").decode()
         elif a == IFLA_MASTER:
             master = _U32.unpack_from(buf, s)[0] or None
-    up = bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
-    return LinkMsg(ifindex, LinkState(name, master, up))
+        elif a == IFLA_LINK:
+            lower = _U32.unpack_from(buf, s)[0] or None
+        elif a == IFLA_LINKINFO:
+            data: tuple[int, int] | None = None
+            for i, ps, pe in attrs(buf, s, e):
+                if i == IFLA_INFO_KIND:
+                    link_kind = buf[ps:pe].rstrip(b"\0").decode()
+                elif i == IFLA_INFO_DATA:
+                    data = (ps, pe)
+            if data is not None and link_kind == "vlan":
+                for i, ps, _ in attrs(buf, *data):
+                    if i == IFLA_VLAN_ID:
+                        vlan_id = _U16.unpack_from(buf, ps)[0]
+                    elif i == IFLA_VLAN_PROTOCOL:
+                        vlan_protocol = _BE16.unpack_from(buf, ps)[0]
+            elif data is not None and link_kind == "bridge":
+                for i, ps, _ in attrs(buf, *data):
+                    if i == IFLA_BR_VLAN_FILTERING:
+                        filtering = bool(buf[ps])
+                    elif i == IFLA_BR_VLAN_PROTOCOL:
+                        vlan_protocol = _BE16.unpack_from(buf, ps)[0]
+                    elif i == IFLA_BR_VLAN_DEFAULT_PVID:
+                        pvid = _U16.unpack_from(buf, ps)[0]
+    link = Link(
+        ifindex=ifindex,
+        name=name,
+        kind=link_kind,
+        master=master,
+        lower=lower if link_kind == "vlan" else None,
+        vlan_id=vlan_id,
+        vlan_protocol=vlan_protocol,
+        vlan_filtering=filtering,
+        pvid=pvid,
+        up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
+    )
+    return LinkMsg(ifindex, link)
 
 
 def _decode_neigh(kind: int, buf: bytes, start: int, end: int) -> FdbMsg | NeighMsg | None:
