@@ -215,6 +215,8 @@ class ControlServer:
                 self._on_read(conn)
             if mask & selectors.EVENT_WRITE and conn.sock.fileno() in self._conns:
                 self._flush(conn)
+                if not conn.outbuf and conn.sock.fileno() in self._conns:
+                    self._process(conn)  # requests that arrived while an answer was pending
 
         return on_ready
 
@@ -233,30 +235,35 @@ class ControlServer:
             return  # ignore anything after a fatal error; we are closing
         conn.inbuf += chunk
         conn.deadline = self._clock() + self._idle
-        while (nl := conn.inbuf.find(b"\n")) >= 0:
-            if nl > protocol.MAX_LINE:
-                break
+        self._process(conn)
+
+    def _process(self, conn: _Conn) -> None:
+        # One answer in flight at a time: while it is unsent we stop reading, so a
+        # client that pipelines requests without reading answers is held back by
+        # its own socket buffer, not by our memory.
+        while not conn.outbuf and not conn.close_after_write:
+            nl = conn.inbuf.find(b"\n", 0, protocol.MAX_LINE + 1)
+            if nl < 0:
+                if len(conn.inbuf) > protocol.MAX_LINE:
+                    self.stats.errors += 1
+                    conn.inbuf.clear()
+                    conn.close_after_write = True
+                    self._queue(
+                        conn,
+                        protocol.error(
+                            "line_too_long",
+                            f"a request line is at most {protocol.MAX_LINE} bytes",
+                        ),
+                    )
+                return
             line = bytes(conn.inbuf[:nl])
             del conn.inbuf[: nl + 1]
             self._respond(conn, line)
-            if conn.close_after_write:
-                conn.inbuf.clear()
-                break
-        if len(conn.inbuf) > protocol.MAX_LINE:
-            self.stats.errors += 1
-            conn.inbuf.clear()
-            conn.close_after_write = True
-            self._queue(
-                conn,
-                protocol.error(
-                    "line_too_long", f"a request line is at most {protocol.MAX_LINE} bytes"
-                ),
-            )
 
     def _respond(self, conn: _Conn, line: bytes) -> None:
-        self.stats.requests += 1
         if not line.strip():
             return
+        self.stats.requests += 1
         try:
             answer = self._handler(protocol.decode_request(line))
         except protocol.ProtocolError as exc:
@@ -279,11 +286,9 @@ class ControlServer:
             self._drop(conn)
             return
         if conn.outbuf:
-            # The client is not reading: wait for writability, bounded by the deadline.
+            # The client is not reading: wait for writability (only), bounded by the deadline.
             conn.deadline = self._clock() + self._idle
-            self._sel.modify(
-                conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._callback(conn)
-            )
+            self._sel.modify(conn.sock, selectors.EVENT_WRITE, self._callback(conn))
             return
         if conn.close_after_write:
             self._drop(conn)

@@ -168,7 +168,9 @@ class Agent:
                 exit_code=exc.exit_code,
             )
             self._record(apply=out)
-            self._log.error("apply", f"refused, running config kept: {out.error}", source=source)
+            event = "apply" if source == "start" else "reload"
+            kept = "" if self.running is None else ", running config kept"
+            self._log.error(event, f"refused{kept}: {out.error}", source=source)
             raise
         out = Outcome(
             self._clock(), True, source, res.changed, res.summary, time.monotonic() - start
@@ -187,11 +189,12 @@ class Agent:
         state_mod.save(self.state_path, self.owned)
         self._record(apply=out, reuseport=res.reuseport)
         verdict = f"{len(res.summary)} change(s)" if res.changed else "no changes"
+        event = "apply" if source == "start" else "reload"
         self._log.info(
-            "apply", f"committed: {verdict}", source=source, ms=round(out.seconds * 1000, 1)
+            event, f"committed: {verdict}", source=source, ms=round(out.seconds * 1000, 1)
         )
         for line in res.summary:
-            self._log.info("apply", line, source=source)
+            self._log.info(event, line.strip(), source=source)
         return out
 
     def reload(self, source: str) -> Outcome:

@@ -32,7 +32,9 @@ class PlainFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "fields", {})
         event = getattr(record, "event", "-")
         extra = " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
-        line = f"{_utc(record.created)} {record.levelname.lower()} {event}: {record.getMessage()}"
+        # One line per decision, even for a message that spans lines.
+        msg = "; ".join(part.strip() for part in record.getMessage().splitlines() if part.strip())
+        line = f"{_utc(record.created)} {record.levelname.lower()} {event}: {msg}"
         return f"{line} [{extra}]" if extra else line
 
 
@@ -51,7 +53,7 @@ class JsonFormatter(logging.Formatter):
 
 def _plain(value: Any) -> str:
     text = str(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    return json.dumps(text) if (not text or any(c.isspace() for c in text)) else text
 
 
 def setup(fmt: LogFormat = "plain", stream: IO[str] | None = None) -> logging.Logger:

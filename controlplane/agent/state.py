@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class AppliedState:
     applied_at: float
     reuseport_groups: tuple[str, ...] = ()
     reuseport_bpffs: str = "/sys/fs/bpf"
-    flowtable_devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,7 +61,6 @@ class AppliedState:
             "table": {"family": self.table_family, "name": self.table_name},
             "applied_at": self.applied_at,
             "reuseport": {"bpffs": self.reuseport_bpffs, "groups": list(self.reuseport_groups)},
-            "flowtable_devices": {k: list(v) for k, v in sorted(self.flowtable_devices.items())},
         }
 
     @classmethod
@@ -78,10 +76,6 @@ class AppliedState:
             applied_at=float(data["applied_at"]),
             reuseport_groups=tuple(str(g) for g in rp.get("groups", [])),
             reuseport_bpffs=str(rp.get("bpffs", "/sys/fs/bpf")),
-            flowtable_devices={
-                str(k): tuple(str(d) for d in v)
-                for k, v in data.get("flowtable_devices", {}).items()
-            },
         )
 
 

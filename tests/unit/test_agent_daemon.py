@@ -1,0 +1,222 @@
+"""The agent's decisions with fake kernel ports: reload keeps the running config
+on bad input, answers with field errors, records state only after a commit."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.agent import logs, protocol
+from controlplane.agent import state as state_mod
+from controlplane.agent.daemon import Agent, AgentOptions
+from controlplane.agent.ports import ApplyOutcome
+from controlplane.agent.snapshot import KernelView
+from controlplane.agent.state import AppliedState, StateError
+from controlplane.config import Config
+from controlplane.errors import ConfigError, KernelError
+
+GOOD = "version: 1\nnat:\n  masquerade: [{oifname: wan0}]\n"
+OTHER = "version: 1\nnat:\n  masquerade: [{oifname: wan1}]\n"
+BAD = "version: 1\nnat:\n  masquerade: [{oifname: 'wan0; drop'}]\n"
+
+
+@dataclass
+class FakeApplier:
+    """Holds the 'kernel' config; a refusal leaves it as it was (like one transaction)."""
+
+    kernel: Config | None = None
+    refuse: Exception | None = None
+    applied: list[Config] = field(default_factory=list)
+    cleaned: int = 0
+
+    def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        if self.refuse is not None:
+            raise self.refuse
+        changed = cfg != self.kernel
+        self.kernel = cfg
+        self.applied.append(cfg)
+        groups = {g.name: {"prog_id": 1} for g in cfg.reuseport.groups}
+        return ApplyOutcome(changed, ("+ table inet offloadctl",) if changed else (), 0.001, groups)
+
+    def cleanup(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
+        self.kernel = None
+        self.cleaned += 1
+        return ["deleted table inet offloadctl"]
+
+
+class FakeObserver:
+    def observe(self, cfg: Config, netns: str | None) -> KernelView:
+        return KernelView(at=1.0, table_present=True, conntrack=3, offloaded=2)
+
+    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        flows = [{"id": i} for i in range(5)]
+        return flows[:limit], len(flows) > limit
+
+
+@pytest.fixture
+def logbuf() -> io.StringIO:
+    return io.StringIO()
+
+
+def make_agent(
+    tmp_path: Path, logbuf: io.StringIO, text: str = GOOD, **opts: Any
+) -> tuple[Agent, FakeApplier, Path]:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(text)
+    applier = FakeApplier()
+    log = logs.DecisionLog(logs.setup("json", logbuf))
+    agent = Agent(
+        AgentOptions(cfg, state_path=tmp_path / "state.json", **opts),
+        applier,
+        FakeObserver(),
+        log,
+    )
+    return agent, applier, cfg
+
+
+def answer(agent: Agent, op: str, **args: Any) -> dict[str, Any]:
+    doc = json.loads(agent.handle(protocol.Request(op, args)))  # type: ignore[arg-type]
+    assert isinstance(doc, dict)
+    return doc
+
+
+def log_lines(buf: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_start_applies_and_records_state(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    assert applier.kernel is not None and applier.kernel.nat.masquerade[0].oifname == "wan0"
+    saved = state_mod.load(tmp_path / "state.json")
+    assert saved is not None and saved.config_sha256 == agent.running_sha != ""
+    lines = log_lines(logbuf)
+    assert lines[0]["event"] == "apply" and lines[0]["msg"].startswith("committed")
+
+
+def test_start_refuses_future_state_before_touching_kernel(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    (tmp_path / "state.json").write_text(json.dumps({"schema": 99}))
+    with pytest.raises(StateError, match="schema 99"):
+        agent.start()
+    assert applier.applied == []
+
+
+def test_start_with_invalid_config_fails_before_kernel(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf, text=BAD)
+    with pytest.raises(ConfigError):
+        agent.start()
+    assert applier.applied == [] and not (tmp_path / "state.json").exists()
+
+
+def test_bad_reload_keeps_running_config_and_names_fields(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    agent, applier, cfg = make_agent(tmp_path, logbuf)
+    agent.start()
+    running, sha = agent.running, agent.running_sha
+    state_before = (tmp_path / "state.json").read_bytes()
+    cfg.write_text(BAD)
+    doc = answer(agent, "reload")
+    assert doc["ok"] is False and doc["error"]["code"] == "config_invalid"
+    issue = doc["error"]["issues"][0]
+    assert issue["path"] == "nat.masquerade[0].oifname" and issue["line"] == 3
+    assert doc["error"]["exit_code"] == 2
+    assert agent.running is running and agent.running_sha == sha
+    assert applier.applied == [running]  # nothing sent to the kernel
+    assert (tmp_path / "state.json").read_bytes() == state_before
+    status = answer(agent, "status")["result"]
+    assert status["last_reload"]["ok"] is False and status["reloads"] == {"failed": 1}
+    assert status["last_apply"]["ok"] is True
+    err = [line for line in log_lines(logbuf) if line["level"] == "error"]
+    assert len(err) == 1 and "running config kept" in err[0]["msg"]
+    assert "nat.masquerade[0].oifname" in err[0]["problems"]
+
+
+def test_kernel_refusal_keeps_running_config(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, cfg = make_agent(tmp_path, logbuf)
+    agent.start()
+    running = agent.running
+    cfg.write_text(OTHER)
+    applier.refuse = KernelError("apply", "Device or resource busy", 16)
+    doc = answer(agent, "reload")
+    assert doc["error"]["code"] == "apply_failed" and doc["error"]["exit_code"] == 5
+    assert "EBUSY" in doc["error"]["message"] and "running config kept" in doc["error"]["message"]
+    assert agent.running is running
+    saved = state_mod.load(tmp_path / "state.json")
+    assert saved is not None and saved.config_sha256 == agent.running_sha
+
+
+def test_good_reload_commits_and_records(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, cfg = make_agent(tmp_path, logbuf)
+    agent.start()
+    assert answer(agent, "reload")["result"]["changed"] is False  # unchanged: nothing to do
+    cfg.write_text(OTHER)
+    doc = answer(agent, "reload")
+    assert doc["ok"] is True and doc["result"]["changed"] is True
+    assert applier.kernel is not None and applier.kernel.nat.masquerade[0].oifname == "wan1"
+    saved = state_mod.load(tmp_path / "state.json")
+    assert saved is not None and saved.config_sha256 == agent.running_sha
+
+
+def test_file_change_reloads_once_per_content(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, cfg = make_agent(tmp_path, logbuf)
+    agent.start()
+    assert agent.config_file_changed() is None  # touched, same bytes: nothing
+    cfg.write_text(BAD)
+    first = agent.config_file_changed()
+    assert first is not None and not first.ok
+    assert agent.config_file_changed() is None  # the same bad bytes are not retried
+    cfg.write_text(OTHER)
+    out = agent.config_file_changed()
+    assert out is not None and out.ok and len(applier.applied) == 2
+
+
+def test_reuseport_groups_owned_in_state(tmp_path: Path, logbuf: io.StringIO) -> None:
+    text = GOOD + "reuseport:\n  groups: [{name: web}]\n"
+    agent, _, _ = make_agent(tmp_path, logbuf, text=text)
+    agent.start()
+    saved = state_mod.load(tmp_path / "state.json")
+    assert saved is not None and saved.reuseport_groups == ("web",)
+    assert answer(agent, "status")["result"]["reuseport"] == {"web": {"prog_id": 1}}
+
+
+def test_stop_leaves_state_unless_cleanup(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    agent.stop()
+    assert applier.kernel is not None and applier.cleaned == 0
+    assert (tmp_path / "state.json").exists()
+    agent2, applier2, _ = make_agent(tmp_path, logbuf, cleanup_on_exit=True)
+    agent2.start()
+    agent2.stop()
+    assert applier2.kernel is None and applier2.cleaned == 1
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_flows_and_bad_limit(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, _, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    doc = answer(agent, "flows", limit=2)["result"]
+    assert doc == {"flows": [{"id": 0}, {"id": 1}], "truncated": True}
+    for bad in (-1, "3", True):
+        assert answer(agent, "flows", limit=bad)["error"]["code"] == "bad_request"
+
+
+def test_handler_bug_is_answered_not_raised(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, _, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+
+    def broken(netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        raise ZeroDivisionError("oops")
+
+    agent._observer.flows = broken  # type: ignore[method-assign]
+    assert answer(agent, "flows")["error"]["code"] == "internal"
+    assert any("ZeroDivisionError" in line["msg"] for line in log_lines(logbuf))
