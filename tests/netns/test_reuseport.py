@@ -17,7 +17,6 @@ counters say N; without it (same dance, sysctl tcp_migrate_req at its default
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +98,16 @@ def run_dance(
     for s in gen1:
         s.close()
     if case.request_path == "timer":
-        time.sleep(1.3)  # the SYN-ACK retransmit timer (1 s) migrates the requests
+        # The SYN-ACK retransmit timer (~1 s) handles the requests of the closed
+        # listeners before any ACK gets through: with the program it migrates
+        # them (counted), without it the kernel drops them (none left).
+        if group is not None:
+            sup.wait_for(
+                "the timer to migrate every request",
+                lambda: group.counters().migrated_request == N,
+            )
+        else:
+            sup.wait_for("the timer to drop every request", lambda: sup.syn_recv_count(netns) == 0)
     if case.drop_ack:
         sup.pass_ack(netns)
 

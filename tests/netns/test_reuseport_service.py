@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +37,15 @@ class Load(threading.Thread):
         self.stop = threading.Event()
         self.generations: dict[int, int] = {}
         self.failures: list[str] = []
+
+    def wait_served(self, generation: int, n: int = 20) -> None:
+        """Until ``generation`` answered ``n`` connections (restarts happen under load)."""
+        sup.wait_for(
+            f"generation {generation} to answer {n} connections",
+            lambda: self.generations.get(generation, 0) >= n or bool(self.failures),
+            timeout=10,
+        )
+        assert self.failures == []
 
     def run(self) -> None:
         with entered(self.netns):
@@ -71,15 +79,17 @@ def test_example_service_restarts_without_resets(netns: str, bpffs: str, tmp_pat
         sup.wait_for("service start", pidfile.exists, timeout=10)
         load = Load(netns)
         load.start()
-        for _ in range(3):
-            time.sleep(0.3)
+        for gen in (1, 2, 3):
+            load.wait_served(gen)
             old = read_pid(pidfile)
             pids.append(old)
             os.kill(old, signal.SIGHUP)
             sup.wait_for("the next generation", lambda o=old: read_pid(pidfile) != o, timeout=10)
-        time.sleep(0.3)
+        load.wait_served(4)
         load.stop.set()
         load.join(timeout=5)
+        # Each old generation retires itself before it exits.
+        sup.wait_for("old generations to exit", lambda: not any(alive(p) for p in pids), 10)
         pids.append(read_pid(pidfile))
 
         assert load.failures == []
