@@ -6,6 +6,10 @@
 - :class:`UnsupportedError`: the running kernel lacks a feature (exit 3).
 - :class:`EnvironmentProblem`: missing privileges, namespace, bpffs... (exit 4).
 - :class:`PlanError`: our own bug (the renderer produced something inconsistent).
+- :class:`ConcurrentChange`: the table changed between our listing and our
+  commit; the kernel refused the batch, nothing of ours was committed (exit 5).
+- :class:`AfterCommitError`: the transaction *was* committed, a follow-up step
+  (tearing down the flows of removed devices) failed (exit 6).
 """
 
 from __future__ import annotations
@@ -69,3 +73,14 @@ class KernelError(ControlPlaneError):
     def __str__(self) -> str:
         code = f" ({_errno.errorcode.get(self.errno, self.errno)})" if self.errno else ""
         return f"{self.operation}: {self.message}{code}"
+
+
+class ConcurrentChange(KernelError):
+    """Our compare-and-swap failed: someone changed the table since we listed it."""
+
+
+class AfterCommitError(ControlPlaneError):
+    """The ruleset was committed; what had to follow it failed. Not exit 5: the
+    previous ruleset is *not* kept, the new one is in place."""
+
+    exit_code = 6

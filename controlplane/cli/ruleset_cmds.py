@@ -1,29 +1,55 @@
-"""Commands on the owned nftables table: plan, apply, show, flush, status, probe."""
+"""Commands on the owned nftables table: plan, apply, show, flush, status, probe.
+
+Every flag value that ends up naming something in the kernel passes the
+config's own parser first (``--table`` is an ObjName): a bad one exits 2 and
+never reaches nft.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from controlplane.cli.common import ConfigArg, NetnsOpt, app, load
-from controlplane.cli.errors import err as _err
 from controlplane.cli.errors import handles_errors
+from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem
+
+TableOpt = Annotated[str, typer.Option("--table", help="owned table name (inet family)")]
+
+
+def _table_ref(name: str) -> object:
+    from controlplane.core import nft
+
+    if not nft.is_objname(name):
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "--table",
+                    f"invalid table name {name!r}: start with a letter, then up to 62 of"
+                    " A-Z a-z 0-9 _ - (not an nft keyword)",
+                )
+            ]
+        )
+    return nft.TableRef("inet", name)
 
 
 @app.command()
 @handles_errors
 def plan(config: ConfigArg, netns: NetnsOpt = None) -> None:
-    """Show what 'apply' would change; exit 0 if nothing, 1 if something."""
-    from controlplane import applier
+    """Show what 'apply' would change (same preflight); exit 0 if nothing, 1 if something."""
+    from controlplane import service
 
-    the_plan = applier.plan(load(config), netns)
+    the_plan = service.plan(load(config), netns)
     if the_plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
     for line in the_plan.summary:
         typer.echo(line)
+    for line in the_plan.drift:
+        typer.echo(f"drift: {line}")
     raise typer.Exit(1)
 
 
@@ -37,9 +63,9 @@ def apply(
     ] = False,
 ) -> None:
     """Apply the config in one nftables transaction (all or nothing)."""
-    from controlplane import applier
+    from controlplane import service
 
-    res = applier.apply(load(config), netns, check=check)
+    res = service.apply(load(config), netns, check=check)
     if res.plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
@@ -64,33 +90,44 @@ def apply(
 @handles_errors
 def show(
     netns: NetnsOpt = None,
-    table: Annotated[str, typer.Option(help="owned table name")] = "offloadctl",
+    table: TableOpt = "offloadctl",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Print the owned table as the kernel has it."""
+    """Print the owned table as the kernel has it (exit 4 if it does not exist)."""
+    from controlplane.core import nft
     from controlplane.kernel.netns import require_root
     from controlplane.kernel.nft.libnft import Nft
 
+    ref = _table_ref(table)
+    assert isinstance(ref, nft.TableRef)
     require_root("reading the kernel's ruleset")
     ctx = Nft(netns)
-    listing = ctx.list_table("inet", table)
-    if listing is None:
-        _err(f"table inet {table} does not exist")
-        raise typer.Exit(1)
+    text = ctx.show(ref)
+    if text is None:
+        raise EnvironmentProblem(f"table {ref.spec} does not exist")
     if as_json:
-        typer.echo(json.dumps(listing[0], indent=2))
+        observed = ctx.list_table(ref)
+        assert observed is not None
+        doc = {
+            "table": ref.spec,
+            "marker": observed.marker,
+            "chains": {name: [r.text for r in observed.rules_of(name)] for name in observed.chains},
+            "flowtables": {n: sorted(f.devices) for n, f in observed.flowtables.items()},
+            "counters": sorted(observed.counters),
+        }
+        typer.echo(json.dumps(doc, indent=2))
     else:
-        typer.echo(ctx.list_text(f"list table inet {table}"), nl=False)
+        typer.echo(text, nl=False)
 
 
 @app.command()
 @handles_errors
 def flush(config: ConfigArg, netns: NetnsOpt = None) -> None:
-    """Delete the owned table (tears down every flow it offloaded)."""
-    from controlplane import applier
+    """Delete the owned table (tears down every flow it offloaded); never a foreign one."""
+    from controlplane import service
 
     cfg = load(config)
-    if applier.flush(cfg, netns):
+    if service.flush(cfg, netns):
         typer.echo(f"deleted table {cfg.table.family} {cfg.table.name}")
     else:
         typer.echo(f"table {cfg.table.family} {cfg.table.name} does not exist")
@@ -100,25 +137,42 @@ def flush(config: ConfigArg, netns: NetnsOpt = None) -> None:
 @handles_errors
 def status(
     netns: NetnsOpt = None,
-    table: Annotated[str, typer.Option(help="owned table name")] = "offloadctl",
+    table: TableOpt = "offloadctl",
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="compare with this config: report drift", show_default=False),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Owned table, flowtable devices, classic-path counter, offloaded flows."""
+    """Owned table, ownership, drift, flowtable devices, classic-path counter, flows."""
+    from controlplane import service
+    from controlplane.core import nft
     from controlplane.kernel import status as st
 
-    info = st.collect(table, netns)
+    the_plan = None
+    if config is not None:
+        cfg = load(config)
+        ref = nft.TableRef(cfg.table.family, cfg.table.name)
+        the_plan = service.plan(cfg, netns)
+    else:
+        parsed = _table_ref(table)
+        assert isinstance(parsed, nft.TableRef)
+        ref = parsed
+    info = st.collect(ref, netns, the_plan)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     if not info["table"]:
-        typer.echo(f"table inet {table}: absent")
+        typer.echo(f"table {ref.spec}: absent")
         return
-    typer.echo(f"table inet {table}: present")
+    typer.echo(f"table {ref.spec}: present ({info['ownership']})")
     for ft in info["flowtables"]:
         typer.echo(f"  flowtable {ft['name']}: devices {{ {', '.join(ft['devices'])} }}")
     for name, c in info["counters"].items():
         typer.echo(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
     typer.echo(f"  conntrack entries: {info['conntrack']} ({info['offloaded']} offloaded)")
+    for line in info["drift"]:
+        typer.echo(f"  drift: {line}")
 
 
 @app.command(name="probe")

@@ -9,11 +9,17 @@ so quoting is only ever about nft's grammar, never about injection.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from controlplane.config import IfName, ObjName
+from controlplane.errors import PlanError
 
 JSON = Any  # a JSON-serialisable value
 
@@ -50,6 +56,14 @@ def match_meta(key: str, values: list[str], quote: bool = True) -> Stmt:
     rhs, text = _rhs(list(values), [_quote(v) if quote else v for v in values])
     return _stmt(
         {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": rhs}}, f"{key} {text}"
+    )
+
+
+def match_meta_not(key: str, values: list[str]) -> Stmt:
+    rhs, text = _rhs(list(values), [_quote(v) for v in values])
+    return _stmt(
+        {"match": {"op": "!=", "left": {"meta": {"key": key}}, "right": rhs}},
+        f"{key} != {text}",
     )
 
 
@@ -239,6 +253,88 @@ class Hook(StrEnum):
     POSTROUTING = "postrouting"
 
 
+# --- names: the only strings that reach nft command text unquoted -------------
+#
+# Every name the model holds passes the config's own parsers (ObjName, IfName),
+# whether it came from a config, a flag or a kernel listing. A name that fails
+# here is our bug (the caller should have parsed it first): PlanError, exit 70.
+
+FAMILIES = frozenset({"inet", "ip", "ip6", "arp", "bridge", "netdev"})
+_OBJNAME: TypeAdapter[str] = TypeAdapter(ObjName)
+_IFNAME: TypeAdapter[str] = TypeAdapter(IfName)
+
+
+def is_objname(name: str) -> bool:
+    try:
+        _OBJNAME.validate_python(name)
+    except ValidationError:
+        return False
+    return True
+
+
+def is_ifname(name: str) -> bool:
+    try:
+        _IFNAME.validate_python(name)
+    except ValidationError:
+        return False
+    return True
+
+
+def _require(ok: bool, what: str, value: object) -> None:
+    if not ok:
+        raise PlanError(f"{what} {value!r} did not pass the config's name parser")
+
+
+def _safe_comment(text: str) -> bool:
+    return '"' not in text and "\n" not in text and "\\" not in text and len(text) <= 128
+
+
+# --- ownership marker and the compare-and-swap serial ---------------------------
+
+SCHEMA = 1
+MARKER_PREFIX = "managed by offloadctl; schema "
+TABLE_MARKER = f"{MARKER_PREFIX}{SCHEMA}"
+# A set only we create, holding one number that every committing transaction
+# swaps (delete N, add N+1): a transaction planned against an older listing
+# finds N gone and the kernel refuses the whole batch (ENOENT).
+SERIAL_SET = "offloadctl_serial"
+SERIAL_MAX = 65535
+
+
+def next_serial(serial: int) -> int:
+    return serial % SERIAL_MAX + 1
+
+
+# --- canonical text: how nft lists what we send ----------------------------------
+
+# nft prints some statements differently from how they can be written; our
+# builders keep the readable form (goldens), the comparison uses nft's.
+_LISTED_AS = {
+    "tcp flags & (fin | syn | rst | ack) != syn": "tcp flags != syn / fin,syn,rst,ack",
+}
+_ANON_SET = re.compile(r"\{ ([^{}]*) \}")
+# an IPv6 NAT address without a port is listed without brackets
+_NAT6_NO_PORT = re.compile(r"^([sd]nat ip6 to )\[([0-9a-fA-F:.]+)\]$")
+
+
+def sort_set_elements(text: str) -> str:
+    """Anonymous set elements in a stable order (the kernel lists them in its own)."""
+    return _ANON_SET.sub(lambda m: "{ " + ", ".join(sorted(m.group(1).split(", "))) + " }", text)
+
+
+def canonical_body(texts: tuple[str, ...]) -> str:
+    """The rule body as ``nft list`` shows it (stateless), set elements sorted."""
+    out: list[str] = []
+    for i, t in enumerate(texts):
+        if t in ("meta nfproto ipv4", "meta nfproto ipv6"):
+            proto = "ip " if t.endswith("4") else "ip6 "
+            # nft drops a protocol dependency that a later match implies
+            if any(later.startswith(proto) for later in texts[i + 1 :]):
+                continue
+        out.append(_NAT6_NO_PORT.sub(r"\1\2", _LISTED_AS.get(t, t)))
+    return sort_set_elements(" ".join(out))
+
+
 @dataclass(frozen=True)
 class Flowtable:
     name: str
@@ -246,6 +342,11 @@ class Flowtable:
     devices: tuple[str, ...]  # sorted
     hw_offload: bool = False
     counter: bool = False
+
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "flowtable name", self.name)
+        for dev in self.devices:
+            _require(is_ifname(dev), "device name", dev)
 
     @property
     def definition(self) -> tuple[int, bool, bool]:
@@ -261,6 +362,11 @@ class Chain:
     priority: int
     policy: str = "accept"
 
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "chain name", self.name)
+        _require(self.type in ("filter", "nat", "route"), "chain type", self.type)
+        _require(self.policy in ("accept", "drop"), "chain policy", self.policy)
+
     @property
     def definition(self) -> tuple[str, str, int, str]:
         return (self.type, self.hook.value, self.priority, self.policy)
@@ -272,9 +378,13 @@ class Rule:
     stmts: tuple[Stmt, ...]
     label: str  # a human hint kept in the comment, e.g. "policy lan-wan"
 
+    def __post_init__(self) -> None:
+        _require(_safe_comment(self.label), "rule label", self.label)
+
     @cached_property
     def tag(self) -> str:
-        """Content hash: how we recognise our own rules in the kernel's listing."""
+        """Content hash: names our own rules in the kernel's listing (for people;
+        drift is judged on the listed content, see :attr:`listed`)."""
         body = "\0".join([self.chain, self.label, *(s.text for s in self.stmts)])
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
@@ -285,6 +395,13 @@ class Rule:
     @property
     def text(self) -> str:
         return " ".join(s.text for s in self.stmts) + f" comment {_quote(self.comment)}"
+
+    @cached_property
+    def listed(self) -> str:
+        """This rule as ``nft -s list`` prints it: what drift detection compares."""
+        return canonical_body(tuple(s.text for s in self.stmts)) + (
+            f" comment {_quote(self.comment)}"
+        )
 
     @property
     def flowtable_ref(self) -> str | None:
@@ -306,22 +423,39 @@ class Ruleset:
     chains: tuple[Chain, ...] = ()
     rules: tuple[Rule, ...] = ()
 
+    def __post_init__(self) -> None:
+        _require(self.family in FAMILIES, "family", self.family)
+        _require(is_objname(self.table), "table name", self.table)
+        for c in self.counters:
+            _require(is_objname(c), "counter name", c)
+
     def rules_of(self, chain: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.chain == chain)
 
     def flowtable(self, name: str) -> Flowtable | None:
         return next((f for f in self.flowtables if f.name == name), None)
 
+    @property
+    def ref(self) -> TableRef:
+        return TableRef(self.family, self.table)
+
 
 # --- operations: what a transaction is made of -------------------------------
+#
+# Transport: nft's text grammar, built here from the typed model (as knftables
+# and kube-proxy do). It expresses everything we need (flowtable flags, device
+# removal, table comments, deletes by handle), which nft 1.0.x's JSON grammar
+# does not, and libnftables parses it ~2x faster than JSON. Injection-proof by
+# construction: every name in it passed the config's parsers (see above),
+# numbers are ints, comments are checked for quotes.
 
 
 @dataclass(frozen=True)
 class Op:
     """Base of transaction operations (knftables-style verbs)."""
 
-    def json(self, rs: TableRef) -> JSON:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def json(self, rs: TableRef) -> JSON:
+        raise NotImplementedError(f"{type(self).__name__} has no libnftables JSON form")
 
     def text(self, rs: TableRef) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -336,6 +470,10 @@ class Op:
 class TableRef:
     family: str
     table: str
+
+    def __post_init__(self) -> None:
+        _require(self.family in FAMILIES, "family", self.family)
+        _require(is_objname(self.table), "table name", self.table)
 
     @property
     def base(self) -> dict[str, str]:
@@ -352,11 +490,14 @@ def _ft_devices_text(devices: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class AddTable(Op):
+    """Create the table carrying our ownership marker (a comment only set at
+    creation: ``add table`` on an existing table leaves its comment alone)."""
+
     def json(self, rs: TableRef) -> JSON:
         return {"add": {"table": {"family": rs.family, "name": rs.table}}}
 
     def text(self, rs: TableRef) -> str:
-        return f"add table {rs.spec}"
+        return f"add table {rs.spec} {{ comment {_quote(TABLE_MARKER)}; }}"
 
 
 @dataclass(frozen=True)
@@ -366,6 +507,63 @@ class DeleteTable(Op):
 
     def text(self, rs: TableRef) -> str:
         return f"delete table {rs.spec}"
+
+
+@dataclass(frozen=True)
+class AddSerial(Op):
+    """Create the compare-and-swap set holding ``value``."""
+
+    value: int
+
+    def text(self, rs: TableRef) -> str:
+        return (
+            f"add set {rs.spec} {SERIAL_SET} {{ type inet_service; }}\n"
+            f"add element {rs.spec} {SERIAL_SET} {{ {int(self.value)} }}"
+        )
+
+
+@dataclass(frozen=True)
+class SwapSerial(Op):
+    """Fails the whole batch (ENOENT) unless the serial is still ``old``."""
+
+    old: int
+    new: int
+
+    def text(self, rs: TableRef) -> str:
+        return (
+            f"delete element {rs.spec} {SERIAL_SET} {{ {int(self.old)} }}\n"
+            f"add element {rs.spec} {SERIAL_SET} {{ {int(self.new)} }}"
+        )
+
+
+class ObjKind(StrEnum):
+    """Kinds of table objects nft can delete by handle."""
+
+    CHAIN = "chain"
+    SET = "set"
+    MAP = "map"
+    FLOWTABLE = "flowtable"
+    COUNTER = "counter"
+    QUOTA = "quota"
+    LIMIT = "limit"
+    CT_HELPER = "ct helper"
+    CT_TIMEOUT = "ct timeout"
+    CT_EXPECTATION = "ct expectation"
+    SECMARK = "secmark"
+    SYNPROXY = "synproxy"
+
+
+@dataclass(frozen=True)
+class DeleteByHandle(Op):
+    """Delete an object found in the listing (hand-added): by its kernel handle,
+    an int, so no listed name ever becomes command text."""
+
+    kind: ObjKind
+    handle: int
+    name: str  # for people only; never rendered into the command
+
+    def text(self, rs: TableRef) -> str:
+        return f"delete {ObjKind(self.kind).value} {rs.spec} handle {int(self.handle)}"
 
 
 @dataclass(frozen=True)
@@ -391,7 +589,7 @@ class AddFlowtable(Op):
         return {"add": {"flowtable": obj}}
 
     def text(self, rs: TableRef) -> str:
-        body = f"hook ingress priority {self.ft.priority};"
+        body = f"hook ingress priority {int(self.ft.priority)};"
         if self.ft.devices:
             body += " " + _ft_devices_text(self.ft.devices)
         if self.ft.hw_offload:
@@ -406,22 +604,27 @@ class DeleteFlowtableDevices(Op):
     name: str
     devices: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "flowtable name", self.name)
+        for dev in self.devices:
+            _require(is_ifname(dev), "device name", dev)
+
     @property
     def needs_text(self) -> bool:
         return True
 
-    def json(self, rs: TableRef) -> JSON:
+    def text(self, rs: TableRef) -> str:
         # nft 1.0.x's JSON parser ignores "dev" on delete and would delete the
         # whole flowtable: this operation only exists in the text grammar.
-        raise NotImplementedError("flowtable device removal has no JSON form in nft 1.0.x")
-
-    def text(self, rs: TableRef) -> str:
         return f"delete flowtable {rs.spec} {self.name} {{ {_ft_devices_text(self.devices)} }}"
 
 
 @dataclass(frozen=True)
 class DeleteFlowtable(Op):
     name: str
+
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "flowtable name", self.name)
 
     def json(self, rs: TableRef) -> JSON:
         return {"delete": {"flowtable": {**rs.base, "name": self.name}}}
@@ -434,6 +637,9 @@ class DeleteFlowtable(Op):
 class AddCounter(Op):
     name: str
 
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "counter name", self.name)
+
     def json(self, rs: TableRef) -> JSON:
         return {"add": {"counter": {**rs.base, "name": self.name}}}
 
@@ -444,6 +650,9 @@ class AddCounter(Op):
 @dataclass(frozen=True)
 class DeleteCounter(Op):
     name: str
+
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "counter name", self.name)
 
     def json(self, rs: TableRef) -> JSON:
         return {"delete": {"counter": {**rs.base, "name": self.name}}}
@@ -474,14 +683,17 @@ class AddChain(Op):
     def text(self, rs: TableRef) -> str:
         c = self.chain
         return (
-            f"add chain {rs.spec} {c.name} {{ type {c.type} hook {c.hook.value}"
-            f" priority {c.priority}; policy {c.policy}; }}"
+            f"add chain {rs.spec} {c.name} {{ type {c.type} hook {Hook(c.hook).value}"
+            f" priority {int(c.priority)}; policy {c.policy}; }}"
         )
 
 
 @dataclass(frozen=True)
 class FlushChain(Op):
     name: str
+
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "chain name", self.name)
 
     def json(self, rs: TableRef) -> JSON:
         return {"flush": {"chain": {**rs.base, "name": self.name}}}
@@ -493,6 +705,9 @@ class FlushChain(Op):
 @dataclass(frozen=True)
 class DeleteChain(Op):
     name: str
+
+    def __post_init__(self) -> None:
+        _require(is_objname(self.name), "chain name", self.name)
 
     def json(self, rs: TableRef) -> JSON:
         return {"delete": {"chain": {**rs.base, "name": self.name}}}
@@ -539,12 +754,16 @@ class Transaction:
         }
 
     def to_text(self) -> str:
+        """What is sent to the kernel: one libnftables call, one batch."""
         return "".join(op.text(self.ref) + "\n" for op in self.ops)
 
+    def __str__(self) -> str:
+        return self.to_text()
 
-def create_ops(rs: Ruleset) -> list[Op]:
-    """Operations that build ``rs`` in an empty (or absent) table."""
-    ops: list[Op] = [AddTable()]
+
+def create_ops(rs: Ruleset, serial: int = 1) -> list[Op]:
+    """Operations that build ``rs`` in an absent table (marker and serial included)."""
+    ops: list[Op] = [AddTable(), AddSerial(serial)]
     ops += [AddCounter(c) for c in rs.counters]
     ops += [AddFlowtable(ft) for ft in rs.flowtables]
     ops += [AddChain(c) for c in rs.chains]
@@ -553,8 +772,14 @@ def create_ops(rs: Ruleset) -> list[Op]:
 
 
 def ruleset_json(rs: Ruleset) -> JSON:
-    """The whole table as a libnftables JSON document (``add`` commands)."""
-    return Transaction(TableRef(rs.family, rs.table), tuple(create_ops(rs))).to_json()
+    """The whole table as a libnftables JSON document (``add`` commands), for people
+    and tools; what we send is :meth:`Transaction.to_text`."""
+    ops: list[Op] = [AddTable()]
+    ops += [AddCounter(c) for c in rs.counters]
+    ops += [AddFlowtable(ft) for ft in rs.flowtables]
+    ops += [AddChain(c) for c in rs.chains]
+    ops += [AddRule(r) for r in rs.rules]
+    return Transaction(TableRef(rs.family, rs.table), tuple(ops)).to_json()
 
 
 def ruleset_text(rs: Ruleset) -> str:

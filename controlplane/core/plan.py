@@ -1,16 +1,26 @@
-"""Desired ruleset vs what the kernel has → the smallest safe transaction. Pure.
+"""Desired ruleset vs what the kernel lists → the smallest safe transaction. Pure.
 
 Rules of the game (why the plan looks the way it does):
 
 - Nothing changes → no operations at all; the kernel is not touched.
-- A flowtable whose definition (priority, flags) is unchanged is never deleted:
-  deleting it tears down every offloaded flow. Device changes are made on the
-  existing flowtable (``add flowtable … { devices }`` / ``delete flowtable …
-  { devices }``) inside the same transaction.
+- Drift is judged on content: each listed rule (nft's canonical, stateless
+  text) is compared with how nft lists the rule we render
+  (:attr:`nft.Rule.listed`), never on its ``cp:`` tag alone. A rule edited by
+  hand with its tag kept, a hand-added rule, chain, set, counter or jump is a
+  difference, and apply puts the declared state back.
+- A flowtable whose definition (priority, flags) is unchanged is never
+  deleted: deleting it tears down every offloaded flow. Device changes are made
+  on the existing flowtable inside the same transaction.
 - A chain whose rules differ is flushed and refilled in the same transaction
   (offloaded flows survive that); unchanged chains are left alone.
-- Rules are recognised by the content hash in their comment; an untagged rule
-  in the owned table (someone edited it by hand) makes its chain "changed".
+- Order the kernel accepts: first every reference goes (flush the chains that
+  change or go, our own and hand-added ones, so no ``jump``/``goto``/set
+  lookup still points anywhere), then hand-added chains and objects are
+  deleted (by kernel handle), then flowtables lose devices or go, then objects
+  are created and rules added.
+- Every committing transaction starts by swapping the table's serial
+  (:data:`nft.SERIAL_SET`): planned against a listing that another writer has
+  since changed, the batch fails as a whole (ENOENT) instead of overwriting.
 """
 
 from __future__ import annotations
@@ -20,9 +30,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from controlplane.core import nft
-from controlplane.errors import PlanError
+from controlplane.errors import EnvironmentProblem, PlanError
 
-__all__ = ["FlowtableChange", "Observed", "Plan", "make_plan", "parse_listing"]
+__all__ = [
+    "FlowtableChange",
+    "Observed",
+    "ObservedChain",
+    "ObservedFlowtable",
+    "ObservedObject",
+    "ObservedRule",
+    "Plan",
+    "make_plan",
+    "parse_listing",
+]
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class ObservedFlowtable:
     devices: frozenset[str]
     hw_offload: bool = False
     counter: bool = False
+    handle: int = 0
 
     @property
     def definition(self) -> tuple[int, bool, bool]:
@@ -42,72 +63,183 @@ class ObservedFlowtable:
 class ObservedRule:
     chain: str
     handle: int
-    comment: str | None
+    text: str  # as nft lists it (stateless), anonymous set elements sorted
+
+    @property
+    def comment(self) -> str | None:
+        m = _COMMENT.search(self.text)
+        return m.group(1) if m else None
 
     @property
     def tag(self) -> str | None:
-        if self.comment and self.comment.startswith(nft.TAG_PREFIX):
-            return self.comment[len(nft.TAG_PREFIX) :].split(" ", 1)[0]
+        c = self.comment
+        if c and c.startswith(nft.TAG_PREFIX):
+            return c[len(nft.TAG_PREFIX) :].split(" ", 1)[0]
         return None
 
 
 @dataclass(frozen=True)
-class Observed:
-    """The owned table as the kernel lists it."""
+class ObservedChain:
+    name: str
+    definition: tuple[str, str, int, str] | None  # None: a regular (non-base) chain
+    handle: int = 0
 
+
+@dataclass(frozen=True)
+class ObservedObject:
+    """A set, map, quota… (anything but chains, flowtables, counters, the serial)."""
+
+    kind: nft.ObjKind
+    name: str
+    handle: int
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A table as the kernel lists it."""
+
+    marker: str | None = None  # the table's comment
     flowtables: Mapping[str, ObservedFlowtable] = field(default_factory=dict)
-    chains: Mapping[str, tuple[str, str, int, str] | None] = field(default_factory=dict)
+    chains: Mapping[str, ObservedChain] = field(default_factory=dict)
     rules: tuple[ObservedRule, ...] = ()
-    counters: frozenset[str] = frozenset()
+    counters: Mapping[str, int] = field(default_factory=dict)  # name -> handle
+    objects: tuple[ObservedObject, ...] = ()
+    serial: int | None = None
+    serial_handle: int | None = None  # the set exists (even if its content is wrong)
+    unknown: tuple[str, ...] = ()  # listing lines we could not classify
 
     def rules_of(self, chain: str) -> list[ObservedRule]:
         return [r for r in self.rules if r.chain == chain]
 
     @property
-    def foreign_rules(self) -> list[ObservedRule]:
+    def untagged_rules(self) -> list[ObservedRule]:
         return [r for r in self.rules if r.tag is None]
 
 
-_FT_BLOCK = re.compile(r"flowtable (\S+) \{(.*?)\n\s*\}", re.S)
+# --- the listing parser ----------------------------------------------------------
+# Input: ``nft -a -s -y list table F T`` (handles, stateless, numeric priorities).
+
+_HANDLE = re.compile(r"^(.*?) # handle (\d+)$")
+_COMMENT = re.compile(r' comment "([^"]*)"$')
+_KINDS = "|".join(re.escape(k.value) for k in nft.ObjKind)
+_OBJ_HEAD = re.compile(rf"^({_KINDS}) (.+) \{{$")
+_CHAIN_DEF = re.compile(r"^type (\w+) hook (\w+)(?: device \S+)? priority (-?\d+); policy (\w+);$")
+_DEVICES = re.compile(r"devices = \{ (.*) \}")
 
 
-def parse_listing(doc: Mapping[str, object], text: str | None = None) -> Observed:
-    """Parse ``nft -j list table`` output (plus the text listing for flowtable flags,
-    which nft 1.0.x's JSON output omits)."""
-    flags: dict[str, tuple[bool, bool]] = {}
-    if text:
-        for name, body in _FT_BLOCK.findall(text):
-            flags[name] = ("flags offload" in body, bool(re.search(r"^\s*counter\s*$", body, re.M)))
+def parse_listing(text: str) -> Observed:
+    """Parse one table's listing into :class:`Observed`; anything unexpected is
+    kept in ``unknown`` so that ownership refuses instead of guessing."""
+    marker: str | None = None
     fts: dict[str, ObservedFlowtable] = {}
-    chains: dict[str, tuple[str, str, int, str] | None] = {}
+    chains: dict[str, ObservedChain] = {}
     rules: list[ObservedRule] = []
-    counters: set[str] = set()
-    items = doc.get("nftables", [])
-    assert isinstance(items, list)
-    for item in items:
-        if "flowtable" in item:
-            f = item["flowtable"]
-            dev = f.get("dev", [])
-            devices = frozenset([dev] if isinstance(dev, str) else dev)
-            hw, cnt = flags.get(f["name"], (False, False))
-            fts[f["name"]] = ObservedFlowtable(f["name"], int(f.get("prio", 0)), devices, hw, cnt)
-        elif "chain" in item:
-            c = item["chain"]
-            if "hook" in c:
-                chains[c["name"]] = (
-                    c["type"],
-                    c["hook"],
-                    int(c["prio"]),
-                    c.get("policy", "accept"),
-                )
-            else:
-                chains[c["name"]] = None
-        elif "rule" in item:
-            r = item["rule"]
-            rules.append(ObservedRule(r["chain"], int(r.get("handle", 0)), r.get("comment")))
-        elif "counter" in item:
-            counters.add(item["counter"]["name"])
-    return Observed(fts, chains, tuple(rules), frozenset(counters))
+    counters: dict[str, int] = {}
+    objects: list[ObservedObject] = []
+    unknown: list[str] = []
+    serial: int | None = None
+    serial_handle: int | None = None
+
+    lines = text.splitlines()
+    i = 0
+    n = len(lines)
+    # skip to the table header
+    while i < n and not lines[i].startswith("table "):
+        i += 1
+    i += 1
+    while i < n:
+        line = lines[i]
+        i += 1
+        if not line.strip() or line == "}":
+            continue
+        if not line.startswith("\t") or line.startswith("\t\t"):
+            unknown.append(line.strip())
+            continue
+        body = line[1:]
+        if body.startswith("comment "):
+            marker = body[len("comment ") :].strip().strip('"')
+            continue
+        if body.startswith("flags "):
+            unknown.append(body)
+            continue
+        hm = _HANDLE.match(body)
+        head, handle = (hm.group(1), int(hm.group(2))) if hm else (body, 0)
+        om = _OBJ_HEAD.match(head)
+        if om is None:
+            unknown.append(body)
+            continue
+        kind, name = nft.ObjKind(om.group(1)), om.group(2).strip('"')
+        inner: list[str] = []
+        while i < n and lines[i] != "\t}":
+            inner.append(lines[i].strip())
+            i += 1
+        i += 1  # the closing brace
+        if kind is nft.ObjKind.CHAIN:
+            definition = None
+            start = 0
+            if inner and inner[0].startswith("type "):
+                cm = _CHAIN_DEF.match(inner[0])
+                if cm is None:
+                    unknown.append(f"chain {name}: {inner[0]}")
+                else:
+                    definition = (cm.group(1), cm.group(2), int(cm.group(3)), cm.group(4))
+                start = 1
+            chains[name] = ObservedChain(name, definition, handle)
+            for raw in inner[start:]:
+                if not raw:
+                    continue
+                rm = _HANDLE.match(raw)
+                rtext, rhandle = (rm.group(1), int(rm.group(2))) if rm else (raw, 0)
+                rules.append(ObservedRule(name, rhandle, _canonical_listed(rtext)))
+        elif kind is nft.ObjKind.FLOWTABLE:
+            prio = 0
+            devices: frozenset[str] = frozenset()
+            hw = cnt = False
+            for raw in inner:
+                if raw.startswith("hook ingress priority "):
+                    prio = int(raw.rsplit(" ", 1)[1].rstrip(";"))
+                elif (dm := _DEVICES.search(raw)) is not None:
+                    devices = frozenset(d.strip().strip('"') for d in dm.group(1).split(","))
+                elif raw.rstrip(";") == "flags offload":
+                    hw = True
+                elif raw.rstrip(";") == "counter":
+                    cnt = True
+            fts[name] = ObservedFlowtable(name, prio, devices, hw, cnt, handle)
+        elif kind is nft.ObjKind.COUNTER:
+            counters[name] = handle
+        elif kind is nft.ObjKind.SET and name == nft.SERIAL_SET:
+            serial_handle = handle
+            elems = [ln for ln in inner if ln.startswith("elements = ")]
+            if (
+                len(inner) == 2
+                and inner[0] == "type inet_service"
+                and len(elems) == 1
+                and (em := re.fullmatch(r"elements = \{ (\d+) \}", elems[0]))
+            ):
+                serial = int(em.group(1))
+        else:
+            objects.append(ObservedObject(kind, name, handle))
+    return Observed(
+        marker,
+        fts,
+        chains,
+        tuple(rules),
+        counters,
+        tuple(objects),
+        serial,
+        serial_handle,
+        tuple(unknown),
+    )
+
+
+def _canonical_listed(text: str) -> str:
+    m = _COMMENT.search(text)
+    if m is None:
+        return nft.sort_set_elements(text)
+    return nft.sort_set_elements(text[: m.start()]) + text[m.start() :]
+
+
+# --- the plan ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -126,6 +258,7 @@ class Plan:
     ops: tuple[nft.Op, ...]
     summary: tuple[str, ...]
     flowtable_changes: tuple[FlowtableChange, ...] = ()
+    drift: tuple[str, ...] = ()  # what differs because someone changed the table by hand
 
     @property
     def empty(self) -> bool:
@@ -144,11 +277,18 @@ class Plan:
         return frozenset(out)
 
 
-def make_plan(desired: nft.Ruleset, observed: Observed | None) -> Plan:
-    ref = nft.TableRef(desired.family, desired.table)
-    if observed is None:
-        ops = nft.create_ops(desired)
-        summary = [f"+ table {ref.spec}"]
+def make_plan(desired: nft.Ruleset, observed: Observed | None, *, adopt: bool = False) -> Plan:
+    """``adopt``: the table is ours by migration (see core.ownership): recreate it
+    whole, in the same transaction, so that it carries the marker from now on."""
+    ref = desired.ref
+    if observed is None or adopt:
+        ops: list[nft.Op] = [nft.DeleteTable()] if adopt else []
+        ops += nft.create_ops(desired)
+        summary = (
+            [f"! table {ref.spec} recreated to carry offloadctl's ownership marker"]
+            if adopt
+            else [f"+ table {ref.spec}"]
+        )
         summary += [f"+ counter {c}" for c in desired.counters]
         summary += [
             f"+ flowtable {ft.name} devices {{ {', '.join(ft.devices)} }}"
@@ -166,7 +306,10 @@ def make_plan(desired: nft.Ruleset, observed: Observed | None) -> Plan:
 
 def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
     summary: list[str] = []
+    drift: list[str] = []
     changes: list[FlowtableChange] = []
+    declared_chains = {c.name for c in desired.chains}
+
     # Flowtables that must go away (removed or redefined) first lose the rules
     # that reference them: the kernel refuses to delete a flowtable in use.
     doomed: set[str] = set()
@@ -184,71 +327,81 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
                 " (its offloaded flows are torn down)"
             )
 
-    rebuild: list[str] = []
+    flushes: list[nft.Op] = []  # every reference goes first
+    deletes: list[nft.Op] = []  # then chains and objects
+    post_ops: list[nft.Op] = []  # create objects, then rules
+
+    for name, ch in obs.chains.items():
+        if name in declared_chains:
+            continue
+        _flushable(name)
+        if obs.rules_of(name):
+            flushes.append(nft.FlushChain(name))
+        deletes.append(nft.DeleteByHandle(nft.ObjKind.CHAIN, ch.handle, name))
+        summary.append(f"- chain {name}")
+        drift.append(f"chain {name} is not declared (added by hand?)")
+
     for chain in desired.chains:
-        want_tags = [r.tag for r in desired.rules_of(chain.name)]
+        want = desired.rules_of(chain.name)
         have = obs.rules_of(chain.name)
+        cur = obs.chains.get(chain.name)
         # Only forward-hook chains can hold "flow add"; rebuilding them drops
         # any reference (old or new) to a flowtable about to be deleted.
-        refs_doomed = bool(doomed) and chain.hook is nft.Hook.FORWARD
-        if (
-            chain.name in obs.chains
-            and obs.chains[chain.name] == chain.definition
-            and [r.tag for r in have] == want_tags
-            and not refs_doomed
-        ):
+        refs_doomed = bool(doomed) and chain.hook is nft.Hook.FORWARD and cur is not None
+        same_rules = [r.listed for r in want] == [r.text for r in have]
+        if cur is not None and cur.definition == chain.definition and same_rules:
+            if refs_doomed:
+                flushes.append(nft.FlushChain(chain.name))
+                post_ops += [nft.AddRule(r) for r in want]
             continue
-        rebuild.append(chain.name)
-    removed_chains = [c for c in obs.chains if c not in {ch.name for ch in desired.chains}]
-
-    pre_ops: list[nft.Op] = []  # remove references, then objects
-    post_ops: list[nft.Op] = []  # create objects, then rules
-    for name in removed_chains:
-        pre_ops += [nft.FlushChain(name), nft.DeleteChain(name)]
-        summary.append(f"- chain {name}")
-    for name in rebuild:
-        chain = next(c for c in desired.chains if c.name == name)
-        have = obs.rules_of(name)
-        if name not in obs.chains:
+        if cur is None:
             post_ops.append(nft.AddChain(chain))
             summary.append(
-                f"+ chain {name} ({chain.type} {chain.hook.value} priority {chain.priority})"
+                f"+ chain {chain.name} ({chain.type} {chain.hook.value} priority {chain.priority})"
             )
-        elif obs.chains[name] != chain.definition:
-            pre_ops += [nft.FlushChain(name), nft.DeleteChain(name)]
+        elif cur.definition != chain.definition:
+            if have:
+                flushes.append(nft.FlushChain(chain.name))
+            deletes.append(nft.DeleteChain(chain.name))
             post_ops.append(nft.AddChain(chain))
-            summary.append(f"! chain {name} recreated: hook/type/priority/policy changed")
+            summary.append(f"! chain {chain.name} recreated: hook/type/priority/policy changed")
         else:
-            pre_ops.append(nft.FlushChain(name))
-            summary.append(f"~ chain {name}: rules replaced")
-        new_rules = desired.rules_of(name)
-        new_tags = {r.tag for r in new_rules}
-        old_tags = {r.tag for r in have}
-        summary += [
-            f"    - {r.comment or f'rule handle {r.handle} (not ours)'}"
-            for r in have
-            if r.tag not in new_tags
-        ]
-        summary += [f"    + {r.text}" for r in new_rules if r.tag not in old_tags]
-        post_ops += [nft.AddRule(r) for r in new_rules]
+            flushes.append(nft.FlushChain(chain.name))
+            summary.append(f"~ chain {chain.name}: rules replaced")
+        summary += _rule_lines(want, have, drift)
+        post_ops += [nft.AddRule(r) for r in want]
 
+    for obj in obs.objects:
+        deletes.append(nft.DeleteByHandle(obj.kind, obj.handle, obj.name))
+        summary.append(f"- {obj.kind.value} {obj.name}")
+        drift.append(f"{obj.kind.value} {obj.name} is not declared (added by hand?)")
+    for name in sorted(set(obs.counters) - set(desired.counters)):
+        deletes.append(nft.DeleteByHandle(nft.ObjKind.COUNTER, obs.counters[name], name))
+        summary.append(f"- counter {name}")
+    for name in desired.counters:
+        if name not in obs.counters:
+            post_ops.insert(0, nft.AddCounter(name))
+            summary.append(f"+ counter {name}")
+
+    ft_ops: list[nft.Op] = []
     for name in sorted(doomed):
-        pre_ops.append(nft.DeleteFlowtable(name))
+        ft_ops.append(nft.DeleteByHandle(nft.ObjKind.FLOWTABLE, obs.flowtables[name].handle, name))
+    adds: list[nft.Op] = []
     for ft in desired.flowtables:
-        cur = obs.flowtables.get(ft.name)
-        if cur is None or ft.name in doomed:
-            post_ops.insert(0, nft.AddFlowtable(ft))
-            if cur is None:
+        cur_ft = obs.flowtables.get(ft.name)
+        if cur_ft is None or ft.name in doomed:
+            adds.append(nft.AddFlowtable(ft))
+            if cur_ft is None:
                 changes.append(FlowtableChange(ft.name, added=ft.devices, created=True))
                 summary.append(f"+ flowtable {ft.name} devices {{ {', '.join(ft.devices)} }}")
             continue
-        added = tuple(sorted(set(ft.devices) - cur.devices))
-        removed = tuple(sorted(cur.devices - set(ft.devices)))
+        added = tuple(sorted(set(ft.devices) - cur_ft.devices))
+        removed = tuple(sorted(cur_ft.devices - set(ft.devices)))
         if added:
-            post_ops.insert(0, nft.AddFlowtable(replace(ft, devices=added)))
+            adds.append(nft.AddFlowtable(replace(ft, devices=added)))
             summary.append(f"~ flowtable {ft.name}: + devices {{ {', '.join(added)} }}")
         if removed:
-            pre_ops.append(nft.DeleteFlowtableDevices(ft.name, removed))
+            ft_ops.append(nft.DeleteFlowtableDevices(ft.name, removed))
             summary.append(
                 f"~ flowtable {ft.name}: - devices {{ {', '.join(removed)} }}"
                 " (their offloaded flows are torn down)"
@@ -256,17 +409,50 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
         if added or removed:
             changes.append(FlowtableChange(ft.name, added=added, removed=removed))
 
-    for name in sorted(obs.counters - set(desired.counters)):
-        pre_ops.append(nft.DeleteCounter(name))
-        summary.append(f"- counter {name}")
-    for name in desired.counters:
-        if name not in obs.counters:
-            post_ops.insert(0, nft.AddCounter(name))
-            summary.append(f"+ counter {name}")
-
-    ops = tuple(pre_ops + post_ops)
+    body = flushes + deletes + ft_ops + adds + post_ops
+    if not body and obs.serial is not None:
+        return Plan(ref, (), (), (), tuple(drift))
+    if obs.serial is not None:
+        cas: list[nft.Op] = [nft.SwapSerial(obs.serial, nft.next_serial(obs.serial))]
+    else:
+        cas = []
+        if obs.serial_handle is not None:
+            cas.append(nft.DeleteByHandle(nft.ObjKind.SET, obs.serial_handle, nft.SERIAL_SET))
+        cas.append(nft.AddSerial(1))
+        drift.append(f"set {nft.SERIAL_SET} missing or altered")
+    ops = tuple(cas + body)
     _check_order(ops)
-    return Plan(ref, ops, tuple(summary), tuple(changes))
+    return Plan(ref, ops, tuple(summary), tuple(changes), tuple(drift))
+
+
+def _flushable(chain: str) -> None:
+    if not nft.is_objname(chain):
+        raise EnvironmentProblem(
+            f"chain {chain!r} in the owned table has a name offloadctl will not put into"
+            " an nft command; delete it by hand"
+        )
+
+
+def _rule_lines(
+    want: tuple[nft.Rule, ...], have: list[ObservedRule], drift: list[str]
+) -> list[str]:
+    lines: list[str] = []
+    want_listed = {r.listed for r in want}
+    have_listed = {r.text for r in have}
+    want_tags = {r.tag: r for r in want}
+    for r in have:
+        if r.text in want_listed:
+            continue
+        if r.tag is None:
+            lines.append(f"    - {r.text} (handle {r.handle}, not ours: added by hand)")
+            drift.append(f"rule handle {r.handle} in {r.chain} added by hand")
+        elif r.tag in want_tags:
+            lines.append(f"    ~ {r.text} (changed by hand; restored)")
+            drift.append(f"rule {nft.TAG_PREFIX}{r.tag} in {r.chain} changed by hand")
+        else:
+            lines.append(f"    - {r.text}")
+    lines += [f"    + {r.text}" for r in want if r.listed not in have_listed]
+    return lines
 
 
 def _check_order(ops: tuple[nft.Op, ...]) -> None:
@@ -276,5 +462,9 @@ def _check_order(ops: tuple[nft.Op, ...]) -> None:
     for op in ops:
         if isinstance(op, nft.AddFlowtable):
             created.add(op.ft.name)
-        if isinstance(op, nft.DeleteFlowtable) and op.name in created:
+        if (
+            isinstance(op, nft.DeleteByHandle)
+            and op.kind is nft.ObjKind.FLOWTABLE
+            and op.name in created
+        ):
             raise PlanError(f"flowtable {op.name} deleted after being (re)created")

@@ -11,10 +11,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 
-from controlplane.errors import ControlPlaneError
 from controlplane.kernel.netns import entered, unshare_net
-
-PROBE_TABLE = "offloadctl_probe"
 
 
 @dataclass(frozen=True)
@@ -30,23 +27,8 @@ class Capability:
 def flowtables(netns: str | None = None) -> Capability:
     from controlplane.kernel.nft.libnft import Nft
 
-    text = (
-        f"add table inet {PROBE_TABLE}\n"
-        f"add flowtable inet {PROBE_TABLE} ft {{ hook ingress priority 0; devices = {{ lo }}; }}\n"
-    )
-    try:
-        Nft(netns).run_text(text, check=True)
-    except ControlPlaneError as exc:
-        if "No such file or directory" in str(exc):
-            why = (
-                "kernel refused 'add flowtable' with ENOENT: no NF_FLOW_TABLE (nf_flow_table_inet)"
-            )
-        else:
-            why = f"kernel refused a test flowtable: {exc}"
-        return Capability("flowtables", False, why)
-    return Capability(
-        "flowtables", True, "kernel accepted a test flowtable (checked, not committed)"
-    )
+    ok, why = Nft(netns).flowtables_supported()
+    return Capability("flowtables", ok, why)
 
 
 def vlan() -> Capability:

@@ -4,26 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.core.plan import parse_listing
+from controlplane.core import nft, ownership
+from controlplane.core.plan import Plan
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from controlplane.kernel.netns import require_root
 from controlplane.kernel.nft.libnft import Nft
 
 
-def collect(table: str, netns: str | None = None, family: str = "inet") -> dict[str, Any]:
+def collect(
+    table: nft.TableRef | str,
+    netns: str | None = None,
+    plan: Plan | None = None,
+    family: str = "inet",
+) -> dict[str, Any]:
+    """``table``: a TableRef (or a name that passed ObjName: the agent's config);
+    ``plan``: the config's plan against this table, to report drift."""
+    ref = table if isinstance(table, nft.TableRef) else nft.TableRef(family, table)
     require_root("reading kernel state")
-    listing = Nft(netns).list_table(family, table)
+    ctx = Nft(netns)
+    observed = ctx.list_table(ref)
     flows = dump_flows(netns)
+    verdict = ownership.decide(observed)
     info: dict[str, Any] = {
-        "table": listing is not None,
+        "table": observed is not None,
+        "ownership": verdict.ownership.value,
         "flowtables": [],
         "counters": {},
         "conntrack": len(flows),
         "offloaded": sum(1 for f in flows if f.offloaded),
+        "drift": [],
     }
-    if listing is None:
+    if observed is None:
         return info
-    observed = parse_listing(*listing)
     info["flowtables"] = [
         {
             "name": ft.name,
@@ -34,8 +46,22 @@ def collect(table: str, netns: str | None = None, family: str = "inet") -> dict[
         }
         for ft in observed.flowtables.values()
     ]
-    for item in listing[0].get("nftables", []):
-        if "counter" in item:
-            c = item["counter"]
-            info["counters"][c["name"]] = {"packets": c["packets"], "bytes": c["bytes"]}
+    # Named counter values from the stateful listing for people.
+    text = ctx.show(ref) or ""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("counter ") and stripped.endswith("{") and i + 1 < len(lines):
+            name = stripped.split()[1]
+            value = lines[i + 1].strip()
+            if value.startswith("packets "):
+                parts = value.split()
+                info["counters"][name] = {"packets": int(parts[1]), "bytes": int(parts[3])}
+    drift = [
+        f"rule handle {r.handle} in chain {r.chain} is not ours" for r in observed.untagged_rules
+    ]
+    drift += [f"{o.kind.value} {o.name} added by hand" for o in observed.objects]
+    if plan is not None:
+        drift = list(plan.drift) + [f"pending: {line.strip()}" for line in plan.summary]
+    info["drift"] = drift
     return info

@@ -1,102 +1,100 @@
-"""Make the VLAN sub-interfaces a config declares exist, and undo that on failure.
+"""Links for the ruleset service (implements ``RtnlPort``): read them, create the
+VLAN devices core/preflight decided on, undo that on failure.
 
-Declared VLANs are created when missing and checked when present: an existing
-device with the same name but another id, protocol or parent is a conflict we
-report rather than "fix" (it may carry someone's traffic).
+Decisions (which VLANs to create, in which order, what counts as a conflict)
+live in ``core/preflight.py``; this module only translates.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from controlplane.config import Vlan, VlanProto
-from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
+from controlplane.config import Vlan
+from controlplane.core.preflight import VLAN_PROTOCOLS, LinkInfo
+from controlplane.errors import KernelError, UnsupportedError
 from controlplane.kernel.netns import entered
+from controlplane.kernel.rtnl import topology
 
-_PROTO: dict[VlanProto, int] = {"802.1q": 0x8100, "802.1ad": 0x88A8}
-
-
-def _order(vlans: Iterable[Vlan]) -> list[Vlan]:
-    """Parents before children (QinQ: the outer tag's device first)."""
-    pending = list(vlans)
-    names = {v.name for v in pending}
-    done: set[str] = set()
-    out: list[Vlan] = []
-    while pending:
-        for v in list(pending):
-            if v.parent not in names or v.parent in done:
-                out.append(v)
-                done.add(v.name)
-                pending.remove(v)
-    return out
+__all__ = ["RtnlLinks", "remove_vlans"]
 
 
-def ensure_vlans(vlans: Iterable[Vlan], netns: str | None = None) -> list[str]:
-    """Create missing VLAN devices (up); return the names created, for rollback."""
-    created: list[str] = []
-    todo = _order(vlans)
-    if not todo:
+class RtnlLinks:
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+
+    def _ipr(self) -> Any:
+        with entered(self.netns):
+            return IPRoute()
+
+    def links(self, vlan_names: Iterable[str] = ()) -> Mapping[str, LinkInfo]:
+        out: dict[str, LinkInfo] = {
+            name: LinkInfo(None) for name in topology.link_names(self.netns)
+        }
+        wanted = [n for n in vlan_names if n in out]
+        if not wanted:
+            return out
+        ipr = self._ipr()
+        try:
+            names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
+            for name in wanted:
+                idx = ipr.link_lookup(ifname=name)
+                if not idx:
+                    continue
+                msg = ipr.get_links(idx[0])[0]
+                data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+                out[name] = LinkInfo(
+                    msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+                    data.get("IFLA_VLAN_ID") if data else None,
+                    data.get("IFLA_VLAN_PROTOCOL") if data else None,
+                    names.get(msg.get("IFLA_LINK")),
+                )
+        finally:
+            ipr.close()
+        return out
+
+    def bridge_ports(self, bridge: str) -> list[str]:
+        return topology.bridge_ports(bridge, self.netns)
+
+    def create_vlans(self, vlans: list[Vlan]) -> list[str]:
+        """Create ``vlans`` in the given order (parents first), up; all or nothing."""
+        created: list[str] = []
+        if not vlans:
+            return created
+        ipr = self._ipr()
+        try:
+            for vlan in vlans:
+                parent = ipr.link_lookup(ifname=vlan.parent)
+                try:
+                    ipr.link(
+                        "add",
+                        ifname=vlan.name,
+                        kind="vlan",
+                        link=parent[0],
+                        vlan_id=vlan.id,
+                        vlan_protocol=VLAN_PROTOCOLS[vlan.protocol],
+                    )
+                except NetlinkError as exc:
+                    if exc.code == errno.EOPNOTSUPP:
+                        raise UnsupportedError(
+                            f"vlan {vlan.name}: this kernel has no VLAN support (8021q)"
+                        ) from None
+                    raise KernelError(f"create vlan {vlan.name}", str(exc), exc.code) from None
+                created.append(vlan.name)
+                ipr.link("set", index=ipr.link_lookup(ifname=vlan.name)[0], state="up")
+        except BaseException:
+            _delete(ipr, created)
+            raise
+        finally:
+            ipr.close()
         return created
-    with entered(netns):
-        ipr: Any = IPRoute()
-    try:
-        for vlan in todo:
-            existing = ipr.link_lookup(ifname=vlan.name)
-            parent = ipr.link_lookup(ifname=vlan.parent)
-            if not parent:
-                raise EnvironmentProblem(
-                    f"vlan {vlan.name}: parent device {vlan.parent!r} does not exist"
-                )
-            if existing:
-                _check_existing(ipr, vlan, existing[0], parent[0])
-                continue
-            try:
-                ipr.link(
-                    "add",
-                    ifname=vlan.name,
-                    kind="vlan",
-                    link=parent[0],
-                    vlan_id=vlan.id,
-                    vlan_protocol=_PROTO[vlan.protocol],
-                )
-            except NetlinkError as exc:
-                if exc.code == errno.EOPNOTSUPP:
-                    raise UnsupportedError(
-                        f"vlan {vlan.name}: this kernel has no VLAN support (8021q)"
-                    ) from None
-                raise KernelError(f"create vlan {vlan.name}", str(exc), exc.code) from None
-            created.append(vlan.name)
-            idx = ipr.link_lookup(ifname=vlan.name)[0]
-            ipr.link("set", index=idx, state="up")
-    except BaseException:
-        _delete(ipr, created)
-        raise
-    finally:
-        ipr.close()
-    return created
 
-
-def _check_existing(ipr: Any, vlan: Vlan, index: int, parent_index: int) -> None:
-    msg = ipr.get_links(index)[0]
-    kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-    data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-    have = (
-        kind,
-        data.get("IFLA_VLAN_ID") if data else None,
-        (data.get("IFLA_VLAN_PROTOCOL") or 0x8100) if data else None,
-        msg.get("IFLA_LINK"),
-    )
-    want = ("vlan", vlan.id, _PROTO[vlan.protocol], parent_index)
-    if have != want:
-        raise EnvironmentProblem(
-            f"vlan {vlan.name}: a device of that name exists but is not"
-            f" {vlan.protocol} id {vlan.id} on {vlan.parent}; remove or rename it"
-        )
+    def remove_links(self, names: list[str]) -> None:
+        remove_vlans(names, self.netns)
 
 
 def _delete(ipr: Any, names: list[str]) -> None:

@@ -1,0 +1,73 @@
+"""One writer per network namespace: flock on a file named by the namespace's
+identity (nsfs device + inode), so two names for one namespace share a lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from types import TracebackType
+
+from controlplane.errors import EnvironmentProblem
+from controlplane.kernel.netns import netns_path
+
+__all__ = ["LOCK_DIR", "NetnsLock", "netns_identity"]
+
+LOCK_DIR = "/run/offloadctl"
+WAIT_SECONDS = 60.0
+
+
+def netns_identity(netns: str | None) -> tuple[int, int]:
+    path = "/proc/thread-self/ns/net" if netns is None else netns_path(netns)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"network namespace {netns!r} does not exist (no {path}); create it with"
+            f" 'ip netns add {netns}'"
+        ) from None
+    return st.st_dev, st.st_ino
+
+
+class NetnsLock:
+    def __init__(self, netns: str | None, wait: float = WAIT_SECONDS) -> None:
+        self.netns = netns
+        self.wait = wait
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> str:
+        dev, ino = netns_identity(self.netns)
+        return os.path.join(LOCK_DIR, f"netns-{dev}-{ino}.lock")
+
+    def __enter__(self) -> NetnsLock:
+        path = self.path
+        try:
+            os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot open lock {path}: {exc.strerror}") from None
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise EnvironmentProblem(
+                        f"another offloadctl has held {path} for {self.wait:.0f} s"
+                    ) from None
+                time.sleep(0.005)  # flock has no timed wait; poll against a deadline
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

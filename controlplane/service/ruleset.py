@@ -1,0 +1,207 @@
+"""Plan and apply a config: the glue between the pure core and the kernel ports.
+
+``plan`` = render + preflight + ownership + diff; ``apply`` = plan + commit,
+all under the namespace's lock:
+
+1. render (pure; bad input stops here and nothing is touched);
+2. preflight (core/preflight.py over gathered facts): devices exist, bridge
+   ports have names we accept, flowtables are supported, VLAN conflicts;
+3. observe the table; core/ownership.py decides whether we may write it;
+4. plan against that observation; nothing to do → nothing is sent;
+5. create the VLAN devices preflight asked for (undone if step 6 fails);
+6. one nft transaction, conditional on the table's serial (compare-and-swap):
+   if anyone changed the table since step 3, the kernel refuses it whole;
+7. tear down the offloaded flows of devices that left a flowtable (the kernel
+   leaves them); a failure here is reported as "committed, follow-up failed".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controlplane.config import Config, Vlan
+from controlplane.core import nft, ownership, preflight
+from controlplane.core.plan import Plan, make_plan
+from controlplane.core.render import Facts, render
+from controlplane.errors import (
+    AfterCommitError,
+    ConcurrentChange,
+    ControlPlaneError,
+    EnvironmentProblem,
+    KernelError,
+)
+from controlplane.kernel.ports import CtPort, LockPort, NftPort, RtnlPort, TeardownResult
+
+__all__ = ["ApplyResult", "Ports", "RulesetService", "apply", "flush", "plan", "real_ports"]
+
+
+@dataclass
+class Ports:
+    nft: NftPort
+    rtnl: RtnlPort
+    ct: CtPort
+    lock: Callable[[], LockPort]
+    facts: Callable[[Config], Facts]
+    netns: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    plan: Plan
+    committed: bool
+    checked_only: bool
+    vlans_created: tuple[str, ...]
+    teardown: TeardownResult | None
+    seconds: float
+
+
+class RulesetService:
+    def __init__(self, ports: Ports) -> None:
+        self.p = ports
+
+    # -- plan ------------------------------------------------------------------
+
+    def _prepare(self, cfg: Config) -> tuple[nft.Ruleset, list[Vlan]]:
+        facts = self.p.facts(cfg)
+        for bridge, ports in facts.bridge_ports.items():
+            problem = preflight.bridge_port_problem(bridge, ports)
+            if problem:
+                raise EnvironmentProblem(problem)
+        rs = render(cfg, facts)
+        links = self.p.rtnl.links([v.name for v in cfg.vlans])
+        ok, why = self.p.nft.flowtables_supported() if rs.flowtables else (True, "")
+        kfacts = preflight.KernelFacts(links, ok, why, self.p.netns)
+        vlans = preflight.check(cfg, rs, kfacts)
+        return rs, vlans
+
+    def _observe(self, rs: nft.Ruleset) -> tuple[Plan, int | None]:
+        observed = self.p.nft.list_table(rs.ref)
+        verdict = ownership.decide(observed)
+        ownership.require_writable(rs.ref, verdict)
+        adopt = verdict.ownership is ownership.Ownership.LEGACY
+        serial = observed.serial if observed is not None else None
+        return make_plan(rs, observed, adopt=adopt), serial
+
+    def plan(self, cfg: Config) -> Plan:
+        rs, _ = self._prepare(cfg)
+        return self._observe(rs)[0]
+
+    # -- apply -----------------------------------------------------------------
+
+    def apply(self, cfg: Config, check: bool = False) -> ApplyResult:
+        start = time.perf_counter()
+        with self.p.lock():
+            rs, vlans = self._prepare(cfg)
+            the_plan, serial = self._observe(rs)
+            if check:
+                if not the_plan.empty:
+                    self.p.nft.run(the_plan.transaction, check=True)
+                return ApplyResult(the_plan, False, True, (), None, time.perf_counter() - start)
+            created = tuple(self.p.rtnl.create_vlans(vlans))
+            if the_plan.empty:
+                return ApplyResult(the_plan, False, False, created, None, self._since(start))
+            try:
+                self.p.nft.run(the_plan.transaction)
+            except BaseException as exc:
+                self.p.rtnl.remove_links(list(created))
+                if isinstance(exc, KernelError):
+                    self._explain_conflict(rs, serial, exc)
+                raise
+        report = None
+        leaving = the_plan.devices_leaving_fast_path()
+        if leaving:
+            try:
+                report = self.p.ct.teardown_flows_via(set(leaving))
+            except (ControlPlaneError, OSError) as exc:
+                raise AfterCommitError(
+                    f"ruleset committed ({len(the_plan.ops)} operations); tearing down the"
+                    f" flows of {', '.join(sorted(leaving))} failed: {exc}"
+                ) from exc
+        return ApplyResult(the_plan, True, False, created, report, self._since(start))
+
+    def _explain_conflict(self, rs: nft.Ruleset, serial: int | None, exc: KernelError) -> None:
+        """A refused batch whose serial moved meanwhile lost a race, say so."""
+        if serial is None:
+            return
+        now = self.p.nft.list_table(rs.ref)
+        if now is None or now.serial != serial:
+            raise ConcurrentChange(
+                "nft transaction",
+                f"table {rs.ref.spec} changed since it was listed (another writer);"
+                " nothing was committed, run again",
+                exc.errno,
+                exc.payload,
+            ) from exc
+
+    @staticmethod
+    def _since(start: float) -> float:
+        return time.perf_counter() - start
+
+    # -- flush -----------------------------------------------------------------
+
+    def flush(self, cfg: Config) -> bool:
+        """Delete the owned table (and so every flow it offloaded). True if it existed."""
+        ref = nft.TableRef(cfg.table.family, cfg.table.name)
+        with self.p.lock():
+            observed = self.p.nft.list_table(ref)
+            verdict = ownership.decide(observed)
+            if verdict.ownership is ownership.Ownership.ABSENT:
+                return False
+            ownership.require_writable(ref, verdict)
+            ops: list[nft.Op] = []
+            if observed is not None and observed.serial is not None:
+                ops.append(nft.SwapSerial(observed.serial, nft.next_serial(observed.serial)))
+            ops.append(nft.DeleteTable())
+            try:
+                self.p.nft.run(nft.Transaction(ref, tuple(ops)))
+            except KernelError as exc:
+                self._explain_conflict(
+                    nft.Ruleset(ref.family, ref.table), observed.serial if observed else None, exc
+                )
+                raise
+        return True
+
+
+# --- the real adapters ----------------------------------------------------------
+
+
+class _Conntrack:
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+
+    def teardown_flows_via(self, devices: set[str]) -> TeardownResult:
+        from controlplane.kernel.ctnetlink.teardown import teardown_flows_via
+
+        return teardown_flows_via(devices, netns=self.netns)
+
+
+def real_ports(netns: str | None = None) -> Ports:
+    from controlplane.kernel.netns import require_root
+    from controlplane.kernel.nft.libnft import Nft
+    from controlplane.kernel.rtnl.facts import gather_facts
+    from controlplane.kernel.rtnl.vlans import RtnlLinks
+    from controlplane.service.lock import NetnsLock
+
+    require_root("reading or changing the kernel's ruleset")
+    return Ports(
+        nft=Nft(netns),
+        rtnl=RtnlLinks(netns),
+        ct=_Conntrack(netns),
+        lock=lambda: NetnsLock(netns),
+        facts=lambda cfg: gather_facts(cfg, netns),
+        netns=netns,
+    )
+
+
+def plan(cfg: Config, netns: str | None = None) -> Plan:
+    return RulesetService(real_ports(netns)).plan(cfg)
+
+
+def apply(cfg: Config, netns: str | None = None, check: bool = False) -> ApplyResult:
+    return RulesetService(real_ports(netns)).apply(cfg, check=check)
+
+
+def flush(cfg: Config, netns: str | None = None) -> bool:
+    return RulesetService(real_ports(netns)).flush(cfg)
