@@ -1,0 +1,236 @@
+"""The apply orchestration against fakes, without root: ownership, lock, VLAN
+rollback, teardown after commit, preflight shared by plan and apply."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from controlplane.config import Config, Vlan
+from controlplane.core import nft
+from controlplane.core.preflight import LinkInfo
+from controlplane.core.render import Facts
+from controlplane.errors import (
+    AfterCommitError,
+    ConcurrentChange,
+    EnvironmentProblem,
+    KernelError,
+    UnsupportedError,
+)
+from controlplane.loader import parse_config
+from controlplane.service import Ports, RulesetService
+from tests.unit.fake_nft import FakeChain, FakeNft, FakeRule, FakeTable
+
+REF = nft.TableRef("inet", "offloadctl")
+
+
+@dataclass
+class Report:
+    deleted: int = 3
+    examined: int = 5
+    recreated: int = 3
+    elapsed: float = 0.001
+
+
+@dataclass
+class FakeRtnl:
+    names: set[str] = field(default_factory=lambda: {"lo", "wan0", "lan0", "a", "b"})
+    created: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def links(self, vlan_names: Iterable[str] = ()) -> Mapping[str, LinkInfo]:
+        return {n: LinkInfo(None) for n in self.names}
+
+    def bridge_ports(self, bridge: str) -> list[str]:
+        return []
+
+    def create_vlans(self, vlans: list[Vlan]) -> list[str]:
+        self.created += [v.name for v in vlans]
+        self.names |= {v.name for v in vlans}
+        return [v.name for v in vlans]
+
+    def remove_links(self, names: list[str]) -> None:
+        self.removed += names
+        self.names -= set(names)
+
+
+@dataclass
+class FakeCt:
+    fail: bool = False
+    calls: list[set[str]] = field(default_factory=list)
+
+    def teardown_flows_via(self, devices: set[str]) -> Report:
+        self.calls.append(devices)
+        if self.fail:
+            raise KernelError("conntrack delete", "boom", errno.EIO)
+        return Report()
+
+
+@dataclass
+class FakeLock:
+    events: list[str]
+
+    def __enter__(self) -> FakeLock:
+        self.events.append("lock")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.events.append("unlock")
+
+
+def _ports(fake: FakeNft, rtnl: FakeRtnl | None = None, ct: FakeCt | None = None) -> Any:
+    events: list[str] = []
+    ports = Ports(
+        nft=fake,
+        rtnl=rtnl or FakeRtnl(),
+        ct=ct or FakeCt(),
+        lock=lambda: FakeLock(events),
+        facts=lambda cfg: Facts(),
+    )
+    return ports, events
+
+
+def cfg(devices: list[str] | None = None, vlans: bool = False) -> Config:
+    data: dict[str, Any] = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0"}]}}
+    if devices is not None:
+        data["flowtables"] = [{"name": "ft", "devices": devices}]
+        data["policies"] = [{"name": "p", "flowtable": "ft"}]
+    if vlans:
+        data["vlans"] = [{"name": "wan0.7", "parent": "wan0", "id": 7}]
+    return parse_config(data)
+
+
+def test_apply_then_reapply_sends_nothing() -> None:
+    fake = FakeNft()
+    ports, events = _ports(fake)
+    svc = RulesetService(ports)
+    assert svc.apply(cfg()).committed
+    assert svc.apply(cfg()).plan.empty and fake.runs == 1
+    assert events == ["lock", "unlock", "lock", "unlock"]
+
+
+def test_commit_happens_inside_the_lock() -> None:
+    fake = FakeNft()
+    ports, events = _ports(fake)
+    fake.before_run.append(lambda: events.append("commit"))
+    RulesetService(ports).apply(cfg())
+    assert events == ["lock", "commit", "unlock"]
+
+
+def test_foreign_table_is_never_written() -> None:
+    fake = FakeNft()
+    # chains but no rules and no marker: someone else's table
+    fake.table = FakeTable(chains={"c": FakeChain(2, None)})
+    ports, _ = _ports(fake)
+    svc = RulesetService(ports)
+    with pytest.raises(EnvironmentProblem, match="not ours"):
+        svc.apply(cfg())
+    with pytest.raises(EnvironmentProblem, match="not ours"):
+        svc.flush(cfg())
+    with pytest.raises(EnvironmentProblem, match="not ours"):
+        svc.plan(cfg())
+    assert fake.runs == 0 and fake.table.chains["c"].rules == []
+
+
+def test_legacy_table_is_adopted_by_recreating_it() -> None:
+    fake = FakeNft()
+    legacy = 'oifname "wan0" masquerade comment "cp:0123456789ab masquerade wan0"'
+    srcnat = FakeChain(2, ("nat", "postrouting", 100, "accept"), [FakeRule(3, legacy)])
+    fake.table = FakeTable(chains={"srcnat": srcnat})
+    ports, _ = _ports(fake)
+    res = RulesetService(ports).apply(cfg())
+    assert res.committed and isinstance(res.plan.ops[0], nft.DeleteTable)
+    obs = fake.list_table(REF)
+    assert obs is not None and obs.marker == nft.TABLE_MARKER
+
+
+def test_marker_with_foreign_objects_is_ours_and_restored() -> None:
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    svc = RulesetService(ports)
+    svc.apply(cfg())
+    fake.hand_add_set("extra")
+    assert svc.apply(cfg()).committed
+    assert fake.table is not None and not fake.table.sets
+
+
+def test_vlans_created_are_removed_when_the_kernel_refuses() -> None:
+    fake = FakeNft()
+    rtnl = FakeRtnl()
+    ports, _ = _ports(fake, rtnl)
+
+    def refuse() -> None:
+        raise KernelError("nft transaction", "no", errno.EINVAL)
+
+    fake.before_run.append(refuse)
+    with pytest.raises(KernelError):
+        RulesetService(ports).apply(cfg(vlans=True))
+    assert rtnl.created == ["wan0.7"] and rtnl.removed == ["wan0.7"]
+    assert fake.table is None
+
+
+def test_teardown_failure_after_commit_is_not_exit_5() -> None:
+    fake = FakeNft()
+    ct = FakeCt(fail=True)
+    ports, _ = _ports(fake, ct=ct)
+    svc = RulesetService(ports)
+    svc.apply(cfg(["a", "b"]))
+    with pytest.raises(AfterCommitError) as info:
+        svc.apply(cfg(["a"]))
+    assert info.value.exit_code == 6 and "committed" in str(info.value)
+    assert ct.calls == [{"b"}]
+    assert fake.table is not None and fake.table.flowtables["ft"].devices == {"a"}
+
+
+def test_teardown_of_leaving_devices_after_commit() -> None:
+    fake = FakeNft()
+    ct = FakeCt()
+    ports, _ = _ports(fake, ct=ct)
+    svc = RulesetService(ports)
+    svc.apply(cfg(["a", "b"]))
+    assert ct.calls == []
+    res = svc.apply(cfg(["a"]))
+    assert ct.calls == [{"b"}] and res.teardown is not None
+
+
+def test_plan_runs_the_same_preflight_as_apply() -> None:
+    fake = FakeNft(flowtables=False)
+    ports, _ = _ports(fake)
+    svc = RulesetService(ports)
+    with pytest.raises(UnsupportedError) as info:
+        svc.plan(cfg(["a"]))
+    assert info.value.exit_code == 3
+    with pytest.raises(EnvironmentProblem, match="nosuch0"):
+        RulesetService(_ports(FakeNft())[0]).plan(cfg(["nosuch0"]))
+
+
+def test_concurrent_writer_makes_the_commit_fail() -> None:
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    svc = RulesetService(ports)
+    svc.apply(cfg(["a"]))
+    other = RulesetService(_ports(fake)[0])
+    # another writer commits between our listing and our commit
+    fake.before_run.append(lambda: (fake.before_run.clear(), other.apply(cfg(["b"]))))
+    with pytest.raises(ConcurrentChange):
+        svc.apply(cfg(["a", "b"]))
+    assert fake.table is not None and fake.table.flowtables["ft"].devices == {"b"}
+
+
+def test_bad_bridge_port_name_from_the_kernel_never_reaches_nft() -> None:
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    ports.facts = lambda c: Facts(bridge_ports={"br0": ("ok0", 'x"; flush ruleset')})
+    with pytest.raises(EnvironmentProblem, match="br0"):
+        RulesetService(ports).apply(cfg(["a"]))
+    assert fake.runs == 0
