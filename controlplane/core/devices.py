@@ -30,7 +30,7 @@ device (neighbour transmit). Hence:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane.config import Config, Flowtable
@@ -52,9 +52,14 @@ __all__ = [
 _MAX_HOPS = 5
 
 # Named counters of packets of already-offloaded flows that still reached the
-# forward hook, one per flowtable device (by input device). The prefix keeps
-# them apart from "classic_path" and makes every name start with a letter.
+# forward hook, one per input device the forward hook sees (see
+# DeviceSet.ingress). The prefix keeps them apart from "classic_path" and
+# makes every name start with a letter.
 CLASSIC_IN_PREFIX = "classic_in_"
+# The same, for input devices no flowtable's ingress map names (a VLAN upper
+# of a bridge, say): nothing is left uncounted. The suffix is longer than an
+# interface name can be (15), so it cannot collide with a device's counter.
+CLASSIC_IN_OTHER = CLASSIC_IN_PREFIX + "any_other_device"
 
 
 def classic_counter_names(devices: Iterable[str]) -> dict[str, str]:
@@ -102,9 +107,15 @@ class Member:
 
 @dataclass(frozen=True)
 class DeviceSet:
+    """``ingress``: the input device the *forward hook* sees for traffic entering
+    through these members (the bridge for a bridge port, the device itself for
+    a routed one) → those members. Classic-path packets are counted by it:
+    the forward hook never sees the port or the real device underneath."""
+
     flowtable: str
     members: tuple[Member, ...]  # sorted by name
     notes: tuple[str, ...] = ()  # explicit devices we had to resolve
+    ingress: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -146,20 +157,27 @@ def derive_devices(ft: Flowtable, facts: LinkFacts, where: str = "") -> DeviceSe
     by_index = facts.by_index()
     reasons: dict[str, list[str]] = {}
     notes: list[str] = []
+    ingress: dict[str, set[str]] = {}
 
-    def add(name: str, why: str) -> None:
+    def add(name: str, why: str, l3: str | None = None) -> None:
         reasons.setdefault(name, []).append(why)
+        ingress.setdefault(l3 or name, set()).add(name)
 
     prefix = f"{where}." if where else ""
     for j, dev in enumerate(ft.devices):
         link = facts.links.get(dev)
         if link is None or link.kind != "vlan" or link.master is None:
-            add(dev, "listed in devices")
+            master = by_index.get(link.master) if link and link.master is not None else None
+            add(dev, "listed in devices", master.name if master is not None else None)
             continue
         master = by_index.get(link.master)
         master_name = master.name if master is not None else f"ifindex {link.master}"
         real, chain = lowest_device(link, by_index)
-        add(real.name, f"lower device of {dev} (listed; a port of {master_name})")
+        add(
+            real.name,
+            f"lower device of {dev} (listed; a port of {master_name})",
+            master.name if master is not None else None,
+        )
         notes.append(
             f"{prefix}devices[{j}]: {dev} is a VLAN device and a port of {master_name}:"
             f" the kernel resolves the bridge path to {real.name}, so {real.name} is hooked"
@@ -169,13 +187,16 @@ def derive_devices(ft: Flowtable, facts: LinkFacts, where: str = "") -> DeviceSe
         for port in facts.bridge_ports.get(bridge, ()):
             link = facts.links.get(port)
             if link is None or link.kind != "vlan":
-                add(port, f"port of bridge {bridge}")
+                add(port, f"port of bridge {bridge}", bridge)
                 continue
             real, chain = lowest_device(link, by_index)
-            via = " of ".join(["lower device of bridge port " + chain[0], bridge])
-            add(real.name, via if len(chain) == 2 else f"{via} (through {', '.join(chain[1:-1])})")
+            via = f"lower device of bridge port {port} of {bridge}"
+            if len(chain) > 2:
+                via += f" (through {', '.join(chain[1:-1])})"
+            add(real.name, via, bridge)
     members = tuple(Member(name, tuple(reasons[name])) for name in sorted(reasons))
-    return DeviceSet(ft.name, members, tuple(notes))
+    seen_as = tuple((l3, tuple(sorted(devs))) for l3, devs in sorted(ingress.items()))
+    return DeviceSet(ft.name, members, tuple(notes), seen_as)
 
 
 def derive_all(cfg: Config, facts: LinkFacts) -> tuple[DeviceSet, ...]:
@@ -195,6 +216,9 @@ def explain(sets: Iterable[DeviceSet]) -> list[str]:
         if not ds.members:
             lines.append("  (no devices: bridges without ports?)")
         lines += [f"  note: {n}" for n in ds.notes]
+        for l3, devs in ds.ingress:
+            if devs != (l3,):
+                lines.append(f"  classic path counted as input {l3} for {', '.join(devs)}")
     return lines
 
 
@@ -203,46 +227,38 @@ def explain(sets: Iterable[DeviceSet]) -> list[str]:
 
 @dataclass(frozen=True)
 class ClassicPath:
-    """Packets of offloaded flows that entered on ``device`` and still took the
-    classic forward path. A few per flow are normal (the packets in flight
-    when the flow was added, FIN/RST which the fast path hands back); many
-    mean the flowtable does not hook this ingress and the direction entering
-    here is not offloaded, whatever conntrack's ``[OFFLOAD]`` says."""
+    """Packets of offloaded flows that entered through ``ingress`` (as the forward
+    hook names it) and still took the classic forward path. A few per flow are
+    normal (packets in flight when the flow was added, FIN/RST which the fast
+    path hands back); many mean the flowtable does not hook the device under
+    this ingress, so that direction is not offloaded, whatever conntrack's
+    ``[OFFLOAD]`` says."""
 
-    device: str
-    flowtable: str
+    ingress: str  # the counter's device ("lan0_10" for lan0.10) or "(other)"
+    counter: str
     packets: int
     bytes: int
     suspect: bool
 
 
-# Above this many packets a device is flagged. A healthy 8 MiB transfer in the
-# VM leaves 0-3 such packets per direction; the unhooked VLAN bridge port left
+# Above this many packets an ingress is flagged. A healthy multi-MiB transfer in
+# the VM leaves a handful per direction; the unhooked VLAN bridge port left
 # thousands.
 SUSPECT_PACKETS = 64
 
 
 def classic_path_report(
-    flowtables: Mapping[str, Collection[str]],
-    counters: Mapping[str, tuple[int, int]],
-    threshold: int = SUSPECT_PACKETS,
+    counters: Mapping[str, tuple[int, int]], threshold: int = SUSPECT_PACKETS
 ) -> list[ClassicPath]:
-    """Per flowtable device, from the ``classic_in_*`` counters (packets, bytes).
-
-    ``flowtables``: flowtable name → its devices (as listed by the kernel).
-    A device without its counter (a table written by an older offloadctl) is
-    left out rather than shown as 0.
-    """
+    """The ``classic_in_*`` counters of a table listing ((packets, bytes) by counter
+    name) as a per-ingress report, suspects first. Other counters are ignored."""
     out: list[ClassicPath] = []
-    names = classic_counter_names(d for devs in flowtables.values() for d in devs)
-    for ft, devices in sorted(flowtables.items()):
-        for dev in sorted(devices):
-            value = counters.get(names[dev])
-            if value is None:
-                continue
-            packets, nbytes = value
-            out.append(ClassicPath(dev, ft, packets, nbytes, packets > threshold))
-    return out
+    for name, (packets, nbytes) in counters.items():
+        if not name.startswith(CLASSIC_IN_PREFIX):
+            continue
+        shown = "(other)" if name == CLASSIC_IN_OTHER else name[len(CLASSIC_IN_PREFIX) :]
+        out.append(ClassicPath(shown, name, packets, nbytes, packets > threshold))
+    return sorted(out, key=lambda c: (not c.suspect, c.ingress))
 
 
 def unhooked_directions(

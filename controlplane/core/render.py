@@ -22,6 +22,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from controlplane.config import Config, ForwardAccept, OffloadPolicy
 from controlplane.core import nft
 from controlplane.core.devices import (
+    CLASSIC_IN_OTHER,
     DeviceSet,
     classic_counter_names,
     derive_all,
@@ -154,6 +155,24 @@ def _default_deny_rules(cfg: Config) -> list[nft.Rule]:
     return rules
 
 
+def _classic_in_rules(sets: tuple[DeviceSet, ...], counters: list[str]) -> list[nft.Rule]:
+    """Per input device, packets of already-offloaded flows that still reach the
+    forward hook: where a direction is not offloaded (``core/devices.py``)."""
+    per_ingress = classic_counter_names(l3 for ds in sets for l3, _ in ds.ingress)
+    counters += sorted(per_ingress.values())
+    counters.append(CLASSIC_IN_OTHER)
+    rules = []
+    label = "offloaded flows on the classic path"
+    if per_ingress:
+        stmts = (nft.match_ct_offloaded(), nft.counter_map("iifname", per_ingress))
+        rules.append(nft.Rule("forward", stmts, f"{label}, by input device"))
+    other = [nft.match_ct_offloaded()]
+    if per_ingress:
+        other.append(nft.match_meta_not("iifname", sorted(per_ingress)))
+    rules.append(nft.Rule("forward", (*other, nft.counter(CLASSIC_IN_OTHER)), f"{label}, others"))
+    return rules
+
+
 def _dnat_rules(cfg: Config) -> list[nft.Rule]:
     pre: list[nft.Rule] = []
     for d in cfg.nat.dnat:
@@ -240,16 +259,8 @@ def render(cfg: Config, facts: Facts | None = None) -> nft.Ruleset:
         rules.append(
             nft.Rule("forward", (nft.counter(CLASSIC_COUNTER),), "packets on the classic path")
         )
-        per_device = classic_counter_names(d for ds in sets for d in ds.names)
-        if per_device:
-            counters += sorted(per_device.values())
-            rules.append(
-                nft.Rule(
-                    "forward",
-                    (nft.match_ct_offloaded(), nft.counter_map("iifname", per_device)),
-                    "offloaded flows on the classic path, by input device",
-                )
-            )
+        if cfg.flowtables:
+            rules += _classic_in_rules(sets, counters)
         for pol in cfg.policies:
             rules += _policy_rules(pol)
         if deny:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from controlplane.core import nft
 from controlplane.core.flowpath import Link
 from controlplane.core.render import Facts, render
+from controlplane.errors import ConfigError
 from controlplane.loader import load_config, parse_config
 from tests.unit.strategies import configs
 
@@ -118,3 +119,103 @@ def test_threshold_renders_ct_packets() -> None:
     (policy_rule,) = [r for r in render(cfg).rules if r.flowtable_ref]
     assert "ct packets > 20" in policy_rule.text
     assert "meta l4proto tcp " in policy_rule.text
+
+
+# --- issue 9: ports, DNAT by address, default-deny forward -----------------------
+
+FT = [{"name": "ft", "devices": ["lan0", "wan0"]}]
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        (
+            {"flowtables": FT, "policies": [{"name": "p", "flowtable": "ft", "dport": ["9-1"]}]},
+            "policies[0].dport[0]",
+            "empty port range",
+        ),
+        (
+            {"flowtables": FT, "policies": [{"name": "p", "flowtable": "ft", "sport": [0]}]},
+            "policies[0].sport[0]",
+            "out of range",
+        ),
+        (
+            {"flowtables": FT, "policies": [{"name": "p", "flowtable": "ft", "dport": [80, 80]}]},
+            "policies[0].dport[1]",
+            "duplicate port",
+        ),
+        ({"nat": {"dnat": [{"port": 80, "to": "10.0.0.1"}]}}, "nat.dnat[0].iifname", "daddr"),
+        (
+            {"nat": {"dnat": [{"daddr": "fd00::1", "port": 80, "to": "10.0.0.1"}]}},
+            "nat.dnat[0].daddr",
+            "IPv6 address but 'to' is IPv4",
+        ),
+        (
+            {"forward": {"accept": [{"name": "a"}]}},
+            "forward.accept",
+            "need policy: drop",
+        ),
+        (
+            {"forward": {"policy": "drop", "accept": [{"name": "a", "dport": [22]}]}},
+            "forward.accept[0].dport",
+            "protocols limited to tcp and/or udp",
+        ),
+        (
+            {"forward": {"policy": "reject"}},
+            "forward.policy",
+            "",
+        ),
+    ],
+)
+def test_issue9_config_errors(data: dict[str, Any], path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"version": 1, **data})
+    assert any(i.path == path and fragment in i.message for i in info.value.issues), (
+        info.value.issues
+    )
+
+
+def test_ports_render_like_nft_lists_them() -> None:
+    cfg = parse_config(
+        {
+            "version": 1,
+            "flowtables": FT,
+            "policies": [
+                {"name": "one", "flowtable": "ft", "protocols": ["tcp"], "dport": [12345]},
+                {"name": "both", "flowtable": "ft", "dport": ["1000-2000", 22], "sport": [5]},
+            ],
+        }
+    )
+    texts = [r.text for r in render(cfg).rules if r.flowtable_ref]
+    # one protocol: "tcp dport" implies it (nft drops "meta l4proto tcp" when listing)
+    assert texts[0].startswith("tcp dport 12345 counter flow add @ft")
+    assert texts[1].startswith("meta l4proto { tcp, udp } th dport { 1000-2000, 22 } th sport 5")
+
+
+def test_default_deny_accepts_established_then_the_list() -> None:
+    cfg = load_config(ROOT / "examples" / "default-deny.yaml")
+    rs = render(cfg)
+    (fwd,) = [c for c in rs.chains if c.name == "forward"]
+    assert fwd.policy == "drop"
+    labels = [r.label for r in rs.rules_of("forward")]
+    # flow add before any accept: it only acts on established connections
+    assert labels.index("policy lan-wan") < labels.index("accept established")
+    assert labels.index("accept established") < labels.index("accept port forwards")
+    assert labels[-2:] == ["accept ssh-in ipv4", "accept ssh-in ipv6"]
+    ping = next(r for r in rs.rules_of("forward") if r.label == "accept ping")
+    assert "meta l4proto { icmp, ipv6-icmp }" in ping.text
+
+
+def test_dnat_by_destination_address() -> None:
+    rs = render(load_config(ROOT / "examples" / "dnat-daddr.yaml"))
+    texts = [r.text for r in rs.rules_of("dstnat")]
+    assert texts[0].startswith("meta nfproto ipv4 ip daddr 10.6.6.6 tcp dport 1666 dnat ip to")
+    assert texts[1].startswith('iifname "wan0" meta nfproto ipv6 ip6 daddr 2001:db8::6 udp dport')
+
+
+def test_classic_path_counters_per_forward_hook_input() -> None:
+    rs = render(load_config(ROOT / "examples" / "vlan-bridge-port.yaml"), FACTS)
+    assert rs.flowtables[0].devices == ("lan0", "wan0")
+    assert {"classic_in_br0", "classic_in_wan0", "classic_in_any_other_device"} <= set(rs.counters)
+    (by_dev,) = [r for r in rs.rules if r.label.endswith("by input device")]
+    assert '"br0" : "classic_in_br0"' in by_dev.text and "ct status 0x4000" in by_dev.text
