@@ -169,6 +169,18 @@ class ReuseportGroup:
             ) from None
         except PermissionError:
             raise _permission_problem(name, label, pin_dir, _errno.EACCES) from None
+        return cls.from_objects(name, label, pin_dir, objects)
+
+    @classmethod
+    def from_objects(
+        cls,
+        name: str,
+        netns: str,
+        pin_dir: str,
+        objects: BpfMapsPort,
+        lock: Callable[[], AbstractContextManager[None]] | None = None,
+    ) -> ReuseportGroup:
+        """Open the pins under ``pin_dir`` through ``objects`` and check their layout."""
         opened: list[BpfMapPort | BpfProgPort] = []
         try:
             prog = objects.open_prog(os.path.join(pin_dir, "prog"))
@@ -183,17 +195,17 @@ class ReuseportGroup:
                 obj.close()
             if exc.errno == _errno.ENOENT:
                 raise EnvironmentProblem(
-                    f"reuseport group {name!r} in {label} is incomplete ({exc});"
+                    f"reuseport group {name!r} in {netns} is incomplete ({exc});"
                     f" unload and load it again"
                 ) from None
             if exc.errno in (_errno.EACCES, _errno.EPERM):
-                raise _permission_problem(name, label, pin_dir, exc.errno) from None
+                raise _permission_problem(name, netns, pin_dir, exc.errno) from None
             raise
         except BaseException:
             for obj in opened:
                 obj.close()
             raise
-        return cls(name, label, pin_dir, prog, maps)
+        return cls(name, netns, pin_dir, prog, maps, lock)
 
     def close(self) -> None:
         self._prog.close()
