@@ -18,7 +18,20 @@ from controlplane.core import nft
 from controlplane.core.plan import Observed
 from controlplane.core.preflight import LinkInfo
 
-__all__ = ["BpfMapsPort", "CtPort", "LockPort", "NftPort", "RtnlPort", "TeardownResult"]
+# The BPF seam lives next to its adapter (H5): BpfMapsPort opens pinned maps
+# and programs, BpfMapPort/BpfProgPort are what it returns.
+from controlplane.kernel.bpf.ports import BpfMapPort, BpfMapsPort, BpfProgPort
+
+__all__ = [
+    "BpfMapPort",
+    "BpfMapsPort",
+    "BpfProgPort",
+    "CtPort",
+    "LockPort",
+    "NftPort",
+    "RtnlPort",
+    "TeardownResult",
+]
 
 
 class NftPort(Protocol):
@@ -75,16 +88,6 @@ class CtPort(Protocol):
     def teardown_flows_via(self, devices: set[str]) -> TeardownResult:
         """Take the flows through ``devices`` off the fast path."""
         ...
-
-
-class BpfMapsPort(Protocol):
-    """Pinned reuseport maps (H5): slots of a sockarray and the generation map."""
-
-    def update_slot(self, group: str, slot: int, sock_fd: int) -> None: ...
-
-    def delete_slot(self, group: str, slot: int) -> None: ...
-
-    def set_generation(self, group: str, generation: int) -> None: ...
 
 
 class LockPort(Protocol):
