@@ -237,11 +237,23 @@ def _check_objname(name: str) -> str:
     return name
 
 
+def _no_scope(value: str) -> str:
+    # Python's ipaddress accepts IPv6 zone ids ("fe80::1%wan0"); nft does not
+    # take them and resolves the text as a host name instead. A zone names an
+    # interface: use iifnames/oifnames for that.
+    if "%" in value:
+        raise ValueError(
+            "a zone id (%...) is not allowed in a rule; match the interface"
+            " with iifnames/oifnames instead"
+        )
+    return value
+
+
 def _parse_network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
         raise ValueError("expected a prefix such as 192.0.2.0/24 or 2001:db8::/32")
     try:
-        return ipaddress.ip_network(value, strict=True)
+        return ipaddress.ip_network(_no_scope(value), strict=True)
     except ValueError as exc:
         raise ValueError(f"invalid prefix {value!r}: {exc}") from None
 
@@ -250,9 +262,16 @@ def _parse_address(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
     if not isinstance(value, str):
         raise ValueError("expected an IP address such as 192.0.2.1")
     try:
-        return ipaddress.ip_address(value)
+        return ipaddress.ip_address(_no_scope(value))
     except ValueError as exc:
         raise ValueError(f"invalid address {value!r}: {exc}") from None
+
+
+def _check_version(value: object) -> object:
+    # Literal[1] alone compares by equality, so True and 1.0 would pass.
+    if type(value) is not int or value != 1:
+        raise ValueError(f"expected the integer 1 (got {type(value).__name__} {value!r})")
+    return value
 
 
 IfName = Annotated[str, AfterValidator(_check_ifname)]
@@ -307,7 +326,7 @@ PortRange = Annotated[
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, defer_build=True)
 
 
 Loc = tuple[str | int, ...]
@@ -346,6 +365,74 @@ def _duplicates(items: list[str], field: str, what: str) -> list[tuple[Loc, str]
             issues.append(((field, i), f"duplicate {what} {item!r} (also at [{seen[item]}])"))
         else:
             seen[item] = i
+    return issues
+
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _prefix_issues(nets: list[Net], field: str) -> list[tuple[Loc, str]]:
+    """Duplicates and prefixes inside another of the same list: nft merges such a
+    set into its covering prefix, so the rule it lists back differs from ours."""
+    order = sorted(
+        range(len(nets)),
+        key=lambda i: (nets[i].version, nets[i].network_address, nets[i].prefixlen, i),
+    )
+    issues: list[tuple[Loc, str]] = []
+    cover: int | None = None
+    for i in order:
+        net = nets[i]
+        if cover is not None and net.version == nets[cover].version:
+            outer = nets[cover]
+            if net.subnet_of(outer):  # type: ignore[arg-type]
+                what = "duplicate prefix" if net == outer else f"prefix {str(net)!r} is inside"
+                issues.append(((field, i), f"{what} {str(outer)!r} (at [{cover}]); list it once"))
+                continue
+        cover = i
+    return sorted(issues)
+
+
+def _families(nets: list[Net]) -> set[int]:
+    return {n.version for n in nets}
+
+
+def _icmp_family_issues(
+    protocols: list[str], saddr: list[Net], daddr: list[Net]
+) -> list[tuple[Loc, str]]:
+    """ICMP is IPv4's and ICMPv6 IPv6's: with prefixes of the other family only,
+    the rule would match nothing."""
+    fams = _families(saddr) & _families(daddr) if saddr and daddr else _families(saddr + daddr)
+    if not fams:
+        return []
+    needs = {"icmp": 4, "icmpv6": 6}
+    return [
+        (("protocols", i), f"{p} is IPv{needs[p]} only but the prefixes are IPv{min(fams)} only")
+        for i, p in enumerate(protocols)
+        if p in needs and needs[p] not in fams
+    ]
+
+
+def _family_issues(saddr: list[Net], daddr: list[Net]) -> list[tuple[Loc, str]]:
+    """A rule is rendered once per IP family; with both lists set, a prefix whose
+    family the other list lacks would be left out of every rule."""
+    if not saddr or not daddr:
+        return []
+    issues: list[tuple[Loc, str]] = []
+    for field, nets, other_field, other in (
+        ("saddr", saddr, "daddr", daddr),
+        ("daddr", daddr, "saddr", saddr),
+    ):
+        have = _families(other)
+        for i, net in enumerate(nets):
+            if net.version not in have:
+                only = "/".join(f"IPv{v}" for v in sorted(have))
+                issues.append(
+                    (
+                        (field, i),
+                        f"IPv{net.version} prefix can never match: {other_field} lists only"
+                        f" {only} prefixes (split the entry per family)",
+                    )
+                )
     return issues
 
 
@@ -412,8 +499,9 @@ class OffloadPolicy(_Model):
             _duplicates(list(self.protocols), "protocols", "protocol")
             + _duplicates(self.iifnames, "iifnames", "interface")
             + _duplicates(self.oifnames, "oifnames", "interface")
-            + _duplicates([str(n) for n in self.saddr], "saddr", "prefix")
-            + _duplicates([str(n) for n in self.daddr], "daddr", "prefix")
+            + _prefix_issues(self.saddr, "saddr")
+            + _prefix_issues(self.daddr, "daddr")
+            + _family_issues(self.saddr, self.daddr)
             + _duplicates([str(p) for p in self.dport], "dport", "port")
             + _duplicates([str(p) for p in self.sport], "sport", "port")
         )
@@ -424,11 +512,33 @@ class Masquerade(_Model):
     oifname: IfName
     saddr: list[Network] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _prefixes(self) -> Masquerade:
+        _raise(_prefix_issues(self.saddr, "saddr"))
+        return self
+
 
 class SnatRule(_Model):
     oifname: IfName
     to: Address
     saddr: list[Network] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _prefixes(self) -> SnatRule:
+        # The rule matches the family of `to`: a prefix of the other family
+        # would never be translated (write one SNAT rule per family).
+        issues = _prefix_issues(self.saddr, "saddr")
+        issues += [
+            (
+                ("saddr", i),
+                f"IPv{net.version} prefix cannot be translated to IPv{self.to.version}"
+                f" address {str(self.to)!r}: add an snat rule with an IPv{net.version} 'to'",
+            )
+            for i, net in enumerate(self.saddr)
+            if net.version != self.to.version
+        ]
+        _raise(issues)
+        return self
 
 
 class DnatRule(_Model):
@@ -484,8 +594,10 @@ class ForwardAccept(_Model):
             _duplicates(list(self.protocols), "protocols", "protocol")
             + _duplicates(self.iifnames, "iifnames", "interface")
             + _duplicates(self.oifnames, "oifnames", "interface")
-            + _duplicates([str(n) for n in self.saddr], "saddr", "prefix")
-            + _duplicates([str(n) for n in self.daddr], "daddr", "prefix")
+            + _prefix_issues(self.saddr, "saddr")
+            + _prefix_issues(self.daddr, "daddr")
+            + _family_issues(self.saddr, self.daddr)
+            + _icmp_family_issues(list(self.protocols), self.saddr, self.daddr)
         )
         for key in ("dport", "sport"):
             if getattr(self, key) and (not self.protocols or set(self.protocols) - {"tcp", "udp"}):
@@ -577,6 +689,9 @@ class InvalidationConfig(_Model):
     )
     queue_size: Annotated[int, Field(ge=64, le=1_048_576)] = 65_536
     rcvbuf_bytes: Annotated[int, Field(ge=65_536, le=1 << 30)] = 32 << 20
+    # Period of the FDB/neighbour reconciliation that catches moves the kernel
+    # never announced (hardware-learned entries); 0 disables it.
+    reconcile_seconds: Annotated[float, Field(ge=0, le=86_400)] = 30.0
 
     @model_validator(mode="after")
     def _watch(self) -> InvalidationConfig:
@@ -585,7 +700,7 @@ class InvalidationConfig(_Model):
 
 
 class Config(_Model):
-    version: Literal[1]
+    version: Annotated[Literal[1], BeforeValidator(_check_version)]
     table: TableConfig = Field(default_factory=TableConfig)
     flowtables: list[Flowtable] = Field(default_factory=list)
     policies: list[OffloadPolicy] = Field(default_factory=list)

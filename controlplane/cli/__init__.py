@@ -3,27 +3,109 @@
 Exit codes: 0 ok · 1 ``plan``: changes pending · 2 invalid config or usage ·
 3 kernel lacks a feature · 4 environment (root, netns, device, bpffs) ·
 5 the kernel refused the transaction (previous state kept).
+
+Commands live in per-area modules (config_cmds, ruleset_cmds, reuseport, flows,
+agent) that register on ``common.app`` when imported (``@app.command()`` or
+``app.add_typer(...)``). Only the module of the command being run is imported,
+so ``offloadctl validate`` does not pay for BPF, netlink or libnftables.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
-from controlplane.cli import agent as _agent_cmds  # noqa: F401  (registers agent, reload)
-from controlplane.cli import config_cmds, ruleset_cmds  # noqa: F401  (registers commands)
+import typer
+from typer.core import TyperGroup
+
 from controlplane.cli.common import app
 
+# command -> the module under controlplane.cli that registers it. A command
+# missing here still works (an unknown name imports every AREA_MODULES entry:
+# slower start-up); adding its line makes it start fast.
+COMMANDS: dict[str, str] = {
+    "validate": "config_cmds",
+    "schema": "config_cmds",
+    "render": "config_cmds",
+    "plan": "ruleset_cmds",
+    "apply": "ruleset_cmds",
+    "show": "ruleset_cmds",
+    "flush": "ruleset_cmds",
+    "status": "ruleset_cmds",
+    "probe": "ruleset_cmds",
+    "flows": "flows",
+    "watch": "flows",
+    "agent": "agent",
+    "reload": "agent",
+    "reuseport": "reuseport",
+}
+AREA_MODULES = ("config_cmds", "ruleset_cmds", "flows", "agent", "reuseport")
+# Modules whose own typer ``app`` is mounted as a command group (they do not
+# register themselves on common.app): module -> (group name, help).
+SUBAPPS: dict[str, tuple[str, str]] = {
+    "reuseport": ("reuseport", "SO_REUSEPORT listener migration"),
+}
 
-def _mount_subapps() -> None:
+
+def _import_area(module: str) -> None:
+    name = f"controlplane.cli.{module}"
     try:
-        from controlplane.cli.reuseport import app as reuseport_app
-    except ImportError:  # pragma: no cover
-        return
-    app.add_typer(reuseport_app, name="reuseport", help="SO_REUSEPORT listener migration")
+        mod = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:  # an area that does not exist (yet) in this tree
+            return
+        raise
+    if module in SUBAPPS:
+        group, help_text = SUBAPPS[module]
+        if all(g.name != group for g in app.registered_groups):
+            app.add_typer(mod.app, name=group, help=help_text)
 
 
-_mount_subapps()
+class _AreaCommands(TyperGroup):
+    """A click group that imports a command's module the first time it is asked for."""
+
+    def _refresh(self) -> None:
+        built = typer.main.get_group(app)
+        for name, cmd in built.commands.items():
+            self.commands.setdefault(name, cmd)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands:
+            module = COMMANDS.get(cmd_name)
+            for area in (module,) if module else AREA_MODULES:
+                _import_area(area)
+            self._refresh()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        for area in AREA_MODULES:
+            _import_area(area)
+        self._refresh()
+        return super().list_commands(ctx)
+
+
+app.info.cls = _AreaCommands
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"offloadctl {version('controlplane')}")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            typer.echo("offloadctl (not installed: version unknown)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", help="print the version and exit", is_eager=True, callback=_version
+    ),
+) -> None:
+    """Kernel-offload control plane: nftables flowtables, reuseport migration."""
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,14 +1,18 @@
-"""What every command module shares: the typer app, common arguments, config loading."""
+"""What every command module shares: the typer app, common arguments, config loading.
+
+Kept light: a command module imports this at start-up, so the config models
+(pydantic) and the YAML parser are imported only by the commands that load a config.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from controlplane.config import Config
-from controlplane.loader import load_config
+if TYPE_CHECKING:
+    from controlplane.config import Config
 
 app = typer.Typer(
     name="offloadctl",
@@ -18,7 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="config file (YAML or JSON)", show_default=False)]
+ConfigArg = Annotated[
+    Path,
+    typer.Argument(help="config file (YAML or JSON; - reads stdin)", show_default=False),
+]
 NetnsOpt = Annotated[
     str | None,
     typer.Option("--netns", help="network namespace name (ip netns)", show_default=False),
@@ -26,4 +33,7 @@ NetnsOpt = Annotated[
 
 
 def load(path: Path) -> Config:
+    """The config at ``path`` (``-``: stdin), or ConfigError naming every problem."""
+    from controlplane.loader import load_config
+
     return load_config(path)

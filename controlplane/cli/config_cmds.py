@@ -10,7 +10,6 @@ import typer
 from controlplane.cli.common import ConfigArg, app, load
 from controlplane.cli.errors import err as _err
 from controlplane.cli.errors import handles_errors
-from controlplane.config import Config
 
 
 @app.command()
@@ -18,8 +17,9 @@ from controlplane.config import Config
 def validate(config: ConfigArg) -> None:
     """Check a config file; print every problem with its field path and line."""
     cfg = load(config)
+    name = "<stdin>" if str(config) == "-" else config
     typer.echo(
-        f"{config}: ok ({len(cfg.flowtables)} flowtable(s), {len(cfg.policies)} policy(ies),"
+        f"{name}: ok ({len(cfg.flowtables)} flowtable(s), {len(cfg.policies)} policy(ies),"
         f" {len(cfg.vlans)} vlan(s))"
     )
 
@@ -27,6 +27,8 @@ def validate(config: ConfigArg) -> None:
 @app.command()
 def schema() -> None:
     """Print the config's JSON Schema."""
+    from controlplane.config import Config
+
     typer.echo(json.dumps(Config.model_json_schema(), indent=2))
 
 
