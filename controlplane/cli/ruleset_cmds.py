@@ -171,6 +171,18 @@ def status(
     for name, c in info["counters"].items():
         typer.echo(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
     typer.echo(f"  conntrack entries: {info['conntrack']} ({info['offloaded']} offloaded)")
+    # Issue 9 (H3): inputs whose direction is not offloaded although conntrack says so.
+    for r in info.get("classic_path_by_input", []):
+        if r["suspect"]:
+            typer.echo(
+                f"  not offloaded: input {r['ingress']}: {r['packets']} packets of offloaded"
+                " flows took the classic path (is its real device in the flowtable?)"
+            )
+    if info.get("offloaded_one_direction"):
+        typer.echo(
+            f"  {info['offloaded_one_direction']} flow(s) [OFFLOAD] in conntrack with one"
+            " direction on the classic path (not counted as offloaded)"
+        )
     for line in info["drift"]:
         typer.echo(f"  drift: {line}")
 

@@ -263,25 +263,27 @@ def classic_path_report(
 
 def unhooked_directions(
     paths: Mapping[object, tuple[tuple[str, ...], tuple[str, ...]]],
-    suspect_devices: Iterable[str],
+    suspect_inputs: Iterable[str],
 ) -> dict[object, tuple[str, ...]]:
-    """Flows with a direction entering through a suspect device.
+    """Flows with a direction entering through a suspect input device.
 
-    ``paths``: flow → (orig egress device chain, reply egress chain), top
-    device first (``flowpath.FlowPath`` with names). The ingress of the reply
-    direction is the last device of the orig egress chain and vice versa (the
-    kernel forces the reverse route through the input interface). Returns
-    flow → the directions ("orig"/"reply") that are not offloaded, for flows
-    that have one: such a flow must not be counted as offloaded.
+    ``paths``: flow → (orig egress device chain, reply egress chain) by name,
+    top device first (``flowpath.FlowPath``). The kernel forces the reverse
+    route through the input interface, so the devices a direction *enters*
+    through are the egress chain of the other one: the orig direction enters
+    through the reply chain (e.g. br0, lan0.10, lan0). ``suspect_inputs``:
+    ``ClassicPath.ingress`` values of suspect reports (counter suffixes, so
+    ``lan0_10`` stands for ``lan0.10``). Returns flow → its unhooked
+    directions ("orig"/"reply"); such a flow must not be counted as offloaded.
     """
-    suspect = frozenset(suspect_devices)
+    suspect = frozenset(suspect_inputs)
+
+    def hit(chain: tuple[str, ...]) -> bool:
+        return any(d.replace(".", "_") in suspect for d in chain)
+
     out: dict[object, tuple[str, ...]] = {}
     for flow, (orig, reply) in paths.items():
-        bad = []
-        if reply and reply[-1] in suspect:
-            bad.append("orig")
-        if orig and orig[-1] in suspect:
-            bad.append("reply")
+        bad = [name for name, chain in (("orig", reply), ("reply", orig)) if hit(chain)]
         if bad:
             out[flow] = tuple(bad)
     return out

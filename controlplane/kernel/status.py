@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from controlplane.core import nft, ownership
+from controlplane.core.devices import classic_path_report
 from controlplane.core.plan import Plan
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from controlplane.kernel.netns import require_root
 from controlplane.kernel.nft.libnft import Nft
+from controlplane.kernel.rtnl.facts import half_offloaded_flows
 
 
 def collect(
@@ -57,6 +60,16 @@ def collect(
             if value.startswith("packets "):
                 parts = value.split()
                 info["counters"][name] = {"packets": int(parts[1]), "bytes": int(parts[3])}
+    # Issue 9 (H3): per forward-hook input, packets of offloaded flows that still
+    # took the classic path. [OFFLOAD] is per flow: a suspect input means the
+    # direction entering there is not offloaded, so its flows are not counted.
+    report = classic_path_report(
+        {name: (c["packets"], c["bytes"]) for name, c in info["counters"].items()}
+    )
+    info["classic_path_by_input"] = [asdict(r) for r in report]
+    half = half_offloaded_flows(flows, [r.ingress for r in report if r.suspect], netns)
+    info["offloaded"] -= len(half)
+    info["offloaded_one_direction"] = len(half)
     drift = [
         f"rule handle {r.handle} in chain {r.chain} is not ours" for r in observed.untagged_rules
     ]

@@ -149,9 +149,14 @@ def test_report_flags_only_the_leaking_ingress() -> None:
 
 
 def test_unhooked_directions() -> None:
-    paths = {"f1": (("wan0",), ("br0", "lan0")), "f2": (("wan0",), ("lan1",))}
+    paths = {
+        "f1": (("wan0",), ("br0", "lan0.10", "lan0")),  # LAN host behind a VLAN bridge port
+        "f2": (("wan0",), ("lan1",)),
+    }
+    # The LAN→WAN (orig) direction of f1 enters through br0: br0 is the suspect input.
+    assert unhooked_directions(paths, {"br0"}) == {"f1": ("orig",)}
+    assert unhooked_directions(paths, {"lan0_10"}) == {"f1": ("orig",)}
     assert unhooked_directions(paths, {"wan0"}) == {"f1": ("reply",), "f2": ("reply",)}
-    assert unhooked_directions(paths, {"lan0"}) == {"f1": ("orig",)}
     assert unhooked_directions(paths, set()) == {}
 
 

@@ -20,6 +20,7 @@ from topology import (
     NS2,
     NSR,
     MiB,
+    TcpStream,
     Topology,
     add_observer,
     find_conntrack,
@@ -31,6 +32,7 @@ from topology import (
     observer_counter,
     offloadctl,
     tcp_transfer,
+    wait_offloaded,
 )
 
 from controlplane.core.devices import classic_path_report
@@ -68,7 +70,7 @@ def observe_directions(topo: Topology) -> None:
 
 def project_counters() -> dict[str, tuple[int, int]]:
     out = {}
-    for item in nft_json(NSR, "list", "counters", "table", "inet", "offloadctl"):
+    for item in nft_json(NSR, "list", "table", "inet", "offloadctl"):
         if "counter" in item:
             c = item["counter"]
             out[c["name"]] = (int(c["packets"]), int(c["bytes"]))
@@ -76,7 +78,7 @@ def project_counters() -> dict[str, tuple[int, int]]:
 
 
 def flowtable_devices() -> set[str]:
-    for item in nft_json(NSR, "list", "flowtables", "table", "inet", "offloadctl"):
+    for item in nft_json(NSR, "list", "table", "inet", "offloadctl"):
         if "flowtable" in item:
             dev = item["flowtable"].get("dev", [])
             return {dev} if isinstance(dev, str) else set(dev)
@@ -156,6 +158,15 @@ def test_listing_the_vlan_port_leaves_a_direction_on_the_classic_path(
         {k: (p - before.get(k, (0, 0))[0], b) for k, (p, b) in after.items()}
     )
     assert [r.ingress for r in report if r.suspect] == ["br0"], report
+
+    # status (--json) says the same, and a live [OFFLOAD] flow entering through
+    # br0 is not counted as offloaded.
+    with TcpStream(NS1, NS2, topology.addr("ns2")) as stream:
+        stream.wait_received(1 * MiB)
+        wait_offloaded(NSR, stream)
+        info = json.loads(offloadctl("status", "--netns", NSR, "--json").stdout)
+    assert [r["ingress"] for r in info["classic_path_by_input"] if r["suspect"]] == ["br0"]
+    assert info["offloaded_one_direction"] >= 1, info
 
 
 @pytest.mark.parametrize("topology", ["routed"], indirect=True)

@@ -10,17 +10,19 @@ decoding every link of a namespace with pyroute2 costs ~0.4 ms per link.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from controlplane.config import Config
-from controlplane.core.flowpath import Link
+from controlplane.core.devices import unhooked_directions
+from controlplane.core.flowpath import Flow, Link, flow_egress_addresses, resolve_paths
 from controlplane.core.render import Facts
 from controlplane.errors import EnvironmentProblem, KernelError
 from controlplane.kernel.rtnl import topology
 
-__all__ = ["gather_facts"]
+__all__ = ["gather_facts", "half_offloaded_flows"]
 
 # Stacked devices followed down (QinQ is two; the kernel stops at five).
 _MAX_LOWER = 5
@@ -79,3 +81,29 @@ def _gather(cfg: Config, netns: str | None) -> Facts:
             if not todo:
                 break
     return Facts(bridge_ports=ports, links={link.name: link for link in links.values()})
+
+
+def half_offloaded_flows(
+    flows: Iterable[Flow], suspect_inputs: Iterable[str], netns: str | None
+) -> list[Flow]:
+    """Offloaded flows with a direction entering through a suspect input (status).
+
+    Resolves each flow's path in a topology snapshot (only when some input is
+    suspect: the healthy case costs nothing) and asks the core which flows
+    have a direction the flowtable does not hook.
+    """
+    offloaded = [f for f in flows if f.offloaded]
+    suspects = list(suspect_inputs)
+    if not offloaded or not suspects:
+        return []
+    addresses = {a for f in offloaded for a in flow_egress_addresses(f)}
+    topo = topology.snapshot(addresses, netns)
+    named = {
+        flow: (
+            tuple(topo.name(i) for i in path.orig.devices),
+            tuple(topo.name(i) for i in path.reply.devices),
+        )
+        for flow, path in resolve_paths(topo, offloaded).items()
+    }
+    bad = unhooked_directions(named, suspects)  # type: ignore[arg-type]
+    return [f for f in offloaded if f in bad]
