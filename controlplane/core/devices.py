@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from controlplane.config import Config, Flowtable
 from controlplane.core.flowpath import Link
@@ -47,6 +48,8 @@ __all__ = [
     "explain",
     "lowest_device",
 ]
+
+K = TypeVar("K")
 
 # dev_fill_forward_path() stops after NET_DEVICE_PATH_STACK_MAX (5) devices.
 _MAX_HOPS = 5
@@ -262,9 +265,9 @@ def classic_path_report(
 
 
 def unhooked_directions(
-    paths: Mapping[object, tuple[tuple[str, ...], tuple[str, ...]]],
+    paths: Mapping[K, tuple[tuple[str, ...], tuple[str, ...]]],
     suspect_inputs: Iterable[str],
-) -> dict[object, tuple[str, ...]]:
+) -> dict[K, tuple[str, ...]]:
     """Flows with a direction entering through a suspect input device.
 
     ``paths``: flow → (orig egress device chain, reply egress chain) by name,
@@ -281,7 +284,7 @@ def unhooked_directions(
     def hit(chain: tuple[str, ...]) -> bool:
         return any(d.replace(".", "_") in suspect for d in chain)
 
-    out: dict[object, tuple[str, ...]] = {}
+    out: dict[K, tuple[str, ...]] = {}
     for flow, (orig, reply) in paths.items():
         bad = [name for name, chain in (("orig", reply), ("reply", orig)) if hit(chain)]
         if bad:

@@ -149,7 +149,7 @@ def test_report_flags_only_the_leaking_ingress() -> None:
 
 
 def test_unhooked_directions() -> None:
-    paths = {
+    paths: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         "f1": (("wan0",), ("br0", "lan0.10", "lan0")),  # LAN host behind a VLAN bridge port
         "f2": (("wan0",), ("lan1",)),
     }

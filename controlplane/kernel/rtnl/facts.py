@@ -105,5 +105,5 @@ def half_offloaded_flows(
         )
         for flow, path in resolve_paths(topo, offloaded).items()
     }
-    bad = unhooked_directions(named, suspects)  # type: ignore[arg-type]
+    bad = unhooked_directions(named, suspects)
     return [f for f in offloaded if f in bad]
