@@ -441,7 +441,8 @@ def _permission_problem(name: str, label: str, pin_dir: str, err: int) -> Enviro
     return EnvironmentProblem(
         f"cannot open reuseport group {name!r} in {label} as uid {os.geteuid()}: {cause};"
         " run the service as root, or hand its listeners to a root agent"
-        " ('offloadctl reuseport receive' or 'adopt'), or give the service's group access"
+        " ('offloadctl reuseport receive --socket-group GROUP' or 'adopt'), or give the"
+        " service's group access"
         f" to {pin_dir} and the bpffs directories above it (chgrp; g+rx on directories,"
         " g+rw on pins)"
     )

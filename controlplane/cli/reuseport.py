@@ -13,6 +13,7 @@ import os
 import typer
 
 from controlplane.cli.errors import handles_errors
+from controlplane.errors import ConfigError, ConfigIssue
 from controlplane.kernel.bpf import loader as bpf_loader
 from controlplane.reuseport import COUNTER_NAMES, GroupStatus, ReuseportGroup
 
@@ -162,6 +163,17 @@ def unload(
         typer.echo(f"unmounted bpffs at {bpffs} (load had mounted it)")
 
 
+def _gid(group: str) -> int:
+    import grp
+
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError([ConfigIssue("--socket-group", f"no group named {group!r}")]) from None
+
+
 def _report_stale(paths: tuple[str, ...]) -> None:
     for path in paths:
         typer.echo(f"removed {path}, left by a load that died", err=True)
@@ -197,13 +209,23 @@ def receive(
     clients: int = typer.Option(
         0, min=0, help="stop after this many client connections (0: run until killed)"
     ),
+    socket_group: str | None = typer.Option(
+        None,
+        "--socket-group",
+        help="let members of this group (name or gid) connect: services not running as root",
+        show_default=False,
+    ),
     netns: str | None = NetnsOpt,
     bpffs: str = BpffsOpt,
 ) -> None:
     """Register listeners sent over a Unix socket with SCM_RIGHTS."""
     from controlplane.kernel.bpf.fd_handover import HandoverServer
 
-    with _open(name, netns, bpffs) as group, HandoverServer(socket_path) as server:
+    gid = None if socket_group is None else _gid(socket_group)
+    with (
+        _open(name, netns, bpffs) as group,
+        HandoverServer(socket_path, group=gid) as server,
+    ):
         typer.echo(f"waiting for listeners on {socket_path}")
         served = 0
         while clients == 0 or served < clients:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from controlplane.cli.reuseport import app
 from controlplane.kernel.bpf import syscall as bpf_syscall
+from controlplane.kernel.bpf.fd_handover import send_listener
 from controlplane.kernel.bpf.loader import (
     MOUNT_MARKER,
     PIN_NAMES,
@@ -29,6 +31,7 @@ from controlplane.kernel.bpf.loader import (
     remove_stale_staging_if_idle,
     unload_group,
 )
+from controlplane.reuseport import ReuseportGroup
 from tests.netns import test_reuseport_support as sup
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,7 +227,7 @@ def test_unprivileged_service_is_told_about_permissions(
                 f" {NOBODY}: permission denied"
             ), out
             assert "is not loaded" not in out
-            assert "'offloadctl reuseport receive' or 'adopt'" in out
+            assert "'offloadctl reuseport receive --socket-group GROUP' or 'adopt'" in out
             assert "chgrp" in out
 
         # The way out named last works: give a group access to the pins.
@@ -260,4 +263,71 @@ def test_unprivileged_cli_status_is_one_line_exit_4(netns: str, bpffs: str) -> N
         assert res.returncode == 4, res.stderr
         assert res.stderr.count("\n") == 1 and "permission denied" in res.stderr
     finally:
+        unload_group("svc", netns=netns, bpffs=bpffs)
+
+
+# A service that cannot open the pins: it binds in the namespace (entered as
+# root by 'ip netns exec', then dropped to nobody by setpriv) and sends its
+# listener to the agent.
+_SEND_AS_SERVICE = textwrap.dedent(
+    """
+    import os, socket, sys
+    from controlplane.errors import ControlPlaneError
+    from controlplane.kernel.bpf.fd_handover import send_listener
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", int(sys.argv[2])))
+    s.listen(16)
+    try:
+        print("uid", os.getuid(), "slot", send_listener(sys.argv[1], s.fileno(), 3), flush=True)
+    except ControlPlaneError as exc:
+        print(exc, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["socket-group", "root-only"])
+def test_unprivileged_service_hands_its_listener_to_receive(
+    netns: str, bpffs: str, open_dir: Path, shared: bool
+) -> None:
+    gid = 4243
+    load_group("svc", netns=netns, bpffs=bpffs)
+    path = str(open_dir / "agent.sock")
+    args = ["--name", "svc", "--netns", netns, "--bpffs", bpffs, "--socket", path]
+    args += ["--clients", "1"] + (["--socket-group", str(gid)] if shared else [])
+    results: list[object] = []
+    agent = threading.Thread(
+        target=lambda: results.append(CliRunner().invoke(app, ["receive", *args]))
+    )
+    agent.start()
+    sup.wait_for("the agent socket", lambda: os.path.exists(path))
+    service = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", netns),
+            *("setpriv", f"--reuid={NOBODY}", f"--regid={gid}", "--clear-groups"),
+            *(sys.executable, "-c", _SEND_AS_SERVICE, path, str(sup.PORT)),
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stdout is not None
+        line = service.stdout.readline().strip()
+        with ReuseportGroup.open("svc", netns=netns, bpffs=bpffs) as group:
+            if shared:
+                assert line == f"uid {NOBODY} slot 0"
+                assert dict(group.state().slots) == {0: 3}
+            else:
+                assert line == f"cannot reach the agent at {path}: Permission denied"
+                assert dict(group.state().slots) == {}
+    finally:
+        service.kill()
+        service.wait()
+        if not shared:  # the agent still waits for its one client
+            with contextlib.suppress(Exception):
+                send_listener(path, -1, 1, timeout=1)
+        agent.join(timeout=10)
         unload_group("svc", netns=netns, bpffs=bpffs)

@@ -123,8 +123,13 @@ Handler = Callable[[int, int], int]  # (fd, generation) -> slot
 class HandoverServer:
     """Unix SOCK_SEQPACKET server that registers listeners sent to it."""
 
-    def __init__(self, path: str, mode: int = 0o600) -> None:
+    def __init__(self, path: str, mode: int = 0o600, group: int | None = None) -> None:
+        """Listen on ``path``; with ``group``, members of that group may connect too
+        (services that run as another user: the socket file's permissions are
+        the only gate, so it is root-only unless a group is named)."""
         self.path = path
+        if group is not None:
+            mode |= 0o060
         with contextlib.suppress(FileNotFoundError):
             # A socket file left by a dead agent would make bind() fail.
             if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -132,6 +137,8 @@ class HandoverServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self._sock.bind(path)
+            if group is not None:
+                os.chown(path, -1, group)
             os.chmod(path, mode)
             self._sock.listen(16)
         except OSError as exc:

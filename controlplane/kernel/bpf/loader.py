@@ -155,7 +155,8 @@ def require_bpffs(bpffs: str) -> None:
     except PermissionError:
         raise EnvironmentProblem(
             f"permission denied looking up {bpffs} (uid {os.geteuid()}); run as root or"
-            " hand listeners to a root agent ('offloadctl reuseport receive' or 'adopt')"
+            " hand listeners to a root agent ('offloadctl reuseport receive --socket-group"
+            " GROUP' or 'adopt')"
         ) from None
     except OSError:
         pass
