@@ -254,7 +254,8 @@ class Egress:
     ``devices``: as :func:`egress_path` (a superset when ``complete`` is
     false); ``mac``: the next hop's MAC (``None``: no neighbour entry);
     ``neighbour`` and ``fdb``: the neighbour and FDB keys the lookup consulted,
-    found or not (what an event must match to change this egress).
+    found or not (what an event must match to change this egress);
+    ``down``: devices on the chain that are down or unknown.
     ``local``: the address is the router's own; no devices and not local:
     unroutable.
     """
@@ -266,6 +267,7 @@ class Egress:
     local: bool = False
     neighbour: NeighbourKey | None = None
     fdb: tuple[FdbKey, ...] = ()
+    down: tuple[int, ...] = ()
 
 
 EGRESS_LOCAL = Egress(local=True)
@@ -291,6 +293,7 @@ def egress_via(topology: Topology, route: Route | None, address: str) -> Egress:
         complete=not trace.notes,
         neighbour=(route.oif, route.gateway or address),
         fdb=tuple(dict.fromkeys(trace.fdb)),
+        down=tuple(dict.fromkeys(trace.down)),
     )
 
 
@@ -301,6 +304,7 @@ class _Trace:
     bridged: bool = False
     notes: list[str] = field(default_factory=list)
     fdb: list[FdbKey] = field(default_factory=list)
+    down: list[int] = field(default_factory=list)
 
 
 def _trace(topology: Topology, route: Route, address: str) -> _Trace:
@@ -325,6 +329,8 @@ def _walk(
 ) -> None:
     out.append(ifindex)
     link = topology.links.get(ifindex)
+    if link is None or not link.up:
+        trace.down.append(ifindex)
     if link is None or depth >= _MAX_HOPS:
         return
     if link.kind == "vlan" and link.lower is not None:
@@ -349,6 +355,9 @@ def _walk(
     if mac is not None:
         trace.fdb.append((ifindex, vid, mac))
         port = topology.fdb.get((ifindex, vid, mac))
+        port_link = topology.links.get(port) if port is not None else None
+        if port_link is None or port_link.master != ifindex:
+            port = None  # the port left the bridge or is gone; its FDB entries go with it
     if port is not None and port != ifindex:
         _walk(topology, port, trace, vlans, out, depth + 1)
         return

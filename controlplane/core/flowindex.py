@@ -1,0 +1,393 @@
+"""The flow index: from an event's key straight to the offloaded flows it can affect.
+
+No lookup walks all flows. The index has three levels:
+
+- **flows** (:class:`FlowRecord`): one compact record per offloaded conntrack
+  entry, identified like the kernel does (zone + original tuple), holding
+  the :class:`~controlplane.core.flowpath.Egress` each direction cached when
+  it was offloaded;
+- **addresses**: each flow is filed under its two *egress addresses* (where
+  each direction is routed: ``reply.src`` and ``orig.src``, NAT-aware), and
+  addresses sit in per-prefix buckets so that a route change for a prefix
+  finds the addresses inside it (:meth:`FlowIndex.addresses_in`);
+- **groups** (:class:`Group`): addresses with the same route and next hop
+  share one egress (every Internet host behind the default gateway is one
+  group; a LAN host is its own). Groups are filed under the keys their
+  egress consulted: device ifindexes, ``(ifindex, next hop ip)`` for
+  neighbours, ``(bridge, vlan, mac)`` for the FDB (:meth:`FlowIndex.groups_by`).
+
+So an FDB, neighbour or link event finds its groups by key, their addresses,
+then their flows; a route event finds addresses by prefix. The cost is
+proportional to what the event touches.
+
+Memory (100,000 flows): records are slotted and pack ports, zone, id, mark
+and status into one int; address strings are shared; collections that
+usually hold one element store it bare (the ``_bag_*`` helpers). ``bench/bench_engine.py``
+measures bytes per flow.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from controlplane.core.flowpath import (
+    IPS_OFFLOAD,
+    CtTuple,
+    Egress,
+    FdbKey,
+    Flow,
+    NeighbourKey,
+    Route,
+)
+
+__all__ = ["DepKey", "FlowIndex", "FlowRecord", "Group", "GroupKey", "egress_addresses"]
+
+# What a group's egress depends on: a device (ifindex), a neighbour
+# (ifindex, ip) or an FDB entry (bridge, vlan, mac).
+DepKey = int | NeighbourKey | FdbKey
+# Addresses share a group when their route and next hop are the same.
+GroupKey = tuple[Route | None, str | None]
+
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+
+
+class FlowRecord:
+    """One offloaded flow, compact: enough to rebuild its :class:`Flow` for a teardown.
+
+    ``orig``/``reply``: the egress each direction cached (``None`` until the
+    route to its egress address is known). Equal and hashed by identity
+    (zone + original tuple), as conntrack identifies entries.
+    """
+
+    __slots__ = ("_bits", "odst", "orig", "osrc", "rdst", "reply", "rsrc")
+
+    def __init__(self, flow: Flow) -> None:
+        o, r = flow.orig, flow.reply
+        self.osrc, self.odst, self.rsrc, self.rdst = o.src, o.dst, r.src, r.dst
+        self.orig: Egress | None = None
+        self.reply: Egress | None = None
+        if o.icmp_id is not None or o.proto > 255 or r.proto != o.proto:
+            # Not a port protocol (flowtables never offload these): keep it whole.
+            self._bits: int | Flow = flow
+            return
+        self._bits = (
+            (((flow.zone << 8 | o.proto) << 16 | o.sport) << 16 | o.dport) << 128
+            | (r.sport << 16 | r.dport) << 96
+            | (flow.status & _U32) << 64
+            | (flow.id & _U32) << 32
+            | (flow.mark & _U32)
+        )
+
+    def _identity(self) -> tuple[Any, ...]:
+        bits = self._bits
+        if isinstance(bits, Flow):
+            return (bits.zone, bits.orig)
+        return (bits >> 128, self.osrc, self.odst)
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlowRecord) and self._identity() == other._identity()
+
+    def flow(self) -> Flow:
+        """The conntrack entry as it was seen (tuples, zone, id, mark, status)."""
+        bits = self._bits
+        if isinstance(bits, Flow):
+            return bits
+        ident = bits >> 128
+        zone, proto = ident >> 40, ident >> 32 & 0xFF
+        family = 10 if ":" in self.osrc else 2
+        return Flow(
+            orig=CtTuple(family, proto, self.osrc, self.odst, ident >> 16 & _U16, ident & _U16),
+            reply=CtTuple(
+                family, proto, self.rsrc, self.rdst, bits >> 112 & _U16, bits >> 96 & _U16
+            ),
+            id=bits >> 32 & _U32,
+            zone=zone,
+            mark=bits & _U32,
+            status=bits >> 64 & _U32,
+        )
+
+    @property
+    def offloaded(self) -> bool:
+        bits = self._bits
+        status = bits.status if isinstance(bits, Flow) else bits >> 64
+        return bool(status & IPS_OFFLOAD)
+
+    def __repr__(self) -> str:
+        return f"FlowRecord({self.flow()!r})"
+
+
+def egress_addresses(record: FlowRecord) -> tuple[str, str]:
+    """Where each direction is routed: (orig → ``reply.src``, reply → ``orig.src``)."""
+    return record.rsrc, record.osrc
+
+
+class Group:
+    """Addresses whose packets leave the same way: same route, same next hop."""
+
+    __slots__ = ("addresses", "deps", "egress", "key")
+
+    def __init__(self, key: GroupKey) -> None:
+        self.key = key
+        self.egress: Egress | None = None
+        self.deps: tuple[DepKey, ...] = ()
+        self.addresses: Any = None  # a bag of address strings
+
+    @property
+    def route(self) -> Route | None:
+        return self.key[0]
+
+    def __repr__(self) -> str:
+        return f"Group({self.key!r}, {self.egress!r})"
+
+
+def group_key(route: Route | None, address: str) -> GroupKey:
+    if route is None or route.local or route.oif is None:
+        return (route, None)
+    return (route, route.gateway or address)
+
+
+def dependencies(egress: Egress) -> tuple[DepKey, ...]:
+    """The keys whose change can change ``egress`` (devices, neighbour, FDB entries)."""
+    keys: list[DepKey] = list(egress.devices)
+    if egress.neighbour is not None:
+        keys.append(egress.neighbour)
+    keys.extend(egress.fdb)
+    return tuple(dict.fromkeys(keys))
+
+
+# -- bags: a set that stores a single element bare ---------------------------------
+# Most addresses carry one flow and most buckets one address; an empty set
+# costs 216 bytes, so a one-element bag is the element itself.
+
+
+def _bag_with(bag: Any, item: Any) -> Any:
+    if bag is None:
+        return item
+    if isinstance(bag, set):
+        bag.add(item)
+        return bag
+    return bag if bag == item else {bag, item}
+
+
+def _bag_without(bag: Any, item: Any) -> Any:
+    if isinstance(bag, set):
+        bag.discard(item)
+        if len(bag) > 1:
+            return bag
+        return next(iter(bag)) if bag else None
+    return None if bag == item else bag
+
+
+def _bag_items(bag: Any) -> tuple[Any, ...]:
+    if bag is None:
+        return ()
+    if isinstance(bag, set):
+        return tuple(bag)
+    return (bag,)
+
+
+class _Address:
+    __slots__ = ("flows", "group")
+
+    def __init__(self) -> None:
+        self.group: Group | None = None
+        self.flows: Any = None  # a bag of FlowRecord
+
+
+_BUCKET_BITS = {4: 24, 6: 64}
+
+
+class _PrefixBuckets:
+    """Addresses by prefix: buckets of /24 (IPv4) and /64 (IPv6), bucket keys sorted.
+
+    A query for a shorter prefix takes whole buckets from a bisected range of
+    keys; a longer one filters one bucket. Hand-written rather than a radix
+    tree library: two dicts and a sorted list are all the queries need.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[int, int], list[str]] = {}
+        self._keys: dict[int, list[int]] = {4: [], 6: []}
+
+    def _key(self, address: str) -> tuple[int, int]:
+        ip = ipaddress.ip_address(address)
+        return ip.version, int(ip) >> (ip.max_prefixlen - _BUCKET_BITS[ip.version])
+
+    def add(self, address: str) -> None:
+        key = self._key(address)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = []
+            bisect.insort(self._keys[key[0]], key[1])
+        bucket.append(address)
+
+    def discard(self, address: str) -> None:
+        key = self._key(address)
+        bucket = self._buckets.get(key)
+        if bucket is None or address not in bucket:
+            return
+        bucket.remove(address)
+        if not bucket:
+            del self._buckets[key]
+            keys = self._keys[key[0]]
+            del keys[bisect.bisect_left(keys, key[1])]
+
+    def within(self, prefix: str) -> list[str]:
+        net = ipaddress.ip_network(prefix, strict=False)
+        bits = _BUCKET_BITS[net.version]
+        shift = net.max_prefixlen - bits
+        first, last = int(net.network_address) >> shift, int(net.broadcast_address) >> shift
+        keys = self._keys[net.version]
+        found: list[str] = []
+        for bucket_key in keys[bisect.bisect_left(keys, first) : bisect.bisect_right(keys, last)]:
+            bucket = self._buckets[(net.version, bucket_key)]
+            if net.prefixlen <= bits:
+                found.extend(bucket)
+            else:
+                found.extend(a for a in bucket if ipaddress.ip_address(a) in net)
+        return found
+
+
+class FlowIndex:
+    """Offloaded flows by identity, egress address, address prefix and dependency key."""
+
+    def __init__(self) -> None:
+        self._flows: dict[FlowRecord, FlowRecord] = {}  # probe → the indexed record
+        self._addresses: dict[str, _Address] = {}
+        self._prefixes = _PrefixBuckets()
+        self._groups: dict[GroupKey, Group] = {}
+        self._by_dep: dict[DepKey, Any] = {}  # key → bag of Group
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[FlowRecord]:
+        return iter(tuple(self._flows))
+
+    # -- flows ------------------------------------------------------------------
+
+    def get(self, record: FlowRecord) -> FlowRecord | None:
+        """The indexed record equal to ``record`` (same zone and original tuple)."""
+        return self._flows.get(record)
+
+    def add(self, record: FlowRecord) -> list[str]:
+        """File ``record`` (not yet indexed); returns its egress addresses that are new."""
+        self._flows[record] = record
+        new: list[str] = []
+        for address in dict.fromkeys(egress_addresses(record)):
+            entry = self._addresses.get(address)
+            if entry is None:
+                entry = self._addresses[address] = _Address()
+                self._prefixes.add(address)
+                new.append(address)
+            entry.flows = _bag_with(entry.flows, record)
+        return new
+
+    def remove(self, record: FlowRecord) -> FlowRecord | None:
+        """Forget the record equal to ``record``; returns the indexed one, if any."""
+        found = self._flows.pop(record, None)
+        if found is None:
+            return None
+        for address in dict.fromkeys(egress_addresses(found)):
+            entry = self._addresses[address]
+            entry.flows = _bag_without(entry.flows, found)
+            if entry.flows is None:
+                self._drop_address(address, entry)
+        return found
+
+    def flows_of(self, address: str) -> tuple[FlowRecord, ...]:
+        entry = self._addresses.get(address)
+        return _bag_items(entry.flows) if entry is not None else ()
+
+    # -- addresses and routes ---------------------------------------------------------
+
+    def knows(self, address: str) -> bool:
+        """Is ``address`` the egress address of an indexed flow?"""
+        return address in self._addresses
+
+    def addresses(self) -> list[str]:
+        return list(self._addresses)
+
+    def addresses_in(self, prefix: str) -> list[str]:
+        """Indexed egress addresses inside ``prefix`` (no walk of all addresses)."""
+        return self._prefixes.within(prefix)
+
+    def group_of(self, address: str) -> Group | None:
+        entry = self._addresses.get(address)
+        return entry.group if entry is not None else None
+
+    def route_known(self, address: str) -> bool:
+        return self.group_of(address) is not None
+
+    def place(self, address: str, route: Route | None) -> tuple[Group | None, Group] | None:
+        """Put an indexed ``address`` in the group of ``route``.
+
+        Returns ``(old group, new group)``, or ``None`` if the address is not
+        indexed or already there. A new group has ``egress`` ``None``: the
+        caller resolves it and calls :meth:`set_egress`.
+        """
+        entry = self._addresses.get(address)
+        if entry is None:
+            return None
+        key = group_key(route, address)
+        old = entry.group
+        if old is not None and old.key == key:
+            return None
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = Group(key)
+        if old is not None:
+            self._leave(old, address)
+        group.addresses = _bag_with(group.addresses, address)
+        entry.group = group
+        return old, group
+
+    def _leave(self, group: Group, address: str) -> None:
+        group.addresses = _bag_without(group.addresses, address)
+        if group.addresses is None:
+            self.set_egress(group, None)
+            del self._groups[group.key]
+
+    def _drop_address(self, address: str, entry: _Address) -> None:
+        if entry.group is not None:
+            self._leave(entry.group, address)
+        del self._addresses[address]
+        self._prefixes.discard(address)
+
+    def group_addresses(self, group: Group) -> tuple[str, ...]:
+        return _bag_items(group.addresses)
+
+    def groups(self) -> list[Group]:
+        return list(self._groups.values())
+
+    # -- groups by dependency --------------------------------------------------------------
+
+    def set_egress(self, group: Group, egress: Egress | None) -> None:
+        """Record the group's current egress and file it under the keys it depends on."""
+        deps = dependencies(egress) if egress is not None else ()
+        if deps != group.deps:
+            for key in group.deps:
+                bag = _bag_without(self._by_dep.get(key), group)
+                if bag is None:
+                    self._by_dep.pop(key, None)
+                else:
+                    self._by_dep[key] = bag
+            for key in deps:
+                self._by_dep[key] = _bag_with(self._by_dep.get(key), group)
+            group.deps = deps
+        group.egress = egress
+
+    def groups_by(self, keys: Iterable[DepKey]) -> list[Group]:
+        """Groups whose egress depends on any of ``keys``, each once."""
+        found: dict[Group, None] = {}
+        for key in keys:
+            for group in _bag_items(self._by_dep.get(key)):
+                found[group] = None
+        return list(found)

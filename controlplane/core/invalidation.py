@@ -1,0 +1,456 @@
+"""The invalidation engine: which offloaded flows a topology change made stale.
+
+Pure and sans-IO. The adapter feeds it events (``core/events.py``) and
+carries out its actions::
+
+    engine = Engine(Policy())
+    engine.handle(Snapshot(topology=snapshot()))      # caches first
+    engine.handle(FlowsDumped(flows=tuple(ct.dump(only_offloaded=True))))
+    while True:
+        for event in drain():                        # a burst, as it arrived
+            for action in engine.handle(event):      # FlowsMarkedStale (log), Resync
+                ...
+        for action in engine.flush():                # ResolveRoutes, TearDownFlows (batched)
+            ...                                      # ResolveRoutes → handle(RoutesResolved)
+
+``handle`` only updates state and marks flows stale; ``flush`` returns the
+kernel work for the whole burst: one ``ResolveRoutes`` with every address
+to look up, and the stale flows deduplicated in ``TearDownFlows`` batches of
+``Policy.batch``. The engine forgets a flow once it is marked stale (its
+re-offload arrives as a new ``FlowSeen``).
+
+**Which flows are stale** (:func:`judge`). Each direction of an offloaded
+flow caches an :class:`~controlplane.core.flowpath.Egress`, taken when the
+flow is indexed. A direction whose egress is *bridged* uses direct transmit:
+the kernel cached the output port and the next hop's MAC and never looks
+again, so the flow stalls if either changes (PLATFORM.md: 7 of 7 stalled).
+It is stale when a device on its cached chain is gone or down, when the
+neighbour entry is gone, or when the egress now resolves differently (moved
+port, new MAC, new route). One exception: an FDB entry that aged out (the
+bridge learns nothing from offloaded traffic, so entries of busy hosts age
+out every 300 s) is no evidence of a move; the flow keeps its cached port
+and is judged when the MAC is learned again. Routed directions use
+neighbour transmit (a per-packet neighbour lookup and dst check) and heal by
+themselves, so by default they are never torn down: a teardown would cost a
+classic-path packet and buy nothing. ``Policy.all_paths`` treats every
+direction as direct (hardware-offloaded flowtables cache every path);
+``Policy.exhaustive_links`` also tears down routed flows through a device
+that went down or away.
+
+**Transitions** live in one table, :data:`TRANSITIONS` (event type →
+handler), as h11 keeps its state machine: everything that changes the
+engine's state is there. An event type missing from it is a caller bug
+(``TypeError``).
+
+**Cost**: an event finds its flows through :class:`~controlplane.core.flowindex.FlowIndex`
+(by device, neighbour, FDB key or address prefix) and re-resolves only the
+groups it touches; only ``Snapshot`` and ``FlowsDumped`` (resyncs) walk
+everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane.core.events import (
+    Action,
+    Event,
+    EventsLost,
+    FdbEntryChanged,
+    FdbEntryRemoved,
+    FlowGone,
+    FlowsDumped,
+    FlowSeen,
+    FlowsMarkedStale,
+    LinkChanged,
+    LinkRemoved,
+    NeighbourChanged,
+    NeighbourRemoved,
+    ResolveRoutes,
+    Resync,
+    RouteChanged,
+    RoutesResolved,
+    Snapshot,
+    TearDownFlows,
+)
+from controlplane.core.flowindex import DepKey, FlowIndex, FlowRecord, Group
+from controlplane.core.flowpath import Egress, FdbKey, Flow, Link, Route, Topology, egress_via
+
+__all__ = ["TRANSITIONS", "Engine", "Policy", "judge"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """What the engine tears down.
+
+    ``all_paths``: also routed (neighbour-transmit) directions whose egress
+    changed; ``exhaustive_links``: also routed flows through a device that
+    went down or away; ``batch``: most flows per ``TearDownFlows``.
+    """
+
+    all_paths: bool = False
+    exhaustive_links: bool = False
+    batch: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"batch: {self.batch!r} must be at least 1")
+
+
+def _newly_down(cached: Egress, now: Egress) -> str | None:
+    """A device of the cached chain that went down or away since it was cached."""
+    down = set(now.down).difference(cached.down).intersection(cached.devices)
+    return f"device {min(down)} down or gone" if down else None
+
+
+def judge(cached: Egress | None, now: Egress, policy: Policy) -> tuple[str | None, Egress]:
+    """Is a direction that cached ``cached`` stale, given it resolves to ``now``?
+
+    Returns ``(why, keep)``: ``why`` is ``None`` if not stale; ``keep`` is
+    what the direction caches from now on. ``cached`` ``None``: not yet
+    known (route unresolved), nothing to judge. Idempotent:
+    ``judge(keep, now)`` is ``(None, keep)``, so judging a flow again when
+    nothing changed is harmless.
+    """
+    if cached is None:
+        return None, now
+    if not (cached.bridged or policy.all_paths):
+        # Neighbour transmit: the kernel re-checks per packet; after a route
+        # change its dst check re-offloads the flow with the new egress.
+        return (_newly_down(cached, now) if policy.exhaustive_links else None), now
+    if now == cached:
+        return None, cached
+    gone = _newly_down(cached, now)
+    if gone is not None:
+        return gone, now
+    if now.mac is None and cached.mac is not None:
+        return "neighbour gone", now
+    if (
+        not now.complete
+        and now.mac == cached.mac
+        and now.fdb == cached.fdb
+        and set(cached.devices) <= set(now.devices)
+        and set(cached.down) >= set(now.down).intersection(cached.devices)
+    ):
+        return None, cached  # FDB entry aged out: keep the port the flow was offloaded to
+    return "egress changed", now
+
+
+class Engine:
+    """``(state, event) → (state, actions)``: caches, flow index, pending teardowns."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
+        self._links: dict[int, Link] = {}
+        self._neighbours: dict[tuple[int, str], str] = {}
+        self._fdb: dict[FdbKey, int] = {}
+        # flowpath reads the caches through this view (routes come per group).
+        self._topology = Topology(links=self._links, neighbours=self._neighbours, fdb=self._fdb)
+        self._index = FlowIndex()
+        self._ready = False  # a Snapshot has filled the caches
+        self._routes_wanted: dict[str, None] = {}
+        self._stale: dict[FlowRecord, str] = {}
+
+    # -- public API -------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; returns notices (``FlowsMarkedStale``) and ``Resync``."""
+        handler = TRANSITIONS.get(type(event))
+        if handler is None:
+            raise TypeError(f"not an invalidation event: {type(event).__name__}")
+        return handler(self, event)
+
+    def flush(self) -> list[Action]:
+        """The kernel work for everything handled since the last flush."""
+        actions: list[Action] = []
+        wanted = [a for a in self._routes_wanted if self._index.knows(a)]
+        self._routes_wanted.clear()
+        if wanted:
+            actions.append(ResolveRoutes(addresses=tuple(wanted)))
+        stale = list(self._stale.items())
+        self._stale.clear()
+        for first in range(0, len(stale), self.policy.batch):
+            chunk = stale[first : first + self.policy.batch]
+            actions.append(
+                TearDownFlows(
+                    flows=tuple(r.flow() for r, _ in chunk), causes=tuple(c for _, c in chunk)
+                )
+            )
+        return actions
+
+    def __len__(self) -> int:
+        """Indexed offloaded flows."""
+        return len(self._index)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def pending(self) -> int:
+        """Flows marked stale, to be returned by the next :meth:`flush`."""
+        return len(self._stale)
+
+    def topology(self) -> Topology:
+        """A copy of the caches (links, neighbours, FDB)."""
+        return Topology(
+            links=dict(self._links), neighbours=dict(self._neighbours), fdb=dict(self._fdb)
+        )
+
+    def flows(self) -> Iterator[tuple[Flow, Egress | None, Egress | None]]:
+        """Indexed flows with the egress each direction cached (orig, reply)."""
+        for record in self._index:
+            yield record.flow(), record.orig, record.reply
+
+    # -- machinery ----------------------------------------------------------------
+
+    def _resolve(self, group: Group) -> Egress | None:
+        if not self._ready:
+            return None
+        route, nexthop = group.key
+        return egress_via(self._topology, route, nexthop or "")
+
+    def _mark(self, record: FlowRecord, cause: str, marked: list[FlowRecord]) -> None:
+        self._index.remove(record)
+        self._stale.setdefault(record, cause)
+        marked.append(record)
+
+    def _judge_address(
+        self, address: str, now: Egress | None, cause: str, marked: list[FlowRecord]
+    ) -> None:
+        """Judge the directions of ``address``'s flows that leave toward it."""
+        if now is None:
+            return
+        verdicts: dict[int, tuple[str | None, Egress]] = {}  # by id(cached)
+        for record in self._index.flows_of(address):
+            why: str | None = None
+            for direction in ("orig", "reply"):
+                if (record.rsrc if direction == "orig" else record.osrc) != address:
+                    continue
+                cached = getattr(record, direction)
+                verdict = verdicts.get(id(cached))
+                if verdict is None:
+                    verdict = verdicts[id(cached)] = judge(cached, now, self.policy)
+                setattr(record, direction, verdict[1])
+                why = why or verdict[0]
+            if why is not None:
+                self._mark(record, f"{cause}: {why}", marked)
+
+    def _refresh(self, groups: list[Group], cause: str) -> list[Action]:
+        """Re-resolve ``groups``; judge their flows if the egress changed."""
+        marked: list[FlowRecord] = []
+        for group in groups:
+            if group.addresses is None:
+                continue  # emptied by an earlier teardown in this loop
+            now = self._resolve(group)
+            if now == group.egress:
+                continue
+            self._index.set_egress(group, now)
+            for address in self._index.group_addresses(group):
+                self._judge_address(address, now, cause, marked)
+        return self._notice(cause, marked)
+
+    def _refresh_keys(self, keys: list[DepKey], cause: str) -> list[Action]:
+        return self._refresh(self._index.groups_by(keys), cause)
+
+    @staticmethod
+    def _notice(cause: str, marked: list[FlowRecord]) -> list[Action]:
+        if not marked:
+            return []
+        return [FlowsMarkedStale(cause=cause, flows=tuple(r.flow() for r in marked))]
+
+    def _name(self, ifindex: int | None) -> str:
+        return self._topology.name(ifindex) if ifindex is not None else "-"
+
+    def _place(self, address: str, route: Route | None, marked: list[FlowRecord]) -> None:
+        moved = self._index.place(address, route)
+        if moved is None:
+            return
+        _old, group = moved
+        if group.egress is None:
+            self._index.set_egress(group, self._resolve(group))
+        self._judge_address(address, group.egress, f"route to {address} changed", marked)
+
+    # -- transitions ------------------------------------------------------------------
+
+    def _on_flow_seen(self, event: FlowSeen) -> list[Action]:
+        record = FlowRecord(event.flow)
+        if not record.offloaded:
+            self._index.remove(record)  # left the fast path: nothing cached any more
+            return []
+        if self._index.get(record) is not None:
+            return []
+        for address in self._index.add(record):
+            self._routes_wanted[address] = None
+        for direction, address in (("orig", record.rsrc), ("reply", record.osrc)):
+            group = self._index.group_of(address)
+            setattr(record, direction, group.egress if group is not None else None)
+        return []
+
+    def _on_flow_gone(self, event: FlowGone) -> list[Action]:
+        record = FlowRecord(event.flow)
+        self._index.remove(record)
+        self._stale.pop(record, None)  # already gone from the kernel
+        return []
+
+    def _on_flows_dumped(self, event: FlowsDumped) -> list[Action]:
+        dumped = {FlowRecord(f): f for f in event.flows}
+        for record in self._index:
+            if record not in dumped:
+                self._index.remove(record)
+        for flow in dumped.values():
+            self._on_flow_seen(FlowSeen(flow=flow))
+        return []
+
+    def _on_link_changed(self, event: LinkChanged) -> list[Action]:
+        link = event.link
+        old = self._links.get(link.ifindex)
+        if old == link:
+            return []
+        self._links[link.ifindex] = link
+        keys: list[DepKey] = [link.ifindex]
+        if old is None:
+            cause = f"link {link.name} added"
+        elif old.up and not link.up:
+            cause = f"link {link.name} down"
+        elif old.master != link.master:
+            cause = (
+                f"link {link.name} left {self._name(old.master)}"
+                if old.master is not None
+                else f"link {link.name} joined {self._name(link.master)}"
+            )
+        else:
+            cause = f"link {link.name} changed"
+        for master in (old.master if old else None, link.master):
+            if master is not None:
+                keys.append(master)
+        return self._refresh_keys(keys, cause)
+
+    def _on_link_removed(self, event: LinkRemoved) -> list[Action]:
+        old = self._links.pop(event.ifindex, None)
+        if old is None:
+            return []
+        keys: list[DepKey] = [event.ifindex]
+        if old.master is not None:
+            keys.append(old.master)
+        return self._refresh_keys(keys, f"link {old.name} removed")
+
+    def _on_fdb_changed(self, event: FdbEntryChanged) -> list[Action]:
+        key = (event.bridge, event.vlan, event.mac)
+        old = self._fdb.get(key)
+        if old == event.port:
+            return []
+        self._fdb[key] = event.port
+        where = f"{event.mac} vlan {event.vlan} on {self._name(event.bridge)}"
+        if old is None:
+            cause = f"{where} learned on {self._name(event.port)}"
+        else:
+            cause = f"{where} moved {self._name(old)} -> {self._name(event.port)}"
+        return self._refresh_keys([key], cause)
+
+    def _on_fdb_removed(self, event: FdbEntryRemoved) -> list[Action]:
+        key = (event.bridge, event.vlan, event.mac)
+        if self._fdb.pop(key, None) is None:
+            return []
+        cause = f"{event.mac} vlan {event.vlan} on {self._name(event.bridge)} removed"
+        return self._refresh_keys([key], cause)
+
+    def _on_neighbour_changed(self, event: NeighbourChanged) -> list[Action]:
+        key = (event.ifindex, event.ip)
+        old = self._neighbours.get(key)
+        if old == event.mac:
+            return []
+        self._neighbours[key] = event.mac
+        cause = f"neighbour {event.ip} on {self._name(event.ifindex)} is {event.mac}"
+        return self._refresh_keys([key], cause + (f" (was {old})" if old else ""))
+
+    def _on_neighbour_removed(self, event: NeighbourRemoved) -> list[Action]:
+        key = (event.ifindex, event.ip)
+        if self._neighbours.pop(key, None) is None:
+            return []
+        cause = f"neighbour {event.ip} on {self._name(event.ifindex)} removed"
+        return self._refresh_keys([key], cause)
+
+    def _on_route_changed(self, event: RouteChanged) -> list[Action]:
+        for address in self._index.addresses_in(event.prefix):
+            self._routes_wanted[address] = None
+        return []
+
+    def _on_routes_resolved(self, event: RoutesResolved) -> list[Action]:
+        marked: list[FlowRecord] = []
+        for address, route in event.routes.items():
+            self._place(address, route, marked)
+        return self._notice("route changed", marked)
+
+    def _on_events_lost(self, event: EventsLost) -> list[Action]:
+        return [Resync(source=event.source)]
+
+    def _on_snapshot(self, event: Snapshot) -> list[Action]:
+        topology = event.topology
+        if not self._ready:
+            # Events handled before the first snapshot are older than it.
+            self._links.clear()
+            self._links.update(topology.links)
+            self._neighbours.clear()
+            self._neighbours.update(topology.neighbours)
+            self._fdb.clear()
+            self._fdb.update(topology.fdb)
+            self._ready = True
+            for group in self._index.groups():
+                self._index.set_egress(group, self._resolve(group))
+            for record in self._index:
+                for direction, address in (("orig", record.rsrc), ("reply", record.osrc)):
+                    placed = self._index.group_of(address)
+                    if getattr(record, direction) is None and placed is not None:
+                        setattr(record, direction, placed.egress)
+            actions: list[Action] = []
+        else:
+            actions = self._diff(topology)
+        if topology.routes:
+            actions += self._on_routes_resolved(RoutesResolved(routes=topology.routes))
+        for address in self._index.addresses():  # route events may have been lost too
+            self._routes_wanted[address] = None
+        return actions
+
+    def _diff(self, topology: Topology) -> list[Action]:
+        """Handle every difference between the caches and a snapshot as its lost event."""
+        actions: list[Action] = []
+        for ifindex in self._links.keys() - topology.links.keys():
+            actions += self._on_link_removed(LinkRemoved(ifindex=ifindex))
+        for link in topology.links.values():
+            actions += self._on_link_changed(LinkChanged(link=link))
+        for ifindex, ip in self._neighbours.keys() - topology.neighbours.keys():
+            actions += self._on_neighbour_removed(NeighbourRemoved(ifindex=ifindex, ip=ip))
+        for (ifindex, ip), mac in topology.neighbours.items():
+            if self._neighbours.get((ifindex, ip)) != mac:
+                actions += self._on_neighbour_changed(
+                    NeighbourChanged(ifindex=ifindex, ip=ip, mac=mac)
+                )
+        for bridge, vlan, mac in self._fdb.keys() - topology.fdb.keys():
+            actions += self._on_fdb_removed(FdbEntryRemoved(bridge=bridge, vlan=vlan, mac=mac))
+        for (bridge, vlan, mac), port in topology.fdb.items():
+            if self._fdb.get((bridge, vlan, mac)) != port:
+                actions += self._on_fdb_changed(
+                    FdbEntryChanged(bridge=bridge, vlan=vlan, mac=mac, port=port)
+                )
+        return actions
+
+
+# Every state change of the engine, by event type (h11's rule: the table is the machine).
+TRANSITIONS: dict[type[Any], Callable[[Engine, Any], list[Action]]] = {
+    LinkChanged: Engine._on_link_changed,
+    LinkRemoved: Engine._on_link_removed,
+    FdbEntryChanged: Engine._on_fdb_changed,
+    FdbEntryRemoved: Engine._on_fdb_removed,
+    NeighbourChanged: Engine._on_neighbour_changed,
+    NeighbourRemoved: Engine._on_neighbour_removed,
+    RouteChanged: Engine._on_route_changed,
+    RoutesResolved: Engine._on_routes_resolved,
+    FlowSeen: Engine._on_flow_seen,
+    FlowGone: Engine._on_flow_gone,
+    FlowsDumped: Engine._on_flows_dumped,
+    EventsLost: Engine._on_events_lost,
+    Snapshot: Engine._on_snapshot,
+}
