@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from controlplane.core.flowpath import (
+    Flow,
+    FlowPath,
+    Topology,
     flow_egress_addresses,
     resolve_paths,
     select_flows_through,
 )
+from controlplane.core.flowselect import Selector, select_flows
+from controlplane.errors import EnvironmentProblem
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.kernel.rtnl.topology import snapshot
 
-__all__ = ["TeardownReport", "teardown_flows_via"]
+__all__ = [
+    "SelectedTeardown",
+    "TeardownReport",
+    "flows_with_devices",
+    "teardown_exact",
+    "teardown_flows_via",
+    "teardown_selected",
+]
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,9 @@ def teardown_flows_via(
         recreated = 0
         if reinject:
             # flowtables only carry TCP and UDP; other entries just go
-            recreated, _ = ct.reinject(f for f in ct.last_deleted if f.orig.proto in (6, 17))
+            # core/reinject decides: TCP and UDP (flowtables carry nothing else),
+            # with the namespace's conntrack timeouts
+            recreated, _ = ct.reinject(ct.last_deleted)
             lap("reinject", t)
 
     per_device: Counter[str] = Counter({name: 0 for name in wanted})
@@ -108,3 +123,87 @@ def teardown_flows_via(
         unknown_devices=frozenset(devices - wanted.keys()),
         timings=timings,
     )
+
+
+@dataclass(frozen=True)
+class SelectedTeardown:
+    """What ``offloadctl flows teardown`` did: the flows it picked (with the
+    devices of their path, by name) and the kernel's answers."""
+
+    selector: Selector
+    examined: int
+    selected: tuple[tuple[Flow, tuple[str, ...]], ...]
+    deleted: int
+    recreated: int
+    already_gone: int
+    dry_run: bool
+    elapsed: float
+
+
+def flows_with_devices(
+    netns: str | None = None, *, only_offloaded: bool = True
+) -> list[tuple[Flow, FlowPath, Topology]]:
+    """Every (offloaded) entry with its resolved path, for ``offloadctl flows``."""
+    with ConntrackSocket(netns) as ct:
+        flows = ct.dump(only_offloaded=only_offloaded)
+    addresses = {addr for flow in flows for addr in flow_egress_addresses(flow)}
+    topology = snapshot(addresses, netns)
+    paths = resolve_paths(topology, flows)
+    return [(flow, paths[flow], topology) for flow in flows]
+
+
+def teardown_selected(
+    selector: Selector,
+    netns: str | None = None,
+    *,
+    only_offloaded: bool = True,
+    reinject: bool = True,
+    dry_run: bool = False,
+) -> SelectedTeardown:
+    """Tear down exactly the flows ``selector`` picks (see ``core/flowselect``).
+
+    A ``dev`` naming no device of the namespace raises EnvironmentProblem
+    before anything is touched.
+    """
+    start = time.perf_counter()
+    with ConntrackSocket(netns) as ct:
+        flows = ct.dump(only_offloaded=only_offloaded)
+        addresses = {addr for flow in flows for addr in flow_egress_addresses(flow)}
+        topology = snapshot(addresses, netns)
+        if selector.kind == "dev" and topology.ifindex(selector.value) is None:
+            where = f" in network namespace {netns!r}" if netns else ""
+            raise EnvironmentProblem(f"--dev: no device {selector.value!r}{where}")
+        picked = select_flows(flows, topology, selector)
+        named = tuple(
+            (
+                flow,
+                tuple(topology.name(i) for i in dict.fromkeys(orig.devices + reply.devices)),
+            )
+            for flow, (orig, reply) in picked
+        )
+        deleted = recreated = gone = 0
+        if not dry_run and picked:
+            result = ct.delete(flow for flow, _ in picked)
+            deleted, gone = result.deleted, result.already_gone
+            if reinject:
+                recreated, _ = ct.reinject(ct.last_deleted)
+    return SelectedTeardown(
+        selector=selector,
+        examined=len(flows),
+        selected=named,
+        deleted=deleted,
+        recreated=recreated,
+        already_gone=gone,
+        dry_run=dry_run,
+        elapsed=time.perf_counter() - start,
+    )
+
+
+def teardown_exact(
+    ct: ConntrackSocket, flows: Iterable[Flow], *, reinject: bool = True
+) -> tuple[int, int, int]:
+    """Delete exactly these entries (tuple + zone + id) and re-create them as
+    ``core/reinject`` decides; (deleted, already gone, re-created)."""
+    result = ct.delete(flows)
+    recreated = ct.reinject(ct.last_deleted)[0] if reinject and ct.last_deleted else 0
+    return result.deleted, result.already_gone, recreated

@@ -37,7 +37,7 @@ from controlplane.kernel.netlink import (
 )
 from controlplane.kernel.netns import entered
 
-__all__ = ["bridge_ports", "link_names", "snapshot"]
+__all__ = ["bridge_ports", "encode_route_get", "link_names", "lookup_routes", "snapshot"]
 
 # Route types whose traffic is delivered locally or flooded, never unicast-forwarded.
 _NOT_FORWARDED = {2, 3, 5}  # RTN_LOCAL, RTN_BROADCAST, RTN_MULTICAST
@@ -130,7 +130,7 @@ def encode_route_get(address: str, seq: int) -> bytes:
     return message(_RTM_GETROUTE, NLM_F_REQUEST, seq, body)
 
 
-def _lookup_routes(addresses: Iterable[str], netns: str | None) -> dict[str, Route | None]:
+def lookup_routes(addresses: Iterable[str], netns: str | None) -> dict[str, Route | None]:
     """``ip route get`` for each address, many requests per send (one answer each)."""
     routes: dict[str, Route | None] = {}
     with NetlinkSocket(socket.NETLINK_ROUTE, netns, operation="route lookup") as nl:
@@ -169,7 +169,7 @@ def snapshot(addresses: Iterable[str] = (), netns: str | None = None) -> Topolog
             if bridge is None or mac is None or msg["ifindex"] == bridge:
                 continue
             fdb[(bridge, msg.get("NDA_VLAN") or 0, mac.lower())] = msg["ifindex"]
-    routes = _lookup_routes(addresses, netns)
+    routes = lookup_routes(addresses, netns)
     return Topology(links=links, neighbours=neighbours, fdb=fdb, routes=routes)
 
 

@@ -1,0 +1,294 @@
+"""The invalidation loop: kernel events in, the engine's decisions out, stale flows torn down.
+
+One :class:`InvalidationService` per network namespace. It owns the sockets
+(rtnetlink watcher, conntrack events, a conntrack request socket) and no
+policy: every decision is the pure engine's (``core/invalidation.py``); this
+module only carries events to it and its actions to the kernel. Explicit
+:meth:`~InvalidationService.start` / :meth:`~InvalidationService.step` /
+:meth:`~InvalidationService.stop`, no threads, no globals: ``offloadctl
+watch`` runs it in the foreground and the agent embeds it in its own loop
+(``fds()`` + ``step(timeout=0)``).
+
+Bounded: the queues are the kernels' socket buffers (``rcvbuf_bytes``); each
+step takes at most ``queue_size`` datagrams from each socket. What does not
+fit stays in the kernel; if a buffer overflows, the watcher (or the
+conntrack subscription) reports ``EventsLost`` and the engine asks for a
+resync: never silent loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from controlplane.config import InvalidationConfig
+from controlplane.core import events as ev
+from controlplane.core.flowpath import IPS_OFFLOAD, Flow
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
+from controlplane.kernel.ctnetlink.events import CtEvents
+from controlplane.kernel.ctnetlink.teardown import teardown_exact
+from controlplane.kernel.rtnl.topology import lookup_routes
+from controlplane.kernel.rtnl.watcher import Watcher
+
+__all__ = ["Engine", "InvalidationService", "ServiceStats"]
+
+Report = Callable[[dict[str, Any]], None]
+
+
+class Engine(Protocol):
+    """What the loop needs of ``core/invalidation``: events in, actions out."""
+
+    def handle(self, event: ev.Event) -> Sequence[ev.Action]: ...
+
+    def flush(self) -> Sequence[ev.Action]: ...
+
+
+@dataclass
+class ServiceStats:
+    events: int = 0
+    teardowns: int = 0  # kernel batches
+    flows_torn_down: int = 0
+    already_gone: int = 0
+    recreated: int = 0
+    resyncs: int = 0
+    reconciles: int = 0
+    last_event_to_teardown: float = 0.0  # seconds, for the benchmark
+    errors: int = 0
+
+
+def _default_engine() -> Engine:
+    from controlplane.core.invalidation import Engine as InvalidationEngine
+    from controlplane.core.invalidation import Policy
+
+    return InvalidationEngine(Policy())
+
+
+def _describe(item: object) -> dict[str, Any]:
+    record: dict[str, Any] = {"kind": type(item).__name__}
+    for name in getattr(item, "__dataclass_fields__", {}):
+        value = getattr(item, name)
+        if name == "flows":
+            record["flows"] = len(value)
+        elif name == "causes":
+            record["causes"] = sorted(set(value))
+        elif name == "topology":
+            record["links"] = len(value.links)
+            record["fdb"] = len(value.fdb)
+            record["neighbours"] = len(value.neighbours)
+        elif name == "routes":
+            record["routes"] = len(value)
+        elif name == "addresses":
+            record["addresses"] = len(value)
+        elif name == "link":
+            record |= {"ifindex": value.ifindex, "name": value.name, "up": value.up}
+            record["master"] = value.master
+        elif name == "flow":
+            o = value.orig
+            record["flow"] = f"{o.proto} {o.src}:{o.sport}->{o.dst}:{o.dport} zone={value.zone}"
+        else:
+            record[name] = value
+    return record
+
+
+class InvalidationService:
+    """Watcher + conntrack events + engine + teardown for one namespace.
+
+    ``dry_run``: decisions are reported, nothing is deleted. ``only_offloaded``
+    False is the test-only switch (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``):
+    every TCP/UDP entry is indexed as if it carried IPS_OFFLOAD, because the
+    host kernel has no flowtables. ``report`` receives one record per event and
+    per decision (``offloadctl watch`` prints them); ``None`` reports nothing.
+    """
+
+    def __init__(
+        self,
+        netns: str | None,
+        settings: InvalidationConfig,
+        *,
+        dry_run: bool = False,
+        only_offloaded: bool = True,
+        report: Report | None = None,
+        engine: Engine | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        report_events: bool = True,
+    ) -> None:
+        self.netns = netns
+        self.settings = settings
+        self.dry_run = dry_run
+        self.only_offloaded = only_offloaded
+        self._report = report
+        self._report_events = report_events and report is not None
+        self._engine = engine
+        self._clock = clock
+        self.stats = ServiceStats()
+        self.watcher = Watcher(
+            netns,
+            sources=settings.watch,
+            rcvbuf=settings.rcvbuf_bytes,
+        )
+        self.conntrack = CtEvents(netns, rcvbuf=settings.rcvbuf_bytes, updates=True)
+        self._ct: ConntrackSocket | None = None
+        self._wake_r = self._wake_w = -1
+        self._next_reconcile = float("inf")
+        self._event_time = 0.0
+
+    # -- life cycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Subscribe first, then dump: nothing falls between the two."""
+        if self._engine is None:
+            self._engine = _default_engine()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.conntrack.open()
+        self.watcher.open()
+        self._ct = ConntrackSocket(self.netns)
+        self._event_time = self._clock()
+        self._handle(self.watcher.snapshot())
+        self._handle(ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump()))))
+        self._flush()
+        period = getattr(self.settings, "reconcile_seconds", 30.0)
+        self._next_reconcile = self._clock() + period if period > 0 else float("inf")
+
+    def stop(self) -> None:
+        self.watcher.close()
+        self.conntrack.close()
+        if self._ct is not None:
+            self._ct.close()
+            self._ct = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def wake(self) -> None:
+        """Make a blocked :meth:`step` return (signal handlers call this)."""
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
+
+    def fds(self) -> list[int]:
+        return [self.watcher.fileno(), self.conntrack.fileno(), self._wake_r]
+
+    # -- one iteration -------------------------------------------------------------
+    def step(self, timeout: float | None = 0.0) -> int:
+        """Wait up to ``timeout`` for events, handle what is queued, tear down
+        what the engine decided; returns the number of events handled."""
+        now = self._clock()
+        if timeout is not None:
+            timeout = max(0.0, min(timeout, self._next_reconcile - now))
+        readable, _, _ = select.select(self.fds(), [], [], timeout)
+        self._event_time = self._clock()
+        handled = 0
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        limit = self.settings.queue_size
+        if self.conntrack.fileno() in readable:
+            changes, lost = self.conntrack.poll(limit)
+            for change in changes:
+                flow = self._offloaded(change.flow)
+                self._handle(ev.FlowGone(flow=flow) if change.gone else ev.FlowSeen(flow=flow))
+            handled += len(changes)
+            if lost:
+                self._handle(ev.EventsLost(source="conntrack"))
+        if self.watcher.fileno() in readable:
+            events = self.watcher.poll(limit)
+            for event in events:
+                self._handle(event)
+            handled += len(events)
+        if self._clock() >= self._next_reconcile:
+            found = self.watcher.reconcile()
+            self.stats.reconciles += 1
+            for event in found:
+                self._handle(event)
+            handled += len(found)
+            period = getattr(self.settings, "reconcile_seconds", 30.0)
+            self._next_reconcile = self._clock() + period
+        self._flush()
+        self.stats.events += handled
+        return handled
+
+    # -- engine <-> kernel ---------------------------------------------------------
+    def _offloaded(self, flow: Flow) -> Flow:
+        if self.only_offloaded:
+            return flow
+        return replace(flow, status=flow.status | IPS_OFFLOAD)
+
+    def _as_offloaded(self, flows: list[Flow]) -> list[Flow]:
+        return [self._offloaded(f) for f in flows]
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self._report is not None:
+            self._report(record)
+
+    def _handle(self, event: ev.Event) -> None:
+        assert self._engine is not None
+        if self._report_events and not isinstance(event, ev.FlowSeen | ev.FlowGone):
+            self._emit({"event": type(event).__name__} | _describe(event))
+        pending: list[ev.Event] = [event]
+        while pending:
+            for action in self._engine.handle(pending.pop(0)):
+                follow_up = self._act(action)
+                if follow_up is not None:
+                    pending.append(follow_up)
+
+    def _flush(self) -> None:
+        # Route answers can mark more flows stale: flush until the engine is quiet
+        # (bounded: each round resolves only addresses not yet answered).
+        assert self._engine is not None
+        for _ in range(8):
+            actions = self._engine.flush()
+            if not actions:
+                return
+            for action in actions:
+                follow_up = self._act(action)
+                if follow_up is not None:
+                    self._handle(follow_up)
+
+    def _act(self, action: ev.Action) -> ev.Event | None:
+        if isinstance(action, ev.ResolveRoutes):
+            routes = lookup_routes(action.addresses, self.netns)
+            return ev.RoutesResolved(routes=routes)
+        if isinstance(action, ev.Resync):
+            self.stats.resyncs += 1
+            self._emit({"decision": "resync", "source": action.source})
+            if action.source == "rtnl":
+                # The watcher dumped and diffed when it saw the overflow; its
+                # caches are the fresh dump.
+                return self.watcher.snapshot()
+            return ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump())))
+        if isinstance(action, ev.FlowsMarkedStale):
+            self._emit({"decision": "stale", "cause": action.cause, "flows": len(action.flows)})
+            return None
+        if isinstance(action, ev.TearDownFlows):
+            self._teardown(action)
+        return None
+
+    def _teardown(self, action: ev.TearDownFlows) -> None:
+        flows = action.flows
+        if not flows:
+            return
+        deleted = gone = recreated = 0
+        if not self.dry_run:
+            assert self._ct is not None
+            deleted, gone, recreated = teardown_exact(self._ct, flows)
+            self.stats.teardowns += 1
+            self.stats.flows_torn_down += deleted
+            self.stats.already_gone += gone
+            self.stats.recreated += recreated
+        self.stats.last_event_to_teardown = self._clock() - self._event_time
+        self._emit(
+            {
+                "decision": "would tear down" if self.dry_run else "tore down",
+                "flows": len(flows),
+                "deleted": deleted,
+                "already_gone": gone,
+                "recreated": recreated,
+                "causes": "; ".join(sorted(set(action.causes))),
+            }
+        )
