@@ -148,6 +148,7 @@ def test_loader_mounts_bpffs_and_is_idempotent(netns: str, tmp_path: Path) -> No
             load_group("svc", netns=netns, bpffs=where, max_listeners=8)
         res = unload_group("svc", netns=netns, bpffs=where)
         assert res.live_listeners == 0
+        assert res.unmounted_bpffs and not bpf_syscall.is_bpffs(where)  # load had mounted it
         assert not os.path.exists(first.pin_dir)
     finally:
         subprocess.run(["umount", "-l", where], check=False)
