@@ -150,7 +150,7 @@ class InvalidationService:
         self._handle(self.watcher.snapshot())
         self._handle(ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump()))))
         self._flush()
-        period = getattr(self.settings, "reconcile_seconds", 30.0)
+        period = self.settings.reconcile_seconds
         self._next_reconcile = self._clock() + period if period > 0 else float("inf")
 
     def stop(self) -> None:
@@ -207,7 +207,7 @@ class InvalidationService:
             for event in found:
                 self._handle(event)
             handled += len(found)
-            period = getattr(self.settings, "reconcile_seconds", 30.0)
+            period = self.settings.reconcile_seconds
             self._next_reconcile = self._clock() + period
         self._flush()
         self.stats.events += handled
