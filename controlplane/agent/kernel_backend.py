@@ -1,13 +1,10 @@
 """The real :class:`~controlplane.agent.ports.Applier` and ``Observer``.
 
-Thin: the apply path (ownership, lock, one transaction, teardown of flows of
-devices that left) is the applier's; reuseport pins are the bpf loader's.
+Thin: the apply path (ownership, the per-netns lock, one conditional
+transaction, teardown of the flows of devices that left) is
+``controlplane.service.ruleset``'s; reuseport pins are the bpf loader's.
 Heavy imports (libnftables, bcc) happen on first use so ``offloadctl agent
 --help`` and the unit tests stay light.
-
-TODO(integration): H2 may move ``controlplane.applier`` to
-``controlplane.service``; only the two imports below follow it. Once H2's
-per-netns lock lands, ``apply`` runs under it like every other writer.
 """
 
 from __future__ import annotations
@@ -20,22 +17,38 @@ from controlplane.agent.ports import ApplyOutcome
 from controlplane.agent.snapshot import KernelView
 from controlplane.agent.state import AppliedState
 from controlplane.config import Config
-from controlplane.errors import EnvironmentProblem
+from controlplane.errors import AfterCommitError, EnvironmentProblem
 
 
 class KernelApplier:
-    def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
-        from controlplane import applier
+    def __init__(self) -> None:
+        self._service: Any = None  # one RulesetService (and libnftables context) per agent
 
-        res = applier.apply(cfg, netns)
-        summary = list(res.plan.summary) if not res.plan.empty else []
-        if res.teardown is not None:
-            summary.append(f"tore down {res.teardown.deleted} flow(s) through removed devices")
+    def _ruleset(self, netns: str | None) -> Any:
+        if self._service is None:
+            from controlplane.service.ruleset import RulesetService, real_ports
+
+            self._service = RulesetService(real_ports(netns))
+        return self._service
+
+    def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        start = time.perf_counter()
+        summary: list[str] = []
+        try:
+            res = self._ruleset(netns).apply(cfg)
+        except AfterCommitError as exc:
+            # Committed: the new ruleset is in place, so it is the running one now;
+            # the failed follow-up (flow teardown) is reported, not rolled back.
+            summary.append(f"committed; follow-up failed: {exc}")
+        else:
+            summary += list(res.plan.summary) if not res.plan.empty else []
+            if res.teardown is not None:
+                summary.append(f"tore down {res.teardown.deleted} flow(s) through removed devices")
         groups = self._reuseport(cfg, netns, owned, summary)
         return ApplyOutcome(
-            changed=not res.plan.empty or bool(summary),
+            changed=bool(summary),
             summary=tuple(summary),
-            seconds=res.seconds,
+            seconds=time.perf_counter() - start,
             reuseport=groups,
         )
 
@@ -75,10 +88,8 @@ class KernelApplier:
         return facts
 
     def cleanup(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
-        from controlplane import applier
-
         done: list[str] = []
-        if applier.flush(cfg, netns):
+        if self._ruleset(netns).flush(cfg):
             done.append(f"deleted table {cfg.table.family} {cfg.table.name}")
         groups = set(owned.reuseport_groups if owned else ()) | {
             g.name for g in cfg.reuseport.groups

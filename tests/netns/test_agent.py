@@ -1,0 +1,318 @@
+"""The real agent process against the host kernel, one namespace per test.
+
+The host kernel has no flowtables, so configs here are NAT-only (what the host
+accepts; see test_apply.py); flowtable behaviour of the agent (port join,
+reload continuity of offloaded flows) needs the VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.agent import control, protocol
+from tests.netns.conftest import sh
+
+OFFLOADCTL = [sys.executable, "-m", "controlplane.cli"]
+NAT = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0", "saddr": ["10.0.1.0/24"]}]}}
+NAT2 = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0", "saddr": ["10.0.2.0/24"]}]}}
+BAD = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0;drop"}]}}
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def table(ns: str) -> str:
+    return sh("nft", "-a", "list", "ruleset", netns=ns)
+
+
+class AgentProc:
+    def __init__(
+        self, ns: str, tmp: Path, rundir: Path, config: dict[str, Any], *extra: str
+    ) -> None:
+        self.ns = ns
+        self.config = tmp / "agent.yaml"
+        self.socket = rundir / "agent.sock"
+        self.state = tmp / "state" / "state.json"
+        self.stderr = tmp / "agent.log"
+        if not self.config.exists():
+            self.write(config)
+        self.args = [
+            *OFFLOADCTL, "agent", str(self.config), "--netns", ns,
+            "--socket", str(self.socket), "--state-file", str(self.state),
+            "--watch-interval", "0.1", *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write(self, config: dict[str, Any]) -> None:
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(config))
+        tmp.replace(self.config)  # as editors and the kubelet do
+
+    def start(self, wait: bool = True) -> AgentProc:
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=err)
+        if wait:
+            wait_for(self.serving, "the agent's control socket")
+        return self
+
+    def serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited {self.proc.returncode}: {self.log()}")
+        try:
+            client = control.connect(self.socket)
+        except control.AgentUnavailable:
+            return False
+        if client is None:
+            return False
+        # The socket is bound before the first apply; it is answered after it.
+        with client:
+            return client.call("status", timeout=30).ok
+
+    def call(self, op: str, **args: Any) -> protocol.Response:
+        client = control.connect(self.socket)
+        assert client is not None
+        with client:
+            return client.call(op, **args)
+
+    def log(self) -> str:
+        return self.stderr.read_text() if self.stderr.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def router(netns: str) -> str:
+    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "lan0", netns=netns)
+    return netns
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProc]]:
+    made: list[AgentProc] = []
+    yield made
+    for a in made:
+        a.kill()
+
+
+@pytest.fixture
+def rundir() -> Iterator[Path]:
+    """The socket's directory: root-owned 0755 under /run (pytest's tmp is 0700,
+    which would keep other users out whatever the socket's mode)."""
+    path = Path(tempfile.mkdtemp(prefix="offloadctl-test-", dir="/run"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_agent(
+    router: str, tmp_path: Path, rundir: Path, agents: list[AgentProc]
+) -> Callable[..., AgentProc]:
+    def make(config: dict[str, Any] = NAT, *extra: str) -> AgentProc:
+        a = AgentProc(router, tmp_path, rundir, config, *extra)
+        agents.append(a)
+        return a
+
+    return make
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([*OFFLOADCTL, *args], capture_output=True, text=True, check=False)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def as_nobody_connect(path: Path) -> str:
+    """Connect to ``path`` as uid 65534 and report what happened."""
+    code = (
+        "import socket,sys,os\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        "s.settimeout(5)\n"
+        "try:\n"
+        f"    s.connect({str(path)!r})\n"
+        "except PermissionError:\n"
+        "    print('EACCES'); sys.exit()\n"
+        's.sendall(b\'{"v":1,"op":"status"}\\n\')\n'
+        "print(s.recv(65536).decode().strip())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return res.stdout.strip()
+
+
+def test_socket_root_only_and_status(make_agent: Callable[..., AgentProc], router: str) -> None:
+    a = make_agent().start()
+    st = os.lstat(a.socket)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    # Only the socket's mode 0600 keeps nobody out (its directory is traversable:
+    # the 0666 step below proves it) ...
+    assert as_nobody_connect(a.socket) == "EACCES"
+    # ... and should the mode be loosened, the peer's uid is still checked.
+    os.chmod(a.socket, 0o666)
+    answer = json.loads(as_nobody_connect(a.socket))
+    assert answer["ok"] is False and answer["error"]["code"] == "permission_denied"
+    os.chmod(a.socket, 0o600)
+
+    status = a.call("status")
+    assert status.ok
+    doc = status.result
+    assert doc["netns"] == router and doc["kernel"]["table_present"] is True
+    assert doc["last_apply"]["ok"] is True and doc["last_apply"]["source"] == "start"
+    assert doc["control"]["refused"] == 1
+    assert "masquerade" in table(router)
+    assert json.loads(a.state.read_text())["schema"] == 1
+
+
+def test_protocol_mismatch_and_garbage_do_not_hurt(
+    make_agent: Callable[..., AgentProc],
+) -> None:
+    a = make_agent(NAT, "--log-format", "json").start()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(a.socket))
+        s.sendall(b'{"v": 2, "op": "status"}\n')
+        reply = json.loads(s.makefile("rb").readline())
+        assert reply["error"]["code"] == "unsupported_version"
+        assert reply["error"]["supported"] == [1]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(a.socket))
+        s.sendall(os.urandom(4096).replace(b"\n", b"") + b"\n")
+        reply = json.loads(s.makefile("rb").readline())
+        assert reply["error"]["code"] == "bad_request"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(a.socket))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(b"y" * (protocol.MAX_LINE * 4))
+        reply = json.loads(s.makefile("rb").readline())
+        assert reply["error"]["code"] == "line_too_long"
+    assert a.call("status").ok  # still serving
+    res = run("reload", "--socket", str(a.socket), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["changed"] is False
+    for line in a.log().splitlines():
+        doc = json.loads(line)  # --log-format json: every line is one object
+        assert {"ts", "level", "event", "msg"} <= doc.keys()
+
+
+def test_bad_config_reload_keeps_running_config(
+    make_agent: Callable[..., AgentProc], router: str
+) -> None:
+    a = make_agent().start()
+    before = table(router)
+    a.write(BAD)
+    res = run("reload", "--socket", str(a.socket))
+    assert res.returncode == 2, res.stderr
+    assert "reload refused" in res.stderr and "nat.masquerade[0].oifname" in res.stderr
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: a.call("status").result["reloads"].get("failed", 0) >= 2, "SIGHUP reload")
+    assert table(router) == before  # nothing changed in the kernel
+    doc = a.call("status").result
+    assert doc["last_reload"]["ok"] is False and doc["last_reload"]["source"] in ("sighup", "file")
+    assert doc["last_reload"]["issues"][0]["path"] == "nat.masquerade[0].oifname"
+    assert "Traceback" not in a.log()
+    # A good file is picked up without a signal (the agent polls the file).
+    a.write(NAT2)
+    wait_for(lambda: "10.0.2.0/24" in table(router), "file-change reload")
+    assert "10.0.1.0/24" not in table(router)
+    assert a.call("status").result["last_reload"]["ok"] is True
+
+
+def test_sigterm_leaves_state_cleanup_removes_it(
+    make_agent: Callable[..., AgentProc], router: str
+) -> None:
+    a = make_agent().start()
+    before = table(router)
+    a.signal(signal.SIGTERM)
+    assert a.wait() == 0
+    assert table(router) == before  # same rules, same handles
+    assert not a.socket.exists() and a.state.exists()
+    assert "kernel state left in place" in a.log()
+    b = make_agent(NAT, "--cleanup-on-exit").start()
+    assert table(router) == before  # a restart reconciles: nothing re-sent
+    b.signal(signal.SIGTERM)
+    assert b.wait() == 0
+    assert "offloadctl" not in table(router)
+    assert not b.state.exists()
+
+
+def test_kill9_restart_sends_nothing(make_agent: Callable[..., AgentProc], router: str) -> None:
+    a = make_agent().start()
+    before = table(router)
+    a.kill()
+    assert a.socket.exists()  # stale: the next agent must replace it
+    b = make_agent().start()
+    assert table(router) == before
+    status = b.call("status").result
+    assert status["last_apply"]["changed"] is False, (status, b.log())
+    assert status["last_apply"]["ok"] is True
+
+
+def test_future_state_file_refused(make_agent: Callable[..., AgentProc], router: str) -> None:
+    a = make_agent()
+    a.state.parent.mkdir(mode=0o700)
+    a.state.write_text(json.dumps({"schema": 99, "written_by": "offloadctl 9"}))
+    a.start(wait=False)
+    assert a.wait() == 4
+    log = a.log()
+    assert "schema 99" in log and "newer offloadctl" in log and "Traceback" not in log
+    assert "offloadctl" not in table(router)  # refused before touching the kernel
+    assert not a.socket.exists()
+
+
+def test_second_agent_refused(make_agent: Callable[..., AgentProc], router: str) -> None:
+    a = make_agent().start()
+    b = make_agent(NAT2)
+    b.start(wait=False)
+    assert b.wait() == 4
+    assert "another agent answers" in b.log()
+    assert "10.0.2.0/24" not in table(router)  # the second one changed nothing
+    assert a.call("status").ok
+
+
+def test_reload_without_agent(tmp_path: Path) -> None:
+    res = run("reload", "--socket", str(tmp_path / "none.sock"))
+    assert res.returncode == 4 and "no agent is running" in res.stderr
+
+
+def test_insecure_socket_dir_refused(make_agent: Callable[..., AgentProc], router: str) -> None:
+    a = make_agent()
+    os.chmod(a.socket.parent, 0o777)
+    a.start(wait=False)
+    assert a.wait() == 4
+    assert "writable by group or others" in a.log()
+    assert "offloadctl" not in table(router)
