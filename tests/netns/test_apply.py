@@ -19,7 +19,7 @@ import yaml
 
 from controlplane import applier
 from controlplane.core import nft
-from controlplane.core.plan import make_plan, parse_listing
+from controlplane.core.plan import make_plan
 from controlplane.core.render import render
 from controlplane.errors import KernelError
 from controlplane.kernel.nft.libnft import Nft
@@ -106,9 +106,9 @@ def test_failing_rule_rolls_back_everything(router: str, tmp_path: Path) -> None
         (*desired.rules, bad),
     )
     ctx = Nft(router)
-    listing = ctx.list_table("inet", "offloadctl")
-    assert listing is not None
-    plan = make_plan(desired, parse_listing(*listing))
+    observed = ctx.list_table(desired.ref)
+    assert observed is not None
+    plan = make_plan(desired, observed)
     with pytest.raises(KernelError) as info:
         ctx.run(plan.transaction)
     assert info.value.errno is not None
@@ -146,8 +146,11 @@ def test_refuses_a_table_it_does_not_own(router: str, tmp_path: Path) -> None:
         "add table inet offloadctl; add chain inet offloadctl c; add rule inet offloadctl c accept",
         netns=router,
     )
+    before = ruleset(router)
     res = run("apply", str(write(tmp_path, NAT)), "--netns", router, check_rc=4)
-    assert "not written by offloadctl" in res.stderr
+    assert "not ours" in res.stderr
+    run("flush", str(write(tmp_path, NAT)), "--netns", router, check_rc=4)
+    assert ruleset(router) == before
 
 
 def test_netns_targeting(make_netns: Callable[[], str], tmp_path: Path) -> None:
