@@ -17,13 +17,12 @@ this module imports bcc, and only inside :func:`load_group`.
 
 Pins are made in a staging sibling directory (``<group>~loading-<pid>``) and
 renamed into place, so a reader never sees a half-loaded group. Loads and
-unloads hold an flock on the directory that contains the bpffs mount point
-(it outlives mounting and unmounting), and a loader also holds an flock on its
-own staging directory until it is renamed: the kernel drops both locks when a
-loader dies, even by ``kill -9``, so a staging directory whose lock can be
-taken belongs to a dead loader and is removed by the next load, unload or
-status. A lock proves death where a pid cannot (pids are reused and differ
-between pid namespaces).
+unloads hold an flock on the root-only file :data:`LOCK_PATH`, and a loader
+also holds an flock on its own staging directory until it is renamed: the
+kernel drops both locks when a loader dies, even by ``kill -9``, so a
+staging directory whose lock can be taken belongs to a dead loader and is
+removed by the next load, unload or status. A lock proves death where a pid
+cannot (pids are reused and differ between pid namespaces).
 
 ``load`` mounts a bpffs only where nothing would be hidden (a missing or empty
 directory) and leaves the symlink :data:`MOUNT_MARKER` at the root of a mount
@@ -93,6 +92,7 @@ _MARKER_TEXT = "mounted by offloadctl reuseport load; unload of the last group u
 # Test hook: after the pins are staged, write the staging path to this file and
 # wait to be killed, so a test can kill -9 a loader at that exact point.
 TEST_PAUSE_ENV = "OFFLOADCTL_TEST_PAUSE_AFTER_STAGING"
+LOCK_PATH = "/run/offloadctl/bpffs.lock"
 
 
 def current_netns_name() -> str:
@@ -217,16 +217,23 @@ def _unmount_if_ours_and_unused(bpffs: str) -> bool:
 
 @contextlib.contextmanager
 def _mount_lock(bpffs: str, *, blocking: bool = True) -> Iterator[bool]:
-    """flock the directory holding the mount point; yields False if busy (non-blocking).
+    """Serialise loads and unloads (mounting, staging, unmounting); yields
+    False if busy and not ``blocking``.
 
-    The parent is locked, not the mount itself, because mounting and
-    unmounting replace the inode a lock on ``bpffs`` would sit on.
+    A root-only lock file, not a directory under or above ``bpffs``: mounting
+    and unmounting replace the inode a lock on the mount point would sit on,
+    and any user may open (and so flock) a world-readable directory, which
+    would let them hold every load up.
     """
-    parent = os.path.dirname(os.path.normpath(bpffs)) or "/"
+    del bpffs  # one lock for every bpffs: loads are rare and short
     try:
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.makedirs(os.path.dirname(LOCK_PATH), mode=0o700, exist_ok=True)
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise EnvironmentProblem(f"cannot open {parent}: {exc.strerror}") from None
+        raise EnvironmentProblem(
+            f"cannot open the lock {LOCK_PATH}: {exc.strerror} (loading and unloading"
+            " reuseport groups needs root)"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
