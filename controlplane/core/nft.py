@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -322,6 +322,13 @@ def sort_set_elements(text: str) -> str:
     return _ANON_SET.sub(lambda m: "{ " + ", ".join(sorted(m.group(1).split(", "))) + " }", text)
 
 
+@lru_cache(maxsize=4096)
+def _listed_stmt(text: str) -> str:
+    # Statements repeat across rules (interfaces, verdicts): canonicalise each once.
+    t = _NAT6_NO_PORT.sub(r"\1\2", _LISTED_AS.get(text, text))
+    return sort_set_elements(t) if "{ " in t else t
+
+
 def canonical_body(texts: tuple[str, ...]) -> str:
     """The rule body as ``nft list`` shows it (stateless), set elements sorted."""
     out: list[str] = []
@@ -331,8 +338,8 @@ def canonical_body(texts: tuple[str, ...]) -> str:
             # nft drops a protocol dependency that a later match implies
             if any(later.startswith(proto) for later in texts[i + 1 :]):
                 continue
-        out.append(_NAT6_NO_PORT.sub(r"\1\2", _LISTED_AS.get(t, t)))
-    return sort_set_elements(" ".join(out))
+        out.append(_listed_stmt(t))
+    return " ".join(out)
 
 
 @dataclass(frozen=True)
