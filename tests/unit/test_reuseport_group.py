@@ -68,7 +68,8 @@ def live_target(objects: FakeBpfObjects) -> Target:
 
 def slot_gens(objects: FakeBpfObjects) -> list[int]:
     m = fake_map(objects, "slot_gen")
-    return [struct.unpack("<I", m.lookup(struct.pack("<I", i)) or b"\0" * 4)[0] for i in range(CAPACITY)]
+    raw = [m.lookup(struct.pack("<I", i)) or bytes(4) for i in range(CAPACITY)]
+    return [struct.unpack("<I", r)[0] for r in raw]
 
 
 def in_sockarray(objects: FakeBpfObjects) -> list[int]:
