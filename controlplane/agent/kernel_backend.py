@@ -113,6 +113,31 @@ class KernelObserver:
         from controlplane.kernel import status
 
         info = status.collect(cfg.table.name, netns, family=cfg.table.family)
+        groups: dict[str, dict[str, Any]] = {}
+        if cfg.reuseport.groups:
+            from controlplane.reuseport import ReuseportGroup
+
+            for g in cfg.reuseport.groups:
+                try:
+                    with ReuseportGroup.open(g.name, netns, cfg.reuseport.bpffs) as group:
+                        st = group.status()
+                except EnvironmentProblem as exc:
+                    groups[g.name] = {"error": str(exc)}
+                    continue
+                groups[g.name] = {
+                    "prog_id": st.prog_id,
+                    "target_generation": st.target_generation,
+                    "generations": [
+                        {
+                            "generation": gen.generation,
+                            "active": gen.active,
+                            "target": gen.target,
+                            "listeners": len(gen.slots),
+                        }
+                        for gen in st.generations
+                    ],
+                    "counters": asdict(st.counters),
+                }
         return KernelView(
             at=time.time(),
             table_present=bool(info["table"]),
@@ -120,6 +145,7 @@ class KernelObserver:
             counters=dict(info["counters"]),
             conntrack=int(info["conntrack"]),
             offloaded=int(info["offloaded"]),
+            reuseport=groups,
         )
 
     def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:

@@ -110,6 +110,23 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "offloadctl_reuseport_groups", "reuseport groups the agent owns", value=len(s.reuseport)
         )
+        target = GaugeMetricFamily(
+            "offloadctl_reuseport_target_generation",
+            "generation new connections are steered to",
+            labels=["group"],
+        )
+        outcomes = CounterMetricFamily(
+            "offloadctl_reuseport_program",
+            "reuseport program outcomes (selected, migrated_*, dropped, fallback)",
+            labels=["group", "outcome"],
+        )
+        for group, facts in sorted(k.reuseport.items()):
+            if "target_generation" in facts:
+                target.add_metric([group], facts["target_generation"])
+            for outcome, count in sorted(facts.get("counters", {}).items()):
+                outcomes.add_metric([group, outcome], count)
+        yield target
+        yield outcomes
         inv = s.invalidation
         yield _by(
             "offloadctl_invalidations",

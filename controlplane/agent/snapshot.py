@@ -38,6 +38,8 @@ class KernelView:
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     conntrack: int = 0
     offloaded: int = 0
+    # group -> {"target_generation", "generations": [...], "counters": {...}}
+    reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
 
 

@@ -156,9 +156,19 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
             f"  invalidations: {causes or 'none'}; events {inv.get('events', 0)},"
             f" overflows {inv.get('overflows', 0)}, resyncs {inv.get('resyncs', 0)}"
         )
-    for group, facts in sorted(doc.get("reuseport", {}).items()):
-        extra = ", ".join(f"{k2} {v}" for k2, v in sorted(facts.items()))
-        lines.append(f"  reuseport group {group}: {extra}")
+    for group, facts in sorted(k.get("reuseport", {}).items()):
+        if "error" in facts:
+            lines.append(f"  reuseport group {group}: {facts['error']}")
+            continue
+        gens = " ".join(
+            f"{g['generation']}{'*' if g['target'] else ''}({g['listeners']})"
+            for g in facts["generations"]
+        )
+        counts = " ".join(f"{n} {c}" for n, c in facts["counters"].items())
+        lines.append(
+            f"  reuseport group {group}: prog id {facts['prog_id']}, generations"
+            f" {gens or 'none'} (* = target); {counts}"
+        )
     for name in ("last_apply", "last_reload"):
         out = doc.get(name)
         if out is None:

@@ -261,3 +261,13 @@ def test_close_removes_socket(sockdir: Path) -> None:
     r = Running(sockdir / "b.sock", allowed_uids=frozenset({os.geteuid()}))
     r.close()
     assert not (sockdir / "b.sock").exists()
+
+
+def test_client_reports_refusal_not_broken_pipe(serve: Callable[..., Running]) -> None:
+    r = serve(allowed_uids=frozenset({4242}))
+    for _ in range(20):  # the refusal races our send; each order must read the same
+        client = control.connect(r.server.path)
+        assert client is not None
+        with client:
+            resp = client.call("status", pad="p" * 300_000)
+        assert not resp.ok and resp.error_code == "permission_denied"
