@@ -77,3 +77,12 @@ def test_json_and_text_load_the_same_rules(make_netns: Callable[[], str], exampl
     by_text = _load(b, nft.ruleset_text(rs), as_json=False)
     assert by_json == by_text
     assert "ct status 0x4000 counter name iifname map" in by_text
+
+
+def test_listed_bridge_port_is_counted_as_its_bridge(netns: str) -> None:
+    """A port listed by name: the facts carry its master, so its classic-path
+    packets are counted under the bridge (what the forward hook sees)."""
+    _bridge(netns)
+    cfg = parse_config({"version": 1, "flowtables": [{"name": "ft", "devices": ["p1", "wan0"]}]})
+    (ds,) = device_sets(cfg, gather_facts(cfg, netns))
+    assert dict(ds.ingress) == {"br0": ("p1",), "wan0": ("wan0",)}

@@ -70,6 +70,9 @@ def _gather(cfg: Config, netns: str | None) -> Facts:
             for dev in ft.devices:
                 if dev not in known and (link := _get(ipr, ifname=dev)) is not None:
                     links[link.ifindex] = link
+        # Masters of listed devices (a VLAN port's bridge, named in the note).
+        masters = {x.master for x in links.values() if x.master is not None} - set(links)
+        links.update((m.ifindex, m) for i in sorted(masters) if (m := _get(ipr, index=i)))
         # VLAN devices' lower devices, down to the real one. A lower device in
         # another namespace is not found here: derivation reports it.
         todo = [link for link in links.values() if link.kind == "vlan"]
