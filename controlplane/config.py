@@ -727,6 +727,19 @@ class Config(_Model):
                         )
                     )
                 owner.setdefault(dev, ft.name)
+        bridge_owner: dict[str, str] = {}
+        for i, ft in enumerate(self.flowtables):
+            for j, bridge in enumerate(ft.bridges):
+                # its ports would join two flowtables: the kernel refuses (EEXIST)
+                other = bridge_owner.setdefault(bridge, ft.name)
+                if other != ft.name:
+                    issues.append(
+                        (
+                            ("flowtables", i, "bridges", j),
+                            f"bridge {bridge!r} is already in flowtable {other!r};"
+                            " a bridge's ports can be in one flowtable per table",
+                        )
+                    )
         names = {f.name for f in self.flowtables}
         for i, pol in enumerate(self.policies):
             if pol.flowtable not in names:

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import Phase, given, settings
 
 from controlplane.errors import ConfigError
 from controlplane.loader import load_config, parse_config
+from tests.unit.strategies import configs
 
 EXAMPLES = sorted(Path(__file__).parents[2].joinpath("nft", "examples").glob("*.yaml"))
 
 
 def _ft(**kw: Any) -> dict[str, Any]:
     return {"name": "ft", "devices": ["eth0"], **kw}
+
+
+def _pol(**kw: Any) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "flowtables": [_ft()],
+        "policies": [{"name": "p", "flowtable": "ft", **kw}],
+    }
 
 
 # (config, expected path, words expected in the message)
@@ -138,6 +149,86 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"version": 1, "reuseport": {"bpffs": "relative"}}, "reuseport.bpffs", "absolute"),
     ({"version": 1, "invalidation": {"watch": ["fdb", "arp"]}}, "invalidation.watch[1]", "fdb"),
     ({"version": 1, "table": {"family": "ip"}}, "table.family", "inet"),
+    # -- what used to render nothing, silently (issue 7 item 5) --
+    (_pol(saddr=["10.0.0.0/8"], daddr=["fd00::/8"]), "policies[0].saddr[0]", "never match"),
+    (_pol(saddr=["10.0.0.0/8"], daddr=["fd00::/8"]), "policies[0].daddr[0]", "only IPv4"),
+    (
+        _pol(saddr=["10.0.0.0/8", "fd00::/8"], daddr=["192.0.2.0/24"]),
+        "policies[0].saddr[1]",
+        "IPv6 prefix can never match",
+    ),
+    (
+        {
+            "version": 1,
+            "nat": {"snat": [{"oifname": "w", "to": "192.0.2.1", "saddr": ["fd00::/8"]}]},
+        },
+        "nat.snat[0].saddr[0]",
+        "cannot be translated",
+    ),
+    (
+        {
+            "version": 1,
+            "nat": {
+                "snat": [{"oifname": "w", "to": "2001:db8::1", "saddr": ["fd00::/8", "10.0.0.0/8"]}]
+            },
+        },
+        "nat.snat[0].saddr[1]",
+        "IPv4 prefix cannot",
+    ),
+    (
+        {
+            "version": 1,
+            "forward": {
+                "policy": "drop",
+                "accept": [{"name": "a", "saddr": ["10.0.0.0/8"], "daddr": ["fd00::/8"]}],
+            },
+        },
+        "forward.accept[0].daddr[0]",
+        "never match",
+    ),
+    (
+        {
+            "version": 1,
+            "forward": {
+                "policy": "drop",
+                "accept": [{"name": "a", "protocols": ["icmpv6"], "daddr": ["10.0.0.0/8"]}],
+            },
+        },
+        "forward.accept[0].protocols[0]",
+        "IPv6 only",
+    ),
+    # nft merges a prefix into one that covers it: the listing would never match ours
+    (_pol(saddr=["10.0.0.0/8", "10.1.0.0/16"]), "policies[0].saddr[1]", "inside '10.0.0.0/8'"),
+    (_pol(daddr=["fd00:1::/64", "fd00::/16"]), "policies[0].daddr[0]", "inside 'fd00::/16'"),
+    (_pol(saddr=["10.0.0.0/8", "10.0.0.0/8"]), "policies[0].saddr[1]", "duplicate prefix"),
+    (
+        {
+            "version": 1,
+            "nat": {"masquerade": [{"oifname": "w", "saddr": ["10.0.0.0/8", "10.2.0.0/16"]}]},
+        },
+        "nat.masquerade[0].saddr[1]",
+        "inside",
+    ),
+    (
+        {"version": 1, "nat": {"masquerade": [{"oifname": "w", "saddr": ["fe80::%wan0/64"]}]}},
+        "nat.masquerade[0].saddr[0]",
+        "zone id",
+    ),
+    (
+        {"version": 1, "nat": {"snat": [{"oifname": "w", "to": "fe80::1%wan0"}]}},
+        "nat.snat[0].to",
+        "zone id",
+    ),
+    ({"version": True}, "version", "integer 1"),
+    ({"version": 1.0}, "version", "integer 1"),
+    (
+        {
+            "version": 1,
+            "flowtables": [_ft(bridges=["br0"]), _ft(name="b", devices=["x"], bridges=["br0"])],
+        },
+        "flowtables[1].bridges[0]",
+        "already in flowtable",
+    ),
 ]
 
 
@@ -210,3 +301,72 @@ def test_json_config_is_equivalent(tmp_path: Path) -> None:
         j = tmp_path / f"{example.stem}.json"
         j.write_text(json.dumps(data))
         assert load_config(j) == load_config(example)
+
+
+# -- the strategies reach every part of the config, and nothing is dropped --
+
+FEATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "snat": lambda c: bool(c["nat"].get("snat")),
+    "snat saddr": lambda c: any("saddr" in s for s in c["nat"].get("snat", [])),
+    "masquerade saddr": lambda c: any("saddr" in m for m in c["nat"].get("masquerade", [])),
+    "dnat by daddr": lambda c: any("daddr" in d for d in c["nat"].get("dnat", [])),
+    "guard false": lambda c: c["nat"].get("guard") is False and bool(c["nat"].get("snat")),
+    "daddr": lambda c: any("daddr" in p for p in c["policies"]),
+    "saddr+daddr, two families": lambda c: any(
+        "saddr" in p and "daddr" in p and {":" in n for n in p["saddr"]} == {True, False}
+        for p in c["policies"]
+    ),
+    "oifnames": lambda c: any("oifnames" in p for p in c["policies"]),
+    "ports": lambda c: any("dport" in p or "sport" in p for p in c["policies"]),
+    "bridges": lambda c: any(f.get("bridges") for f in c["flowtables"]),
+    "vlans": lambda c: bool(c["vlans"]),
+    "qinq": lambda c: bool({v["parent"] for v in c["vlans"]} & {v["name"] for v in c["vlans"]}),
+    "forward accept": lambda c: bool(c.get("forward", {}).get("accept")),
+}
+
+
+def test_strategies_generate_every_feature() -> None:
+    seen: set[str] = set()
+
+    @settings(max_examples=300, database=None, derandomize=True, phases=[Phase.generate])
+    @given(configs())
+    def collect(data: dict[str, Any]) -> None:
+        seen.update(name for name, has in FEATURES.items() if has(data))
+
+    collect()
+    assert seen == set(FEATURES), set(FEATURES) - seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(configs())
+def test_every_entry_renders_a_rule(data: dict[str, Any]) -> None:
+    """Each policy, NAT entry and accept entry yields rules covering each of its
+    prefixes: a config the parser accepts never loses a part in rendering."""
+    from controlplane.core.render import render
+
+    cfg = parse_config(data)
+    rules = render(cfg).rules
+
+    def rendered(tag: str, nets: list[Any]) -> None:
+        mine = [r.text for r in rules if r.label == tag or r.label.startswith(tag + " ipv")]
+        assert mine, (tag, [r.label for r in rules])
+        for net in nets:
+            assert any(str(net) in t for t in mine), (tag, str(net), mine)
+
+    for pol in cfg.policies:
+        rendered(f"policy {pol.name}", [*pol.saddr, *pol.daddr])
+    for acc in cfg.forward.accept:
+        rendered(f"accept {acc.name}", [*acc.saddr, *acc.daddr])
+    for m in cfg.nat.masquerade:
+        rendered(f"masquerade {m.oifname}", m.saddr)
+    for s in cfg.nat.snat:
+        rendered(f"snat {s.oifname}", [*s.saddr, s.to])
+    for d in cfg.nat.dnat:
+        assert any(
+            r.label.startswith("dnat ")
+            and r.label.endswith(f" {d.protocol} {d.port}")
+            and str(d.to) in r.text
+            for r in rules
+        ), d
+    guard = [r for r in rules if r.chain == "input" and r.label.startswith("nat guard")]
+    assert len(guard) == int(cfg.nat.guard and bool(cfg.nat.outside_interfaces()))
