@@ -331,12 +331,10 @@ class Client:
     def call(self, op: str, timeout: float = 60.0, **args: Any) -> protocol.Response:
         self._sock.settimeout(timeout)
         try:
-            try:
+            # Refused at accept (root only, too many clients): the answer saying
+            # why may already be waiting; read it rather than report a broken pipe.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._sock.sendall(protocol.encode_request(op, **args))
-            except (BrokenPipeError, ConnectionResetError):
-                # Refused at accept (root only, too many clients): the answer saying
-                # why may already be waiting; read it rather than report a broken pipe.
-                pass
             while (nl := self._buf.find(b"\n")) < 0:
                 if len(self._buf) > protocol.MAX_RESPONSE:
                     raise AgentUnavailable(f"the agent on {self.path} sent an oversized answer")

@@ -42,6 +42,8 @@ from controlplane.errors import ConfigError, ControlPlaneError
 from controlplane.loader import load_config
 
 KERNEL_REFRESH = 10.0  # seconds between kernel views for status/metrics
+TOPOLOGY_MIN_GAP = 0.01  # link-event bursts coalesce into one re-plan per 10 ms
+TOPOLOGY_ATTEMPTS = 3
 FLOWS_LIMIT = 100_000
 
 
@@ -90,20 +92,23 @@ class Agent:
         log: DecisionLog,
         *,
         version: str = "0",
-        subsystems: tuple[Subsystem, ...] = (),
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.opts = opts
         self._applier = applier
         self._observer = observer
         self._log = log
         self._clock = clock
-        self.subsystems = subsystems
+        self._monotonic = monotonic
+        self.subsystems: tuple[Subsystem, ...] = ()
         self.state_path = opts.state_path or state_mod.default_state_path(opts.netns)
         self.running: Config | None = None
         self.running_sha = ""
         self.owned: state_mod.AppliedState | None = None
         self._rejected_sha = ""  # a bad file we already reported (don't repeat every poll)
+        self._topology_dirty = False
+        self._last_topology_apply = 0.0
         self.control_stats: Callable[[], dict[str, int]] = dict
         self._snap = Snapshot(
             version=version,
@@ -153,7 +158,9 @@ class Agent:
 
     # -- apply / reload -----------------------------------------------------
 
-    def _commit(self, cfg: Config, sha: str, source: str) -> Outcome:
+    def _commit(
+        self, cfg: Config, sha: str, source: str, *, quiet_if_unchanged: bool = False
+    ) -> Outcome:
         start = time.monotonic()
         try:
             res = self._applier.apply(cfg, self.opts.netns, self.owned)
@@ -175,6 +182,10 @@ class Agent:
         out = Outcome(
             self._clock(), True, source, res.changed, res.summary, time.monotonic() - start
         )
+        if quiet_if_unchanged and not res.changed:
+            # A link event that changed none of our devices: nothing to record,
+            # no state write (an fsync per FDB/link burst would be the cost).
+            return out
         self.running, self.running_sha = cfg, sha
         self.owned = state_mod.AppliedState(
             netns=self.opts.netns,
@@ -189,7 +200,7 @@ class Agent:
         state_mod.save(self.state_path, self.owned)
         self._record(apply=out, reuseport=res.reuseport)
         verdict = f"{len(res.summary)} change(s)" if res.changed else "no changes"
-        event = "apply" if source == "start" else "reload"
+        event = {"start": "apply", "topology": "topology"}.get(source, "reload")
         self._log.info(
             event, f"committed: {verdict}", source=source, ms=round(out.seconds * 1000, 1)
         )
@@ -243,6 +254,40 @@ class Agent:
         self._record(reload=applied)
         notify.ready("running")
         return applied
+
+    def topology_changed(self) -> None:
+        """A link appeared, vanished or changed master: bridge ports may differ."""
+        self._topology_dirty = True
+
+    def reapply_deadline(self) -> float | None:
+        if not self._topology_dirty:
+            return None
+        return self._last_topology_apply + TOPOLOGY_MIN_GAP
+
+    def reapply_if_needed(self) -> None:
+        """Re-plan against the links that exist now; bounded retries.
+
+        A device that vanishes between planning and commit (a container deleted
+        mid-apply) makes the preflight or the kernel refuse; the next attempt
+        plans against what exists then. The running config never changes here.
+        """
+        if not self._topology_dirty or self.running is None:
+            return
+        if self._monotonic() < self._last_topology_apply + TOPOLOGY_MIN_GAP:
+            return
+        self._topology_dirty = False
+        for attempt in range(1, TOPOLOGY_ATTEMPTS + 1):
+            self._last_topology_apply = self._monotonic()
+            try:
+                self._commit(self.running, self.running_sha, "topology", quiet_if_unchanged=True)
+                return
+            except ControlPlaneError as exc:
+                if attempt == TOPOLOGY_ATTEMPTS:
+                    self._log.error(
+                        "topology",
+                        f"gave up after {attempt} attempts; next link change retries: "
+                        f"{_one_line(exc)}",
+                    )
 
     def config_file_changed(self) -> Outcome | None:
         """Called when the file's stat changed: reload if its bytes did."""
@@ -351,6 +396,7 @@ class Loop:
         self.sel = selectors.DefaultSelector()
         self._timers: list[_Periodic] = []
         self._deadlines: list[Callable[[], float | None]] = []
+        self._before_wait: list[Callable[[], None]] = []
         self._signals: dict[int, Callable[[], object]] = {}
         self._stop = False
         # Signals are delivered as bytes on a socketpair (set_wakeup_fd), so a
@@ -367,6 +413,10 @@ class Loop:
 
     def add_deadline_source(self, fn: Callable[[], float | None]) -> None:
         self._deadlines.append(fn)
+
+    def before_wait(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on every iteration, after dispatch and before waiting again."""
+        self._before_wait.append(fn)
 
     def on_signal(self, signum: int, fn: Callable[[], object]) -> None:
         self._signals[signum] = fn
@@ -392,6 +442,8 @@ class Loop:
                 if t.next_at <= now:
                     t.next_at = now + t.every
                     t.fn()
+            for fn in self._before_wait:
+                fn()
             deadlines = [t.next_at for t in self._timers]
             deadlines += [d for src in self._deadlines if (d := src()) is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -414,13 +466,14 @@ def run(
     log: DecisionLog,
     *,
     version: str = "0",
-    subsystems: tuple[Subsystem, ...] = (),
+    make_subsystems: Callable[[Agent], tuple[Subsystem, ...]] = lambda _agent: (),
 ) -> None:
     """Run the agent until SIGTERM/SIGINT. Raises ControlPlaneError if it cannot start."""
     from controlplane.agent import control
 
     loop = Loop()
-    agent = Agent(opts, applier, observer, log, version=version, subsystems=subsystems)
+    agent = Agent(opts, applier, observer, log, version=version)
+    agent.subsystems = make_subsystems(agent)
     socket_path = opts.socket_path or control.default_socket_path(opts.netns)
     server: control.ControlServer | None = None
     stop_metrics: Callable[[], None] | None = None
@@ -453,11 +506,28 @@ def run(
                     agent.config_file_changed()
 
             loop.every(opts.watch_interval, poll_config)
-        for sub in subsystems:
-            fd = sub.fileno()
-            if fd is not None:
-                loop.sel.register(fd, selectors.EVENT_READ, lambda _m, s=sub: s.on_readable())
-            # TODO(integration): drive sub.tick() from its returned deadline.
+        registered: dict[int, tuple[int, list[int]]] = {}  # id(sub) -> (epoch, fds)
+
+        def sync_fds() -> None:
+            # A reload may re-create a subsystem's sockets (and the kernel may reuse
+            # the fd numbers): re-register whenever its epoch moved.
+            for sub in agent.subsystems:
+                epoch, old = registered.get(id(sub), (-1, []))
+                if epoch == sub.epoch:
+                    continue
+                for fd in old:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        loop.sel.unregister(fd)
+                fds = sub.fds()
+                for fd in fds:
+                    loop.sel.register(fd, selectors.EVENT_READ, lambda _m, s=sub: s.on_readable())
+                registered[id(sub)] = (sub.epoch, fds)
+
+        loop.before_wait(sync_fds)
+        loop.before_wait(agent.reapply_if_needed)
+        loop.add_deadline_source(agent.reapply_deadline)
+        for sub in agent.subsystems:
+            loop.every(1.0, sub.tick)
         if opts.metrics is not None:
             from controlplane.agent import metrics
 

@@ -44,24 +44,25 @@ class Observer(Protocol):
 
 
 class Subsystem(Protocol):
-    """Something else the loop drives, e.g. the watcher + invalidation engine.
-
-    TODO(integration): H4b's watch loop implements this (fileno of its netlink
-    socket, on_readable drains and feeds H4a's engine, tick runs the periodic
-    FDB/neighbour reconciliation, reconfigure follows a committed reload).
-    """
+    """Something else the loop drives: the watcher + invalidation engine
+    (:class:`controlplane.agent.invalidation.InvalidationSubsystem`)."""
 
     name: str
+    epoch: int  # bumped whenever fds() may have changed
 
-    def fileno(self) -> int | None: ...
+    def fds(self) -> list[int]:
+        """Descriptors to wait on (may change after :meth:`reconfigure`)."""
+        ...
 
     def on_readable(self) -> None: ...
 
-    def tick(self, now: float) -> float | None:
-        """Do periodic work; return the monotonic time of the next call (None: none)."""
+    def tick(self) -> None:
+        """Periodic work (reconciliation); called about once a second."""
         ...
 
-    def reconfigure(self, cfg: Config) -> None: ...
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a committed config (start, stop or re-create what it runs)."""
+        ...
 
     def stats(self) -> dict[str, Any]:
         """Merged into the status' ``invalidation``: events, overflows, resyncs, by_cause."""

@@ -79,9 +79,20 @@ def agent(
         watch_interval=watch_interval,
         metrics=listen,
     )
-    # TODO(integration): subsystems=(H4b's watcher + H4a's engine as a Subsystem,)
+    from controlplane.agent.invalidation import InvalidationSubsystem
+
+    def subsystems(a: daemon.Agent) -> tuple[InvalidationSubsystem, ...]:
+        return (InvalidationSubsystem(netns, log, on_links=a.topology_changed),)
+
     try:
-        daemon.run(opts, KernelApplier(), KernelObserver(), log, version=__version__)
+        daemon.run(
+            opts,
+            KernelApplier(),
+            KernelObserver(),
+            log,
+            version=__version__,
+            make_subsystems=subsystems,
+        )
     except Exception as exc:
         # Also on the agent's own log stream, so a journal/JSON pipeline sees why it stopped.
         log.error("start", f"cannot run: {'; '.join(str(exc).splitlines())}")

@@ -27,7 +27,12 @@ import pytest
 import yaml
 
 from controlplane.agent import control, protocol
+from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED
+from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from tests.netns.conftest import sh
+from tests.netns.test_teardown import CLIENT, PORT_ZONE, SERVER, Lab, lab
+
+__all__ = ["lab"]  # the fixture, imported for pytest
 
 OFFLOADCTL = [sys.executable, "-m", "controlplane.cli"]
 NAT = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0", "saddr": ["10.0.1.0/24"]}]}}
@@ -64,6 +69,7 @@ class AgentProc:
             "--watch-interval", "0.1", *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] | None = None
 
     def write(self, config: dict[str, Any]) -> None:
         tmp = self.config.with_suffix(".tmp")
@@ -72,7 +78,9 @@ class AgentProc:
 
     def start(self, wait: bool = True) -> AgentProc:
         with open(self.stderr, "ab") as err:
-            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                self.args, stdout=subprocess.DEVNULL, stderr=err, env=self.env
+            )
         if wait:
             wait_for(self.serving, "the agent's control socket")
         return self
@@ -409,3 +417,45 @@ def test_metrics_refuses_remote_address(make_agent: Callable[..., AgentProc], ro
     assert a.wait() == 2
     assert "--metrics-allow-remote" in a.log()
     assert "offloadctl" not in table(router)
+
+
+def test_invalidation_runs_inside_the_agent(
+    lab: Lab, tmp_path: Path, rundir: Path, agents: list[AgentProc]
+) -> None:
+    """A's MAC moves from p1 to p2: the agent's watcher + engine tear down exactly
+    A's flows (re-created on the classic path), B's are untouched, status counts it.
+    The host has no flowtables: the test-only switch counts every entry as
+    offloaded (as tests/netns/test_flows_cli.py does); the VM proves the rest."""
+    cfg = {"version": 1, "nat": {"masquerade": [{"oifname": "wan"}]}}
+    a = AgentProc(lab.router, tmp_path, rundir, cfg, "--log-format", "json")
+    a.env = os.environ | {TESTING_ALL_OFFLOADED: "1"}
+    agents.append(a)
+    a.start()
+    before = conntrack_ids(lab.router)
+    assert len(before) == 4
+    mac = sh("cat", "/sys/class/net/eth0/address", netns=lab.clients["A"]).strip()
+    sh("bridge", "fdb", "replace", mac, "dev", "p2", "master", netns=lab.router)
+
+    def torn_down() -> bool:
+        inv = a.call("status").result["invalidation"]
+        return bool(inv.get("flows_torn_down", 0) >= 2)
+
+    wait_for(torn_down, "the agent to tear down A's flows")
+    inv = a.call("status").result["invalidation"]
+    assert inv["flows_torn_down"] == 2 and sum(inv["by_cause"].values()) == 2, inv
+    after = conntrack_ids(lab.router)
+    changed = {key for key in before if after.get(key) != before[key]}
+    assert changed == {k for k in before if k[0] == CLIENT["A"]}
+    assert set(after) == set(before)  # A's entries re-created, not just deleted
+    for port in PORT_ZONE:  # B's connections were not touched
+        assert lab.roundtrip(("B", port), b"still here") == b"still here"
+    decisions = [json.loads(line) for line in a.log().splitlines()]
+    assert any(d["event"] == "invalidation" and d["msg"] == "tore down" for d in decisions)
+
+
+def conntrack_ids(router: str) -> dict[tuple[str, int, int], int]:
+    return {
+        (f.orig.src, f.orig.dport, f.zone): f.id
+        for f in dump_flows(router)
+        if f.orig.proto == 6 and f.orig.dst == SERVER
+    }

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from controlplane.agent import logs, protocol
+from controlplane.agent import daemon, logs, protocol
 from controlplane.agent import state as state_mod
 from controlplane.agent.daemon import Agent, AgentOptions
 from controlplane.agent.ports import ApplyOutcome
 from controlplane.agent.snapshot import KernelView
 from controlplane.agent.state import AppliedState, StateError
 from controlplane.config import Config
-from controlplane.errors import ConfigError, KernelError
+from controlplane.errors import ConfigError, EnvironmentProblem, KernelError
 
 GOOD = "version: 1\nnat:\n  masquerade: [{oifname: wan0}]\n"
 OTHER = "version: 1\nnat:\n  masquerade: [{oifname: wan1}]\n"
@@ -220,3 +220,49 @@ def test_handler_bug_is_answered_not_raised(tmp_path: Path, logbuf: io.StringIO)
     agent._observer.flows = broken  # type: ignore[method-assign]
     assert answer(agent, "flows")["error"]["code"] == "internal"
     assert any("ZeroDivisionError" in line["msg"] for line in log_lines(logbuf))
+
+
+def test_topology_change_replans_with_bounded_retries(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    now = [1000.0]
+    agent._monotonic = lambda: now[0]
+    agent.start()
+    running = agent.running
+    applies = len(applier.applied)
+    agent.reapply_if_needed()
+    assert len(applier.applied) == applies  # nothing changed: no re-plan
+
+    # A device vanishes between planning and commit twice, then the plan holds.
+    failures = iter([EnvironmentProblem("flowtables[0].devices[1]: device 'tap9' vanished")] * 2)
+
+    def flaky(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        err = next(failures, None)
+        if err is not None:
+            raise err
+        return ApplyOutcome(True, ("+ device tap3",))
+
+    applier.apply = flaky  # type: ignore[method-assign]
+    agent.topology_changed()
+    assert agent.reapply_deadline() is not None
+    agent.reapply_if_needed()
+    assert agent.running is running and agent.reapply_deadline() is None
+    status = answer(agent, "status")["result"]
+    assert status["last_apply"]["source"] == "topology"
+    assert status["last_apply"]["summary"] == ["+ device tap3"]
+
+    # Failing every time: gives up after TOPOLOGY_ATTEMPTS, keeps running, says so.
+    calls = []
+
+    def broken(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        calls.append(cfg)
+        raise EnvironmentProblem("device 'tap9' does not exist")
+
+    applier.apply = broken  # type: ignore[method-assign]
+    agent.topology_changed()
+    agent.reapply_if_needed()
+    assert calls == []  # within TOPOLOGY_MIN_GAP of the last re-plan: coalesced
+    now[0] += daemon.TOPOLOGY_MIN_GAP
+    agent.reapply_if_needed()
+    assert len(calls) == daemon.TOPOLOGY_ATTEMPTS
+    assert agent.running is running
+    assert any("gave up after 3 attempts" in d["msg"] for d in log_lines(logbuf))

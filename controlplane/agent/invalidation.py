@@ -1,0 +1,169 @@
+"""The watcher + invalidation engine as a :class:`~controlplane.agent.ports.Subsystem`.
+
+``controlplane.service.invalidation.InvalidationService`` owns the netlink
+sockets and carries events to the pure engine; this adapter lets the agent's
+selector drive it (``fds`` + ``step(0)``), turns its decision records into
+the agent's log lines and status counters, and notices link changes (ports
+joining or leaving a bridge, devices appearing or vanishing) so the agent can
+re-plan the flowtable devices. It does that by wrapping the engine: every
+event passes through :class:`_Observing` anyway, so spotting a link event
+costs one isinstance check, not a record per FDB event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from controlplane.agent.logs import DecisionLog
+from controlplane.config import Config, InvalidationConfig
+from controlplane.core import events as ev
+from controlplane.errors import ControlPlaneError
+
+# Same switch as ``offloadctl watch`` (cli/flows.py): test-only, lets the host
+# netns tests (no flowtables) drive the real teardown path through the agent.
+TESTING_ALL_OFFLOADED = "OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED"
+
+_LINK_EVENTS = (ev.LinkChanged, ev.LinkRemoved, ev.Snapshot)
+
+
+class _Observing:
+    """Delegates to the engine; tells the agent when the link set may have changed."""
+
+    def __init__(self, inner: Any, on_links: Callable[[], None], on_lost: Callable[[], None]):
+        self._inner = inner
+        self._on_links = on_links
+        self._on_lost = on_lost
+
+    def handle(self, event: ev.Event) -> Sequence[ev.Action]:
+        if isinstance(event, _LINK_EVENTS):
+            self._on_links()
+        elif isinstance(event, ev.EventsLost):
+            self._on_lost()
+        actions: Sequence[ev.Action] = self._inner.handle(event)
+        return actions
+
+    def flush(self) -> Sequence[ev.Action]:
+        actions: Sequence[ev.Action] = self._inner.flush()
+        return actions
+
+
+class InvalidationSubsystem:
+    name = "invalidation"
+
+    def __init__(self, netns: str | None, log: DecisionLog, on_links: Callable[[], None]) -> None:
+        self.netns = netns
+        self._log = log
+        self._on_links = on_links
+        self._service: Any = None
+        self._settings: InvalidationConfig | None = None
+        self.by_cause: dict[str, int] = {}
+        self.overflows = 0
+        self.restarts = 0
+        self.epoch = 0
+        self._next_reconcile = float("inf")
+
+    # -- Subsystem ----------------------------------------------------------
+
+    def fds(self) -> list[int]:
+        return list(self._service.fds()) if self._service is not None else []
+
+    def on_readable(self) -> None:
+        if self._service is None:
+            return
+        try:
+            self._service.step(timeout=0)
+        except (ControlPlaneError, OSError) as exc:
+            # A lost socket: say so and start again (start = subscribe + dump),
+            # so nothing that happened meanwhile is missed.
+            self._log.error("invalidation", f"watcher failed, restarting: {exc}")
+            self._restart()
+
+    def tick(self) -> None:
+        """Periodic: lets the service run its FDB/neighbour reconciliation when due
+        (events themselves arrive through fds(), not through this)."""
+        if self._service is None or time.monotonic() < self._next_reconcile:
+            return
+        self.on_readable()
+        self._next_reconcile = time.monotonic() + self._period()
+
+    def _period(self) -> float:
+        period = self._settings.reconcile_seconds if self._settings else 0.0
+        return period if period > 0 else float("inf")
+
+    def reconfigure(self, cfg: Config) -> None:
+        settings = cfg.invalidation
+        if settings == self._settings and self._service is not None:
+            return
+        self.close()
+        self._settings = settings
+        if settings.enabled:
+            self._start()
+
+    def stats(self) -> dict[str, Any]:
+        if self._service is None:
+            return {"enabled": False}
+        st = self._service.stats
+        return {
+            "enabled": True,
+            "events": st.events,
+            "overflows": self.overflows,
+            "resyncs": st.resyncs,
+            "reconciles": st.reconciles,
+            "flows_torn_down": st.flows_torn_down,
+            "by_cause": dict(self.by_cause),
+            "restarts": self.restarts,
+            "errors": st.errors,
+        }
+
+    def close(self) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                self._service.stop()
+            self._service = None
+            self.epoch += 1
+
+    # -- internals ----------------------------------------------------------
+
+    def _start(self) -> None:
+        from controlplane.service.invalidation import InvalidationService, _default_engine
+
+        assert self._settings is not None
+        engine = _Observing(_default_engine(), self._on_links, self._lost)
+        service = InvalidationService(
+            self.netns,
+            self._settings,
+            only_offloaded=os.environ.get(TESTING_ALL_OFFLOADED) != "1",
+            report=self._record,
+            engine=engine,
+            report_events=False,
+        )
+        service.start()
+        self._service = service
+        self.epoch += 1
+        self._next_reconcile = time.monotonic() + self._period()
+        self._log.info("invalidation", "watching", sources=",".join(self._settings.watch))
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        self.close()
+        try:
+            self._start()
+        except (ControlPlaneError, OSError) as exc:
+            self._log.error("invalidation", f"cannot restart the watcher: {exc}")
+
+    def _lost(self) -> None:
+        self.overflows += 1
+
+    def _record(self, record: dict[str, Any]) -> None:
+        decision = record.get("decision")
+        if decision is None:
+            return
+        if decision == "stale":
+            cause = str(record.get("cause"))
+            self.by_cause[cause] = self.by_cause.get(cause, 0) + int(record.get("flows", 0))
+        fields = {k: v for k, v in record.items() if k != "decision"}
+        self._log.info("invalidation", str(decision), **fields)
