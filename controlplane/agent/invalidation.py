@@ -54,8 +54,16 @@ class _Observing:
 class InvalidationSubsystem:
     name = "invalidation"
 
-    def __init__(self, netns: str | None, log: DecisionLog, on_links: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        netns: str | None,
+        log: DecisionLog,
+        on_links: Callable[[], None],
+        *,
+        make_service: Callable[..., Any] | None = None,  # a fake, in unit tests
+    ) -> None:
         self.netns = netns
+        self._make_service = make_service
         self._log = log
         self._on_links = on_links
         self._service: Any = None
@@ -133,7 +141,7 @@ class InvalidationSubsystem:
 
         assert self._settings is not None
         engine = _Observing(_default_engine(), self._on_links, self._lost)
-        service = InvalidationService(
+        service = (self._make_service or InvalidationService)(
             self.netns,
             self._settings,
             only_offloaded=os.environ.get(TESTING_ALL_OFFLOADED) != "1",
