@@ -216,9 +216,14 @@ class _PrefixBuckets:
         self._buckets: dict[tuple[int, int], list[str]] = {}
         self._keys: dict[int, list[int]] = {4: [], 6: []}
 
-    def _key(self, address: str) -> tuple[int, int]:
-        ip = ipaddress.ip_address(address)
-        return ip.version, int(ip) >> (ip.max_prefixlen - _BUCKET_BITS[ip.version])
+    @staticmethod
+    def _key(address: str) -> tuple[int, int]:
+        if ":" not in address:
+            # The /24 of canonical dotted-quad text, without ipaddress's ~10 us parse.
+            a, b, c, _ = address.split(".")
+            return 4, int(a) << 16 | int(b) << 8 | int(c)
+        ip = ipaddress.IPv6Address(address)
+        return 6, int(ip) >> (128 - _BUCKET_BITS[6])
 
     def add(self, address: str) -> None:
         key = self._key(address)

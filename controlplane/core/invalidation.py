@@ -151,7 +151,7 @@ class Engine:
         self._index = FlowIndex()
         self._ready = False  # a Snapshot has filled the caches
         self._routes_wanted: dict[str, None] = {}
-        self._stale: dict[FlowRecord, str] = {}
+        self._stale: dict[FlowRecord, tuple[Flow, str]] = {}
 
     # -- public API -------------------------------------------------------------
 
@@ -169,14 +169,12 @@ class Engine:
         self._routes_wanted.clear()
         if wanted:
             actions.append(ResolveRoutes(addresses=tuple(wanted)))
-        stale = list(self._stale.items())
+        stale = list(self._stale.values())
         self._stale.clear()
         for first in range(0, len(stale), self.policy.batch):
             chunk = stale[first : first + self.policy.batch]
             actions.append(
-                TearDownFlows(
-                    flows=tuple(r.flow() for r, _ in chunk), causes=tuple(c for _, c in chunk)
-                )
+                TearDownFlows(flows=tuple(f for f, _ in chunk), causes=tuple(c for _, c in chunk))
             )
         return actions
 
@@ -212,13 +210,15 @@ class Engine:
         route, nexthop = group.key
         return egress_via(self._topology, route, nexthop or "")
 
-    def _mark(self, record: FlowRecord, cause: str, marked: list[FlowRecord]) -> None:
+    def _mark(self, record: FlowRecord, cause: str, marked: list[Flow]) -> None:
         self._index.remove(record)
-        self._stale.setdefault(record, cause)
-        marked.append(record)
+        if record not in self._stale:
+            flow = record.flow()
+            self._stale[record] = (flow, cause)
+            marked.append(flow)
 
     def _judge_address(
-        self, address: str, now: Egress | None, cause: str, marked: list[FlowRecord]
+        self, address: str, now: Egress | None, cause: str, marked: list[Flow]
     ) -> None:
         """Judge the directions of ``address``'s flows that leave toward it."""
         if now is None:
@@ -240,7 +240,7 @@ class Engine:
 
     def _refresh(self, groups: list[Group], cause: str) -> list[Action]:
         """Re-resolve ``groups``; judge their flows if the egress changed."""
-        marked: list[FlowRecord] = []
+        marked: list[Flow] = []
         for group in groups:
             if group.addresses is None:
                 continue  # emptied by an earlier teardown in this loop
@@ -256,15 +256,15 @@ class Engine:
         return self._refresh(self._index.groups_by(keys), cause)
 
     @staticmethod
-    def _notice(cause: str, marked: list[FlowRecord]) -> list[Action]:
+    def _notice(cause: str, marked: list[Flow]) -> list[Action]:
         if not marked:
             return []
-        return [FlowsMarkedStale(cause=cause, flows=tuple(r.flow() for r in marked))]
+        return [FlowsMarkedStale(cause=cause, flows=tuple(marked))]
 
     def _name(self, ifindex: int | None) -> str:
         return self._topology.name(ifindex) if ifindex is not None else "-"
 
-    def _place(self, address: str, route: Route | None, marked: list[FlowRecord]) -> None:
+    def _place(self, address: str, route: Route | None, marked: list[Flow]) -> None:
         moved = self._index.place(address, route)
         if moved is None:
             return
@@ -323,9 +323,9 @@ class Engine:
             )
         else:
             cause = f"link {link.name} changed"
-        for master in (old.master if old else None, link.master):
-            if master is not None:
-                keys.append(master)
+        if old is None or old.master != link.master:
+            # Membership changed: paths that assumed every port of these bridges.
+            keys.extend(m for m in (old.master if old else None, link.master) if m is not None)
         return self._refresh_keys(keys, cause)
 
     def _on_link_removed(self, event: LinkRemoved) -> list[Action]:
@@ -379,7 +379,7 @@ class Engine:
         return []
 
     def _on_routes_resolved(self, event: RoutesResolved) -> list[Action]:
-        marked: list[FlowRecord] = []
+        marked: list[Flow] = []
         for address, route in event.routes.items():
             self._place(address, route, marked)
         return self._notice("route changed", marked)
