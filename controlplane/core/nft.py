@@ -399,7 +399,7 @@ class Rule:
     def comment(self) -> str:
         return f"{TAG_PREFIX}{self.tag} {self.label}".strip()
 
-    @property
+    @cached_property
     def text(self) -> str:
         return " ".join(s.text for s in self.stmts) + f" comment {_quote(self.comment)}"
 

@@ -188,6 +188,13 @@ class InvalidationService:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
         limit = self.settings.queue_size
+        # Topology first: it is what makes flows stale; conntrack events only
+        # keep the index current.
+        if self.watcher.fileno() in readable:
+            events = self.watcher.poll(limit)
+            for event in events:
+                self._handle(event)
+            handled += len(events)
         if self.conntrack.fileno() in readable:
             changes, lost = self.conntrack.poll(limit)
             for change in changes:
@@ -196,11 +203,6 @@ class InvalidationService:
             handled += len(changes)
             if lost:
                 self._handle(ev.EventsLost(source="conntrack"))
-        if self.watcher.fileno() in readable:
-            events = self.watcher.poll(limit)
-            for event in events:
-                self._handle(event)
-            handled += len(events)
         if self._clock() >= self._next_reconcile:
             found = self.watcher.reconcile()
             self.stats.reconciles += 1

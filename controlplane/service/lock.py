@@ -71,3 +71,29 @@ class NetnsLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+class VerifiedStamp:
+    """What the last no-op apply verified in this namespace: the ruleset
+    generation read *before* its listing, and the digest of the desired table.
+    Same generation and digest now → nothing changed since, no listing needed."""
+
+    def __init__(self, netns: str | None) -> None:
+        dev, ino = netns_identity(netns)
+        self.path = os.path.join(LOCK_DIR, f"netns-{dev}-{ino}.verified")
+
+    def read(self) -> str | None:
+        try:
+            with open(self.path) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def write(self, value: str) -> None:
+        tmp = f"{self.path}.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(value)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # only an optimisation: the next apply lists the table instead

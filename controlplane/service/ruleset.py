@@ -17,9 +17,11 @@ all under the namespace's lock:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from controlplane.config import Config, Vlan
 from controlplane.core import nft, ownership, preflight
@@ -45,6 +47,23 @@ class Ports:
     lock: Callable[[], LockPort]
     facts: Callable[[Config], Facts]
     netns: str | None = None
+    # Optional fast path for unchanged re-applies (see VerifiedStamp).
+    generation: Callable[[], int] | None = None
+    stamps: StampPort | None = None
+
+
+class StampPort(Protocol):
+    def read(self) -> str | None: ...
+
+    def write(self, value: str) -> None: ...
+
+
+def _digest(rs: nft.Ruleset) -> str:
+    """Everything the desired table is made of (statement texts are canonical per
+    builder, so equal digests mean equal tables)."""
+    parts = [repr((rs.family, rs.table, rs.flowtables, rs.counters, rs.chains))]
+    parts += [f"{r.chain}\0{r.label}\0" + "\0".join([s.text for s in r.stmts]) for r in rs.rules]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,14 @@ class RulesetService:
         start = time.perf_counter()
         with self.p.lock():
             rs, vlans = self._prepare(cfg)
+            stamp = None
+            if not check and not vlans and self.p.generation and self.p.stamps:
+                # Read the generation *before* listing: a change after this
+                # read bumps it, so a stamp never vouches for an unseen change.
+                stamp = f"{self.p.generation()} {_digest(rs)}"
+                if self.p.stamps.read() == stamp:
+                    nothing = Plan(rs.ref, (), ())
+                    return ApplyResult(nothing, False, False, (), None, self._since(start))
             the_plan, serial = self._observe(rs)
             if check:
                 if not the_plan.empty:
@@ -101,6 +128,8 @@ class RulesetService:
                 return ApplyResult(the_plan, False, True, (), None, time.perf_counter() - start)
             created = tuple(self.p.rtnl.create_vlans(vlans))
             if the_plan.empty:
+                if stamp is not None and self.p.stamps is not None:
+                    self.p.stamps.write(stamp)
                 return ApplyResult(the_plan, False, False, created, None, self._since(start))
             try:
                 self.p.nft.run(the_plan.transaction)
@@ -179,10 +208,11 @@ class _Conntrack:
 
 def real_ports(netns: str | None = None) -> Ports:
     from controlplane.kernel.netns import require_root
+    from controlplane.kernel.nft.genid import ruleset_generation
     from controlplane.kernel.nft.libnft import Nft
     from controlplane.kernel.rtnl.facts import gather_facts
     from controlplane.kernel.rtnl.vlans import RtnlLinks
-    from controlplane.service.lock import NetnsLock
+    from controlplane.service.lock import NetnsLock, VerifiedStamp
 
     require_root("reading or changing the kernel's ruleset")
     return Ports(
@@ -192,6 +222,8 @@ def real_ports(netns: str | None = None) -> Ports:
         lock=lambda: NetnsLock(netns),
         facts=lambda cfg: gather_facts(cfg, netns),
         netns=netns,
+        generation=lambda: ruleset_generation(netns),
+        stamps=VerifiedStamp(netns),
     )
 
 

@@ -75,11 +75,14 @@ class FakeNft:
         self.supported = flowtables
         self.last: nft.Transaction | None = None
         self.runs = 0
+        self.lists = 0
+        self.generation = 0  # bumped by every commit and hand edit, like the kernel's
         self.before_run: list[object] = []  # callables run just before a commit
 
     # -- NftPort ------------------------------------------------------------------
 
     def list_table(self, ref: nft.TableRef) -> Observed | None:
+        self.lists += 1
         t = self.table
         if t is None:
             return None
@@ -114,19 +117,23 @@ class FakeNft:
         if not check:
             self.table = t
             self.runs += 1
+            self.generation += 1
 
     # -- edits "by hand" ----------------------------------------------------------
 
     def hand_add_chain(self, name: str) -> None:
         assert self.table is not None
+        self.generation += 1
         self.table.chains[name] = FakeChain(self.table.handle(), None)
 
     def hand_add_rule(self, chain: str, text: str, **refs: str) -> None:
         assert self.table is not None
+        self.generation += 1
         self.table.chains[chain].rules.append(FakeRule(self.table.handle(), text, **refs))
 
     def hand_add_set(self, name: str) -> None:
         assert self.table is not None
+        self.generation += 1
         self.table.sets[name] = self.table.handle()
 
     # -- the kernel's rules -------------------------------------------------------

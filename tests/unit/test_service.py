@@ -234,3 +234,31 @@ def test_bad_bridge_port_name_from_the_kernel_never_reaches_nft() -> None:
     with pytest.raises(EnvironmentProblem, match="br0"):
         RulesetService(ports).apply(cfg(["a"]))
     assert fake.runs == 0
+
+
+@dataclass
+class MemoryStamp:
+    value: str | None = None
+
+    def read(self) -> str | None:
+        return self.value
+
+    def write(self, value: str) -> None:
+        self.value = value
+
+
+def test_unchanged_generation_skips_the_listing_and_a_change_does_not() -> None:
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    ports.generation = lambda: fake.generation
+    ports.stamps = MemoryStamp()
+    svc = RulesetService(ports)
+    svc.apply(cfg())
+    assert svc.apply(cfg()).plan.empty  # lists the table, verifies, stamps
+    lists = fake.lists
+    assert svc.apply(cfg()).plan.empty
+    assert fake.lists == lists  # generation unchanged: no listing needed
+    fake.hand_add_set("extra")
+    assert svc.apply(cfg()).committed  # the hand edit bumped the generation
+    assert fake.table is not None and not fake.table.sets
+    assert not svc.apply(cfg(["a"])).plan.empty  # another config: another digest
