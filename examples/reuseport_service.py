@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--netns", help="network namespace to serve in (setns, mounts unchanged)")
     p.add_argument("--pidfile", help="written by each generation once it serves")
     p.add_argument("--linger-ms", type=int, default=0)
+    p.add_argument(
+        "--busy-restart",
+        action="store_true",
+        help="stop accepting while the successor starts (a busy or naive server): "
+        "connections queue on the closing listeners and must migrate",
+    )
     p.add_argument("--backlog", type=int, default=4096)
     p.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true")
@@ -178,6 +184,9 @@ class Service:
         child = subprocess.Popen(cmd, pass_fds=[w])
         os.close(w)
         self.sel.register(r, selectors.EVENT_READ, "notify")
+        if self.args.busy_restart:
+            for s in self.listeners:
+                self.sel.unregister(s)
         deadline = time.monotonic() + 10
         ready = b""
         try:
@@ -197,6 +206,9 @@ class Service:
             os.close(r)
         if READY not in ready:
             self.log("successor failed to start; still serving")
+            if self.args.busy_restart:
+                for s in self.listeners:
+                    self.sel.register(s, selectors.EVENT_READ, "listener")
             with contextlib.suppress(ProcessLookupError):
                 child.kill()
             return False
@@ -205,7 +217,8 @@ class Service:
 
     def hand_over(self) -> None:
         for s in self.listeners:
-            self.sel.unregister(s)
+            with contextlib.suppress(KeyError):  # --busy-restart unregistered them already
+                self.sel.unregister(s)
         if self.args.linger_ms:
             # Not accepting any more, listeners still open: what arrives now
             # queues here unless the program already sends it to N+1.
