@@ -31,7 +31,6 @@ from controlplane.core import events as ev
 from controlplane.core.flowpath import IPS_OFFLOAD, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.kernel.ctnetlink.events import CtEvents
-from controlplane.kernel.ctnetlink.teardown import teardown_exact
 from controlplane.kernel.rtnl.topology import lookup_routes
 from controlplane.kernel.rtnl.watcher import Watcher
 
@@ -57,7 +56,8 @@ class ServiceStats:
     recreated: int = 0
     resyncs: int = 0
     reconciles: int = 0
-    last_event_to_teardown: float = 0.0  # seconds, for the benchmark
+    last_event_to_deleted: float = 0.0  # seconds from select() waking to deletes ACKed
+    last_event_to_teardown: float = 0.0  # ... to deletes and re-creates ACKed
     errors: int = 0
 
 
@@ -278,7 +278,13 @@ class InvalidationService:
         deleted = gone = recreated = 0
         if not self.dry_run:
             assert self._ct is not None
-            deleted, gone, recreated = teardown_exact(self._ct, flows)
+            # Deleted = off the fast path (the kernel tears the offloaded flow
+            # down with its entry); re-creating keeps NATed connections alive.
+            result = self._ct.delete(flows)
+            deleted, gone = result.deleted, result.already_gone
+            self.stats.last_event_to_deleted = self._clock() - self._event_time
+            if self._ct.last_deleted:
+                recreated = self._ct.reinject(self._ct.last_deleted)[0]
             self.stats.teardowns += 1
             self.stats.flows_torn_down += deleted
             self.stats.already_gone += gone

@@ -1,0 +1,510 @@
+"""Cache-invalidation benchmark (issue 8): event → stale entries gone, bursts, memory.
+
+Host netns, real kernel. Router namespace: bridge br0 with 4 veth ports, 1,000
+LAN clients (permanent neighbours + static FDB entries spread over the ports)
+and a server behind ``wan``; 100,000 conntrack entries (100 TCP flows per
+client) created with batched CT_NEW over ``kernel/netlink.py``. The host
+kernel has no flowtables, so nothing is [OFFLOAD]: the service runs with the
+test-only switch that treats every entry as offloaded (``only_offloaded=False``);
+the kernel work (dump, delete, re-create) is the same.
+
+Rows (each with its baseline from the same run):
+
+1. **move → gone**: one client's MAC moves to another port (RTM_NEWNEIGH sent
+   in-process; t0 just before the send), the watcher sees it, the engine
+   picks that client's 100 flows, teardown deletes (and re-creates) them; t1
+   when the kernel has ACKed every delete and re-create. p50/p99 over the
+   events. Baseline: ``conntrack -D -s CLIENT`` (the CLI, started inside the
+   namespace) deleting the same 100 entries. Goal p99 ≤ 10 ms.
+2. **20,000-event FDB burst** (``bridge -batch``: every client MAC moves once,
+   interleaved with 19,000 unrelated MACs), with the default receive buffer
+   and with a 64 KiB one (forces ENOBUFS → drain, dump, diff): events seen,
+   invalidations missed (a moved client's entry still carrying its old id;
+   must be 0), CPU seconds, peak RSS.
+3. **sustained churn**: a separate process sends FDB replaces at 50,000/s for
+   10 s; kept up (events seen) or resynced; RSS bounded.
+4. **steady-state RSS** of a process running the service with 100,000 indexed
+   flows, against Python's own baseline and the same imports without flows.
+
+Usage: ``python bench/bench_invalidation.py [--events 200] [--flows 100000]
+[--quick]`` (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlplane.config import InvalidationConfig
+from controlplane.core.flowpath import CtTuple, Family, Flow
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
+from controlplane.kernel.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NetlinkSocket,
+    message,
+    nla,
+)
+from controlplane.kernel.netns import NETNS_DIR, setns
+from controlplane.service.invalidation import InvalidationService
+
+PORTS = 4
+SERVER = "192.0.2.2"
+RTM_NEWNEIGH = 28
+AF_BRIDGE = 7
+NUD_NOARP = 0x40
+NTF_MASTER = 0x04
+NDA_LLADDR = 2
+_NDMSG = struct.Struct("=BxxxiHBB")
+
+
+def sh(*args: str, netns: str | None = None, stdin: str | None = None) -> str:
+    cmd = list(args) if netns is None else ["ip", "netns", "exec", netns, *args]
+    res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr.strip()[:500]}")
+    return res.stdout
+
+
+def client_ip(i: int) -> str:
+    return f"10.1.{i // 250}.{i % 250 + 2}"
+
+
+def client_mac(i: int) -> str:
+    return f"02:c0:00:00:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
+
+
+def churn_mac(i: int) -> str:
+    return f"02:d0:00:{i >> 16 & 0xFF:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
+
+
+def batch(tool: str, netns: str, lines: list[str]) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        sh(tool, "-batch", f.name, netns=netns)
+    finally:
+        os.unlink(f.name)
+
+
+def build_lab(clients: int) -> tuple[str, dict[str, int]]:
+    ns = f"cpb-{uuid.uuid4().hex[:8]}"
+    sh("ip", "netns", "add", ns)
+    lines = ["link set lo up", "link add br0 type bridge"]
+    for p in range(1, PORTS + 1):
+        lines += [
+            f"link add p{p} type veth peer name q{p}",
+            f"link set p{p} master br0 up",
+            f"link set q{p} up",
+        ]
+    lines += [
+        "link add wan type veth peer name wanpeer",
+        "link set wan up",
+        "link set wanpeer up",
+        "link set br0 up",
+        "addr add 10.1.0.1/16 dev br0",
+        "addr add 192.0.2.1/24 dev wan",
+        f"neigh add {SERVER} lladdr 02:ee:00:00:00:02 dev wan nud permanent",
+    ]
+    lines += [
+        f"neigh add {client_ip(i)} lladdr {client_mac(i)} dev br0 nud permanent"
+        for i in range(clients)
+    ]
+    batch("ip", ns, lines)
+    batch(
+        "bridge",
+        ns,
+        [f"fdb add {client_mac(i)} dev p{i % PORTS + 1} master static" for i in range(clients)],
+    )
+    ifindex = {
+        name: int(sh("cat", f"/sys/class/net/{name}/ifindex", netns=ns))
+        for name in [f"p{p}" for p in range(1, PORTS + 1)]
+    }
+    return ns, ifindex
+
+
+def client_flows(i: int, per_client: int) -> list[Flow]:
+    src = client_ip(i)
+    return [
+        Flow(
+            CtTuple(Family.IPV4, 6, src, SERVER, 10_000 + j, 80),
+            CtTuple(Family.IPV4, 6, SERVER, src, 80, 10_000 + j),
+        )
+        for j in range(per_client)
+    ]
+
+
+def create_flows(ns: str, clients: int, per_client: int) -> float:
+    t0 = time.perf_counter()
+    with ConntrackSocket(ns) as ct:
+        for first in range(0, clients, 50):
+            entries = [
+                (flow, 3600)
+                for i in range(first, min(clients, first + 50))
+                for flow in client_flows(i, per_client)
+            ]
+            ct.create(entries)
+    return time.perf_counter() - t0
+
+
+def fdb_move(mac: str, port: int, seq: int) -> bytes:
+    body = _NDMSG.pack(AF_BRIDGE, port, NUD_NOARP, NTF_MASTER, 0)
+    body += nla(NDA_LLADDR, bytes.fromhex(mac.replace(":", "")))
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    return message(RTM_NEWNEIGH, flags, seq, body)
+
+
+def ids_of(ns: str, src: str | None = None) -> dict[tuple[str, int], int]:
+    with ConntrackSocket(ns) as ct:
+        return {
+            (f.orig.src, f.orig.sport): f.id
+            for f in ct.dump()
+            if f.orig.proto == 6 and (src is None or f.orig.src == src)
+        }
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def settings(rcvbuf: int = 32 << 20) -> InvalidationConfig:
+    return InvalidationConfig(rcvbuf_bytes=rcvbuf, reconcile_seconds=0)
+
+
+def step_until(service: InvalidationService, done: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for the service")
+        service.step(timeout=0.05)
+
+
+def row_move_to_gone(
+    ns: str, ports: dict[str, int], clients: int, per: int, n: int
+) -> dict[str, Any]:
+    service = InvalidationService(ns, settings(), only_offloaded=False)
+    t = time.perf_counter()
+    service.start()
+    start_s = time.perf_counter() - t
+    port_ids = list(ports.values())
+    where = {i: i % PORTS for i in range(clients)}  # build_lab's placement
+    latencies: list[float] = []
+    deleted_at: list[float] = []
+    with NetlinkSocket(socket.NETLINK_ROUTE, ns) as nl:
+        for k in range(n):
+            i = (k * 7919) % clients
+            where[i] = (where[i] + 1) % PORTS  # always a different port: one real move
+            target = port_ids[where[i]]
+            before = service.stats.flows_torn_down
+            t0 = time.perf_counter()
+            nl.send(fdb_move(client_mac(i), target, nl.next_seq()))
+            step_until(service, lambda b=before: service.stats.flows_torn_down >= b + per)
+            latencies.append(time.perf_counter() - t0)
+            # deletes ACKed, measured from the same t0 (the re-creates follow)
+            deleted_at.append(
+                latencies[-1]
+                - (service.stats.last_event_to_teardown - service.stats.last_event_to_deleted)
+            )
+            nl.recv()  # the ACK of our request
+            while service.step(timeout=0):  # let the re-created entries' events settle
+                pass
+        missed = service.stats.already_gone
+    service.stop()
+
+    # Baseline: the conntrack CLI deleting the same 100 entries, started in the netns.
+    fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
+    base: list[float] = []
+    try:
+        for k in range(min(n, 50)):
+            i = (k * 104_729) % clients
+            t0 = time.perf_counter()
+            res = subprocess.run(
+                ["conntrack", "-D", "-s", client_ip(i)],
+                capture_output=True,
+                text=True,
+                preexec_fn=lambda: setns(fd),
+                check=False,
+            )
+            base.append(time.perf_counter() - t0)
+            if f"{per} flow entries have been deleted" not in res.stderr:
+                raise SystemExit(f"conntrack -D: {res.stderr.strip()}")
+            with ConntrackSocket(ns) as ct:
+                ct.create((f, 3600) for f in client_flows(i, per))
+    finally:
+        os.close(fd)
+    return {
+        "del_p50": statistics.median(deleted_at),
+        "del_p99": pct(deleted_at, 0.99),
+        "p50": statistics.median(latencies),
+        "p99": pct(latencies, 0.99),
+        "max": max(latencies),
+        "n": len(latencies),
+        "base_p50": statistics.median(base),
+        "base_p99": pct(base, 0.99),
+        "base_n": len(base),
+        "already_gone": missed,
+        "start": start_s,
+    }
+
+
+def row_burst(
+    ns: str, ports: dict[str, int], clients: int, rcvbuf: int, burst: int
+) -> dict[str, Any]:
+    service = InvalidationService(ns, settings(rcvbuf), only_offloaded=False)
+    service.start()
+    before = ids_of(ns)
+    # each client MAC moves once (to a port other than its current one),
+    # interleaved with churn of unrelated MACs
+    name = {ifindex: n for n, ifindex in ports.items()}
+    current = {mac: port for (_br, _vlan, mac), port in service.watcher.caches.fdb.items()}
+    order = list(ports.values())
+    moves = []
+    for i in range(clients):
+        now = current[client_mac(i)]
+        target = name[order[(order.index(now) + 1) % PORTS]]
+        moves.append(f"fdb replace {client_mac(i)} dev {target} master static")
+    churn = [
+        f"fdb replace {churn_mac(j)} dev p{j % PORTS + 1} master static"
+        for j in range(burst - clients)
+    ]
+    lines: list[str] = []
+    every = max(1, len(churn) // max(1, clients))
+    for idx, line in enumerate(churn):
+        if idx % every == 0 and moves:
+            lines.append(moves.pop())
+        lines.append(line)
+    lines += moves
+    with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as path:
+        path.write("\n".join(lines) + "\n")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    msgs0 = service.watcher.stats.messages
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "bridge", "-batch", path.name])
+    quiet = 0
+    while quiet < 3:
+        handled = service.step(timeout=0.2)
+        running = proc.poll() is None
+        quiet = 0 if (handled or running) else quiet + 1
+    elapsed = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    os.unlink(path.name)
+    stats = service.watcher.stats
+    service.stop()
+    after = ids_of(ns)
+    moved = {client_ip(i) for i in range(clients)}
+    missed = sum(1 for key, cid in before.items() if key[0] in moved and after.get(key) == cid)
+    return {
+        "rcvbuf": rcvbuf,
+        "lines": len(lines),
+        "events": stats.messages - msgs0 + stats.resync_events,
+        "decoded": stats.messages - msgs0,
+        "overflows": stats.overflows,
+        "resyncs": stats.resyncs,
+        "torn": service.stats.flows_torn_down,
+        "missed": missed,
+        "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+        "peak_rss_mb": r1.ru_maxrss / 1024,
+        "elapsed": elapsed,
+    }
+
+
+GENERATOR = r"""
+import socket, sys, time
+sys.path.insert(0, {root!r})
+from bench.bench_invalidation import fdb_move, churn_mac
+from controlplane.kernel.netlink import NetlinkSocket
+ports, rate, seconds = {ports!r}, {rate}, {seconds}
+sent = 0
+with NetlinkSocket(socket.NETLINK_ROUTE, {ns!r}, rcvbuf=8 << 20) as nl:
+    t0 = time.perf_counter()
+    tick = 0.01
+    while (now := time.perf_counter() - t0) < seconds:
+        due = int(min(now + tick, seconds) * rate) - sent
+        if due > 0:
+            items = [
+                (churn_mac(100_000 + (sent + k) % 5000), ports[(sent + k) % len(ports)])
+                for k in range(due)
+            ]
+            for _ in nl.transact("fdb", items, lambda it, seq: fdb_move(it[0], it[1], seq)):
+                pass
+            sent += due
+        left = tick - ((time.perf_counter() - t0) % tick)
+        time.sleep(left)
+print(sent, time.perf_counter() - t0)
+"""
+
+
+def row_sustained(ns: str, ports: dict[str, int], rate: int, seconds: float) -> dict[str, Any]:
+    service = InvalidationService(ns, settings(), only_offloaded=False)
+    service.start()
+    code = GENERATOR.format(
+        root=str(Path(__file__).resolve().parents[1]),
+        ports=list(ports.values()),
+        rate=rate,
+        seconds=seconds,
+        ns=ns,
+    )
+    msgs0 = service.watcher.stats.messages
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    rss: list[float] = []
+    quiet = 0
+    next_sample = time.monotonic()
+    while quiet < 3:
+        handled = service.step(timeout=0.2)
+        if time.monotonic() >= next_sample:
+            rss.append(_rss_mb())
+            next_sample += 1.0
+        running = proc.poll() is None
+        quiet = 0 if (handled or running) else quiet + 1
+    out, _ = proc.communicate()
+    sent, took = out.split()
+    stats = service.watcher.stats
+    service.stop()
+    return {
+        "sent": int(sent),
+        "rate": int(sent) / float(took),
+        "seen": stats.messages - msgs0,
+        "overflows": stats.overflows,
+        "resyncs": stats.resyncs,
+        "rss_first": rss[0] if rss else 0.0,
+        "rss_max": max(rss) if rss else 0.0,
+    }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+RSS_PROBE = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from bench.bench_invalidation import _rss_mb, settings
+from controlplane.service.invalidation import InvalidationService
+if {run}:
+    s = InvalidationService({ns!r}, settings(), only_offloaded=False)
+    s.start()
+    for _ in range(5):
+        s.step(timeout=0.05)
+    print(len(s._engine), _rss_mb())
+else:
+    print(0, _rss_mb())
+"""
+
+
+BARE_PYTHON = (
+    "print(next(int(l.split()[1]) for l in open('/proc/self/status')"
+    " if l.startswith('VmRSS:')) / 1024)"
+)
+
+
+def rss_probe(ns: str, run: bool) -> tuple[int, float]:
+    code = RSS_PROBE.format(root=str(Path(__file__).resolve().parents[1]), ns=ns, run=run)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    flows, rss = out.stdout.split()
+    return int(flows), float(rss)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flows", type=int, default=100_000)
+    ap.add_argument("--per-client", type=int, default=100)
+    ap.add_argument("--events", type=int, default=200)
+    ap.add_argument("--burst", type=int, default=20_000)
+    ap.add_argument("--rate", type=int, default=50_000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--quick", action="store_true", help="only the p99 and burst rows")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_invalidation needs root (network namespaces, conntrack)")
+    clients = args.flows // args.per_client
+    ns, ports = build_lab(clients)
+    try:
+        created = create_flows(ns, clients, args.per_client)
+        total = len(ids_of(ns))
+        print(
+            f"lab: {clients} clients x {args.per_client} flows = {total} conntrack entries"
+            f" (created with batched CT_NEW in {created:.2f} s)"
+        )
+        move = row_move_to_gone(ns, ports, clients, args.per_client, args.events)
+        print()
+        print(
+            f"{f'move -> stale entries gone ({args.per_client} flows)':<52}"
+            f"{'p50':>9}{'p99':>9}{'n':>6}"
+        )
+        print(
+            f"{'  offloadctl watch (event -> entries deleted)':<52}"
+            f"{move['del_p50'] * 1e3:>7.2f}ms{move['del_p99'] * 1e3:>7.2f}ms{move['n']:>6}"
+        )
+        print(
+            f"{'  offloadctl watch (event -> deleted + re-created)':<52}"
+            f"{move['p50'] * 1e3:>7.2f}ms{move['p99'] * 1e3:>7.2f}ms{move['n']:>6}"
+        )
+        print(
+            f"{'  baseline: conntrack -D -s CLIENT (CLI, in netns)':<52}"
+            f"{move['base_p50'] * 1e3:>7.2f}ms{move['base_p99'] * 1e3:>7.2f}ms{move['base_n']:>6}"
+        )
+        print(
+            f"  ratio p99 (deleted): {move['del_p99'] / move['base_p99']:.3f}x the CLI;"
+            f" goal p99 <= 10 ms: {'met' if move['del_p99'] <= 0.010 else 'NOT met'};"
+            f" service start-up (dump + index {total}): {move['start']:.2f} s"
+        )
+        print()
+        print(
+            f"{'20,000-event FDB burst':<28}{'events':>8}{'overflow':>9}{'resync':>7}"
+            f"{'torn':>8}{'missed':>7}{'cpu s':>7}{'peakRSS':>9}{'wall s':>7}"
+        )
+        for rcvbuf in (32 << 20, 65_536):
+            b = row_burst(ns, ports, clients, rcvbuf, args.burst)
+            label = f"  rcvbuf {rcvbuf >> 10} KiB"
+            print(
+                f"{label:<28}{b['events']:>8}{b['overflows']:>9}{b['resyncs']:>7}{b['torn']:>8}"
+                f"{b['missed']:>7}{b['cpu']:>7.2f}{b['peak_rss_mb']:>7.0f}MB{b['elapsed']:>7.2f}"
+            )
+        if not args.quick:
+            s = row_sustained(ns, ports, args.rate, args.seconds)
+            print()
+            print(
+                f"sustained FDB churn: sent {s['sent']} at {s['rate']:.0f}/s (goal {args.rate}/s);"
+                f" watcher decoded {s['seen']}, overflows {s['overflows']}, resyncs {s['resyncs']};"
+                f" RSS {s['rss_first']:.0f} -> max {s['rss_max']:.0f} MB"
+            )
+            n_idx, rss = rss_probe(ns, True)
+            _, bare = rss_probe(ns, False)
+            py = float(
+                subprocess.run(
+                    [sys.executable, "-c", BARE_PYTHON], capture_output=True, text=True, check=True
+                ).stdout
+            )
+            print()
+            print(
+                f"steady-state RSS with {n_idx} indexed flows: {rss:.1f} MB (goal <= 60 MB);"
+                f" the same modules imported, no service: {bare:.1f} MB;"
+                f" bare Python: {py:.1f} MB"
+            )
+    finally:
+        sh("ip", "netns", "del", ns)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
