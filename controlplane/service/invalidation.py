@@ -195,6 +195,9 @@ class InvalidationService:
             for event in events:
                 self._handle(event)
             handled += len(events)
+            # Act on what the topology made stale before conntrack events can
+            # trigger a re-dump (FlowsDumped re-indexes from the current caches).
+            self._flush()
         if self.conntrack.fileno() in readable:
             changes, lost = self.conntrack.poll(limit)
             for change in changes:
