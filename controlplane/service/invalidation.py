@@ -19,6 +19,7 @@ resync: never silent loss.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import time
@@ -116,11 +117,13 @@ class InvalidationService:
         engine: Engine | None = None,
         clock: Callable[[], float] = time.monotonic,
         report_events: bool = True,
+        freeze_gc: bool = True,
     ) -> None:
         self.netns = netns
         self.settings = settings
         self.dry_run = dry_run
         self.only_offloaded = only_offloaded
+        self.freeze_gc = freeze_gc
         self._report = report
         self._report_events = report_events and report is not None
         self._engine = engine
@@ -150,6 +153,11 @@ class InvalidationService:
         self._handle(self.watcher.snapshot())
         self._handle(ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump()))))
         self._flush()
+        if self.freeze_gc:
+            # The index is long-lived (100,000 records at 100,000 flows): without
+            # this, each gen-2 collection walks all of it in the middle of an event
+            # (tens of ms). Process-wide, hence a constructor flag.
+            gc.freeze()
         period = self.settings.reconcile_seconds
         self._next_reconcile = self._clock() + period if period > 0 else float("inf")
 
