@@ -38,6 +38,7 @@ from controlplane.kernel.rtnl.watcher import Watcher
 __all__ = ["Engine", "InvalidationService", "ServiceStats"]
 
 Report = Callable[[dict[str, Any]], None]
+CT_MIN_RCVBUF = 32 << 20
 
 
 class Engine(Protocol):
@@ -134,7 +135,12 @@ class InvalidationService:
             sources=settings.watch,
             rcvbuf=settings.rcvbuf_bytes,
         )
-        self.conntrack = CtEvents(netns, rcvbuf=settings.rcvbuf_bytes, updates=True)
+        # Our own teardowns echo two conntrack events per flow (DESTROY, then
+        # NEW of the re-created entry): a buffer smaller than that echo would
+        # turn every teardown into a full re-dump, so it never goes below
+        # CT_MIN_RCVBUF whatever rcvbuf_bytes (sized for rtnetlink bursts) says.
+        ct_rcvbuf = max(settings.rcvbuf_bytes, CT_MIN_RCVBUF)
+        self.conntrack = CtEvents(netns, rcvbuf=ct_rcvbuf, updates=True)
         self._ct: ConntrackSocket | None = None
         self._wake_r = self._wake_w = -1
         self._next_reconcile = float("inf")
