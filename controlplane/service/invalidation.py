@@ -48,6 +48,8 @@ class Engine(Protocol):
 
     def flush(self) -> Sequence[ev.Action]: ...
 
+    def __len__(self) -> int: ...
+
 
 @dataclass
 class ServiceStats:
@@ -157,7 +159,11 @@ class InvalidationService:
         self._ct = ConntrackSocket(self.netns)
         self._event_time = self._clock()
         self._handle(self.watcher.snapshot())
-        self._handle(ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump()))))
+        # The index is empty: streaming the dump as FlowSeen is the same as one
+        # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
+        handle, offloaded = self._handle, self._offloaded
+        self.conntrack.dump_each(lambda flow: handle(ev.FlowSeen(flow=offloaded(flow))))
+        self._emit({"event": "FlowsDumped", "flows": len(self._engine)})
         self._flush()
         if self.freeze_gc:
             # The index is long-lived (100,000 records at 100,000 flows): without

@@ -394,12 +394,24 @@ class ConntrackSocket:
         (CTA_STATUS + CTA_STATUS_MASK, Linux ≥ 5.19) and checks the bit again
         here, for kernels that ignore the filter.
         """
+        flows: list[Flow] = []
+        self.dump_each(flows.append, only_offloaded=only_offloaded, family=family)
+        return flows
+
+    def dump_each(
+        self,
+        on_flow: Callable[[Flow], None],
+        *,
+        only_offloaded: bool = False,
+        family: Family | None = None,
+    ) -> None:
+        """As :meth:`dump`, handing each entry to ``on_flow`` as it is decoded
+        (a 100,000-entry list never exists: it would stay in the RSS)."""
         filt = b""
         if only_offloaded:
             filt = nla(CTA_STATUS, _BE32.pack(IPS_OFFLOAD)) + nla(
                 CTA_STATUS_MASK, _BE32.pack(IPS_OFFLOAD)
             )
-        flows: list[Flow] = []
 
         def encode(seq: int) -> bytes:
             return _message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, int(family or 0), filt)
@@ -409,10 +421,9 @@ class ConntrackSocket:
                 return
             flow = decode_entry(buf, start, end)
             if flow is not None and (not only_offloaded or flow.status & IPS_OFFLOAD):
-                flows.append(flow)
+                on_flow(flow)
 
         self._nl.dump("conntrack dump", encode, on_message)
-        return flows
 
     def delete(self, flows: Iterable[Flow]) -> DeleteResult:
         """Delete each entry by orig tuple + zone + id. ENOENT counts as already gone."""

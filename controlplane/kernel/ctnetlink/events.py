@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -128,9 +129,21 @@ class CtEvents:
         return self._sock.fileno()
 
     def dump(self) -> list[Flow]:
-        """The start-up (or resync) dump, same filter as the events."""
+        """The resync dump, same filter as the events."""
+        flows: list[Flow] = []
+        self.dump_each(flows.append)
+        return flows
+
+    def dump_each(self, on_flow: Callable[[Flow], None]) -> None:
+        """The start-up dump, streamed (same filter as the events)."""
+        protocols = self.protocols
+
+        def keep(flow: Flow) -> None:
+            if flow.orig.proto in protocols:
+                on_flow(flow)
+
         with ConntrackSocket(self.netns) as ct:
-            return [f for f in ct.dump() if f.orig.proto in self.protocols]
+            ct.dump_each(keep)
 
     def _dropped(self) -> int:
         assert self._sock is not None
