@@ -518,13 +518,15 @@ class DeleteTable(Op):
 
 @dataclass(frozen=True)
 class AddSerial(Op):
-    """Create the compare-and-swap set holding ``value``."""
+    """Create the compare-and-swap set holding ``value``. ``create`` (not ``add``)
+    fails with EEXIST if another writer created it since we listed: two
+    writers that both found no table cannot both build one."""
 
     value: int
 
     def text(self, rs: TableRef) -> str:
         return (
-            f"add set {rs.spec} {SERIAL_SET} {{ type inet_service; }}\n"
+            f"create set {rs.spec} {SERIAL_SET} {{ type inet_service; }}\n"
             f"add element {rs.spec} {SERIAL_SET} {{ {int(self.value)} }}"
         )
 

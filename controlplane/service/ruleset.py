@@ -95,13 +95,13 @@ class RulesetService:
         vlans = preflight.check(cfg, rs, kfacts)
         return rs, vlans
 
-    def _observe(self, rs: nft.Ruleset) -> tuple[Plan, int | None]:
+    def _observe(self, rs: nft.Ruleset) -> tuple[Plan, tuple[bool, int | None]]:
         observed = self.p.nft.list_table(rs.ref)
         verdict = ownership.decide(observed)
         ownership.require_writable(rs.ref, verdict)
         adopt = verdict.ownership is ownership.Ownership.LEGACY
-        serial = observed.serial if observed is not None else None
-        return make_plan(rs, observed, adopt=adopt), serial
+        seen = (observed is not None, observed.serial if observed is not None else None)
+        return make_plan(rs, observed, adopt=adopt), seen
 
     def plan(self, cfg: Config) -> Plan:
         rs, _ = self._prepare(cfg)
@@ -150,12 +150,13 @@ class RulesetService:
                 ) from exc
         return ApplyResult(the_plan, True, False, created, report, self._since(start))
 
-    def _explain_conflict(self, rs: nft.Ruleset, serial: int | None, exc: KernelError) -> None:
-        """A refused batch whose serial moved meanwhile lost a race, say so."""
-        if serial is None:
-            return
+    def _explain_conflict(
+        self, rs: nft.Ruleset, seen: tuple[bool, int | None], exc: KernelError
+    ) -> None:
+        """A refused batch whose table appeared, vanished or changed serial
+        meanwhile lost a race with another writer: say so."""
         now = self.p.nft.list_table(rs.ref)
-        if now is None or now.serial != serial:
+        if (now is not None, now.serial if now is not None else None) != seen:
             raise ConcurrentChange(
                 "nft transaction",
                 f"table {rs.ref.spec} changed since it was listed (another writer);"
@@ -186,9 +187,8 @@ class RulesetService:
             try:
                 self.p.nft.run(nft.Transaction(ref, tuple(ops)))
             except KernelError as exc:
-                self._explain_conflict(
-                    nft.Ruleset(ref.family, ref.table), observed.serial if observed else None, exc
-                )
+                seen = (True, observed.serial if observed is not None else None)
+                self._explain_conflict(nft.Ruleset(ref.family, ref.table), seen, exc)
                 raise
         return True
 

@@ -278,3 +278,15 @@ def test_concurrent_applies_serialise(make_netns: Callable[[], str], tmp_path: P
         table = _normalised(sh("nft", "list", "table", "inet", "offloadctl", netns=ns))
         assert table in (expected["a"], expected["b"])
         sh("nft", "delete table inet offloadctl", netns=ns)
+
+
+def test_two_creations_from_an_absent_table_cannot_both_commit(router: str) -> None:
+    ctx = Nft(router)
+    a, b = render(parse_config(NAT_A)), render(parse_config(NAT_B))
+    plan_a, plan_b = make_plan(a, None), make_plan(b, None)  # both saw no table
+    ctx.run(plan_a.transaction)
+    before = ruleset(router)
+    with pytest.raises(KernelError) as info:
+        ctx.run(plan_b.transaction)
+    assert info.value.errno == 17  # EEXIST: the serial set exists already
+    assert ruleset(router) == before

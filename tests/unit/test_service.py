@@ -262,3 +262,12 @@ def test_unchanged_generation_skips_the_listing_and_a_change_does_not() -> None:
     assert svc.apply(cfg()).committed  # the hand edit bumped the generation
     assert fake.table is not None and not fake.table.sets
     assert not svc.apply(cfg(["a"])).plan.empty  # another config: another digest
+
+
+def test_two_writers_that_found_no_table_cannot_both_build_one() -> None:
+    fake = FakeNft()
+    other = RulesetService(_ports(fake)[0])
+    fake.before_run.append(lambda: (fake.before_run.clear(), other.apply(cfg(["b"]))))
+    with pytest.raises(ConcurrentChange):
+        RulesetService(_ports(fake)[0]).apply(cfg(["a"]))
+    assert fake.table is not None and fake.table.flowtables["ft"].devices == {"b"}
