@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from controlplane.core.flowpath import CtTuple, Family, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, delete_flows, dump_flows
+from controlplane.kernel.ctnetlink.events import CtChange, CtEvents
 from controlplane.kernel.ctnetlink.teardown import teardown_flows_via
 from controlplane.kernel.netns import entered
 from controlplane.kernel.rtnl.topology import bridge_ports, link_names, snapshot
@@ -364,3 +366,49 @@ def test_recreated_entries_take_the_namespaces_timeout_sysctls(lab: Lab) -> None
     assert all(4300 <= t <= 4321 for t in timeouts), timeouts
     after = {f.id for f in dump_flows(lab.router) if f.orig.proto == 6}
     assert len(after - before) == 2  # A's two entries are new ones
+
+
+def _udp_flows(n: int, zone: int = 0) -> list[Flow]:
+    return [
+        Flow(
+            CtTuple(Family.IPV4, 17, "10.7.0.1", "10.8.0.1", 1000 + i, 53),
+            CtTuple(Family.IPV4, 17, "10.8.0.1", "10.7.0.1", 53, 1000 + i),
+            zone=zone,
+        )
+        for i in range(n)
+    ]
+
+
+def _poll_until(events: CtEvents, count: int) -> tuple[list[CtChange], bool]:
+    got: list[CtChange] = []
+    lost = False
+    deadline = time.monotonic() + 5
+    while len(got) < count and time.monotonic() < deadline:
+        select.select([events.fileno()], [], [], deadline - time.monotonic())
+        changes, was_lost = events.poll()
+        got += changes
+        lost |= was_lost
+    return got, lost
+
+
+def test_conntrack_events_report_new_and_destroy_with_zone(netns: str) -> None:
+    with CtEvents(netns) as events, ConntrackSocket(netns) as ct:
+        assert ct.create((f, 60) for f in _udp_flows(2, zone=5)) == (2, 0)
+        created, lost = _poll_until(events, 2)
+        assert not lost
+        assert [(c.new, c.gone, c.flow.zone) for c in created] == [(True, False, 5)] * 2
+        assert {c.flow.orig.sport for c in created} == {1000, 1001}
+        live = ct.dump()
+        assert ct.delete(live).deleted == 2
+        destroyed, _ = _poll_until(events, 2)
+        assert {(c.gone, c.flow.id) for c in destroyed} == {(True, f.id) for f in live}
+
+
+def test_conntrack_event_loss_is_reported_not_silent(netns: str) -> None:
+    # NETLINK_NO_ENOBUFS hides the overflow from recv(); the drop counter must not.
+    with CtEvents(netns, rcvbuf=65_536) as events, ConntrackSocket(netns) as ct:
+        ct.create((f, 60) for f in _udp_flows(3000))
+        _, lost = _poll_until(events, 3000)
+        assert lost
+        assert events.lost >= 1
+        assert len(events.dump()) == 3000  # what the caller re-reads after a loss
