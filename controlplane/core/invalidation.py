@@ -276,18 +276,20 @@ class Engine:
     # -- transitions ------------------------------------------------------------------
 
     def _on_flow_seen(self, event: FlowSeen) -> list[Action]:
-        record = FlowRecord(event.flow)
+        self._see(FlowRecord(event.flow))
+        return []
+
+    def _see(self, record: FlowRecord) -> None:
         if not record.offloaded:
             self._index.remove(record)  # left the fast path: nothing cached any more
-            return []
+            return
         if self._index.get(record) is not None:
-            return []
+            return
         for address in self._index.add(record):
             self._routes_wanted[address] = None
         for direction, address in (("orig", record.rsrc), ("reply", record.osrc)):
             group = self._index.group_of(address)
             setattr(record, direction, group.egress if group is not None else None)
-        return []
 
     def _on_flow_gone(self, event: FlowGone) -> list[Action]:
         record = FlowRecord(event.flow)
@@ -296,12 +298,12 @@ class Engine:
         return []
 
     def _on_flows_dumped(self, event: FlowsDumped) -> list[Action]:
-        dumped = {FlowRecord(f): f for f in event.flows}
+        dumped = dict.fromkeys(map(FlowRecord, event.flows))
         for record in self._index:
             if record not in dumped:
                 self._index.remove(record)
-        for flow in dumped.values():
-            self._on_flow_seen(FlowSeen(flow=flow))
+        for record in dumped:
+            self._see(record)
         return []
 
     def _on_link_changed(self, event: LinkChanged) -> list[Action]:
