@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 MiB = 1024 * 1024
@@ -944,3 +945,552 @@ def offloadctl(
             f"stderr: {proc.stderr}"
         )
     return proc
+
+
+# --------------------------------------------------------------------------- switched LAN
+# (cache invalidation, issue 8: a host moving between two ports of the router's bridge)
+
+NSA = NS1  # host A, behind the switch
+NSSW = "nssw"  # the "switch": bridge swbr with A's cable and two uplinks
+NSG = "nsg"  # gateway G on br0 port p3 (route-change scenario)
+NSC = "nsc"  # host C on a plain routed port (neighbour-transmit control)
+
+
+@dataclass
+class SwitchedTopology:
+    """A (ns1) ── switch (nssw: swbr) ══ up1/up2 ══ p1/p2 of br0 [nsr1] wan0 ── B (ns2)::
+
+        ns1 eth0 ── down [swbr] up1 ── p1 ┐
+                                up2 ── p2 ┼ br0 10.0.1.1/24   wan0 10.0.2.1 ── eth0 ns2 (B)
+        nsg eth0 10.0.1.3 ─────────── p3 ┘                    lanc 10.0.3.1 ── eth0 nsc (C)
+
+    Exactly one uplink is in swbr at a time (two would make a loop: no STP); ``move()``
+    swaps them, so A's MAC appears on the other port of br0 as soon as A sends a frame.
+    A holds 10.0.1.2 on eth0 and 10.0.9.1 on lo; the router routes 10.0.9.0/24 via G
+    (10.0.1.3), which forwards it to A. IPv6 is off everywhere (no stray frames from A:
+    the first frame A sends after a move is the one the test sends).
+    """
+
+    uplink: int = 1  # which of up1/up2 is in swbr
+    a_ip: str = "10.0.1.2"
+    a_service: str = "10.0.9.1"
+    g_ip: str = "10.0.1.3"
+    b_ip: str = "10.0.2.2"
+    c_ip: str = "10.0.3.2"
+    lan_ip: str = "10.0.1.1"
+    namespaces: tuple[str, ...] = (NSA, NSSW, NSR, NS2, NSG, NSC)
+
+    @property
+    def port(self) -> str:
+        """br0's port that currently leads to A."""
+        return f"p{self.uplink}"
+
+    def a_mac(self) -> str:
+        return link_mac(NSA, "eth0")
+
+    def move(self) -> str:
+        """Re-cable the switch to the other uplink (one ``ip -batch``); returns the new port."""
+        old, new = self.uplink, 3 - self.uplink
+        ip_batch(NSSW, [f"link set up{old} nomaster", f"link set up{new} master swbr"])
+        self.uplink = new
+        return self.port
+
+    def teardown(self) -> None:
+        delete_namespaces(self.namespaces)
+
+
+def link_mac(ns: str, dev: str) -> str:
+    data = json.loads(run("ip", "-n", ns, "-j", "link", "show", "dev", dev))
+    return str(data[0]["address"])
+
+
+def fdb_port(ns: str, bridge: str, mac: str) -> str | None:
+    """The port of BRIDGE in NS that MAC is learned on (``bridge fdb``), if any."""
+    out = run("bridge", "-n", ns, "-j", "fdb", "show", "br", bridge)
+    for entry in json.loads(out or "[]"):
+        if entry.get("mac") == mac.lower() and "master" in entry:
+            return str(entry["ifname"])
+    return None
+
+
+def build_switched() -> SwitchedTopology:
+    """Create the switched topology (see ``SwitchedTopology``); ping A and C from B."""
+    topo = SwitchedTopology()
+    delete_namespaces(list(topo.namespaces))
+    for ns in topo.namespaces:
+        run("ip", "netns", "add", ns)
+        sysctl(ns, net__ipv6__conf__all__disable_ipv6=1, net__ipv6__conf__default__disable_ipv6=1)
+        ip_batch(ns, ["link set lo up"])
+    sysctl(NSR, net__ipv4__ip_forward=1)
+    sysctl(NSG, net__ipv4__ip_forward=1, net__ipv4__conf__all__send_redirects=0)
+    sysctl(NSG, net__ipv4__conf__default__send_redirects=0)
+    pairs = [
+        ("eth0", NSA, "down", NSSW),
+        ("up1", NSSW, "p1", NSR),
+        ("up2", NSSW, "p2", NSR),
+        ("eth0", NSG, "p3", NSR),
+        ("eth0", NS2, "wan0", NSR),
+        ("eth0", NSC, "lanc", NSR),
+    ]
+    for a, ns_a, b, ns_b in pairs:
+        run("ip", "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b, "netns", ns_b)
+    ip_batch(
+        NSSW,
+        [
+            "link add swbr type bridge stp_state 0 forward_delay 0",
+            "link set down master swbr up",
+            "link set up1 master swbr up",
+            "link set up2 up",
+            "link set swbr up",
+        ],
+    )
+    ip_batch(
+        NSR,
+        [
+            "link add br0 type bridge stp_state 0 forward_delay 0",
+            *(f"link set {p} master br0 up" for p in ("p1", "p2", "p3")),
+            "link set br0 up",
+            f"addr add {topo.lan_ip}/24 dev br0",
+            "addr add 10.0.2.1/24 dev wan0",
+            "link set wan0 up",
+            "addr add 10.0.3.1/24 dev lanc",
+            "link set lanc up",
+            f"route add 10.0.9.0/24 via {topo.g_ip}",
+        ],
+    )
+    ip_batch(
+        NSA,
+        [
+            f"addr add {topo.a_ip}/24 dev eth0",
+            f"addr add {topo.a_service}/32 dev lo",
+            "link set eth0 up",
+            f"route add default via {topo.lan_ip}",
+        ],
+    )
+    ip_batch(
+        NSG,
+        [
+            f"addr add {topo.g_ip}/24 dev eth0",
+            "link set eth0 up",
+            f"route add 10.0.9.0/24 via {topo.a_ip}",
+        ],
+    )
+    ip_batch(NS2, [f"addr add {topo.b_ip}/24 dev eth0", "link set eth0 up",
+                   "route add default via 10.0.2.1"])  # fmt: skip
+    ip_batch(NSC, [f"addr add {topo.c_ip}/24 dev eth0", "link set eth0 up",
+                   "route add default via 10.0.3.1"])  # fmt: skip
+    for target in (topo.a_ip, topo.a_service, topo.c_ip):
+        wait_for(partial(ping, NS2, target, 0.5), timeout=15, what=f"B reaches {target}")
+    return topo
+
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+SO_TIMESTAMPNS = 35
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def _mac_text(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def announce(ns: str, dev: str, ip: str, mac: str | None = None) -> float:
+    """Send one gratuitous ARP for IP from DEV in NS (what a migrated VM or a roaming station
+    sends); returns ``time.time()`` taken just before sending."""
+    mac = mac or link_mac(ns, dev)
+    sock = in_netns(ns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+    try:
+        sock.bind((dev, 0))
+        hw, addr = _mac_bytes(mac), socket.inet_aton(ip)
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + addr + b"\0" * 6 + addr
+        frame = b"\xff" * 6 + hw + struct.pack("!H", 0x0806) + arp + b"\0" * 18
+        t = time.time()
+        sock.send(frame)
+        return t
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame: kernel receive/transmit time (CLOCK_REALTIME, ``time.time()``)."""
+
+    ts: float
+    outgoing: bool
+    src_mac: str
+    dst_mac: str
+    ethertype: int
+    src: str = ""
+    dst: str = ""
+    proto: int = 0
+
+
+class FrameCapture:
+    """AF_PACKET capture on DEV in NS with kernel timestamps (SO_TIMESTAMPNS), in a thread.
+
+    Keeps at most LIMIT frames (the first ones: what the tests time is the first frame of a
+    kind after an event). The timestamps are the kernel's, so Python's scheduling under TCG
+    does not enter the measurement.
+    """
+
+    def __init__(self, ns: str, dev: str, limit: int = 20_000) -> None:
+        self.ns, self.dev, self.limit = ns, dev, limit
+        self.frames: list[Frame] = []
+        self._stop = threading.Event()
+        self._sock = in_netns(
+            ns,
+            lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)),
+        )
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._sock.bind((dev, ETH_P_ALL))
+        self._sock.settimeout(0.05)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"capture-{dev}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, anc, _flags, addr = self._sock.recvmsg(256, socket.CMSG_SPACE(16))
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return
+            if len(self.frames) >= self.limit or len(data) < 14:
+                continue
+            ts = time.time()
+            for level, kind, value in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    ts = sec + nsec / 1e9
+            ethertype = struct.unpack("!H", data[12:14])[0]
+            src = dst = ""
+            proto = 0
+            if ethertype == 0x0800 and len(data) >= 34:
+                proto = data[23]
+                src, dst = socket.inet_ntoa(data[26:30]), socket.inet_ntoa(data[30:34])
+            elif ethertype == 0x0806 and len(data) >= 42:
+                src, dst = socket.inet_ntoa(data[28:32]), socket.inet_ntoa(data[38:42])
+            self.frames.append(
+                Frame(
+                    ts, addr[2] == PACKET_OUTGOING, _mac_text(data[6:12]), _mac_text(data[0:6]),
+                    ethertype, src, dst, proto,
+                )
+            )  # fmt: skip
+
+    def first(self, match: Callable[[Frame], bool], after: float = 0.0) -> Frame | None:
+        return next((f for f in list(self.frames) if f.ts >= after and match(f)), None)
+
+    def wait_first(
+        self, match: Callable[[Frame], bool], after: float = 0.0, timeout: float = 10.0
+    ) -> Frame:
+        found = wait_for(
+            lambda: self.first(match, after), timeout, interval=0.02, what=f"a frame on {self.dev}"
+        )
+        assert found is not None
+        return found
+
+    def count(self, match: Callable[[Frame], bool], after: float = 0.0) -> int:
+        return sum(1 for f in list(self.frames) if f.ts >= after and match(f))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def __enter__(self) -> FrameCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TcpDuplex:
+    """One TCP connection carrying a rate-limited bulk stream one way and a heartbeat the other.
+
+    The bulk side (``bulk="server"``: the server sends, ``"client"``: the client sends) writes
+    a verified pattern at RATE bytes/s in CHUNK-byte writes; the other side writes a small
+    verified heartbeat every BEAT seconds. The default (100 KiB/s in 1 KiB writes) keeps the
+    bulk sender transmitting through an outage of ~100 ms before its congestion window is
+    full, so the first segment after a repair is not delayed by a TCP timer. The heartbeat
+    is what a live host does after it moved (its frames teach the bridge the new port); the
+    bulk sender's segments (data or ACKs of the heartbeat) are what the cached flow carries
+    back. ``stop()`` half-closes both ends, drains both to EOF and
+    returns ``(bulk, beat)`` as ``StreamResult``s; ``intact`` on both = byte-exact, no reset.
+    """
+
+    def __init__(
+        self,
+        client_ns: str,
+        server_ns: str,
+        server_addr: str,
+        *,
+        bulk: Literal["server", "client"] = "server",
+        rate: float = 100 * 1024,
+        chunk: int = 1024,
+        beat: float = 0.01,
+        timeout: float = 60.0,
+    ) -> None:
+        self.client_ns, self.server_ns, self.server_addr = client_ns, server_ns, server_addr
+        self.bulk_side, self.rate, self.beat, self.timeout = bulk, rate, beat, timeout
+        self.chunk = chunk
+        block = os.urandom(TcpStream.PATTERN)
+        self._pattern = memoryview(block + block)
+        self.sent = [0, 0]  # bulk, beat
+        self.received = [0, 0]
+        self._mismatch: list[int | None] = [None, None]
+        self._errors: list[str] = []
+        self._stop = threading.Event()
+        self._eof = [threading.Event(), threading.Event()]
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self.client: tuple[str, int] = ("", 0)
+        self.server: tuple[str, int] = ("", 0)
+        self._t0 = 0.0
+
+    def start(self) -> TcpDuplex:
+        srv = tcp_listen(self.server_ns, self.server_addr)
+        srv.settimeout(self.timeout)
+        port = srv.getsockname()[1]
+        cli = tcp_connect(self.client_ns, self.server_addr, port, timeout=self.timeout)
+        conn, _ = srv.accept()
+        srv.close()
+        conn.settimeout(self.timeout)
+        cli.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sockets = [cli, conn]
+        self.client, self.server = cli.getsockname()[:2], (self.server_addr, port)
+        bulk, beat = (conn, cli) if self.bulk_side == "server" else (cli, conn)
+        self._t0 = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._send, args=(bulk, 0, self.rate, self.chunk)),
+            threading.Thread(target=self._send, args=(beat, 1, 64 / self.beat, 64)),
+            threading.Thread(target=self._recv, args=(beat, 0)),
+            threading.Thread(target=self._recv, args=(bulk, 1)),
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
+        return self
+
+    def _send(self, sock: socket.socket, which: int, rate: float, chunk: int) -> None:
+        try:
+            while not self._stop.is_set():
+                off = self.sent[which] % TcpStream.PATTERN
+                self.sent[which] += sock.send(self._pattern[off : off + chunk])
+                ahead = self.sent[which] / rate - (time.monotonic() - self._t0)
+                if ahead > 0:
+                    self._stop.wait(ahead)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._errors.append(f"send {'bulk' if which == 0 else 'beat'}: {exc!r}")
+
+    def _recv(self, sock: socket.socket, which: int) -> None:
+        try:
+            while True:
+                data = sock.recv(256 * 1024)
+                if not data:
+                    break
+                if self._mismatch[which] is None:
+                    base = self.received[which]
+                    for i in range(0, len(data), TcpStream.PATTERN):
+                        part = data[i : i + TcpStream.PATTERN]
+                        off = (base + i) % TcpStream.PATTERN
+                        if part != self._pattern[off : off + len(part)]:
+                            self._mismatch[which] = base + i
+                            break
+                self.received[which] += len(data)
+        except OSError as exc:
+            self._errors.append(f"recv {'bulk' if which == 0 else 'beat'}: {exc!r}")
+        finally:
+            self._eof[which].set()
+
+    @property
+    def bulk_received(self) -> int:
+        return self.received[0]
+
+    @property
+    def alive(self) -> bool:
+        return not self._errors and not any(e.is_set() for e in self._eof)
+
+    def wait_bulk(self, nbytes: int, timeout: float | None = None) -> None:
+        """Block until NBYTES of bulk data arrived in total (raises on error/timeout)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self.received[0] < nbytes:
+            if not self.alive:
+                raise RuntimeError(f"duplex ended early: {self._errors or 'EOF'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"duplex: {self.received[0]} of {nbytes} bulk bytes arrived")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float | None = None) -> tuple[StreamResult, StreamResult]:
+        wait = self.timeout if timeout is None else timeout
+        self._stop.set()
+        for t in self._threads[:2]:
+            t.join(timeout=wait)
+        for e in self._eof:
+            e.wait(wait)
+        for s in self._sockets:
+            s.close()
+        for t in self._threads:
+            t.join(timeout=5)
+        seconds = time.monotonic() - self._t0
+        error = "; ".join(self._errors) or None
+        return tuple(  # type: ignore[return-value]
+            StreamResult(
+                sent=self.sent[i], received=self.received[i], seconds=seconds,
+                client=self.client, server=self.server, mismatch_at=self._mismatch[i],
+                error=error or (None if self._eof[i].is_set() else "no EOF"),
+            )
+            for i in (0, 1)
+        )  # fmt: skip
+
+
+class UdpDuplex:
+    """UDP between the client (CLIENT_NS, which speaks first: it is conntrack's original
+    direction) and a server: the client sends a 16-byte heartbeat every BEAT seconds, the
+    server answers with sequence-numbered datagrams every INTERVAL seconds to whatever
+    address the heartbeat came from (the masqueraded one). ``arrivals`` holds
+    (time.time(), seq) of the server's datagrams at the client."""
+
+    def __init__(
+        self,
+        client_ns: str,
+        server_ns: str,
+        server_addr: str,
+        *,
+        interval: float = 0.002,
+        beat: float = 0.01,
+    ) -> None:
+        self.interval, self.beat = interval, beat
+        self._srv = in_netns(server_ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        self._srv.bind((server_addr, 0))
+        self._srv.settimeout(0.2)
+        self._cli = in_netns(client_ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        self._cli.connect(self._srv.getsockname())
+        self._cli.settimeout(0.2)
+        self.client = self._cli.getsockname()[:2]
+        self.server = self._srv.getsockname()[:2]
+        self.sent = 0
+        self.arrivals: list[tuple[float, int]] = []
+        self.beats = 0
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._beat, daemon=True),
+            threading.Thread(target=self._serve, daemon=True),
+            threading.Thread(target=self._receive, daemon=True),
+        ]
+        self._peer = threading.Event()
+        self._peer_addr: Any = None
+
+    def start(self) -> UdpDuplex:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _beat(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            self._cli.send(struct.pack("!QQ", 0xBEA7, n))
+            n += 1
+            self._stop.wait(self.beat)
+
+    def _serve(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                while True:  # drain heartbeats without blocking once the peer is known
+                    _, addr = self._srv.recvfrom(64, socket.MSG_DONTWAIT if self._peer_addr else 0)
+                    self.beats += 1
+                    self._peer_addr = addr
+            except (BlockingIOError, TimeoutError):
+                pass
+            if self._peer_addr is None:
+                continue
+            self._srv.sendto(struct.pack("!QQ", 0xDA7A, self.sent), self._peer_addr)
+            self.sent += 1
+            ahead = self.sent * self.interval - (time.monotonic() - t0)
+            if ahead > 0:
+                self._stop.wait(ahead)
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._cli.recv(64)
+            except (TimeoutError, OSError):
+                continue
+            magic, seq = struct.unpack("!QQ", data[:16])
+            if magic == 0xDA7A:
+                self.arrivals.append((time.time(), seq))
+
+    def received_after(self, t: float) -> int:
+        return sum(1 for ts, _ in list(self.arrivals) if ts >= t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._cli.close()
+        self._srv.close()
+
+
+class WatchProcess:
+    """``offloadctl watch --netns NS --json`` as a subprocess; its lines, each stamped with the
+    ``time.time()`` at which this process read it (a late bound: the line was written before)."""
+
+    def __init__(self, netns: str = NSR, *extra: str) -> None:
+        self.lines: list[tuple[float, dict[str, Any]]] = []
+        self.stderr: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.cli", "watch", "--netns", netns, "--json",
+             *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
+        self._threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.append((time.time(), json.loads(line)))
+            except ValueError:
+                self.lines.append((time.time(), {"unparsed": line.rstrip()}))
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.rstrip())
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"watch exited {self.proc.returncode}: {self.stderr[-20:]}")
+            return any(rec.get("kind") == "ready" for _, rec in self.lines)
+
+        wait_for(ready, timeout, interval=0.1, what="offloadctl watch to be ready")
+
+    def since(self, t: float) -> list[tuple[float, dict[str, Any]]]:
+        return [(ts, rec) for ts, rec in list(self.lines) if ts >= t]
+
+    def teardowns(self, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
+        return [(ts, r) for ts, r in self.since(since) if r.get("decision") == "tore down"]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for t in self._threads:
+            t.join(timeout=5)
+        return self.proc.returncode

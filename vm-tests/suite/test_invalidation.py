@@ -1,0 +1,375 @@
+"""Flowtable cache invalidation with real flowtables (issue 8): ``offloadctl watch`` repairs
+offloaded flows whose cached path went stale, and without it they stall.
+
+One topology for the whole file (``topology.SwitchedTopology``: host A behind a switch whose
+uplink can be re-cabled between ports p1/p2 of the router's br0; B on the WAN side; G a
+gateway on p3; C on a plain routed port) and one ``offloadctl watch --netns nsr1`` process
+for every scenario that runs with it: one VM boot, CLI start-up paid once.
+
+**What is timed, and how.** Every interval is between two *kernel* timestamps of frames
+captured with AF_PACKET + SO_TIMESTAMPNS on the router port that now leads to A (Python's
+scheduling under TCG stays out of it):
+
+- start: the first frame from A's MAC entering that port after the re-cabling (for a MAC
+  change: A's gratuitous ARP with its new MAC). The bridge learns the new FDB entry (or the
+  router its new neighbour entry) from exactly this frame;
+- end: the first segment from B leaving that port toward A.
+
+So "recovery" is *FDB update → B's traffic reaches A on the new port*, as users see it, and
+it includes the watcher's whole loop (netlink event, engine, ctnetlink delete + re-create)
+plus the sender's next transmission. The sender keeps transmitting through a short outage
+(``TcpDuplex``: 1 KiB every 10 ms, below its congestion window), so no TCP retransmission
+timer hides in the number. The watcher's own log line is stamped when this process reads
+it (a late bound) and reported alongside.
+
+Every TCP transfer must end byte-exact in both directions with no reset (``TcpDuplex``:
+pattern-checked, EOF on both sides, no socket error).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from topology import (
+    NS2,
+    NSA,
+    NSC,
+    NSG,
+    NSR,
+    Frame,
+    FrameCapture,
+    SwitchedTopology,
+    TcpDuplex,
+    UdpDuplex,
+    WatchProcess,
+    announce,
+    build_switched,
+    fdb_port,
+    find_conntrack,
+    in_netns,
+    ip_batch,
+    link_mac,
+    sysctl,
+    wait_for,
+)
+
+from controlplane.loader import parse_config
+from controlplane.service.ruleset import apply
+
+RECOVERY_LIMIT = 0.100  # seconds, FDB update -> B's traffic on the new port (issue 8)
+STALL_WINDOW = 3.0  # seconds of observed stall without the watcher
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class Net:
+    """The shared topology plus which ruleset is loaded."""
+
+    def __init__(self, topo: SwitchedTopology) -> None:
+        self.topo = topo
+        self.nat: bool | None = None
+
+    def ruleset(self, *, nat: bool) -> None:
+        if self.nat == nat:
+            return
+        cfg: dict[str, Any] = {
+            "version": 1,
+            "flowtables": [{"name": "ft", "devices": ["wan0", "lanc"], "bridges": ["br0"]}],
+            "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp", "udp"]}],
+        }
+        if nat:
+            cfg["nat"] = {"masquerade": [{"oifname": "wan0"}]}
+        apply(parse_config(cfg), NSR)
+        self.nat = nat
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Net]:
+    topo = build_switched()
+    yield Net(topo)
+    topo.teardown()
+
+
+@pytest.fixture(scope="module")
+def watcher(net: Net) -> Iterator[WatchProcess]:
+    w = WatchProcess(NSR)
+    w.wait_ready()
+    yield w
+    code = w.stop()
+    assert code == 0, w.stderr[-20:]
+    assert any(r.get("kind") == "stopped" for _, r in w.lines), w.lines[-5:]
+    assert not any("Traceback" in line for line in w.stderr), w.stderr
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def the_entry(d: TcpDuplex | UdpDuplex, proto: str = "tcp") -> Any:
+    entries = find_conntrack(NSR, sport=d.client[1], dport=d.server[1], proto=proto)
+    return entries[0] if len(entries) == 1 else None
+
+
+def wait_offloaded(d: TcpDuplex | UdpDuplex, proto: str = "tcp") -> Any:
+    return wait_for(
+        lambda: (e := the_entry(d, proto)) is not None and e.offloaded and e,
+        timeout=20,
+        what=f"[OFFLOAD] for {d.client} -> {d.server}",
+    )
+
+
+def from_b(dst: str, proto: int = 6, src_mac: str | None = None):  # type: ignore[no-untyped-def]
+    """Frames B's traffic leaves the router port with, toward DST."""
+
+    def match(f: Frame) -> bool:
+        return (
+            f.outgoing
+            and f.proto == proto
+            and f.dst == dst
+            and (src_mac is None or f.src_mac == src_mac)
+        )
+
+    return match
+
+
+def entering_from(mac: str, ethertype: int | None = None):  # type: ignore[no-untyped-def]
+    def match(f: Frame) -> bool:
+        return (
+            not f.outgoing and f.src_mac == mac and (ethertype is None or f.ethertype == ethertype)
+        )
+
+    return match
+
+
+def finish(d: TcpDuplex, more: int = 64 * 1024) -> None:
+    """More bulk data after the event, then both directions byte-exact with no reset."""
+    d.wait_bulk(d.bulk_received + more, timeout=60)
+    bulk, beat = d.stop(timeout=60)
+    assert bulk.intact, bulk
+    assert beat.intact, beat
+    assert bulk.received > 0 and beat.received > 0
+
+
+def teardown_causes(w: WatchProcess, since: float) -> list[str]:
+    return [str(r.get("causes", "")) for _, r in w.teardowns(since)]
+
+
+@dataclass
+class Recovery:
+    seconds: float  # FDB update (frame learned) -> first segment from B on the new port
+    watcher_line: float | None  # FDB update -> the watcher's "tore down" line was read
+    causes: list[str]
+
+
+def print_row(name: str, r: Recovery) -> None:
+    line = f"{r.watcher_line * 1000:.1f} ms" if r.watcher_line is not None else "-"
+    print(
+        f"\n{name}: recovery {r.seconds * 1000:.1f} ms (FDB update -> B's first segment on "
+        f"the new port, kernel timestamps); watcher line read after {line}; causes {r.causes}"
+    )
+
+
+def move_and_recover(
+    topo: SwitchedTopology, d: TcpDuplex | UdpDuplex, w: WatchProcess, proto: int = 6
+) -> Recovery:
+    """Re-cable A's switch to the other uplink, A announces itself; time the repair."""
+    mac = topo.a_mac()
+    new_port = f"p{3 - topo.uplink}"
+    with FrameCapture(NSR, new_port) as cap:
+        t_cmd = time.time()
+        topo.move()
+        announce(NSA, "eth0", topo.a_ip, mac)
+        learned = cap.wait_first(entering_from(mac), after=t_cmd)
+        back = cap.wait_first(from_b(topo.a_ip, proto), after=learned.ts, timeout=20)
+    assert fdb_port(NSR, "br0", mac) == new_port
+    wait_for(lambda: w.teardowns(t_cmd), timeout=10, what="the watcher's teardown line")
+    first_line = w.teardowns(t_cmd)[0][0]
+    return Recovery(back.ts - learned.ts, first_line - learned.ts, teardown_causes(w, t_cmd))
+
+
+def move_and_stall(topo: SwitchedTopology, d: TcpDuplex, window: float = STALL_WINDOW) -> int:
+    """Re-cable without a watcher: assert nothing from B reaches A for WINDOW seconds while
+    the entry stays [OFFLOAD] with the same id; then cable back (the cached port is right
+    again) so the transfer can finish. Returns the bulk bytes that arrived in the window."""
+    mac = topo.a_mac()
+    entry = wait_offloaded(d)
+    new_port = f"p{3 - topo.uplink}"
+    with FrameCapture(NSR, new_port) as cap:
+        t_cmd = time.time()
+        topo.move()
+        announce(NSA, "eth0", topo.a_ip, mac)
+        learned = cap.wait_first(entering_from(mac), after=t_cmd)
+        assert fdb_port(NSR, "br0", mac) == new_port  # the bridge knows A moved
+        got = d.bulk_received
+        time.sleep(window)  # an observation window, not a synchronisation
+        progress = d.bulk_received - got
+        segments = cap.count(from_b(topo.a_ip), after=learned.ts)
+    still = the_entry(d)
+    assert segments == 0, f"{segments} segments from B reached the new port"
+    assert progress == 0, f"{progress} bytes arrived during the stall"
+    assert still is not None and still.offloaded and still.id == entry.id, still
+    assert d.alive
+    topo.move()  # back to the port the flow cached
+    announce(NSA, "eth0", topo.a_ip, mac)
+    return progress
+
+
+# --------------------------------------------------------------------------- scenarios
+# In file order: the controls run before the watcher fixture starts it.
+
+
+@pytest.mark.parametrize("nat", [True, False], ids=["masquerade", "routed"])
+def test_move_stalls_without_watcher(net: Net, nat: bool) -> None:
+    net.ruleset(nat=nat)
+    topo = net.topo
+    d = TcpDuplex(NSA, NS2, topo.b_ip).start()
+    d.wait_bulk(64 * 1024)
+    move_and_stall(topo, d)
+    finish(d)
+
+
+@pytest.mark.parametrize("nat", [True, False], ids=["masquerade", "routed"])
+def test_move_recovers_with_watcher(net: Net, watcher: WatchProcess, nat: bool) -> None:
+    net.ruleset(nat=nat)
+    topo = net.topo
+    d = TcpDuplex(NSA, NS2, topo.b_ip).start()
+    d.wait_bulk(64 * 1024)
+    wait_offloaded(d)
+    r = move_and_recover(topo, d, watcher)
+    print_row(f"move ({'masquerade' if nat else 'routed'})", r)
+    assert any("moved" in c for c in r.causes), r.causes
+    finish(d)
+    assert r.seconds <= RECOVERY_LIMIT, f"{r.seconds * 1000:.1f} ms"
+
+
+def test_neighbour_mac_change(net: Net, watcher: WatchProcess) -> None:
+    """A changes its MAC and announces it: through the bridge the flow cached the old MAC
+    (direct transmit) and the watcher repairs it; C on a routed port (neighbour transmit)
+    heals by itself and the watcher leaves its flow alone (same conntrack id)."""
+    net.ruleset(nat=True)
+    topo = net.topo
+    d = TcpDuplex(NSA, NS2, topo.b_ip).start()
+    c = TcpDuplex(NSC, NS2, topo.b_ip).start()
+    d.wait_bulk(64 * 1024)
+    c.wait_bulk(64 * 1024)
+    wait_offloaded(d)
+    c_entry = wait_offloaded(c)
+    new_mac = "02:00:00:0a:00:" + ("02" if topo.a_mac().endswith(":01") else "01")
+    with FrameCapture(NSR, topo.port) as cap:
+        t_cmd = time.time()
+        ip_batch(NSA, [f"link set eth0 address {new_mac}"])
+        announce(NSA, "eth0", topo.a_ip, new_mac)
+        garp = cap.wait_first(entering_from(new_mac, 0x0806), after=t_cmd)
+        back = cap.wait_first(
+            lambda f: from_b(topo.a_ip)(f) and f.dst_mac == new_mac, after=garp.ts, timeout=20
+        )
+    wait_for(lambda: watcher.teardowns(t_cmd), timeout=10, what="the watcher's teardown")
+    causes = teardown_causes(watcher, t_cmd)
+    r = Recovery(back.ts - garp.ts, watcher.teardowns(t_cmd)[0][0] - garp.ts, causes)
+    print_row("neighbour MAC change (bridge)", r)
+    assert any("neighbour" in c for c in causes), causes
+    finish(d)
+
+    # Control: neighbour transmit on the routed port lanc.
+    c_mac = "02:00:00:0c:00:" + ("02" if link_mac(NSC, "eth0").endswith(":01") else "01")
+    with FrameCapture(NSR, "lanc") as cap:
+        t_c = time.time()
+        ip_batch(NSC, [f"link set eth0 address {c_mac}"])
+        announce(NSC, "eth0", topo.c_ip, c_mac)
+        garp = cap.wait_first(entering_from(c_mac, 0x0806), after=t_c)
+        healed = cap.wait_first(
+            lambda f: from_b(topo.c_ip)(f) and f.dst_mac == c_mac, after=garp.ts, timeout=20
+        )
+    print(f"routed control: healed by itself {(healed.ts - garp.ts) * 1000:.1f} ms after GARP")
+    finish(c)
+    assert not watcher.teardowns(t_c), watcher.teardowns(t_c)
+    after = find_conntrack(NSR, sport=c_entry.orig["sport"], dport=c_entry.orig["dport"])
+    assert not after or after[0].id == c_entry.id  # not torn down (closed entries may linger)
+    assert r.seconds <= RECOVERY_LIMIT, f"{r.seconds * 1000:.1f} ms"
+
+
+def test_route_change_new_next_hop(net: Net, watcher: WatchProcess) -> None:
+    """B -> 10.0.9.1 (A's lo) is routed via G (p3); G stops forwarding and the route moves to
+    A directly: the flow cached G's MAC and port; the watcher repairs it on the route event."""
+    net.ruleset(nat=False)
+    topo = net.topo
+    d = TcpDuplex(NS2, NSA, topo.a_service, bulk="client").start()
+    d.wait_bulk(64 * 1024)
+    wait_offloaded(d)
+    br_mac = link_mac(NSR, "br0")
+    with FrameCapture(NSR, topo.port) as cap:
+        sysctl(NSG, net__ipv4__ip_forward=0)  # the old next hop dies: the flow stalls
+
+        def replace_route() -> float:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                t = time.time()
+                ipr.route("replace", dst="10.0.9.0/24", gateway=topo.a_ip)
+                return t
+
+        t_route = in_netns(NSR, replace_route)
+        back = cap.wait_first(from_b(topo.a_service, src_mac=br_mac), after=t_route, timeout=20)
+    wait_for(lambda: watcher.teardowns(t_route), timeout=10, what="the watcher's teardown")
+    causes = teardown_causes(watcher, t_route)
+    r = Recovery(back.ts - t_route, watcher.teardowns(t_route)[0][0] - t_route, causes)
+    print_row("route change (start: just before RTM_NEWROUTE is sent)", r)
+    assert any("route" in c for c in causes), causes
+    finish(d)
+
+
+def test_port_removed_from_bridge(net: Net, watcher: WatchProcess) -> None:
+    """The port A's flow cached leaves br0 and A's switch is re-cabled to the other port,
+    A silent (no announcement): only the port's departure tells the watcher; the classic
+    path then floods to the new port."""
+    net.ruleset(nat=True)
+    topo = net.topo
+    d = TcpDuplex(NSA, NS2, topo.b_ip).start()
+    d.wait_bulk(64 * 1024)
+    wait_offloaded(d)
+    old_port, new_port = topo.port, f"p{3 - topo.uplink}"
+    with FrameCapture(NSR, new_port) as cap:
+        t_cmd = time.time()
+        ip_batch(NSR, [f"link set {old_port} nomaster"])
+        topo.move()
+        back = cap.wait_first(from_b(topo.a_ip), after=t_cmd, timeout=20)
+    wait_for(lambda: watcher.teardowns(t_cmd), timeout=10, what="the watcher's teardown")
+    causes = teardown_causes(watcher, t_cmd)
+    r = Recovery(back.ts - t_cmd, watcher.teardowns(t_cmd)[0][0] - t_cmd, causes)
+    print_row(f"port {old_port} removed (start: before 'ip link set nomaster')", r)
+    assert any(old_port in c for c in causes), causes
+    finish(d)
+    ip_batch(NSR, [f"link set {old_port} master br0"])
+
+
+def test_udp_keeps_flowing_after_move(net: Net, watcher: WatchProcess) -> None:
+    net.ruleset(nat=True)
+    topo = net.topo
+    u = UdpDuplex(NSA, NS2, topo.b_ip).start()
+    try:
+        wait_for(lambda: len(u.arrivals) > 50, timeout=20, what="UDP datagrams at A")
+        wait_offloaded(u, "udp")
+        r = move_and_recover(topo, u, watcher, proto=17)
+        t_after = time.time()
+        wait_for(lambda: u.received_after(t_after) >= 200, timeout=20, what="UDP after the move")
+    finally:
+        u.stop()
+    seqs = [s for _, s in u.arrivals]
+    lost = u.sent - len(set(seqs))
+    print_row("UDP move", r)
+    print(f"UDP: {u.sent} sent, {len(seqs)} received, {lost} lost (2 ms interval)")
+    assert any("moved" in c for c in r.causes), r.causes
+    assert seqs == sorted(seqs)
+    assert r.seconds <= RECOVERY_LIMIT, f"{r.seconds * 1000:.1f} ms"
+
+
+def test_watch_log_is_json(watcher: WatchProcess) -> None:
+    """Every line the watcher printed parsed as JSON (the log is machine-readable)."""
+    assert watcher.lines
+    assert not [r for _, r in watcher.lines if "unparsed" in r]
+    json.dumps([r for _, r in watcher.lines], default=str)
