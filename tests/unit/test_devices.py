@@ -148,6 +148,16 @@ def test_report_flags_only_the_leaking_ingress() -> None:
     ]
 
 
+def test_report_with_a_baseline_shows_growth() -> None:
+    now = {"classic_in_br0": (1000, 50_000), "classic_in_wan0": (900, 40_000)}
+    before = {"classic_in_br0": (10, 500), "classic_in_wan0": (899, 39_990)}
+    report = classic_path_report(now, threshold=25, baseline=before)
+    assert [(r.ingress, r.packets, r.suspect) for r in report] == [
+        ("br0", 990, True),
+        ("wan0", 1, False),
+    ]
+
+
 def test_unhooked_directions() -> None:
     paths: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         "f1": (("wan0",), ("br0", "lan0.10", "lan0")),  # LAN host behind a VLAN bridge port
