@@ -170,6 +170,11 @@ def watch(
     from controlplane.config import InvalidationConfig
 
     settings = load(config).invalidation if config is not None else InvalidationConfig()
+    if not settings.enabled:
+        raise ConfigError(
+            [ConfigIssue("invalidation.enabled", "is false in this config: nothing to watch")],
+            source=str(config),
+        )
     _require_netns(netns)
     from controlplane.service.invalidation import InvalidationService
 
