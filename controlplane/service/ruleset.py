@@ -48,7 +48,7 @@ class Ports:
     facts: Callable[[Config], Facts]
     netns: str | None = None
     # Optional fast path for unchanged re-applies (see VerifiedStamp).
-    generation: Callable[[], int] | None = None
+    generation: Callable[[], str | int | None] | None = None
     stamps: StampPort | None = None
 
 
@@ -117,8 +117,9 @@ class RulesetService:
             if not check and not vlans and self.p.generation and self.p.stamps:
                 # Read the generation *before* listing: a change after this
                 # read bumps it, so a stamp never vouches for an unseen change.
-                stamp = f"{self.p.generation()} {_digest(rs)}"
-                if self.p.stamps.read() == stamp:
+                generation = self.p.generation()
+                stamp = None if generation is None else f"{generation} {_digest(rs)}"
+                if stamp is not None and self.p.stamps.read() == stamp:
                     nothing = Plan(rs.ref, (), ())
                     return ApplyResult(nothing, False, False, (), None, self._since(start))
             the_plan, serial = self._observe(rs)

@@ -27,6 +27,8 @@ from controlplane.kernel.netlink import (
 
 __all__ = ["ruleset_generation"]
 
+SO_NETNS_COOKIE = 71  # Linux 5.14+: a 64-bit id no other namespace gets until reboot
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETGEN = 16
@@ -57,10 +59,18 @@ def decode_newgen(buf: bytes) -> int | None:
     return None
 
 
-def ruleset_generation(netns: str | None = None) -> int:
+def ruleset_generation(netns: str | None = None) -> str | None:
+    """``COOKIE:GENID`` of the namespace, or None where the kernel has no netns
+    cookie. The cookie matters: a namespace's inode and its generation counter
+    are both reused by a later namespace, the cookie is not."""
     with NetlinkSocket(NETLINK_NETFILTER, netns, operation="nft get generation") as nl:
+        try:
+            raw = nl.sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError:
+            return None
+        cookie = struct.unpack("=Q", raw)[0]
         nl.send(encode_getgen(nl.next_seq()))
         while True:
             gen = decode_newgen(nl.recv())
             if gen is not None:
-                return gen
+                return f"{cookie}:{gen}"
