@@ -17,8 +17,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from controlplane.cli import app
-from controlplane.cli import ruleset_cmds as _commands  # noqa: F401  (registers the verbs)
+from controlplane.cli import config_cmds as _config_cmds  # noqa: F401  (registers verbs)
+from controlplane.cli import ruleset_cmds as _commands  # noqa: F401  (registers verbs)
+from controlplane.cli.common import app
 from controlplane.core import nft
 from controlplane.core.plan import make_plan
 from controlplane.core.render import render
@@ -118,6 +119,7 @@ def test_no_flag_value_reaches_nft(router: str, tmp_path: Path) -> None:
         for args in cases:
             res = runner.invoke(app, args)
             assert res.exit_code in (2, 4), (args, res.exit_code, res.output)
+            assert "No such command" not in res.output
             assert ruleset(router) == before, args
 
 

@@ -20,7 +20,7 @@ REF = nft.TableRef("inet", "offloadctl")
 
 
 def _cfg(devices: list[str], prio: int = 0, hw: bool = False, extra_policy: bool = False) -> Any:
-    pols = [{"name": "p", "flowtable": "ft"}]
+    pols: list[dict[str, Any]] = [{"name": "p", "flowtable": "ft"}]
     if extra_policy:
         pols.append({"name": "q", "flowtable": "ft", "protocols": ["udp"], "min_packets": 5})
     return parse_config(

@@ -214,6 +214,11 @@ def test_plan_runs_the_same_preflight_as_apply() -> None:
         RulesetService(_ports(FakeNft())[0]).plan(cfg(["nosuch0"]))
 
 
+def _once(fake: FakeNft, action: Any) -> None:
+    fake.before_run.clear()
+    action()
+
+
 def test_concurrent_writer_makes_the_commit_fail() -> None:
     fake = FakeNft()
     ports, _ = _ports(fake)
@@ -221,7 +226,7 @@ def test_concurrent_writer_makes_the_commit_fail() -> None:
     svc.apply(cfg(["a"]))
     other = RulesetService(_ports(fake)[0])
     # another writer commits between our listing and our commit
-    fake.before_run.append(lambda: (fake.before_run.clear(), other.apply(cfg(["b"]))))
+    fake.before_run.append(lambda: _once(fake, lambda: other.apply(cfg(["b"]))))
     with pytest.raises(ConcurrentChange):
         svc.apply(cfg(["a", "b"]))
     assert fake.table is not None and fake.table.flowtables["ft"].devices == {"b"}
@@ -267,7 +272,7 @@ def test_unchanged_generation_skips_the_listing_and_a_change_does_not() -> None:
 def test_two_writers_that_found_no_table_cannot_both_build_one() -> None:
     fake = FakeNft()
     other = RulesetService(_ports(fake)[0])
-    fake.before_run.append(lambda: (fake.before_run.clear(), other.apply(cfg(["b"]))))
+    fake.before_run.append(lambda: _once(fake, lambda: other.apply(cfg(["b"]))))
     with pytest.raises(ConcurrentChange):
         RulesetService(_ports(fake)[0]).apply(cfg(["a"]))
     assert fake.table is not None and fake.table.flowtables["ft"].devices == {"b"}
