@@ -10,6 +10,8 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controlplane.core.flowpath import CtTuple, Family, Flow, Route
 from controlplane.core.reinject import CtTimeouts, reinject_plan
@@ -166,3 +168,25 @@ def test_reinject_plan_uses_the_sysctl_timeouts() -> None:
     timeouts = CtTimeouts(tcp_established=7200, udp_stream=180)
     assert reinject_plan([FLOW, icmp, udp], timeouts) == [(FLOW, 7200), (udp, 180)]
     assert reinject_plan([FLOW], CtTimeouts(tcp_established=0)) == []
+
+
+@given(
+    v6=st.booleans(),
+    proto=st.sampled_from([6, 17, 132]),
+    sport=st.integers(0, 65535),
+    dport=st.integers(0, 65535),
+    raw=st.binary(min_size=32, max_size=32),
+    kind=st.sampled_from([ct.CTA_TUPLE_ORIG, ct.CTA_TUPLE_REPLY]),
+)
+def test_packed_tuple_encoder_equals_the_attribute_builder(
+    v6: bool, proto: int, sport: int, dport: int, raw: bytes, kind: int
+) -> None:
+    family, af, size = (
+        (Family.IPV6, socket.AF_INET6, 16) if v6 else (Family.IPV4, socket.AF_INET, 4)
+    )
+    src, dst = socket.inet_ntop(af, raw[:size]), socket.inet_ntop(af, raw[16 : 16 + size])
+    t = CtTuple(family, proto, src, dst, sport, dport)
+    encoded = ct.encode_tuple(kind, t)
+    assert encoded == ct._encode_tuple_generic(kind, t)
+    # and the decoder's fixed-offset fast path reads it back
+    assert ct._fast_tuple(encoded, 4, family) == t
