@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -274,6 +274,16 @@ def _check_version(value: object) -> object:
     return value
 
 
+def _empty() -> list[Any]:
+    # not the builtin list: pydantic inspects a default_factory's signature, and
+    # for a builtin that means parsing its text signature (~40 fields at start-up)
+    return []
+
+
+def _text(value: object) -> str:
+    return str(value)  # not the builtin str itself: see _empty
+
+
 IfName = Annotated[str, AfterValidator(_check_ifname)]
 # Names nft sees as identifiers (table, flowtable) vs names that only end up
 # in comments or bpffs paths (policies, reuseport groups).
@@ -284,13 +294,13 @@ Label = Annotated[str, AfterValidator(_check_label)]
 Network = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network,
     BeforeValidator(_parse_network),
-    PlainSerializer(str, return_type=str),
+    PlainSerializer(_text, return_type=str),
     WithJsonSchema({"type": "string", "format": "ip-prefix"}),
 ]
 Address = Annotated[
     ipaddress.IPv4Address | ipaddress.IPv6Address,
     BeforeValidator(_parse_address),
-    PlainSerializer(str, return_type=str),
+    PlainSerializer(_text, return_type=str),
     WithJsonSchema({"type": "string", "format": "ip-address"}),
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -450,9 +460,9 @@ class TableConfig(_Model):
 class Flowtable(_Model):
     name: ObjName
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
-    devices: list[IfName] = Field(default_factory=list)
+    devices: list[IfName] = Field(default_factory=_empty)
     bridges: list[IfName] = Field(
-        default_factory=list,
+        default_factory=_empty,
         description="bridges whose ports join this flowtable (resolved when applying)",
     )
     hw_offload: bool = False
@@ -479,15 +489,15 @@ class OffloadPolicy(_Model):
     name: Label
     flowtable: ObjName
     protocols: list[L4Proto] = Field(default_factory=lambda: _BOTH_PROTOCOLS.copy(), min_length=1)
-    iifnames: list[IfName] = Field(default_factory=list)
-    oifnames: list[IfName] = Field(default_factory=list)
-    saddr: list[Network] = Field(default_factory=list)
-    daddr: list[Network] = Field(default_factory=list)
+    iifnames: list[IfName] = Field(default_factory=_empty)
+    oifnames: list[IfName] = Field(default_factory=_empty)
+    saddr: list[Network] = Field(default_factory=_empty)
+    daddr: list[Network] = Field(default_factory=_empty)
     dport: list[PortRange] = Field(
-        default_factory=list, description="destination ports or ranges ('1000-2000')"
+        default_factory=_empty, description="destination ports or ranges ('1000-2000')"
     )
     sport: list[PortRange] = Field(
-        default_factory=list, description="source ports or ranges ('1000-2000')"
+        default_factory=_empty, description="source ports or ranges ('1000-2000')"
     )
     min_packets: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
         default=0, description="offload only once the connection has seen more packets"
@@ -510,7 +520,7 @@ class OffloadPolicy(_Model):
 
 class Masquerade(_Model):
     oifname: IfName
-    saddr: list[Network] = Field(default_factory=list)
+    saddr: list[Network] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
     def _prefixes(self) -> Masquerade:
@@ -521,7 +531,7 @@ class Masquerade(_Model):
 class SnatRule(_Model):
     oifname: IfName
     to: Address
-    saddr: list[Network] = Field(default_factory=list)
+    saddr: list[Network] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
     def _prefixes(self) -> SnatRule:
@@ -580,13 +590,13 @@ class ForwardAccept(_Model):
     """Forwarded traffic a default-deny router lets through (every field must match)."""
 
     name: Label
-    protocols: list[ForwardProto] = Field(default_factory=list, description="empty: any")
-    iifnames: list[IfName] = Field(default_factory=list)
-    oifnames: list[IfName] = Field(default_factory=list)
-    saddr: list[Network] = Field(default_factory=list)
-    daddr: list[Network] = Field(default_factory=list)
-    dport: list[PortRange] = Field(default_factory=list)
-    sport: list[PortRange] = Field(default_factory=list)
+    protocols: list[ForwardProto] = Field(default_factory=_empty, description="empty: any")
+    iifnames: list[IfName] = Field(default_factory=_empty)
+    oifnames: list[IfName] = Field(default_factory=_empty)
+    saddr: list[Network] = Field(default_factory=_empty)
+    daddr: list[Network] = Field(default_factory=_empty)
+    dport: list[PortRange] = Field(default_factory=_empty)
+    sport: list[PortRange] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
     def _check(self) -> ForwardAccept:
@@ -615,7 +625,7 @@ class ForwardConfig(_Model):
     """
 
     policy: Literal["accept", "drop"] = "accept"
-    accept: list[ForwardAccept] = Field(default_factory=list)
+    accept: list[ForwardAccept] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
     def _check(self) -> ForwardConfig:
@@ -629,9 +639,9 @@ class ForwardConfig(_Model):
 
 
 class NatConfig(_Model):
-    masquerade: list[Masquerade] = Field(default_factory=list)
-    snat: list[SnatRule] = Field(default_factory=list)
-    dnat: list[DnatRule] = Field(default_factory=list)
+    masquerade: list[Masquerade] = Field(default_factory=_empty)
+    snat: list[SnatRule] = Field(default_factory=_empty)
+    dnat: list[DnatRule] = Field(default_factory=_empty)
     guard: bool = Field(
         default=True,
         description=(
@@ -671,7 +681,7 @@ class ReuseportGroup(_Model):
 
 class ReuseportConfig(_Model):
     bpffs: str = "/sys/fs/bpf"
-    groups: list[ReuseportGroup] = Field(default_factory=list)
+    groups: list[ReuseportGroup] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
     def _names(self) -> ReuseportConfig:
@@ -702,11 +712,11 @@ class InvalidationConfig(_Model):
 class Config(_Model):
     version: Annotated[Literal[1], BeforeValidator(_check_version)]
     table: TableConfig = Field(default_factory=TableConfig)
-    flowtables: list[Flowtable] = Field(default_factory=list)
-    policies: list[OffloadPolicy] = Field(default_factory=list)
+    flowtables: list[Flowtable] = Field(default_factory=_empty)
+    policies: list[OffloadPolicy] = Field(default_factory=_empty)
     forward: ForwardConfig = Field(default_factory=ForwardConfig)
     nat: NatConfig = Field(default_factory=NatConfig)
-    vlans: list[Vlan] = Field(default_factory=list)
+    vlans: list[Vlan] = Field(default_factory=_empty)
     reuseport: ReuseportConfig = Field(default_factory=ReuseportConfig)
     invalidation: InvalidationConfig = Field(default_factory=InvalidationConfig)
 
