@@ -157,7 +157,8 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
         }
         # each bridge in at most one flowtable, like each device
         mine = [b for j, b in enumerate(bridges) if j % len(ft_names) == i]
-        if mine and draw(st.booleans()):
+        with_bridges: bool = draw(st.booleans())
+        if mine and with_bridges:
             ft["bridges"] = mine
         if not ft["devices"] and not ft.get("bridges"):
             ft["devices"] = [f"eth{i}"]
