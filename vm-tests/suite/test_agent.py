@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,15 @@ def flowtable_devices() -> set[str]:
     return set()
 
 
+def flowtable_handle() -> int:
+    for item in json.loads(nft(NSR, "-j", "-a", "list", "flowtable", "inet", "offloadctl", "ft"))[
+        "nftables"
+    ]:
+        if "flowtable" in item:
+            return int(item["flowtable"]["handle"])
+    raise LookupError("flowtable inet offloadctl ft not found")
+
+
 def listed(port: str) -> bool:
     return port in flowtable_devices()
 
@@ -154,20 +164,35 @@ def test_agent_port_join_reload_and_restart(seed: Topology, agent: Agent) -> Non
     wait_for(lambda: the_flow(s).offloaded, what="[OFFLOAD]")
     ct_id = the_flow(s).id
 
-    # 1. A new port on br0 joins the live flowtable; the running flow is untouched.
-    reset_counter(NSR, "observer", "fwd_tcp")
-    joins = []
+    # 1. New ports on br0 join the live flowtable (same handle: modified, not
+    # re-created) and the running flow stays on the fast path with its id. The join
+    # itself sends a few packets of the flow through the forward hook (the kernel's
+    # doing, measured with plain nft: 1-3 ACKs per join, ~70 if br0's MAC changes,
+    # hence high MACs for the new ports), so the check is a quiet window afterwards.
+    handle = flowtable_handle()
+    joins: list[float] = []
+    after_ip: list[float] = []
     for i in range(3):
-        ip_batch(NSR, [f"link add tap{i} type veth peer name tap{i}p", f"link set tap{i}p up"])
+        ip_batch(
+            NSR,
+            [
+                f"link add tap{i} address fe:ff:ff:ff:ff:0{i} type veth peer name tap{i}p",
+                f"link set tap{i}p up",
+            ],
+        )
         t0 = time.monotonic()
         ip_batch(NSR, [f"link set tap{i} master br0 up"])
+        after_ip.append(time.time())
         wait_for(partial(listed, f"tap{i}"), timeout=10, interval=0.005)
         joins.append(time.monotonic() - t0)
-    assert observer_counter(NSR, "fwd_tcp").packets == 0
+    assert flowtable_handle() == handle
+    assert classic_packets_during(1.0) == 0
+    assert the_flow(s).offloaded and the_flow(s).id == ct_id
     # 2. Ports that leave (released or deleted) leave the flowtable.
     ip_batch(NSR, ["link set tap0 nomaster", "link del tap1"])
     wait_for(lambda: not {"tap0", "tap1"} & flowtable_devices(), timeout=10, interval=0.01)
     assert flowtable_devices() == {"lan0", "wan0", "tap2"}
+    assert flowtable_handle() == handle
     assert the_flow(s).offloaded and the_flow(s).id == ct_id
 
     # 3. Reload with an unrelated change: committed, the flow stays on the fast path.
@@ -194,11 +219,25 @@ def test_agent_port_join_reload_and_restart(seed: Topology, agent: Agent) -> Non
 
     result = s.stop(timeout=60)
     assert result.intact and result.error is None, result
-    assert "Traceback" not in agent.log.read_text()
+    log = agent.log.read_text()
+    assert "Traceback" not in log
+    # The agent's own view of each join: its "committed" line for the new device,
+    # against the moment 'ip link set master' returned (the event is sent before).
+    commits = [
+        datetime.strptime(d["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        for d in map(json.loads, log.splitlines())
+        if d["event"] == "topology" and d["msg"].startswith("committed")
+    ]
+    agent_ms = [
+        (min((c.timestamp() for c in commits if c.timestamp() >= t - 0.01), default=t) - t) * 1000
+        for t in after_ip
+    ]
     print(
         f"agent start {startup:.1f} s, restart {restart:.1f} s (TCG);"
-        f" port join {', '.join(f'{j * 1000:.0f}' for j in joins)} ms"
-        f" (from 'ip link set master' to the device listed, ip's own start included)"
+        f" port join seen by the test {', '.join(f'{j * 1000:.0f}' for j in joins)} ms"
+        f" (includes 'ip' and 'nft' process starts, ~0.2 s each under TCG);"
+        f" committed by the agent {', '.join(f'{m:.0f}' for m in agent_ms)} ms after"
+        " 'ip link set master' returned"
     )
     if os.environ.get("VMTEST_STRICT_TIMING") == "1":
         assert max(joins) < 0.1
