@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -224,7 +224,7 @@ def test_agent_port_join_reload_and_restart(seed: Topology, agent: Agent) -> Non
     # The agent's own view of each join: its "committed" line for the new device,
     # against the moment 'ip link set master' returned (the event is sent before).
     commits = [
-        datetime.strptime(d["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        datetime.strptime(d["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         for d in map(json.loads, log.splitlines())
         if d["event"] == "topology" and d["msg"].startswith("committed")
     ]
