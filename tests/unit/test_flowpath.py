@@ -19,6 +19,7 @@ from controlplane.core.flowpath import (
     Link,
     Route,
     Topology,
+    egress,
     egress_path,
     resolve_flow_path,
     resolve_paths,
@@ -432,3 +433,45 @@ def test_memoised_resolution_matches_single(wf: tuple[World, list[Flow]]) -> Non
     world, flows = wf
     paths = resolve_paths(world.topology, flows)
     assert paths == {f: resolve_flow_path(world.topology, f) for f in flows}
+
+
+@settings(max_examples=100, deadline=None)
+@given(worlds())
+def test_egress_agrees_with_egress_path(world: World) -> None:
+    """``egress`` (what the engine caches) walks the same chain as ``egress_path``."""
+    topo = world.topology
+    for address in [*world.hosts, world.local, "203.0.113.99"]:
+        path, cached = egress_path(topo, address), egress(topo, address)
+        assert cached.devices == path.devices
+        assert cached.complete is not path.ambiguous
+        assert cached.local is path.local
+        assert cached.bridged is any(topo.links[d].kind == "bridge" for d in path.devices)
+        route = topo.routes.get(address)
+        if route is not None and route.oif is not None and not route.local:
+            nexthop = route.gateway or address
+            assert cached.neighbour == (route.oif, nexthop)
+            assert cached.mac == topo.neighbours.get((route.oif, nexthop))
+
+
+def test_egress_records_what_it_consulted() -> None:
+    bridged = egress(TOPO, "10.0.1.2")
+    assert (bridged.devices, bridged.mac, bridged.bridged) == ((3, 4), MAC["b"], True)
+    assert bridged.fdb == ((3, 0, MAC["b"]),) and bridged.neighbour == (3, "10.0.1.2")
+    routed = egress(TOPO, "198.51.100.7")
+    assert (routed.bridged, routed.neighbour, routed.fdb) == (False, (2, "192.0.2.254"), ())
+    aged = egress(TOPO, "10.0.1.9")
+    assert not aged.complete and aged.fdb and aged.mac is not None
+    down = Topology(
+        links={**TOPO.links, 4: replace(TOPO.links[4], up=False)},
+        neighbours=TOPO.neighbours,
+        fdb=TOPO.fdb,
+        routes=TOPO.routes,
+    )
+    assert egress(down, "10.0.1.2").down == (4,)
+    left = Topology(
+        links={**TOPO.links, 4: replace(TOPO.links[4], master=None)},
+        neighbours=TOPO.neighbours,
+        fdb=TOPO.fdb,
+        routes=TOPO.routes,
+    )
+    assert not egress(left, "10.0.1.2").complete  # its FDB entries left with the port
