@@ -22,6 +22,7 @@ import contextlib
 import gc
 import os
 import select
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +33,8 @@ from controlplane.core import events as ev
 from controlplane.core.flowpath import IPS_OFFLOAD, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.kernel.ctnetlink.events import CtEvents
-from controlplane.kernel.rtnl.topology import lookup_routes
+from controlplane.kernel.netlink import NetlinkSocket
+from controlplane.kernel.rtnl.topology import lookup_routes_on
 from controlplane.kernel.rtnl.watcher import Watcher
 
 __all__ = ["Engine", "InvalidationService", "ServiceStats"]
@@ -144,6 +146,7 @@ class InvalidationService:
         ct_rcvbuf = max(settings.rcvbuf_bytes, CT_MIN_RCVBUF)
         self.conntrack = CtEvents(netns, rcvbuf=ct_rcvbuf, updates=True)
         self._ct: ConntrackSocket | None = None
+        self._rt: NetlinkSocket | None = None
         self._wake_r = self._wake_w = -1
         self._next_reconcile = float("inf")
         self._event_time = 0.0
@@ -157,6 +160,7 @@ class InvalidationService:
         self.conntrack.open()
         self.watcher.open()
         self._ct = ConntrackSocket(self.netns)
+        self._rt = NetlinkSocket(socket.NETLINK_ROUTE, self.netns, operation="route lookup")
         self._event_time = self._clock()
         self._handle(self.watcher.snapshot())
         # The index is empty: streaming the dump as FlowSeen is the same as one
@@ -179,6 +183,9 @@ class InvalidationService:
         if self._ct is not None:
             self._ct.close()
             self._ct = None
+        if self._rt is not None:
+            self._rt.close()
+            self._rt = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -270,6 +277,8 @@ class InvalidationService:
             actions = self._engine.flush()
             if not actions:
                 return
+            # Deletions first: they are what the event -> gone latency measures.
+            actions = sorted(actions, key=lambda a: not isinstance(a, ev.TearDownFlows))
             for action in actions:
                 follow_up = self._act(action)
                 if follow_up is not None:
@@ -277,7 +286,8 @@ class InvalidationService:
 
     def _act(self, action: ev.Action) -> ev.Event | None:
         if isinstance(action, ev.ResolveRoutes):
-            routes = lookup_routes(action.addresses, self.netns)
+            assert self._rt is not None
+            routes = lookup_routes_on(self._rt, action.addresses)
             return ev.RoutesResolved(routes=routes)
         if isinstance(action, ev.Resync):
             self.stats.resyncs += 1

@@ -34,7 +34,14 @@ from controlplane.kernel.netlink import (
 )
 from controlplane.kernel.netns import entered
 
-__all__ = ["bridge_ports", "encode_route_get", "link_names", "lookup_routes", "snapshot"]
+__all__ = [
+    "bridge_ports",
+    "encode_route_get",
+    "link_names",
+    "lookup_routes",
+    "lookup_routes_on",
+    "snapshot",
+]
 
 # Route types whose traffic is delivered locally or flooded, never unicast-forwarded.
 _NOT_FORWARDED = {2, 3, 5}  # RTN_LOCAL, RTN_BROADCAST, RTN_MULTICAST
@@ -134,19 +141,25 @@ def encode_route_get(address: str, seq: int) -> bytes:
 
 def lookup_routes(addresses: Iterable[str], netns: str | None) -> dict[str, Route | None]:
     """``ip route get`` for each address, many requests per send (one answer each)."""
-    routes: dict[str, Route | None] = {}
     with NetlinkSocket(socket.NETLINK_ROUTE, netns, operation="route lookup") as nl:
-        for reply in nl.transact("route lookup", sorted(set(addresses)), encode_route_get):
-            if reply.code == 0 and reply.data:
-                kind = NLMSGHDR.unpack_from(reply.data)[1]
-                if kind == _RTM_NEWROUTE:
-                    routes[reply.item] = _decode_route(reply.data, HDR, len(reply.data))
-                    continue
-            if reply.code not in _NO_ROUTE:
-                raise KernelError(
-                    "route lookup", os.strerror(reply.code), reply.code, payload=reply.item
-                )
-            routes[reply.item] = None
+        return lookup_routes_on(nl, addresses)
+
+
+def lookup_routes_on(nl: NetlinkSocket, addresses: Iterable[str]) -> dict[str, Route | None]:
+    """:func:`lookup_routes` over an open NETLINK_ROUTE socket (a long-running
+    caller keeps one: opening a socket in a namespace costs more than a lookup)."""
+    routes: dict[str, Route | None] = {}
+    for reply in nl.transact("route lookup", sorted(set(addresses)), encode_route_get):
+        if reply.code == 0 and reply.data:
+            kind = NLMSGHDR.unpack_from(reply.data)[1]
+            if kind == _RTM_NEWROUTE:
+                routes[reply.item] = _decode_route(reply.data, HDR, len(reply.data))
+                continue
+        if reply.code not in _NO_ROUTE:
+            raise KernelError(
+                "route lookup", os.strerror(reply.code), reply.code, payload=reply.item
+            )
+        routes[reply.item] = None
     return routes
 
 
