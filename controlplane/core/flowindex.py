@@ -174,25 +174,34 @@ def dependencies(egress: Egress) -> tuple[DepKey, ...]:
 def _bag_with(bag: Any, item: Any) -> Any:
     if bag is None:
         return item
-    if isinstance(bag, set):
-        bag.add(item)
+    if isinstance(bag, dict):
+        bag[item] = item
         return bag
-    return bag if bag == item else {bag, item}
+    # A dict, not a set: it returns the stored element (the index has no
+    # other map from a probe record to the indexed one) and, below a few
+    # hundred elements, takes less memory than a set.
+    return bag if bag == item else {bag: bag, item: item}
 
 
 def _bag_without(bag: Any, item: Any) -> Any:
-    if isinstance(bag, set):
-        bag.discard(item)
+    if isinstance(bag, dict):
+        bag.pop(item, None)
         if len(bag) > 1:
             return bag
         return next(iter(bag)) if bag else None
     return None if bag == item else bag
 
 
+def _bag_get(bag: Any, item: Any) -> Any:
+    if isinstance(bag, dict):
+        return bag.get(item)
+    return bag if bag is not None and bag == item else None
+
+
 def _bag_items(bag: Any) -> tuple[Any, ...]:
     if bag is None:
         return ()
-    if isinstance(bag, set):
+    if isinstance(bag, dict):
         return tuple(bag)
     return (bag,)
 
@@ -268,27 +277,36 @@ class FlowIndex:
     """Offloaded flows by identity, egress address, address prefix and dependency key."""
 
     def __init__(self) -> None:
-        self._flows: dict[FlowRecord, FlowRecord] = {}  # probe → the indexed record
+        self._count = 0
         self._addresses: dict[str, _Address] = {}
         self._prefixes = _PrefixBuckets()
         self._groups: dict[GroupKey, Group] = {}
         self._by_dep: dict[DepKey, Any] = {}  # key → bag of Group
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return self._count
 
     def __iter__(self) -> Iterator[FlowRecord]:
-        return iter(tuple(self._flows))
+        """Every indexed record once (a snapshot: the index may change meanwhile)."""
+        # Each record is filed under its orig egress address (rsrc) exactly once.
+        found = [
+            record
+            for address, entry in self._addresses.items()
+            for record in _bag_items(entry.flows)
+            if record.rsrc == address
+        ]
+        return iter(found)
 
     # -- flows ------------------------------------------------------------------
 
     def get(self, record: FlowRecord) -> FlowRecord | None:
         """The indexed record equal to ``record`` (same zone and original tuple)."""
-        return self._flows.get(record)
+        entry = self._addresses.get(record.rsrc)
+        return _bag_get(entry.flows, record) if entry is not None else None
 
     def add(self, record: FlowRecord) -> list[str]:
         """File ``record`` (not yet indexed); returns its egress addresses that are new."""
-        self._flows[record] = record
+        self._count += 1
         new: list[str] = []
         for address in dict.fromkeys(egress_addresses(record)):
             entry = self._addresses.get(address)
@@ -301,9 +319,10 @@ class FlowIndex:
 
     def remove(self, record: FlowRecord) -> FlowRecord | None:
         """Forget the record equal to ``record``; returns the indexed one, if any."""
-        found = self._flows.pop(record, None)
+        found = self.get(record)
         if found is None:
             return None
+        self._count -= 1
         for address in dict.fromkeys(egress_addresses(found)):
             entry = self._addresses[address]
             entry.flows = _bag_without(entry.flows, found)
