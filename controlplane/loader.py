@@ -315,9 +315,23 @@ def _json_lines(text: str) -> _Lines | None:
         return None
 
 
+def _json_depth_ok(data: Any) -> None:
+    """The same nesting bound as for YAML (json.loads itself allows ~1,000)."""
+    todo: list[tuple[Any, int]] = [(data, 0)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise _YamlProblem(None, f"nested deeper than {MAX_DEPTH} levels")
+            items = value.values() if isinstance(value, dict) else value
+            todo.extend((v, depth + 1) for v in items)
+
+
 def _load_json(text: str) -> tuple[Any, _Lines | None]:
     try:
-        return json.loads(text, object_pairs_hook=_pairs_without_duplicates), None
+        data = json.loads(text, object_pairs_hook=_pairs_without_duplicates)
+        _json_depth_ok(data)
+        return data, None
     except json.JSONDecodeError as exc:
         raise _YamlProblem(exc.lineno, f"invalid JSON: {exc.msg}") from None
     except _DuplicateKey as exc:
@@ -415,6 +429,8 @@ def _parser_issue(exc: BaseException) -> ConfigIssue:
         return ConfigIssue(FILE, f"invalid YAML: {problem}", line)
     if isinstance(exc, RecursionError):
         return ConfigIssue(FILE, "nested too deeply")
+    if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        return ConfigIssue(FILE, "a number longer than 4,300 digits")
     return ConfigIssue(FILE, f"cannot parse: {type(exc).__name__}: {exc}")
 
 

@@ -108,6 +108,16 @@ BAD: list[tuple[str, str, bool, str, int | None, str]] = [
         "nested",
     ),
     ("alias-bomb", _alias_bomb(7), False, "(file)", None, "after expanding aliases"),
+    (
+        "deep-json-900",
+        '{"version": 1, "x": ' + "[" * 900 + "]" * 900 + "}",
+        True,
+        "(file)",
+        None,
+        "nested deeper than 64",
+    ),
+    ("huge-int", "version: " + "9" * 5000 + "\n", False, "(file)", None, "4,300 digits"),
+    ("huge-int-json", '{"version": ' + "9" * 5000 + "}", True, "(file)", None, "4,300 digits"),
     ("unknown-alias", "version: 1\nx: *nope\n", False, "(file)", 2, "unknown alias"),
     (
         "python-tag",
