@@ -80,7 +80,10 @@ class _AreaCommands(TyperGroup):
 
     def list_commands(self, ctx: Any) -> list[str]:
         for area in AREA_MODULES:
-            _import_area(area)
+            try:
+                _import_area(area)
+            except ImportError:  # e.g. reuseport without bcc: list what works
+                continue
         self._refresh()
         return super().list_commands(ctx)
 
