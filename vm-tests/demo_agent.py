@@ -19,6 +19,7 @@ Usage (in the VM): ``python vm-tests/demo_agent.py --out RESULTS/agent.json [--k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import signal
@@ -58,7 +59,7 @@ T0 = time.monotonic()
 EXAMPLE = REPO / "examples" / "configs" / "router.yaml"
 WORK = Path("/tmp/demo")
 CONFIG = WORK / "agent.yaml"
-AGENT_LOG = WORK / "agent.log"
+AGENT_LOG = WORK / "agent.log"  # moved next to --out (the results share) in main()
 STALL_WINDOW = 3.0  # seconds we watch a stalled stream before fixing it by hand
 JOIN_PORTS = 5
 
@@ -163,14 +164,15 @@ class FlowtableView:
         import nftables
 
         self._nft = in_netns(NSR, nftables.Nftables)
-        self._cmd = {
-            "nftables": [{"list": {"flowtable": {"family": "inet", "table": table, "name": name}}}]
-        }
+        self._nft.set_json_output(True)
+        # nft 1.0.6's JSON input cannot list one flowtable: the text command, JSON output.
+        self._cmd = f"list flowtable inet {table} {name}"
 
     def devices(self) -> set[str]:
-        rc, out, _err = self._nft.json_cmd(self._cmd)
-        if rc != 0:
+        rc, text, _err = self._nft.cmd(self._cmd)
+        if rc != 0 or not text:
             return set()
+        out = json.loads(text)
         for item in out["nftables"]:
             if "flowtable" in item:
                 devs = item["flowtable"].get("dev", [])
@@ -279,7 +281,7 @@ class Demo:
         fts = st["kernel"]["flowtables"]
         say(f"agent pid {st['pid']} answered after {seconds:.1f} s (Python start-up under TCG)")
         say(f"flowtable devices: {fts}; invalidation enabled: {st['invalidation'].get('enabled')}")
-        for line in self.agent.log_lines("apply:", "invalidation"):
+        for line in self.agent.log_lines("apply: committed", "invalidation"):
             print("    agent:", line, flush=True)
         self.out["agent_start_s"] = seconds
         self.out["flowtable_at_start"] = fts
@@ -319,6 +321,8 @@ class Demo:
             f" then {JOIN_PORTS - 1} taps come and go"
         )
         view = FlowtableView()
+        if "wan0" not in view.devices():
+            raise RuntimeError(f"cannot read the flowtable in-process: {view.devices()}")
         # The host's second link: veth lan1 <-> ns1:eth1 (+ VLAN 10 on both ends if the
         # topology is VLAN-ported). Created detached; joining br0 is the timed event.
         run_r = ["link add lan1 type veth peer name eth1 netns " + NS1, "link set lan1 up"]
@@ -377,10 +381,13 @@ class Demo:
                 br = ipr.link_lookup(ifname="br0")[0]
                 t0 = time.monotonic()
                 ipr.link("set", index=idx, master=br if join else 0)
-                deadline = t0 + 20
+                deadline = t0 + 60
                 while (listed in view.devices()) != join:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{listed} {'join' if join else 'leave'}: >20 s")
+                        raise TimeoutError(
+                            f"{listed} {'join' if join else 'leave'}: >60 s; flowtable"
+                            f" {sorted(view.devices())}"
+                        )
                     time.sleep(0.002)
                 return (time.monotonic() - t0) * 1000
 
@@ -548,6 +555,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--kind", default="vlan_port", choices=("bridge", "vlan_port"))
     args = p.parse_args()
+    global AGENT_LOG
+    AGENT_LOG = args.out.parent / "agent.log"
+    AGENT_LOG.unlink(missing_ok=True)
     demo = Demo(args.kind)
     try:
         out = demo.run()
@@ -556,6 +566,11 @@ def main() -> int:
         import traceback
 
         traceback.print_exc()
+        if AGENT_LOG.exists():
+            print(f"---- the agent's log ({AGENT_LOG}), last lines:")
+            print("\n".join(AGENT_LOG.read_text().splitlines()[-25:]))
+            with contextlib.suppress(Exception):
+                print(ns_run(NSR, "ip", "-br", "link"), ns_run(NSR, "nft", "list", "flowtables"))
         out = demo.out | {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     out["seconds"] = time.monotonic() - T0
     args.out.write_text(json.dumps(out, indent=2, default=str))
