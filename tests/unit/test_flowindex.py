@@ -115,6 +115,8 @@ def test_remove_leaves_nothing_behind() -> None:
     assert len(index.groups()) == 1  # all behind one gateway: one group
     assert index.groups_by([(2, "192.0.2.254")]) == index.groups()
     assert len(index.flows_of("10.0.0.2")) == 5
+    assert len(list(index)) == len(index) == 5  # each record once
+    assert {id(r) for r in index} == {id(r) for r in records}
     for record in records:
         assert index.remove(FlowRecord(record.flow())) is record
     assert len(index) == 0

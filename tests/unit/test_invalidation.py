@@ -634,8 +634,10 @@ def test_engine_matches_brute_force(data: st.DataObject, policy: Policy) -> None
         assert keys(torn) == expected, event
         assert len(torn) == len(keys(torn))
         # The engine's cached egresses are the reference's, flow by flow.
-        mine = {(f.zone, f.orig): (f, o, r) for f, o, r in driver.engine.flows()}
+        listed = list(driver.engine.flows())
+        mine = {(f.zone, f.orig): (f, o, r) for f, o, r in listed}
         assert mine == reference.cached
+        assert len(listed) == len(driver.engine) == len(mine)
 
 
 def resync_after_lost_events(data: st.DataObject, driver: Driver, reference: Reference) -> None:
