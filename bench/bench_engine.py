@@ -105,12 +105,14 @@ class World:
         return Route(oif=WAN, gateway=GATEWAY)
 
 
-def make_flows(count: int, rng: random.Random) -> list[Flow]:
+def make_flows(count: int, rng: random.Random, remotes: int = 0) -> list[Flow]:
+    """``count`` flows from the LAN hosts to ``remotes`` Internet hosts (0: one each)."""
     flows = []
     for n in range(count):
         host = host_ip(n % HOSTS)
-        remote = f"198.{51 + n // 60000}.{n // 250 % 240}.{n % 250 + 1}"
-        sport = 1024 + n % 60000
+        r = n % remotes if remotes else n
+        remote = f"198.{51 + r // 60000}.{r // 250 % 240}.{r % 250 + 1}"
+        sport = 1024 + (n // HOSTS) % 60000  # (host, sport) unique: tuples never collide
         flows.append(
             Flow(
                 orig=CtTuple(2, 6, host, remote, sport, 443),
@@ -142,10 +144,12 @@ def run(engine: Engine, world: World, event: Event) -> list[Flow]:
     return torn
 
 
-def build(count: int, rng: random.Random) -> tuple[Engine, World, list[Flow], float]:
+def build(
+    count: int, rng: random.Random, remotes: int = 0
+) -> tuple[Engine, World, list[Flow], float]:
     world = World()
     engine = Engine()
-    flows = make_flows(count, rng)
+    flows = make_flows(count, rng, remotes)
     t = time.perf_counter()
     run(engine, world, Snapshot(topology=world.topology()))
     run(engine, world, FlowsDumped(flows=tuple(flows)))
@@ -163,6 +167,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300, help="events per kind (>= 200)")
     parser.add_argument("--baseline-events", type=int, default=5)
     parser.add_argument(
+        "--remotes",
+        type=int,
+        default=0,
+        help="distinct Internet hosts (default: one per flow, the worst case for memory)",
+    )
+    parser.add_argument(
         "--no-freeze",
         action="store_true",
         help="skip gc.freeze() after the start-up dump (the agent should freeze: a full "
@@ -175,14 +185,18 @@ def main() -> None:
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    engine, world, dumped, index_time = build(args.flows, rng)
+    engine, world, dumped, index_time = build(args.flows, rng, args.remotes)
     gc.collect()
     with_flows = tracemalloc.get_traced_memory()[0]
     del dumped
     gc.collect()
     engine_bytes = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    print(f"indexed {len(engine):,} flows in {index_time:.2f} s (dump + route answers)")
+    remotes = f"{args.remotes:,}" if args.remotes else "one per flow"
+    print(
+        f"indexed {len(engine):,} flows ({HOSTS:,} LAN hosts, Internet hosts: {remotes}) "
+        f"in {index_time:.2f} s (dump + route answers)"
+    )
     print(
         f"engine state: {engine_bytes / 2**20:.1f} MiB = {engine_bytes / len(engine):.0f} B/flow "
         f"(the dump's Flow objects: {(with_flows - engine_bytes - before) / len(engine):.0f}"
