@@ -53,6 +53,10 @@ class _Observing:
     def __len__(self) -> int:  # the service reports the indexed flow count after its dump
         return len(self._inner)
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the service asks of its engine is the engine's own.
+        return getattr(self._inner, name)
+
 
 class InvalidationSubsystem:
     name = "invalidation"
