@@ -33,8 +33,13 @@ demo: setup
 
 bench: bench-host bench-vm
 
+# Each benchmark prints a table whose baselines are measured in the same run.
 bench-host: setup
+	$(PY) bench/bench_cli.py
 	$(PY) bench/bench_apply.py
+	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_invalidation.py
+	$(PY) bench/bench_agent.py
 	$(PY) bench/bench_reuseport.py
 
 bench-vm: setup
