@@ -323,9 +323,47 @@ class Agent:
         if view is not None:
             self._record(kernel=view)
 
+    def refresh_table(self) -> None:
+        """Refresh the table part of the kernel view (present, flowtable devices,
+        counters) on the loop thread; conntrack counts stay the periodic view's."""
+        running = self.running
+        if running is None:
+            return
+        observe_table = getattr(self._observer, "observe_table", None)
+        if observe_table is None:
+            self.refresh_kernel()
+            return
+        try:
+            part: KernelView = observe_table(running, self.opts.netns)
+        except ControlPlaneError as exc:
+            part = replace(self._snap.kernel, table_at=self._clock(), error=_one_line(exc))
+        k = self._snap.kernel
+        self._record(
+            kernel=replace(
+                k,
+                table_at=part.table_at,
+                table_present=part.table_present,
+                flowtables=part.flowtables,
+                counters=part.counters,
+                reuseport=part.reuseport,
+                error=part.error or (k.error if k.at > part.table_at else None),
+            )
+        )
+
     def publish_kernel_view(self, view: KernelView) -> None:
-        if view.at > self._snap.kernel.at:
-            self._record(kernel=view)
+        k = self._snap.kernel
+        if view.at <= k.at:
+            return
+        if view.table_at < k.table_at:  # a status request saw the table since
+            view = replace(
+                view,
+                table_at=k.table_at,
+                table_present=k.table_present,
+                flowtables=k.flowtables,
+                counters=k.counters,
+                reuseport=k.reuseport,
+            )
+        self._record(kernel=view)
 
     def _record(
         self,
@@ -369,7 +407,9 @@ class Agent:
     def handle(self, req: protocol.Request) -> bytes:
         try:
             if req.op == "status":
-                self.refresh_kernel()
+                # The table only (a few ms): a conntrack dump of a big table would
+                # hold the loop; its counts come from the periodic view instead.
+                self.refresh_table()
                 return protocol.ok(self._snap.to_json())
             if req.op == "reload":
                 out = self.reload("control")
@@ -392,8 +432,15 @@ class Agent:
                 limit = req.args.get("limit", FLOWS_LIMIT)
                 if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
                     return protocol.error("bad_request", "'limit' must be a non-negative integer")
-                flows, truncated = self._observer.flows(self.opts.netns, min(limit, FLOWS_LIMIT))
-                return protocol.ok({"flows": flows, "truncated": truncated})
+                limit = min(limit, FLOWS_LIMIT)
+                for sub in self.subsystems:
+                    indexed = getattr(sub, "flows", lambda _n: None)(limit)
+                    if indexed is not None:  # the engine's index: no dump
+                        return protocol.ok(
+                            {"flows": indexed[0], "truncated": indexed[1], "source": "index"}
+                        )
+                flows, truncated = self._observer.flows(self.opts.netns, limit)
+                return protocol.ok({"flows": flows, "truncated": truncated, "source": "conntrack"})
         except ControlPlaneError as exc:
             return protocol.error("unavailable", _one_line(exc))
         except Exception as exc:  # a bug: answer and keep serving; the log says what

@@ -58,6 +58,33 @@ class _Observing:
         return getattr(self._inner, name)
 
 
+def flow_doc(flow: Any, orig: Any, reply: Any, names: dict[int, str]) -> dict[str, Any]:
+    """One flow as ``offloadctl flows --json`` prints it (same keys), from the index."""
+    o, r = flow.orig, flow.reply
+
+    def devices(egress: Any) -> list[str]:
+        return [names.get(i, str(i)) for i in egress.devices] if egress is not None else []
+
+    return {
+        "id": flow.id,
+        "zone": flow.zone,
+        "proto": o.proto,
+        "family": int(o.family),
+        "src": o.src,
+        "dst": o.dst,
+        "sport": o.sport,
+        "dport": o.dport,
+        "reply_src": r.src,
+        "reply_dst": r.dst,
+        "reply_sport": r.sport,
+        "reply_dport": r.dport,
+        "offloaded": flow.offloaded,
+        "orig_devices": devices(orig),
+        "reply_devices": devices(reply),
+        "ambiguous": any(e is not None and not e.complete for e in (orig, reply)),
+    }
+
+
 class InvalidationSubsystem:
     name = "invalidation"
 
@@ -74,6 +101,7 @@ class InvalidationSubsystem:
         self._log = log
         self._on_links = on_links
         self._service: Any = None
+        self._engine: _Observing | None = None
         self._settings: InvalidationConfig | None = None
         self.by_cause: dict[str, int] = {}
         self.overflows = 0
@@ -132,13 +160,31 @@ class InvalidationSubsystem:
             "by_cause": dict(self.by_cause),
             "restarts": self.restarts,
             "errors": st.errors,
+            # The engine's index: the offloaded flows it watches, live (no dump).
+            "indexed_flows": len(self._engine) if self._engine is not None else 0,
         }
+
+    def flows(self, limit: int) -> tuple[list[dict[str, Any]], bool] | None:
+        """Up to ``limit`` offloaded flows from the engine's index with the devices
+        each direction leaves through; None when the engine does not run (then the
+        agent dumps conntrack). Answered from memory: no kernel round trip."""
+        engine = self._engine
+        if engine is None:
+            return None
+        names = {i: link.name for i, link in engine.topology().links.items()}
+        out: list[dict[str, Any]] = []
+        for flow, orig, reply in engine.flows():
+            if len(out) == limit:
+                return out, True
+            out.append(flow_doc(flow, orig, reply, names))
+        return out, False
 
     def close(self) -> None:
         if self._service is not None:
             with contextlib.suppress(Exception):
                 self._service.stop()
             self._service = None
+            self._engine = None
             self.epoch += 1
 
     # -- internals ----------------------------------------------------------
@@ -158,6 +204,7 @@ class InvalidationSubsystem:
         )
         service.start()
         self._service = service
+        self._engine = engine
         self.epoch += 1
         self._next_reconcile = time.monotonic() + self._period()
         self._log.info("invalidation", "watching", sources=",".join(self._settings.watch))

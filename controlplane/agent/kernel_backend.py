@@ -108,38 +108,64 @@ class KernelApplier:
         return done
 
 
+def _counters(text: str) -> dict[str, dict[str, int]]:
+    """Named counters' values from ``nft list table`` text (as kernel/status.py
+    reads them; the parsed listing keeps names only)."""
+    out: dict[str, dict[str, int]] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        head = line.strip()
+        if head.startswith("counter ") and head.endswith("{"):
+            value = lines[i + 1].split()
+            if len(value) >= 4 and value[0] == "packets":
+                out[head.split()[1]] = {"packets": int(value[1]), "bytes": int(value[3])}
+    return out
+
+
+def _reuseport(cfg: Config, netns: str | None) -> dict[str, dict[str, Any]]:
+    """Each configured group's generations and program counters (BPF map reads)."""
+    groups: dict[str, dict[str, Any]] = {}
+    if not cfg.reuseport.groups:
+        return groups
+    from controlplane.reuseport import ReuseportGroup
+
+    for g in cfg.reuseport.groups:
+        try:
+            with ReuseportGroup.open(g.name, netns, cfg.reuseport.bpffs) as group:
+                st = group.status()
+        except EnvironmentProblem as exc:
+            groups[g.name] = {"error": str(exc)}
+            continue
+        groups[g.name] = {
+            "prog_id": st.prog_id,
+            "target_generation": st.target_generation,
+            "generations": [
+                {
+                    "generation": gen.generation,
+                    "active": gen.active,
+                    "target": gen.target,
+                    "listeners": len(gen.slots),
+                }
+                for gen in st.generations
+            ],
+            "counters": asdict(st.counters),
+        }
+    return groups
+
+
 class KernelObserver:
+    def __init__(self) -> None:
+        self._nft: Any = None
+
     def observe(self, cfg: Config, netns: str | None) -> KernelView:
         from controlplane.kernel import status
 
         info = status.collect(cfg.table.name, netns, family=cfg.table.family)
-        groups: dict[str, dict[str, Any]] = {}
-        if cfg.reuseport.groups:
-            from controlplane.reuseport import ReuseportGroup
-
-            for g in cfg.reuseport.groups:
-                try:
-                    with ReuseportGroup.open(g.name, netns, cfg.reuseport.bpffs) as group:
-                        st = group.status()
-                except EnvironmentProblem as exc:
-                    groups[g.name] = {"error": str(exc)}
-                    continue
-                groups[g.name] = {
-                    "prog_id": st.prog_id,
-                    "target_generation": st.target_generation,
-                    "generations": [
-                        {
-                            "generation": gen.generation,
-                            "active": gen.active,
-                            "target": gen.target,
-                            "listeners": len(gen.slots),
-                        }
-                        for gen in st.generations
-                    ],
-                    "counters": asdict(st.counters),
-                }
+        groups = _reuseport(cfg, netns)
+        now = time.time()
         return KernelView(
-            at=time.time(),
+            at=now,
+            table_at=now,
             table_present=bool(info["table"]),
             flowtables={ft["name"]: tuple(ft["devices"]) for ft in info["flowtables"]},
             counters=dict(info["counters"]),
@@ -148,20 +174,45 @@ class KernelObserver:
             reuseport=groups,
         )
 
-    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        # TODO(integration): answer from H4a's flow index (with each flow's path devices)
-        # instead of a dump, once the engine runs in the agent.
-        from controlplane.kernel.ctnetlink.conntrack import dump_flows
+    def observe_table(self, cfg: Config, netns: str | None) -> KernelView:
+        """The cheap part (table, flowtable devices, named counters, reuseport
+        groups): two nft list calls and BPF map reads, no conntrack dump, so the
+        loop thread can afford it on every status request."""
+        from controlplane.core import nft
+        from controlplane.kernel.nft.libnft import Nft
 
-        flows = dump_flows(netns, only_offloaded=True)
-        out = [
-            {
-                "id": f.id,
-                "zone": f.zone,
-                "mark": f.mark,
-                "orig": asdict(f.orig),
-                "reply": asdict(f.reply),
-            }
-            for f in flows[:limit]
-        ]
-        return out, len(flows) > limit
+        if self._nft is None:  # the loop thread's own context (bound to netns)
+            self._nft = Nft(netns)
+        ref = nft.TableRef(cfg.table.family, cfg.table.name)
+        observed = self._nft.list_table(ref)
+        now = time.time()
+        groups = _reuseport(cfg, netns)
+        if observed is None:
+            return KernelView(table_at=now, reuseport=groups)
+        return KernelView(
+            table_at=now,
+            reuseport=groups,
+            table_present=True,
+            flowtables={n: tuple(sorted(f.devices)) for n, f in observed.flowtables.items()},
+            counters=_counters(self._nft.show(ref) or "") if observed.counters else {},
+        )
+
+    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """A conntrack dump with each flow's path: only when the invalidation engine
+        (whose index answers otherwise) is disabled in the config."""
+        import os
+
+        from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED, flow_doc
+        from controlplane.kernel.ctnetlink.teardown import flows_with_devices
+
+        only = os.environ.get(TESTING_ALL_OFFLOADED) != "1"
+        out: list[dict[str, Any]] = []
+        for flow, path, topo in flows_with_devices(netns, only_offloaded=only):
+            if len(out) == limit:
+                return out, True
+            doc = flow_doc(flow, None, None, {})
+            doc["orig_devices"] = [topo.name(i) for i in path.orig.devices]
+            doc["reply_devices"] = [topo.name(i) for i in path.reply.devices]
+            doc["ambiguous"] = path.ambiguous
+            out.append(doc)
+        return out, False

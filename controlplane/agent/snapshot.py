@@ -30,9 +30,11 @@ class Outcome:
 
 @dataclass(frozen=True)
 class KernelView:
-    """Refreshed periodically from the kernel by the loop thread."""
+    """Refreshed periodically from the kernel (off the loop thread); the table
+    part (``table_*``, flowtables, counters) also on every ``status`` request."""
 
-    at: float = 0.0
+    at: float = 0.0  # the whole view, conntrack counts included
+    table_at: float = 0.0  # the table part alone
     table_present: bool = False
     flowtables: dict[str, tuple[str, ...]] = field(default_factory=dict)
     counters: dict[str, dict[str, int]] = field(default_factory=dict)

@@ -157,11 +157,16 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  flowtable {name}: devices {{ {', '.join(devs)} }}")
     for name, c in sorted(k["counters"].items()):
         lines.append(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
-    lines.append(f"  conntrack entries: {k['conntrack']} ({k['offloaded']} offloaded)")
+    inv = doc.get("invalidation") or {}
+    if inv.get("enabled"):
+        lines.append(f"  offloaded flows watched by the agent: {inv.get('indexed_flows', 0)}")
+    lines.append(
+        f"  conntrack entries: {k['conntrack']} ({k['offloaded']} offloaded)"
+        + (f" as of {when(k['at'])}" if k.get("at") else "")
+    )
     if k.get("error"):
         lines.append(f"  kernel view: {k['error']}")
-    inv = doc.get("invalidation") or {}
-    if inv:
+    if inv.get("enabled"):
         causes = ", ".join(f"{c} {n}" for c, n in sorted(inv.get("by_cause", {}).items()))
         lines.append(
             f"  invalidations: {causes or 'none'}; events {inv.get('events', 0)},"
@@ -218,14 +223,24 @@ def agent_flows(netns: str | None, as_json: bool, socket_path: Path | None = Non
         resp = client.call("flows", timeout=60.0)
     if not resp.ok:
         raise EnvironmentProblem(f"agent flows: {resp.error_message}")
-    if as_json:
-        typer.echo(json.dumps(resp.result, indent=2))
-        return True
     for f in resp.result["flows"]:
-        o = f["orig"]
-        typer.echo(
-            f"id {f['id']} zone {f['zone']} {o['src']}:{o['sport']} -> {o['dst']}:{o['dport']}"
-        )
+        if as_json:  # the same lines as without an agent (cli/flows.py)
+            typer.echo(json.dumps(f, sort_keys=True))
+        else:
+            typer.echo(flow_line(f))
     if resp.result.get("truncated"):
-        typer.echo("(truncated)")
+        typer.echo("(truncated: more flows than the agent lists)", err=True)
     return True
+
+
+def flow_line(f: dict[str, Any]) -> str:
+    """One flow as ``offloadctl flows`` prints it without an agent."""
+    proto = {6: "tcp", 17: "udp"}.get(f["proto"], str(f["proto"]))
+    zone = f" zone={f['zone']}" if f["zone"] else ""
+    out = ">".join(f.get("orig_devices", [])) or "-"
+    back = ">".join(f.get("reply_devices", [])) or "-"
+    note = " (ambiguous)" if f.get("ambiguous") else ""
+    return (
+        f"{proto} {f['src']}:{f['sport']} -> {f['dst']}:{f['dport']}{zone} id={f['id']}"
+        f" out={out} back={back}{note}"
+    )

@@ -84,6 +84,10 @@ def flows(ctx: typer.Context, netns: NetnsOpt = None, as_json: JsonOpt = False) 
     """List the offloaded flows with the devices their path uses."""
     if ctx.invoked_subcommand is not None:
         return
+    from controlplane.cli.agent import agent_flows
+
+    if agent_flows(netns, as_json):  # a running agent answers from its flow index
+        return
     from controlplane.kernel.ctnetlink.teardown import flows_with_devices
 
     _require_netns(netns)

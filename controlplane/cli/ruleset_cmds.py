@@ -144,7 +144,14 @@ def status(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Owned table, ownership, drift, flowtable devices, classic-path counter, flows."""
+    """Owned table, ownership, drift, flowtable devices, classic-path counter, flows.
+
+    Answered by the namespace's agent when one runs (unless --config asks for drift)."""
+    if config is None:
+        from controlplane.cli.agent import agent_status
+
+        if agent_status(netns, as_json):
+            return
     from controlplane import service
     from controlplane.core import nft
     from controlplane.kernel import status as st

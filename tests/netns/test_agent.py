@@ -459,3 +459,63 @@ def conntrack_ids(router: str) -> dict[tuple[str, int, int], int]:
         for f in dump_flows(router)
         if f.orig.proto == 6 and f.orig.dst == SERVER
     }
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([*OFFLOADCTL, *args], capture_output=True, text=True, check=False, env=env)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def test_status_and_flows_answered_by_the_agent(
+    lab: Lab, tmp_path: Path, rundir: Path, agents: list[AgentProc]
+) -> None:
+    """``offloadctl status|flows`` read the kernel when no agent runs and ask the
+    agent (on the namespace's default socket) when one does: status with the
+    agent's counters, flows from the engine's index with the same lines."""
+    env = os.environ | {TESTING_ALL_OFFLOADED: "1"}
+    direct = cli("status", "--netns", lab.router, "--json")
+    assert direct.returncode == 0 and "ownership" in json.loads(direct.stdout)
+    flows_direct = cli("flows", "--netns", lab.router, env=env)
+    assert flows_direct.returncode == 0, flows_direct.stderr
+    tcp_direct = sorted(x for x in flows_direct.stdout.splitlines() if x.startswith("tcp "))
+    assert len(tcp_direct) == 4  # (the test switch also lists an IGMP entry: not compared)
+
+    cfg = {"version": 1, "nat": {"masquerade": [{"oifname": "wan"}]}}
+    a = AgentProc(lab.router, tmp_path, rundir, cfg)
+    a.socket = control.default_socket_path(lab.router)  # where the CLI looks
+    a.args[a.args.index("--socket") + 1] = str(a.socket)
+    a.env = env
+    agents.append(a)
+    a.start()
+    try:
+        res = cli("status", "--netns", lab.router, "--json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["pid"] == a.proc.pid if a.proc else False
+        assert doc["kernel"]["table_present"] is True
+        assert doc["invalidation"]["indexed_flows"] >= 4
+        assert {"events", "overflows", "resyncs", "by_cause"} <= doc["invalidation"].keys()
+        assert doc["last_apply"]["ok"] is True
+        text = cli("status", "--netns", lab.router)
+        assert f"agent pid {doc['pid']}" in text.stdout
+        watched = doc["invalidation"]["indexed_flows"]
+        assert f"offloaded flows watched by the agent: {watched}" in text.stdout
+        assert "last apply:" in text.stdout and "(start) ok" in text.stdout
+
+        # Flows come from the index (no dump), as the same lines the kernel gives.
+        assert a.call("flows").result["source"] == "index"
+        via_agent = cli("flows", "--netns", lab.router)
+        assert via_agent.returncode == 0, via_agent.stderr
+        assert (
+            sorted(x for x in via_agent.stdout.splitlines() if x.startswith("tcp ")) == tcp_direct
+        )
+        out = cli("flows", "--netns", lab.router, "--json").stdout
+        lines = [d for d in map(json.loads, out.splitlines()) if d["proto"] == 6]
+        assert {d["id"] for d in lines} == set(conntrack_ids(lab.router).values())
+        assert all(d["orig_devices"] and d["reply_devices"] for d in lines), lines
+    finally:
+        a.signal(signal.SIGTERM)
+        assert a.wait() == 0
+    # The agent is gone: the kernel answers again.
+    assert "ownership" in json.loads(cli("status", "--netns", lab.router, "--json").stdout)

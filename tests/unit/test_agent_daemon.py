@@ -50,8 +50,15 @@ class FakeApplier:
 
 
 class FakeObserver:
+    def __init__(self) -> None:
+        self.full = 0  # conntrack dumps (observe) taken
+
     def observe(self, cfg: Config, netns: str | None) -> KernelView:
-        return KernelView(at=1.0, table_present=True, conntrack=3, offloaded=2)
+        self.full += 1
+        return KernelView(at=1.0, table_at=1.0, table_present=True, conntrack=3, offloaded=2)
+
+    def observe_table(self, cfg: Config, netns: str | None) -> KernelView:
+        return KernelView(table_at=2.0, table_present=True, flowtables={"ft": ("lan0", "tap1")})
 
     def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         flows = [{"id": i} for i in range(5)]
@@ -205,7 +212,8 @@ def test_flows_and_bad_limit(tmp_path: Path, logbuf: io.StringIO) -> None:
     agent, _, _ = make_agent(tmp_path, logbuf)
     agent.start()
     doc = answer(agent, "flows", limit=2)["result"]
-    assert doc == {"flows": [{"id": 0}, {"id": 1}], "truncated": True}
+    # No subsystem indexes flows here: the observer's conntrack dump answers.
+    assert doc == {"flows": [{"id": 0}, {"id": 1}], "truncated": True, "source": "conntrack"}
     for bad in (-1, "3", True):
         assert answer(agent, "flows", limit=bad)["error"]["code"] == "bad_request"
 
@@ -266,3 +274,20 @@ def test_topology_change_replans_with_bounded_retries(tmp_path: Path, logbuf: io
     assert len(calls) == daemon.TOPOLOGY_ATTEMPTS
     assert agent.running is running
     assert any("gave up after 3 attempts" in d["msg"] for d in log_lines(logbuf))
+
+
+def test_status_reads_the_table_not_conntrack(tmp_path: Path, logbuf: io.StringIO) -> None:
+    """A status request must not hold the loop on a conntrack dump: the table part
+    is refreshed inline, the conntrack counts are the periodic view's."""
+    agent, _, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    observer = agent._observer
+    assert isinstance(observer, FakeObserver)
+    dumps = observer.full
+    k = answer(agent, "status")["result"]["kernel"]
+    assert observer.full == dumps
+    assert k["flowtables"] == {"ft": ["lan0", "tap1"]} and k["conntrack"] == 3
+    # An older periodic view published later keeps the fresher table part.
+    agent.publish_kernel_view(KernelView(at=1.5, table_at=1.5, conntrack=7))
+    k = answer(agent, "status")["result"]["kernel"]
+    assert k["conntrack"] == 7 and k["flowtables"] == {"ft": ["lan0", "tap1"]}

@@ -110,7 +110,8 @@ def test_link_events_and_losses_are_noticed_by_the_engine_wrapper() -> None:
         ev.EventsLost(source="rtnl"),
         ev.LinkRemoved(ifindex=7),
     ]
-    made[0].engine._inner = type("Quiet", (), {"handle": lambda s, e: (), "flush": lambda s: ()})()
+    quiet = {"handle": lambda s, e: (), "flush": lambda s: (), "__len__": lambda s: 0}
+    made[0].engine._inner = type("Quiet", (), quiet)()
     sub.on_readable()
     assert len(links) == 2  # the two link events, not the FDB one
     st = sub.stats()
