@@ -150,6 +150,12 @@ class InvalidationService:
         self._wake_r = self._wake_w = -1
         self._next_reconcile = float("inf")
         self._event_time = 0.0
+        # Entries this service re-created, by (zone, original tuple). The kernel
+        # re-offloads such an entry on its next forwarded packet and sends NO
+        # event for it (setting IPS_OFFLOAD is silent; the entry is already
+        # ASSURED), so its NEW event is the last news we get: index it as
+        # offloaded, or the next move of that flow is missed (seen in the VM).
+        self._recreated: dict[tuple[int, object], None] = {}
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -229,6 +235,8 @@ class InvalidationService:
             changes, lost = self.conntrack.poll(limit)
             for change in changes:
                 flow = self._offloaded(change.flow)
+                if change.new and self._recreated.pop((flow.zone, flow.orig), 0) is None:
+                    flow = replace(flow, status=flow.status | IPS_OFFLOAD)
                 self._handle(ev.FlowGone(flow=flow) if change.gone else ev.FlowSeen(flow=flow))
             handled += len(changes)
             if lost:
@@ -317,6 +325,10 @@ class InvalidationService:
             deleted, gone = result.deleted, result.already_gone
             self.stats.last_event_to_deleted = self._clock() - self._event_time
             if self._ct.last_deleted:
+                for flow in self._ct.last_deleted:
+                    self._recreated[(flow.zone, flow.orig)] = None
+                while len(self._recreated) > self.settings.queue_size:  # bounded
+                    del self._recreated[next(iter(self._recreated))]
                 recreated = self._ct.reinject(self._ct.last_deleted)[0]
             self.stats.teardowns += 1
             self.stats.flows_torn_down += deleted
