@@ -960,9 +960,9 @@ NSC = "nsc"  # host C on a plain routed port (neighbour-transmit control)
 class SwitchedTopology:
     """A (ns1) ── switch (nssw: swbr) ══ up1/up2 ══ p1/p2 of br0 [nsr1] wan0 ── B (ns2)::
 
-        ns1 eth0 ── down [swbr] up1 ── p1 ┐
-                                up2 ── p2 ┼ br0 10.0.1.1/24   wan0 10.0.2.1 ── eth0 ns2 (B)
-        nsg eth0 10.0.1.3 ─────────── p3 ┘                    lanc 10.0.3.1 ── eth0 nsc (C)
+        ns1 eth0 ── swa [swbr] up1 ── p1 ┐
+                               up2 ── p2 ┼ br0 10.0.1.1/24   wan0 10.0.2.1 ── eth0 ns2 (B)
+        nsg eth0 10.0.1.3 ────────── p3 ┘                    lanc 10.0.3.1 ── eth0 nsc (C)
 
     Exactly one uplink is in swbr at a time (two would make a loop: no STP); ``move()``
     swaps them, so A's MAC appears on the other port of br0 as soon as A sends a frame.
@@ -1025,7 +1025,7 @@ def build_switched() -> SwitchedTopology:
     sysctl(NSG, net__ipv4__ip_forward=1, net__ipv4__conf__all__send_redirects=0)
     sysctl(NSG, net__ipv4__conf__default__send_redirects=0)
     pairs = [
-        ("eth0", NSA, "down", NSSW),
+        ("eth0", NSA, "swa", NSSW),
         ("up1", NSSW, "p1", NSR),
         ("up2", NSSW, "p2", NSR),
         ("eth0", NSG, "p3", NSR),
@@ -1038,7 +1038,7 @@ def build_switched() -> SwitchedTopology:
         NSSW,
         [
             "link add swbr type bridge stp_state 0 forward_delay 0",
-            "link set down master swbr up",
+            "link set swa master swbr up",
             "link set up1 master swbr up",
             "link set up2 up",
             "link set swbr up",
@@ -1380,10 +1380,10 @@ class UdpDuplex:
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._beat, daemon=True),
+            threading.Thread(target=self._serve_beats, daemon=True),
             threading.Thread(target=self._serve, daemon=True),
             threading.Thread(target=self._receive, daemon=True),
         ]
-        self._peer = threading.Event()
         self._peer_addr: Any = None
 
     def start(self) -> UdpDuplex:
@@ -1398,18 +1398,20 @@ class UdpDuplex:
             n += 1
             self._stop.wait(self.beat)
 
-    def _serve(self) -> None:
-        t0 = time.monotonic()
+    def _serve_beats(self) -> None:
         while not self._stop.is_set():
             try:
-                while True:  # drain heartbeats without blocking once the peer is known
-                    _, addr = self._srv.recvfrom(64, socket.MSG_DONTWAIT if self._peer_addr else 0)
-                    self.beats += 1
-                    self._peer_addr = addr
-            except (BlockingIOError, TimeoutError):
-                pass
-            if self._peer_addr is None:
+                _, addr = self._srv.recvfrom(64)
+            except (TimeoutError, OSError):
                 continue
+            self.beats += 1
+            self._peer_addr = addr
+
+    def _serve(self) -> None:
+        while self._peer_addr is None and not self._stop.is_set():
+            self._stop.wait(0.005)
+        t0 = time.monotonic()
+        while not self._stop.is_set():
             self._srv.sendto(struct.pack("!QQ", 0xDA7A, self.sent), self._peer_addr)
             self.sent += 1
             ahead = self.sent * self.interval - (time.monotonic() - t0)
