@@ -43,6 +43,8 @@ def plan(config: ConfigArg, netns: NetnsOpt = None) -> None:
     from controlplane import service
 
     the_plan = service.plan(load(config), netns)
+    for line in the_plan.devices:  # the derived flowtable devices and why
+        typer.echo(f"# {line}")
     if the_plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return

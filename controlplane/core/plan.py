@@ -259,6 +259,8 @@ class Plan:
     summary: tuple[str, ...]
     flowtable_changes: tuple[FlowtableChange, ...] = ()
     drift: tuple[str, ...] = ()  # what differs because someone changed the table by hand
+    # Each flowtable's devices as derived from the topology, and why (core.devices.explain).
+    devices: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from controlplane.config import Config, Vlan
 from controlplane.core import nft, ownership, preflight
+from controlplane.core.devices import explain
 from controlplane.core.plan import Plan, make_plan
-from controlplane.core.render import Facts, render
+from controlplane.core.render import Facts, device_sets, render
 from controlplane.errors import (
     AfterCommitError,
     ConcurrentChange,
@@ -82,7 +83,7 @@ class RulesetService:
 
     # -- plan ------------------------------------------------------------------
 
-    def _prepare(self, cfg: Config) -> tuple[nft.Ruleset, list[Vlan]]:
+    def _prepare(self, cfg: Config) -> tuple[nft.Ruleset, list[Vlan], Facts]:
         facts = self.p.facts(cfg)
         for bridge, ports in facts.bridge_ports.items():
             problem = preflight.bridge_port_problem(bridge, ports)
@@ -93,7 +94,7 @@ class RulesetService:
         ok, why = self.p.nft.flowtables_supported() if rs.flowtables else (True, "")
         kfacts = preflight.KernelFacts(links, ok, why, self.p.netns)
         vlans = preflight.check(cfg, rs, kfacts)
-        return rs, vlans
+        return rs, vlans, facts
 
     def _observe(self, rs: nft.Ruleset) -> tuple[Plan, tuple[bool, int | None]]:
         observed = self.p.nft.list_table(rs.ref)
@@ -104,15 +105,16 @@ class RulesetService:
         return make_plan(rs, observed, adopt=adopt), seen
 
     def plan(self, cfg: Config) -> Plan:
-        rs, _ = self._prepare(cfg)
-        return self._observe(rs)[0]
+        rs, _, facts = self._prepare(cfg)
+        why = tuple(explain(device_sets(cfg, facts))) if cfg.flowtables else ()
+        return replace(self._observe(rs)[0], devices=why)
 
     # -- apply -----------------------------------------------------------------
 
     def apply(self, cfg: Config, check: bool = False) -> ApplyResult:
         start = time.perf_counter()
         with self.p.lock():
-            rs, vlans = self._prepare(cfg)
+            rs, vlans, _ = self._prepare(cfg)
             stamp = None
             if not check and not vlans and self.p.generation and self.p.stamps:
                 # Read the generation *before* listing: a change after this
