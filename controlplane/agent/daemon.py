@@ -194,6 +194,7 @@ class Agent:
             # no state write (an fsync per FDB/link burst would be the cost).
             return out
         self.running, self.running_sha = cfg, sha
+        before = self.owned
         self.owned = state_mod.AppliedState(
             netns=self.opts.netns,
             config_path=str(self.opts.config_path),
@@ -204,7 +205,9 @@ class Agent:
             reuseport_groups=tuple(sorted(res.reuseport)),
             reuseport_bpffs=cfg.reuseport.bpffs,
         )
-        state_mod.save(self.state_path, self.owned)
+        if before is None or replace(before, applied_at=out.at) != self.owned:
+            # A topology re-plan changes devices, not what we own: no fsync per join.
+            state_mod.save(self.state_path, self.owned)
         self._record(apply=out, reuseport=res.reuseport)
         verdict = f"{len(res.summary)} change(s)" if res.changed else "no changes"
         event = {"start": "apply", "topology": "topology"}.get(source, "reload")
@@ -287,6 +290,13 @@ class Agent:
         self._topology_dirty = False
         for attempt in range(1, TOPOLOGY_ATTEMPTS + 1):
             self._last_topology_apply = self._monotonic()
+            if attempt == 1:
+                self._hint_links()
+            else:
+                # Read what the watcher has queued since (the vanished device's
+                # event); the retry then plans against the kernel itself.
+                for sub in self.subsystems:
+                    sub.on_readable()
             try:
                 self._commit(self.running, self.running_sha, "topology", quiet_if_unchanged=True)
                 return
@@ -297,6 +307,23 @@ class Agent:
                         f"gave up after {attempt} attempts; next link change retries: "
                         f"{_one_line(exc)}",
                     )
+                else:
+                    self._log.info(
+                        "topology",
+                        f"attempt {attempt} refused, re-planning against what exists:"
+                        f" {_one_line(exc)}",
+                    )
+
+    def _hint_links(self) -> None:
+        """Let the applier plan from the watcher's link cache (no netlink dump):
+        the event that made us re-plan is already in it."""
+        if not hasattr(self._applier, "links_hint"):
+            return
+        for sub in self.subsystems:
+            links = getattr(sub, "links", lambda: None)()
+            if links is not None:
+                self._applier.links_hint = links
+                return
 
     def config_file_changed(self) -> Outcome | None:
         """Called when the file's stat changed: reload if its bytes did."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from controlplane.agent.logs import DecisionLog
@@ -163,6 +163,17 @@ class InvalidationSubsystem:
             # The engine's index: the offloaded flows it watches, live (no dump).
             "indexed_flows": len(self._engine) if self._engine is not None else 0,
         }
+
+    def links(self) -> Mapping[int, Any] | None:
+        """The engine's link cache (ifindex -> Link), once its first snapshot has
+        filled it; None when the engine does not run or is not ready."""
+        engine = self._engine
+        if engine is None or not getattr(engine, "ready", False):
+            return None
+        # The engine's own map, copied: topology() would copy the FDB as well
+        # (100,000 entries on a busy bridge) on every port join.
+        links: Mapping[int, Any] = dict(engine._links)
+        return links
 
     def flows(self, limit: int) -> tuple[list[dict[str, Any]], bool] | None:
         """Up to ``limit`` offloaded flows from the engine's index with the devices

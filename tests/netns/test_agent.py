@@ -28,6 +28,7 @@ import yaml
 
 from controlplane.agent import control, protocol
 from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED
+from controlplane.errors import EnvironmentProblem
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from tests.netns.conftest import sh
 from tests.netns.test_teardown import CLIENT, PORT_ZONE, SERVER, Lab, lab
@@ -519,3 +520,34 @@ def test_status_and_flows_answered_by_the_agent(
         assert a.wait() == 0
     # The agent is gone: the kernel answers again.
     assert "ownership" in json.loads(cli("status", "--netns", lab.router, "--json").stdout)
+
+
+def test_link_cache_facts_render_like_the_kernels(netns: str) -> None:
+    """A port join is planned from the watcher's link cache: the flowtable devices
+    rendered from it equal those rendered from gather_facts (the kernel's)."""
+    from controlplane.agent.linkfacts import facts_from_links
+    from controlplane.config import Config
+    from controlplane.core.render import render
+    from controlplane.kernel.rtnl import topology
+    from controlplane.kernel.rtnl.facts import gather_facts
+
+    sh("ip", "link", "add", "br0", "type", "bridge", netns=netns)
+    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1", netns=netns)
+    for i in range(3):
+        sh("ip", "link", "add", f"p{i}", "type", "veth", "peer", "name", f"q{i}", netns=netns)
+        sh("ip", "link", "set", f"p{i}", "master", "br0", netns=netns)
+    cfg = Config.model_validate(
+        {
+            "version": 1,
+            "flowtables": [{"name": "ft", "devices": ["wan0"], "bridges": ["br0"]}],
+            "policies": [{"name": "lan-wan", "flowtable": "ft"}],
+        }
+    )
+    links = topology.snapshot((), netns).links
+    cached, kernel = facts_from_links(cfg, links), gather_facts(cfg, netns)
+    assert cached.bridge_ports == kernel.bridge_ports == {"br0": ("p0", "p1", "p2")}
+    assert render(cfg, cached) == render(cfg, kernel)
+    missing = Config.model_validate({**cfg.model_dump(), "flowtables": [
+        {"name": "ft", "devices": ["wan0"], "bridges": ["br9"]}]})  # fmt: skip
+    with pytest.raises(EnvironmentProblem, match="bridge br9: no such device"):
+        facts_from_links(missing, links)
