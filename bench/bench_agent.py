@@ -9,8 +9,12 @@
    namespace: 10,000 port joins/leaves and 100,000 FDB events (the watcher and
    invalidation engine run; link events make the agent re-plan its devices).
 
-Port join latency needs flowtables (the VM): vm-tests/suite/test_agent.py
-prints it.
+3. ``--join-latency N`` (needs flowtables: the VM, ``vm-tests/run -- python
+   bench/bench_agent.py --join-latency 100``): N bridge ports joining, one at a
+   time, from the ``RTM_NEWLINK`` request (pyroute2, in-process: no ``ip``
+   start-up in the figure) to the agent's commit of that device (its JSON log
+   line), p50/p99, against the same device change sent raw through
+   libnftables (``add flowtable ... devices = { X }``) in the same run.
 """
 
 from __future__ import annotations
@@ -75,13 +79,139 @@ def wait_until(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _commit_times(log: Path, seen: int) -> tuple[dict[str, float], int]:
+    """Devices the agent committed into the flowtable -> wall-clock time of that
+    log line, from the JSON lines after ``seen`` bytes."""
+    from datetime import UTC, datetime
+
+    out: dict[str, float] = {}
+    data = log.read_bytes()
+    end = data.rfind(b"\n") + 1
+    for line in data[seen:end].splitlines():
+        doc = json.loads(line)
+        msg = doc.get("msg", "")
+        if doc.get("event") == "topology" and ": + devices {" in msg:
+            ts = datetime.strptime(doc["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            for dev in msg.split("{", 1)[1].rstrip("} ").split(", "):
+                out[dev.strip()] = ts.timestamp()
+    return out, end
+
+
+def join_latency(joins: int) -> None:
+    from pyroute2 import IPRoute
+
+    from controlplane.kernel.netns import entered
+    from controlplane.kernel.nft.libnft import Nft
+
+    ns, base = f"bench-join-{uuid.uuid4().hex[:6]}", f"bench-joinraw-{uuid.uuid4().hex[:6]}"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-join-", dir="/run"))
+    cfg = {
+        "version": 1,
+        "flowtables": [{"name": "ft", "devices": ["wan0"], "bridges": ["br0"]}],
+        "policies": [{"name": "lan-wan", "flowtable": "ft"}],
+        "nat": {"masquerade": [{"oifname": "wan0"}]},
+        "invalidation": {"enabled": True},
+    }
+    (tmp / "agent.json").write_text(json.dumps(cfg))
+    log = tmp / "agent.log"
+    proc = None
+    try:
+        for n in (ns, base):
+            sh("ip", "netns", "add", n)
+            batch = ["link add wan0 type veth peer name wan1", "link add br0 type bridge"]
+            batch += ["link set br0 up"]
+            batch += [f"link add tap{i} type veth peer name tap{i}p" for i in range(joins)]
+            sh("ip", "-n", n, "-batch", "-", input="\n".join(batch) + "\n")
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [*PY, "agent", str(tmp / "agent.json"), "--netns", ns, "--socket",
+                 str(tmp / "agent.sock"), "--state-file", str(tmp / "state.json"),
+                 "--watch-interval", "0", "--log-format", "json"],
+                stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+
+        def ready() -> bool:
+            try:
+                client = control.connect(tmp / "agent.sock")
+            except control.AgentUnavailable:
+                return False
+            if client is None:
+                return False
+            with client:
+                return bool(client.call("status", timeout=300).ok)
+
+        wait_until(ready, 300, "the agent")
+        with entered(ns):
+            ipr = IPRoute()
+        br = ipr.link_lookup(ifname="br0")[0]
+        seen = log.stat().st_size
+        lat: list[float] = []
+        for i in range(joins):
+            idx = ipr.link_lookup(ifname=f"tap{i}")[0]
+            t0 = time.time()
+            ipr.link("set", index=idx, master=br)
+            deadline = time.monotonic() + 30
+            while True:
+                got, seen_now = _commit_times(log, seen)
+                if f"tap{i}" in got:
+                    lat.append(got[f"tap{i}"] - t0)
+                    seen = seen_now
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"tap{i} not committed within 30 s; see {log}")
+                time.sleep(0.002)
+        ipr.close()
+        # Baseline: the same one-device change straight through libnftables.
+        raw_nft = Nft(base)
+        rc = raw_nft._ctx.cmd(
+            "add table inet offloadctl\n"
+            "add flowtable inet offloadctl ft { hook ingress priority 0; devices = { wan0 }; }"
+        )[0]
+        assert rc == 0, "baseline flowtable"
+        raw: list[float] = []
+        for i in range(joins):
+            t0 = time.perf_counter()
+            rc = raw_nft._ctx.cmd(
+                f"add flowtable inet offloadctl ft {{ hook ingress priority 0;"
+                f" devices = {{ tap{i} }}; }}"
+            )[0]
+            raw.append(time.perf_counter() - t0)
+            assert rc == 0, f"baseline add tap{i}"
+        p50, p99 = _percentile(lat, 0.5) * 1000, _percentile(lat, 0.99) * 1000
+        b50, b99 = _percentile(raw, 0.5) * 1000, _percentile(raw, 0.99) * 1000
+        print(f"agent port join latency, {joins} joins (baseline in the same run)")
+        print(f"{'measure':<44} {'value':>12} {'baseline':>12} {'ratio':>7}")
+        print(f"{'join -> committed, p50':<44} {p50:>10.1f}ms {b50:>10.1f}ms {p50 / b50:>6.1f}x")
+        print(f"{'join -> committed, p99':<44} {p99:>10.1f}ms {b99:>10.1f}ms {p99 / b99:>6.1f}x")
+        print(f"{'  max':<44} {max(lat) * 1000:>10.1f}ms   (baseline: raw libnftables add)")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+        for n in (ns, base):
+            subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--join-latency", type=int, default=0, metavar="N",
+        help="only measure N port joins (needs flowtables: run in the VM)",
+    )  # fmt: skip
     ap.add_argument("--rules", type=int, default=1000)
     ap.add_argument("--reloads", type=int, default=20)
     ap.add_argument("--joins", type=int, default=5000, help="join+leave cycles (2 events each)")
     ap.add_argument("--fdb", type=int, default=50000, help="FDB add+del pairs (2 events each)")
     args = ap.parse_args()
+    if args.join_latency:
+        join_latency(args.join_latency)
+        return
 
     ns, base = f"bench-agent-{uuid.uuid4().hex[:6]}", f"bench-raw-{uuid.uuid4().hex[:6]}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-agent-", dir="/run"))

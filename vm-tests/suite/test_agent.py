@@ -241,3 +241,107 @@ def test_agent_port_join_reload_and_restart(seed: Topology, agent: Agent) -> Non
     )
     if os.environ.get("VMTEST_STRICT_TIMING") == "1":
         assert max(joins) < 0.1
+
+
+# -- port join latency and devices vanishing mid-apply ---------------------------
+
+#: What the VM (TCG, ~10x slower Python than the host) meets after the link-cache
+#: fast path; the 100 ms goal is for a real host (see bench/bench_agent.py).
+JOIN_P50_BOUND = float(os.environ.get("VMTEST_JOIN_P50_BOUND", "0.5"))
+
+
+def _topology_commits(log: Path) -> list[tuple[float, str]]:
+    """(wall time, message) of the agent's topology decisions (JSON log)."""
+    out = []
+    for line in log.read_text().splitlines():
+        d = json.loads(line)
+        if d["event"] == "topology":
+            ts = datetime.strptime(d["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            out.append((ts.timestamp(), d["msg"]))
+    return out
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute
+
+    from controlplane.kernel.netns import entered
+
+    with entered(NSR):
+        return IPRoute()
+
+
+def bridge_ports(ipr: Any) -> set[str]:
+    br = ipr.link_lookup(ifname="br0")[0]
+    return {m.get("IFLA_IFNAME") for m in ipr.link("dump", master=br)}
+
+
+def test_port_join_latency(seed: Topology, agent: Agent) -> None:
+    """Ports join one at a time (RTM_NEWLINK sent in-process: no 'ip' start-up in
+    the figure); each must be committed by the agent within the bound."""
+    agent.write(config(seed))
+    agent.start()
+    joins = 20
+    ip_batch(NSR, [f"link add j{i} type veth peer name j{i}p" for i in range(joins)])
+    ipr = _iproute()
+    br = ipr.link_lookup(ifname="br0")[0]
+    lat = []
+    for i in range(joins):
+        idx = ipr.link_lookup(ifname=f"j{i}")[0]
+        t0 = time.time()
+        ipr.link("set", index=idx, master=br)
+
+        def committed(name: str = f"j{i}", since: float = t0) -> float | None:
+            for at, msg in _topology_commits(agent.log):
+                if at >= since - 0.005 and ": + devices {" in msg and name in msg:
+                    return at
+            return None
+
+        at = wait_for(committed, timeout=30, interval=0.005)
+        assert at is not None
+        lat.append(at - t0)
+    ipr.close()
+    assert {f"j{i}" for i in range(joins)} <= flowtable_devices()
+    lat.sort()
+    p50, worst = lat[len(lat) // 2], lat[-1]
+    print(
+        f"port join -> committed over {joins} joins (TCG): p50 {p50 * 1000:.0f} ms,"
+        f" max {worst * 1000:.0f} ms (bound p50 < {JOIN_P50_BOUND * 1000:.0f} ms)"
+    )
+    assert p50 < JOIN_P50_BOUND
+
+
+def test_device_deleted_during_apply(seed: Topology, agent: Agent) -> None:
+    """Ports appear on br0 and vanish again while the agent re-plans (a container
+    deleted mid-apply): the agent survives, logs its retries, and ends with the
+    flowtable devices = the bridge's real ports + wan0."""
+    import random
+
+    agent.write(config(seed))
+    agent.start()
+    ipr = _iproute()
+    br = ipr.link_lookup(ifname="br0")[0]
+    rng = random.Random(10)
+    deadline = time.monotonic() + 120
+    i = 0
+    while time.monotonic() < deadline:
+        name = f"c{i}"
+        ipr.link("add", ifname=name, kind="veth", peer=f"{name}p")
+        idx = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=idx, master=br, state="up")
+        time.sleep(rng.uniform(0.0, 0.15))  # land the delete inside the agent's apply
+        if rng.random() < 0.8:
+            ipr.link("del", index=idx)
+        i += 1
+        refused = [m for _, m in _topology_commits(agent.log) if " refused, re-planning" in m]
+        if i >= 30 and refused:
+            break
+    assert agent.proc is not None and agent.proc.poll() is None, agent.log.read_text()
+    expected = bridge_ports(ipr) | {seed.wan_dev}
+    ipr.close()
+    wait_for(lambda: flowtable_devices() == expected, timeout=60, interval=0.2, what="devices")
+    commits = _topology_commits(agent.log)
+    retries = [m for _, m in commits if " refused, re-planning" in m]
+    print(f"{i} ports added ({len(expected) - 2} kept); {len(retries)} retries: {retries[:2]}")
+    assert retries, "no apply was refused: the deletion never landed mid-apply"
+    assert agent.call("status").ok
+    assert "Traceback" not in agent.log.read_text()
