@@ -257,6 +257,8 @@ def test_topology_change_replans_with_bounded_retries(tmp_path: Path, logbuf: io
     status = answer(agent, "status")["result"]
     assert status["last_apply"]["source"] == "topology"
     assert status["last_apply"]["summary"] == ["+ device tap3"]
+    retries = [d["msg"] for d in log_lines(logbuf) if "re-planning against what exists" in d["msg"]]
+    assert [m.split(" refused")[0] for m in retries] == ["attempt 1", "attempt 2"]
 
     # Failing every time: gives up after TOPOLOGY_ATTEMPTS, keeps running, says so.
     calls = []
@@ -291,3 +293,55 @@ def test_status_reads_the_table_not_conntrack(tmp_path: Path, logbuf: io.StringI
     agent.publish_kernel_view(KernelView(at=1.5, table_at=1.5, conntrack=7))
     k = answer(agent, "status")["result"]["kernel"]
     assert k["conntrack"] == 7 and k["flowtables"] == {"ft": ["lan0", "tap1"]}
+
+
+class LinkSub:
+    """A subsystem with a link cache (the invalidation engine's), recording drains."""
+
+    name = "links"
+    epoch = 0
+
+    def __init__(self) -> None:
+        self.drained = 0
+
+    def fds(self) -> list[int]:
+        return []
+
+    def on_readable(self) -> None:
+        self.drained += 1
+
+    def tick(self) -> None: ...
+
+    def reconfigure(self, cfg: Config) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None: ...
+
+    def links(self) -> dict[int, str]:
+        return {7: "cached"}
+
+
+def test_replan_uses_link_cache_first_and_the_kernel_on_retry(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    sub = LinkSub()
+    agent.subsystems = (sub,)
+    agent.start()
+    seen: list[object] = []
+    applier.links_hint = None  # type: ignore[attr-defined]
+
+    def once_refused(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        seen.append(applier.links_hint)  # type: ignore[attr-defined]
+        applier.links_hint = None  # type: ignore[attr-defined]  # consumed, as the real one
+        if len(seen) == 1:
+            raise EnvironmentProblem("device 'c3' vanished")
+        return ApplyOutcome(True, ("+ device c4",))
+
+    applier.apply = once_refused  # type: ignore[method-assign]
+    agent.topology_changed()
+    agent.reapply_if_needed()
+    assert seen == [{7: "cached"}, None]  # cache first; the retry asks the kernel
+    assert sub.drained == 1  # after reading what the watcher queued meanwhile
