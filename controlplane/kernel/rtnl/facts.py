@@ -13,8 +13,6 @@ import errno
 from collections.abc import Iterable
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from controlplane.config import Config
 from controlplane.core.devices import unhooked_directions
 from controlplane.core.flowpath import Flow, Link, flow_egress_addresses, resolve_paths
@@ -29,6 +27,10 @@ _MAX_LOWER = 5
 
 
 def _get(ipr: Any, **kw: Any) -> Link | None:
+    # Imported here: pyroute2 costs ~170 ms to import, and a config without
+    # flowtables (gather_facts returns early) never needs it.
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         msgs = ipr.link("get", **kw)
     except NetlinkError as exc:
