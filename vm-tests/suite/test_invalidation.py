@@ -125,8 +125,10 @@ def wait_offloaded(d: TcpDuplex | UdpDuplex, proto: str = "tcp") -> Any:
     )
 
 
-def from_b(dst: str, proto: int = 6, src_mac: str | None = None):  # type: ignore[no-untyped-def]
-    """Frames B's traffic leaves the router port with, toward DST."""
+def from_b(  # type: ignore[no-untyped-def]
+    dst: str, proto: int = 6, src_mac: str | None = None, sport: int | None = None
+):
+    """Frames of B's traffic leaving the router port toward DST (from B's port SPORT)."""
 
     def match(f: Frame) -> bool:
         return (
@@ -134,6 +136,7 @@ def from_b(dst: str, proto: int = 6, src_mac: str | None = None):  # type: ignor
             and f.proto == proto
             and f.dst == dst
             and (src_mac is None or f.src_mac == src_mac)
+            and (sport is None or f.sport == sport)
         )
 
     return match
@@ -187,7 +190,9 @@ def move_and_recover(
         topo.move()
         announce(NSA, "eth0", topo.a_ip, mac)
         learned = cap.wait_first(entering_from(mac), after=t_cmd)
-        back = cap.wait_first(from_b(topo.a_ip, proto), after=learned.ts, timeout=20)
+        back = cap.wait_first(
+            from_b(topo.a_ip, proto, sport=d.server[1]), after=learned.ts, timeout=20
+        )
     assert fdb_port(NSR, "br0", mac) == new_port
     wait_for(lambda: w.teardowns(t_cmd), timeout=10, what="the watcher's teardown line")
     first_line = w.teardowns(t_cmd)[0][0]
@@ -212,7 +217,7 @@ def move_and_stall(topo: SwitchedTopology, d: TcpDuplex, window: float = STALL_W
         got = d.bulk_received
         time.sleep(window)  # an observation window, not a synchronisation
         progress = d.bulk_received - got
-        segments = cap.count(from_b(topo.a_ip), after=learned.ts)
+        segments = cap.count(from_b(topo.a_ip, sport=d.server[1]), after=learned.ts)
     still = the_entry(d)
     assert segments == 0, f"{segments} segments from B reached the new port"
     assert progress == 0, f"{progress} bytes arrived during the stall"
@@ -282,7 +287,9 @@ def test_neighbour_mac_change(net: Net, watcher: WatchProcess) -> None:
         announce(NSA, "eth0", topo.a_ip, new_mac)
         garp = cap.wait_first(entering_from(new_mac, 0x0806), after=t_cmd)
         back = cap.wait_first(
-            lambda f: from_b(topo.a_ip)(f) and f.dst_mac == new_mac, after=garp.ts, timeout=20
+            lambda f: from_b(topo.a_ip, sport=d.server[1])(f) and f.dst_mac == new_mac,
+            after=garp.ts,
+            timeout=20,
         )
     wait_for(lambda: watcher.teardowns(t_cmd), timeout=10, what="the watcher's teardown")
     causes = teardown_causes(watcher, t_cmd)
@@ -299,7 +306,9 @@ def test_neighbour_mac_change(net: Net, watcher: WatchProcess) -> None:
         announce(NSC, "eth0", topo.c_ip, c_mac)
         garp = cap.wait_first(entering_from(c_mac, 0x0806), after=t_c)
         healed = cap.wait_first(
-            lambda f: from_b(topo.c_ip)(f) and f.dst_mac == c_mac, after=garp.ts, timeout=20
+            lambda f: from_b(topo.c_ip, sport=c.server[1])(f) and f.dst_mac == c_mac,
+            after=garp.ts,
+            timeout=20,
         )
     print(f"routed control: healed by itself {(healed.ts - garp.ts) * 1000:.1f} ms after GARP")
     finish(c)
@@ -330,7 +339,9 @@ def test_route_change_new_next_hop(net: Net, watcher: WatchProcess) -> None:
                 return t
 
         t_route = in_netns(NSR, replace_route)
-        back = cap.wait_first(from_b(topo.a_service, src_mac=br_mac), after=t_route, timeout=20)
+        back = cap.wait_first(
+            from_b(topo.a_service, src_mac=br_mac, sport=d.client[1]), after=t_route, timeout=20
+        )
     wait_for(lambda: watcher.teardowns(t_route), timeout=10, what="the watcher's teardown")
     causes = teardown_causes(watcher, t_route)
     r = Recovery(back.ts - t_route, watcher.teardowns(t_route)[0][0] - t_route, causes)
@@ -353,7 +364,7 @@ def test_port_removed_from_bridge(net: Net, watcher: WatchProcess) -> None:
         t_cmd = time.time()
         ip_batch(NSR, [f"link set {old_port} nomaster"])
         topo.move()
-        back = cap.wait_first(from_b(topo.a_ip), after=t_cmd, timeout=20)
+        back = cap.wait_first(from_b(topo.a_ip, sport=d.server[1]), after=t_cmd, timeout=20)
     wait_for(lambda: watcher.teardowns(t_cmd), timeout=10, what="the watcher's teardown")
     causes = teardown_causes(watcher, t_cmd)
     r = Recovery(back.ts - t_cmd, watcher.teardowns(t_cmd)[0][0] - t_cmd, causes)

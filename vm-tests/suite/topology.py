@@ -1126,6 +1126,8 @@ class Frame:
     src: str = ""
     dst: str = ""
     proto: int = 0
+    sport: int = 0  # TCP/UDP ports (IPv4 without options)
+    dport: int = 0
 
 
 class FrameCapture:
@@ -1168,16 +1170,18 @@ class FrameCapture:
                     ts = sec + nsec / 1e9
             ethertype = struct.unpack("!H", data[12:14])[0]
             src = dst = ""
-            proto = 0
+            proto = sport = dport = 0
             if ethertype == 0x0800 and len(data) >= 34:
                 proto = data[23]
                 src, dst = socket.inet_ntoa(data[26:30]), socket.inet_ntoa(data[30:34])
+                if proto in (6, 17) and data[14] == 0x45 and len(data) >= 38:
+                    sport, dport = struct.unpack("!HH", data[34:38])
             elif ethertype == 0x0806 and len(data) >= 42:
                 src, dst = socket.inet_ntoa(data[28:32]), socket.inet_ntoa(data[38:42])
             self.frames.append(
                 Frame(
                     ts, addr[2] == PACKET_OUTGOING, _mac_text(data[6:12]), _mac_text(data[0:6]),
-                    ethertype, src, dst, proto,
+                    ethertype, src, dst, proto, sport, dport,
                 )
             )  # fmt: skip
 
