@@ -237,6 +237,13 @@ def _check_objname(name: str) -> str:
     return name
 
 
+# The parsers behind IfName and ObjName (their only validators), for code that
+# checks a name outside a model: core/nft.py calls them directly rather than
+# build a pydantic TypeAdapter per type at import (~30 M instructions each).
+check_ifname = _check_ifname
+check_objname = _check_objname
+
+
 def _no_scope(value: str) -> str:
     # Python's ipaddress accepts IPv6 zone ids ("fe80::1%wan0"); nft does not
     # take them and resolves the text as a host name instead. A zone names an

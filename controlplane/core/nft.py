@@ -16,9 +16,7 @@ from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
-
-from controlplane.config import IfName, ObjName
+from controlplane.config import check_ifname, check_objname
 from controlplane.errors import PlanError
 
 JSON = Any  # a JSON-serialisable value
@@ -260,22 +258,22 @@ class Hook(StrEnum):
 # here is our bug (the caller should have parsed it first): PlanError, exit 70.
 
 FAMILIES = frozenset({"inet", "ip", "ip6", "arp", "bridge", "netdev"})
-_OBJNAME: TypeAdapter[str] = TypeAdapter(ObjName)
-_IFNAME: TypeAdapter[str] = TypeAdapter(IfName)
 
 
 def is_objname(name: str) -> bool:
+    """Whether ``name`` passes the config's ObjName parser."""
     try:
-        _OBJNAME.validate_python(name)
-    except ValidationError:
+        check_objname(name)
+    except (ValueError, TypeError):  # TypeError: not a string
         return False
     return True
 
 
 def is_ifname(name: str) -> bool:
+    """Whether ``name`` passes the config's IfName parser."""
     try:
-        _IFNAME.validate_python(name)
-    except ValidationError:
+        check_ifname(name)
+    except (ValueError, TypeError):
         return False
     return True
 
