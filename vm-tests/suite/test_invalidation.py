@@ -242,13 +242,27 @@ def test_move_stalls_without_watcher(net: Net, nat: bool) -> None:
     finish(d)
 
 
-def assert_recoveries(name: str, rs: list[Recovery]) -> None:
-    """The median of MOVES repairs within the limit, and none stalled (all within 1 s):
-    one TCG hiccup of the shared host must not decide, a lost repair must."""
+def assert_recoveries(name: str, rs: list[Recovery], *, end_to_end: bool = False) -> None:
+    """Medians over MOVES (one TCG hiccup of the shared host must not decide; a lost repair
+    must): the repair (FDB update -> the watcher's "tore down" line, a late bound of the
+    DESTROY) within the limit, and no move left to stall (end to end within 1 s).
+
+    END_TO_END: also the median of FDB update -> B's first segment within the limit. Right
+    for UDP (a constant-rate sender); for TCP that interval adds the sender's own state (a
+    full congestion window waits for its retransmission timer, >= 200 ms), so TCP
+    scenarios report it and bound it at 1 s.
+    """
     ms = sorted(r.seconds * 1000 for r in rs)
-    print(f"{name}: recoveries {', '.join(f'{m:.1f}' for m in ms)} ms")
-    assert statistics.median(ms) <= RECOVERY_LIMIT * 1000, ms
+    repair = sorted((r.watcher_line or 0.0) * 1000 for r in rs)
+    print(
+        f"{name}: B's traffic on the new port after {', '.join(f'{m:.1f}' for m in ms)} ms;"
+        f" repaired (watcher line read) after {', '.join(f'{m:.1f}' for m in repair)} ms"
+    )
+    assert all(r.watcher_line is not None for r in rs)
+    assert statistics.median(repair) <= RECOVERY_LIMIT * 1000, repair
     assert ms[-1] <= 1000, ms
+    if end_to_end:
+        assert statistics.median(ms) <= RECOVERY_LIMIT * 1000, ms
 
 
 @pytest.mark.parametrize("nat", [True, False], ids=["masquerade", "routed"])
@@ -393,7 +407,7 @@ def test_udp_keeps_flowing_after_move(net: Net, watcher: WatchProcess) -> None:
     lost = u.sent - len(set(seqs))
     print(f"UDP: {u.sent} sent, {len(seqs)} received, {lost} lost (2 ms interval)")
     assert seqs == sorted(seqs)
-    assert_recoveries("UDP move", rs)
+    assert_recoveries("UDP move", rs, end_to_end=True)
 
 
 def test_watch_log_is_json(watcher: WatchProcess) -> None:
