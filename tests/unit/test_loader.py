@@ -325,3 +325,18 @@ def test_cli_imports_only_what_validate_needs() -> None:
     assert "controlplane.config" in loaded
     heavy = {m for m in loaded if m.startswith(("controlplane.kernel", "controlplane.cli.ruleset"))}
     assert not heavy, heavy
+
+
+def test_only_one_shot_commands_run_without_the_cycle_collector() -> None:
+    # main() turns the cyclic GC off for start-up speed; a long-running command
+    # (agent, watch, flows) must get it back before its module is even imported.
+    code = (
+        "import gc, sys\nfrom controlplane import cli\nseen = {}\norig = cli._import_area\n"
+        "def spy(m):\n    seen[m] = gc.isenabled()\n    return orig(m)\n"
+        "cli._import_area = spy\n"
+        "for argv in (['apply', '--help'], ['flows', '--help']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "print(seen['ruleset_cmds'], seen['flows'], gc.isenabled(), file=sys.stderr)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stderr.split() == ["False", "True", "True"], res.stderr
