@@ -245,9 +245,10 @@ def test_agent_port_join_reload_and_restart(seed: Topology, agent: Agent) -> Non
 
 # -- port join latency and devices vanishing mid-apply ---------------------------
 
-#: What the VM (TCG, ~10x slower Python than the host) meets after the link-cache
-#: fast path; the 100 ms goal is for a real host (see bench/bench_agent.py).
-JOIN_P50_BOUND = float(os.environ.get("VMTEST_JOIN_P50_BOUND", "0.5"))
+#: What the VM meets (TCG, Python ~10x slower than on the host): measured p50
+#: 142-160 ms, p99 265 ms over 100 joins (bench_agent.py --join-latency). The
+#: 100 ms goal is for a real host, which has no flowtables here to prove it.
+JOIN_P50_BOUND = float(os.environ.get("VMTEST_JOIN_P50_BOUND", "0.3"))
 
 
 def _topology_commits(log: Path) -> list[tuple[float, str]]:
