@@ -461,13 +461,18 @@ class Demo:
         )
         for line in self.agent.log_lines("invalidation: stale", "invalidation: tore down")[-2:]:
             print("    agent:", line, flush=True)
-        wait_for(lambda: (f := self.the(s)) and f.offloaded, timeout=20, what="re-offload")
-        say(f"re-offloaded via the new port (conntrack id {self.the(s).id})")
+        r1 = s.stop(timeout=60)
+        say(f"stream done: {r1.received} bytes, intact {r1.intact}, error {r1.error}")
 
-        # 2. The same move back with invalidation switched off (reload, no kernel change).
+        # 2. The same move back with invalidation switched off (reload, no kernel change),
+        # with a fresh stream offloaded through the host's new port.
         CONFIG.write_text(agent_config(invalidation=False))
         rel = self.agent.call("reload")
         say(f"reload with invalidation.enabled: false -> changed: {rel['changed']}")
+        s = TcpStream(NS1, NS2, self.topo.addr("ns2"), rate=8 * MiB, timeout=90).start()
+        s.wait_received(2 * MiB, timeout=60)
+        wait_for(lambda: (f := self.the(s)) and f.offloaded, timeout=20, what="[OFFLOAD]")
+        say(f"new stream {s.client} -> {s.server} offloaded via {self.new_port}; moving back")
         self._move(new, old)
         self._dev_now = old
         without = self._recovery(s, timeout=STALL_WINDOW)
@@ -520,9 +525,9 @@ class Demo:
             "without_window_s": STALL_WINDOW,
             "without_still_offloaded": stalled_offloaded,
             "manual_stall_s": manual_stall,
-            "stream_intact": r.intact,
-            "stream_bytes": r.received,
-            "stream_error": r.error,
+            "stream_intact": r.intact and r1.intact,
+            "stream_bytes": r.received + r1.received,
+            "stream_error": r1.error or r.error,
         }
 
     def the(self, s: TcpStream) -> Any:

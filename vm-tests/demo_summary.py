@@ -98,7 +98,7 @@ def rows_agent(a: dict[str, Any] | None, problems: list[str]) -> list[tuple[str,
         )
         rows.append(
             (
-                "the stream across both moves",
+                "the streams across the moves",
                 f"{mib(m['stream_bytes'])}, intact {m['stream_intact']},"
                 f" error {m['stream_error'] or 'none'}",
                 "",
