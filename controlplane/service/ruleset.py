@@ -21,7 +21,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from controlplane.config import Config, Vlan
 from controlplane.core import nft, ownership, preflight
@@ -35,7 +35,9 @@ from controlplane.errors import (
     EnvironmentProblem,
     KernelError,
 )
-from controlplane.kernel.ports import CtPort, LockPort, NftPort, RtnlPort, TeardownResult
+
+if TYPE_CHECKING:  # Protocols only: importing kernel.ports pulls in the BPF adapters
+    from controlplane.kernel.ports import CtPort, LockPort, NftPort, RtnlPort, TeardownResult
 
 __all__ = ["ApplyResult", "Ports", "RulesetService", "apply", "flush", "plan", "real_ports"]
 
