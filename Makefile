@@ -44,6 +44,8 @@ bench-host: setup
 
 bench-vm: setup
 	$(PY) vm-tests/run --results build/vm-bench -- $(CURDIR)/$(PY) vm-tests/bench_vm.py
+	$(PY) vm-tests/run --results build/vm-bench-invalidation -- \
+	    $(CURDIR)/$(PY) vm-tests/bench_invalidation_vm.py --runs 5
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache
