@@ -46,6 +46,8 @@ bench-vm: setup
 	$(PY) vm-tests/run --results build/vm-bench -- $(CURDIR)/$(PY) vm-tests/bench_vm.py
 	$(PY) vm-tests/run --results build/vm-bench-invalidation -- \
 	    $(CURDIR)/$(PY) vm-tests/bench_invalidation_vm.py --runs 5
+	$(PY) vm-tests/run --results build/vm-bench-agent -- \
+	    $(CURDIR)/$(PY) bench/bench_agent.py --join-latency 100
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache
