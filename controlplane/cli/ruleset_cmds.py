@@ -48,10 +48,10 @@ def plan(config: ConfigArg, netns: NetnsOpt = None) -> None:
     if the_plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
-    for line in the_plan.summary:
-        typer.echo(line)
-    for line in the_plan.drift:
-        typer.echo(f"drift: {line}")
+    # One write for the whole listing (echo flushes per call: 1,000 rules, 1,000 writes).
+    lines = [*the_plan.summary, *(f"drift: {line}" for line in the_plan.drift)]
+    if lines:
+        typer.echo("\n".join(lines))
     raise typer.Exit(1)
 
 
@@ -71,8 +71,8 @@ def apply(
     if res.plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
-    for line in res.plan.summary:
-        typer.echo(line)
+    if res.plan.summary:  # one write (see plan)
+        typer.echo("\n".join(res.plan.summary))
     if res.checked_only:
         typer.echo("check passed: the kernel accepts this transaction (not committed)")
         return
