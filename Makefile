@@ -14,8 +14,12 @@ lint: setup
 	$(VENV)/bin/ruff check controlplane tests vm-tests bench examples
 	$(VENV)/bin/ruff format --check controlplane tests vm-tests bench examples
 
+# Tests, VM drivers, benchmarks and examples are type-checked as strictly as the package.
 typecheck: setup
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict tests
+	MYPYPATH=vm-tests/suite $(VENV)/bin/mypy --strict vm-tests/suite vm-tests/*.py
+	$(VENV)/bin/mypy --strict bench examples
 
 unit: setup
 	$(PY) -m pytest -q tests/unit

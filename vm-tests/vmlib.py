@@ -260,7 +260,9 @@ class _Cpio:
         self.buf = io.BytesIO()
         self.ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)):
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         namez = name.encode() + b"\0"
         hdr = "070701" + "".join(
             f"{v:08x}"

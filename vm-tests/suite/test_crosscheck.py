@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any, Literal
 
 import pytest
 from topology import (
     NS1,
     NS2,
     NSR,
+    CtEntry,
     MiB,
     TcpStream,
     Topology,
@@ -99,7 +102,13 @@ CASES = [
 
 
 @pytest.mark.parametrize(("kind", "v", "client", "direction"), CASES)
-def test_offload(make_topology, kind: str, v: int, client: str, direction: str) -> None:
+def test_offload(
+    make_topology: Callable[[str], Topology],
+    kind: str,
+    v: Literal[4, 6],
+    client: str,
+    direction: Literal["download", "upload"],
+) -> None:
     topo = make_topology(kind)
     nft_apply(NSR, ruleset(topo))
     add_observer(NSR)
@@ -107,9 +116,9 @@ def test_offload(make_topology, kind: str, v: int, client: str, direction: str) 
         client_ns, server_ns, server = NS1, NS2, topo.addr("ns2", v)
     else:
         client_ns, server_ns, server = NS2, NS1, topo.addr("ns1", v)
-    seen: dict[str, list] = {}
+    seen: dict[str, list[CtEntry]] = {}
 
-    def inspect(res) -> None:
+    def inspect(res: Any) -> None:
         seen["entries"] = flow_entries(NSR, res)
 
     res = tcp_transfer(
@@ -135,7 +144,7 @@ def test_control_without_flow_add(seed: Topology) -> None:
     """Without ``flow add`` the same counters see the whole transfer (the classic path)."""
     nft_apply(NSR, ruleset(seed, offload=False))
     add_observer(NSR)
-    entries: list = []
+    entries: list[CtEntry] = []
     res = tcp_transfer(
         NS1,
         NS2,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from topology import (
@@ -85,7 +85,7 @@ def flowtable_devices() -> set[str]:
     raise LookupError("no flowtable")
 
 
-def download(topo: Topology, v: int = 4, size: int = SIZE) -> tuple[bool, int, int]:
+def download(topo: Topology, v: Literal[4, 6] = 4, size: int = SIZE) -> tuple[bool, int, int]:
     """(offloaded while open, classic packets LAN→WAN, classic packets WAN→LAN)."""
     seen: dict[str, Any] = {}
     for name in ("in_lan", "in_wan"):
@@ -94,7 +94,7 @@ def download(topo: Topology, v: int = 4, size: int = SIZE) -> tuple[bool, int, i
     def before_close(res: Any) -> None:
         seen["ct"] = find_conntrack(NSR, sport=res.client[1], dport=res.server[1], family=v)
 
-    res = tcp_transfer(NS1, NS2, topo.addr("ns2", v), size, before_close=before_close)  # type: ignore[arg-type]
+    res = tcp_transfer(NS1, NS2, topo.addr("ns2", v), size, before_close=before_close)
     assert res.intact, res
     offloaded = any(e.offloaded for e in seen["ct"])
     lan = observer_counter(NSR, "in_lan").packets
@@ -197,10 +197,11 @@ table inet pmtu {
 """,
     )
     observe_directions(topology)
-    for v, counter in ((4, "frag_needed"), (6, "too_big")):
+    cases: tuple[tuple[Literal[4, 6], str], ...] = ((4, "frag_needed"), (6, "too_big"))
+    for v, counter in cases:
         seen: dict[str, Any] = {}
 
-        def before_close(res: Any, v: int = v, seen: dict[str, Any] = seen) -> None:
+        def before_close(res: Any, v: Literal[4, 6] = v, seen: dict[str, Any] = seen) -> None:
             seen["ct"] = find_conntrack(NSR, sport=res.client[1], dport=res.server[1], family=v)
 
         res = tcp_transfer(
@@ -209,7 +210,7 @@ table inet pmtu {
             topology.addr("ns2", v),
             SIZE,
             direction="upload",
-            before_close=before_close,  # type: ignore[arg-type]
+            before_close=before_close,
         )
         assert res.intact, res
         assert any(e.offloaded for e in seen["ct"]), seen

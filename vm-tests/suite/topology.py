@@ -123,7 +123,9 @@ def _family(addr: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
 
 
-def netns_socket(ns: str, family: socket.AddressFamily, kind: int = socket.SOCK_STREAM):
+def netns_socket(
+    ns: str, family: socket.AddressFamily, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
     """A socket living in network namespace NS (usable from any thread)."""
     return in_netns(ns, lambda: socket.socket(family, kind))
 
@@ -332,7 +334,7 @@ def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def ping(ns: str, addr: str, timeout: float = 1.0) -> bool:
@@ -373,8 +375,8 @@ def ping(ns: str, addr: str, timeout: float = 1.0) -> bool:
 def wait_connectivity(topo: Topology, timeout: float = 10.0) -> None:
     """Wait until ns1 reaches ns2 over v4 and v6 through the router (before any ruleset)."""
     deadline = time.monotonic() + timeout
-    for v in (4, 6):
-        while not topo.ping(v, timeout=0.5):  # type: ignore[arg-type]
+    for v in (4, 6):  # type: Literal[4, 6]
+        while not topo.ping(v, timeout=0.5):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{topo.kind}: ns1 cannot reach ns2 over IPv{v}")
 
@@ -825,7 +827,7 @@ def flow_entries(ns: str, res: TransferResult | StreamResult | Any) -> list[CtEn
 
 
 def wait_for(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.1, what: str = ""
+    predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.1, what: str = ""
 ) -> T:
     """Poll PREDICATE until it returns something truthy (returned); TimeoutError otherwise."""
     deadline = time.monotonic() + timeout
