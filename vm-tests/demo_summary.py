@@ -93,7 +93,11 @@ def rows_agent(a: dict[str, Any] | None, problems: list[str]) -> list[tuple[str,
                     else f"{wo:.0f} ms"
                 )
                 + f"{', flow [OFFLOAD] on the old port' if m['without_still_offloaded'] else ''};"
-                f" {m['manual_stall_s']:.1f} s until a manual teardown",
+                + (
+                    f" {m['manual_stall_s']:.1f} s with a manual teardown"
+                    if m["manual_stall_s"] is not None
+                    else " no recovery after a manual teardown"
+                ),
             )
         )
         rows.append(
