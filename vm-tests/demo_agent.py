@@ -461,7 +461,7 @@ class Demo:
         )
         for line in self.agent.log_lines("invalidation: stale", "invalidation: tore down")[-2:]:
             print("    agent:", line, flush=True)
-        r1 = s.stop(timeout=60)
+        r1 = s.stop(timeout=60 if s.alive else 5)
         say(f"stream done: {r1.received} bytes, intact {r1.intact}, error {r1.error}")
 
         # 2. The same move back with invalidation switched off (reload, no kernel change),
@@ -515,7 +515,7 @@ class Demo:
         )
         CONFIG.write_text(agent_config())
         self.agent.call("reload")
-        r = s.stop(timeout=60)
+        r = s.stop(timeout=60 if s.alive else 5)
         say(f"stream done: {r.received} bytes, intact {r.intact}, error {r.error}")
         self.out["move"] = {
             "with_invalidation_ms": None if with_inv is None else with_inv * 1000,
