@@ -446,6 +446,9 @@ def _preflight() -> None:
         raise VMError(f"{QBOOT} not found: apt-get install qemu-system-x86 (`make setup`)")
 
 
+MACHINE_LOCK = Path("/run/lock/offloadctl-vm.lock")
+
+
 class _Lock:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -479,7 +482,9 @@ def run(cfg: RunConfig) -> int:
         _check_path(label, p)
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     cfg.results.mkdir(parents=True, exist_ok=True)
-    with _Lock(BUILD_DIR / "lock"):
+    # One VM per machine, not per checkout: two TCG guests on 2 cores starve each
+    # other into timeouts (a CI clone and a work tree must wait for each other).
+    with _Lock(MACHINE_LOCK):
         kernel = find_kernel()
         vmlinux = uncompressed_kernel(kernel)
         initrd = initramfs(kernel)
