@@ -84,22 +84,50 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _commit_times(log: Path, seen: int) -> tuple[dict[str, float], int]:
-    """Devices the agent committed into the flowtable -> wall-clock time of that
-    log line, from the JSON lines after ``seen`` bytes."""
+def _commit_times(log: Path, seen: int) -> tuple[dict[str, tuple[float, dict[str, Any]]], int]:
+    """Devices the agent committed into the flowtable -> (wall-clock time of that
+    log line, the fields of the topology commit line before it: timing breakdown),
+    from the JSON lines after ``seen`` bytes."""
     from datetime import UTC, datetime
 
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, dict[str, Any]]] = {}
     data = log.read_bytes()
     end = data.rfind(b"\n") + 1
+    commit: dict[str, Any] = {}
     for line in data[seen:end].splitlines():
         doc = json.loads(line)
         msg = doc.get("msg", "")
-        if doc.get("event") == "topology" and ": + devices {" in msg:
+        if doc.get("event") != "topology":
+            continue
+        if msg.startswith("committed"):
+            commit = doc
+        elif ": + devices {" in msg:
             ts = datetime.strptime(doc["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
             for dev in msg.split("{", 1)[1].rstrip("} ").split(", "):
-                out[dev.strip()] = ts.timestamp()
+                out[dev.strip()] = (ts.timestamp(), commit)
     return out, end
+
+
+def _breakdown(samples: list[tuple[float, float, dict[str, Any]]]) -> list[tuple[str, float]]:
+    """Median milliseconds per stage of a join, from (request time, commit line
+    time, commit fields) samples; the stages add up to about the median total."""
+    stages: dict[str, list[float]] = {}
+
+    def add(name: str, ms: float) -> None:
+        stages.setdefault(name, []).append(ms)
+
+    for t0, t_done, doc in samples:
+        read_at = float(doc.get("event_read_at", 0.0))
+        if not read_at:
+            continue
+        add("request -> agent reads the link event", (read_at - t0) * 1000)
+        add("  watcher decode + engine", float(doc.get("handle_ms", 0.0)))
+        add("  wait before re-plan", float(doc.get("wait_ms", 0.0)))
+        for name, ms in dict(doc.get("phases_ms") or {}).items():
+            add(f"  apply: {name}", float(ms))
+        add("  apply total (incl. reuseport, logging)", float(doc.get("ms", 0.0)))
+        add("request -> device line logged", (t_done - t0) * 1000)
+    return [(name, statistics.median(v)) for name, v in stages.items()]
 
 
 def join_latency(joins: int) -> None:
@@ -151,6 +179,7 @@ def join_latency(joins: int) -> None:
         br = ipr.link_lookup(ifname="br0")[0]
         seen = log.stat().st_size
         lat: list[float] = []
+        samples: list[tuple[float, float, dict[str, Any]]] = []
         for i in range(joins):
             idx = ipr.link_lookup(ifname=f"tap{i}")[0]
             t0 = time.time()
@@ -159,7 +188,9 @@ def join_latency(joins: int) -> None:
             while True:
                 got, seen_now = _commit_times(log, seen)
                 if f"tap{i}" in got:
-                    lat.append(got[f"tap{i}"] - t0)
+                    done_at, fields = got[f"tap{i}"]
+                    lat.append(done_at - t0)
+                    samples.append((t0, done_at, fields))
                     seen = seen_now
                     break
                 if time.monotonic() > deadline:
@@ -189,6 +220,9 @@ def join_latency(joins: int) -> None:
         print(f"{'join -> committed, p50':<44} {p50:>10.1f}ms {b50:>10.1f}ms {p50 / b50:>6.1f}x")
         print(f"{'join -> committed, p99':<44} {p99:>10.1f}ms {b99:>10.1f}ms {p99 / b99:>6.1f}x")
         print(f"{'  max':<44} {max(lat) * 1000:>10.1f}ms   (baseline: raw libnftables add)")
+        print("where a join's time goes (median per stage):")
+        for name, ms in _breakdown(samples):
+            print(f"  {name:<52} {ms:>8.1f}ms")
     finally:
         if proc is not None:
             proc.terminate()

@@ -116,6 +116,10 @@ class Agent:
         self._rejected_sha = ""  # a bad file we already reported (don't repeat every poll)
         self._topology_dirty = False
         self._last_topology_apply = 0.0
+        # When the first link event of a pending re-plan was read (wall clock) and
+        # handled: logged with the commit, so a join's latency can be broken down.
+        self._event_woke_at = 0.0
+        self._event_handled_at = 0.0
         self.control_stats: Callable[[], dict[str, int]] = dict
         self._snap = Snapshot(
             version=version,
@@ -166,7 +170,13 @@ class Agent:
     # -- apply / reload -----------------------------------------------------
 
     def _commit(
-        self, cfg: Config, sha: str, source: str, *, quiet_if_unchanged: bool = False
+        self,
+        cfg: Config,
+        sha: str,
+        source: str,
+        *,
+        quiet_if_unchanged: bool = False,
+        timing: dict[str, float] | None = None,
     ) -> Outcome:
         start = time.monotonic()
         try:
@@ -211,8 +221,15 @@ class Agent:
         self._record(apply=out, reuseport=res.reuseport)
         verdict = f"{len(res.summary)} change(s)" if res.changed else "no changes"
         event = {"start": "apply", "topology": "topology"}.get(source, "reload")
+        extra: dict[str, Any] = dict(timing or {})
+        if timing is not None:
+            extra["phases_ms"] = res.phases
         self._log.info(
-            event, f"committed: {verdict}", source=source, ms=round(out.seconds * 1000, 1)
+            event,
+            f"committed: {verdict}",
+            source=source,
+            ms=round(out.seconds * 1000, 1),
+            **extra,
         )
         for line in res.summary:
             self._log.info(event, line.strip(), source=source)
@@ -269,6 +286,10 @@ class Agent:
 
     def topology_changed(self) -> None:
         """A link appeared, vanished or changed master: bridge ports may differ."""
+        if not self._topology_dirty:
+            self._event_handled_at = self._clock()
+            woke = [getattr(sub, "woke_at", 0.0) for sub in self.subsystems]
+            self._event_woke_at = max(woke, default=0.0) or self._event_handled_at
         self._topology_dirty = True
 
     def reapply_deadline(self) -> float | None:
@@ -288,6 +309,13 @@ class Agent:
         if self._monotonic() < self._last_topology_apply + TOPOLOGY_MIN_GAP:
             return
         self._topology_dirty = False
+        planned_at = self._clock()
+        timing = {
+            # wall clock: the bench compares it with when it asked for the join
+            "event_read_at": round(self._event_woke_at, 4),
+            "handle_ms": round((self._event_handled_at - self._event_woke_at) * 1000, 1),
+            "wait_ms": round((planned_at - self._event_handled_at) * 1000, 1),
+        }
         for attempt in range(1, TOPOLOGY_ATTEMPTS + 1):
             self._last_topology_apply = self._monotonic()
             if attempt == 1:
@@ -298,7 +326,13 @@ class Agent:
                 for sub in self.subsystems:
                     sub.on_readable()
             try:
-                self._commit(self.running, self.running_sha, "topology", quiet_if_unchanged=True)
+                self._commit(
+                    self.running,
+                    self.running_sha,
+                    "topology",
+                    quiet_if_unchanged=True,
+                    timing=timing,
+                )
                 return
             except ControlPlaneError as exc:
                 if attempt == TOPOLOGY_ATTEMPTS:

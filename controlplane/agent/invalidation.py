@@ -108,6 +108,7 @@ class InvalidationSubsystem:
         self.restarts = 0
         self.epoch = 0
         self._next_reconcile = float("inf")
+        self.woke_at = 0.0  # wall clock of the last read of the sockets (join latency)
 
     # -- Subsystem ----------------------------------------------------------
 
@@ -117,6 +118,7 @@ class InvalidationSubsystem:
     def on_readable(self) -> None:
         if self._service is None:
             return
+        self.woke_at = time.time()
         try:
             self._service.step(timeout=0)
         except (ControlPlaneError, OSError) as exc:

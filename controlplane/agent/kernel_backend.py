@@ -72,8 +72,10 @@ class KernelApplier:
     def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
         start = time.perf_counter()
         summary: list[str] = []
+        phases: dict[str, float] = {}
         try:
             res = self._ruleset(netns).apply(cfg)
+            phases = {name: round(t * 1000, 1) for name, t in res.phases}
         except AfterCommitError as exc:
             # Committed: the new ruleset is in place, so it is the running one now;
             # the failed follow-up (flow teardown) is reported, not rolled back.
@@ -90,6 +92,7 @@ class KernelApplier:
             summary=tuple(summary),
             seconds=time.perf_counter() - start,
             reuseport=groups,
+            phases=phases,
         )
 
     def _reuseport(

@@ -21,6 +21,9 @@ class ApplyOutcome:
     seconds: float = 0.0
     # reuseport group -> facts (prog id, pin dir, already loaded...)
     reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Milliseconds per apply phase (lock, prepare, list+plan or plan, commit...):
+    # logged with a topology commit so a join's latency can be broken down.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class Applier(Protocol):

@@ -297,3 +297,98 @@ def test_apply_path_does_not_import_pyroute2() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout == "[]\n", res.stdout
+
+
+def test_device_changes_plan_against_the_remembered_table_until_another_commit() -> None:
+    fake = FakeNft()
+    ct = FakeCt()
+    ports, _ = _ports(fake, ct=ct)
+    ports.generation = lambda: fake.generation
+    svc = RulesetService(ports)
+    svc.apply(cfg(["a"]))  # creates the table: not a device-only change, nothing remembered
+    assert svc.apply(cfg(["a", "b"])).listed  # lists; a device-only commit is remembered
+    lists = fake.lists
+    res = svc.apply(cfg(["b"]))  # a port leaves
+    assert not res.listed and fake.lists == lists
+    assert fake.table is not None and fake.table.flowtables["ft"].devices == {"b"}
+    assert ct.calls[-1] == {"a"}  # its flows are torn down as after a listing
+    assert not svc.apply(cfg(["a", "b"])).listed  # a port joins
+    assert fake.table.flowtables["ft"].devices == {"a", "b"}
+    assert svc.apply(cfg(["a", "b"])).plan.empty and fake.lists == lists  # nothing sent
+    # a's counter came back in a commit we did not list: its handle is unknown,
+    # so a's next leave (delete by handle) is planned against a listing
+    res = svc.apply(cfg(["b"]))
+    assert res.listed and fake.lists == lists + 1
+    assert fake.table is not None and fake.table.flowtables["ft"].devices == {"b"}
+    assert "classic_in_a" not in fake.table.counters
+    lists = fake.lists
+    assert not svc.apply(cfg(["a", "b"])).listed and fake.lists == lists
+    fake.hand_add_set("extra")  # anyone's commit bumps the generation: list again
+    res = svc.apply(cfg(["a"]))
+    assert res.listed and fake.lists == lists + 1
+    assert fake.table is not None and not fake.table.sets  # drift restored by content
+    assert fake.table.flowtables["ft"].devices == {"a"}
+
+
+def test_a_commit_that_was_not_the_only_one_is_not_remembered() -> None:
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    ports.generation = lambda: fake.generation
+    svc = RulesetService(ports)
+    svc.apply(cfg(["a"]))
+    svc.apply(cfg(["a", "b"]))
+
+    def elsewhere() -> None:  # another table's commit, between our read and our commit
+        fake.generation += 1
+
+    fake.before_run.append(lambda: _once(fake, elsewhere))
+    assert not svc.apply(cfg(["b"])).listed
+    assert svc.apply(cfg(["a", "b"])).listed  # generation moved by 2: unproven, listed
+
+
+def test_another_writer_after_our_generation_read_loses_to_the_serial() -> None:
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    ports.generation = lambda: fake.generation
+    svc = RulesetService(ports)
+    svc.apply(cfg(["a"]))
+    svc.apply(cfg(["a", "b"]))
+    other = RulesetService(_ports(fake)[0])
+    # Races the remembered plan: it commits after our generation read.
+    fake.before_run.append(lambda: _once(fake, lambda: other.apply(cfg(["a"]))))
+    with pytest.raises(ConcurrentChange):
+        svc.apply(cfg(["b"]))
+    assert fake.table is not None and fake.table.flowtables["ft"].devices == {"a"}
+    res = svc.apply(cfg(["b"]))
+    assert res.listed and fake.table.flowtables["ft"].devices == {"b"}
+
+
+def test_only_device_and_serial_changes_are_derived_without_a_listing() -> None:
+    from controlplane.core.plan import Observed, ObservedFlowtable, Plan
+    from controlplane.service.ruleset import _follows, after_device_change
+
+    obs = Observed(flowtables={"ft": ObservedFlowtable("ft", 0, frozenset({"a"}), handle=4)})
+    obs = replace_serial(obs, 7)
+    ft = nft.Flowtable("ft", 0, ("b",))
+    joined = Plan(REF, (nft.SwapSerial(7, 8), nft.AddFlowtable(ft)), ())
+    after = after_device_change(obs, joined)
+    assert after is not None and after.serial == 8
+    assert after.flowtables["ft"].devices == {"a", "b"} and after.flowtables["ft"].handle == 4
+    left = Plan(REF, (nft.SwapSerial(8, 9), nft.DeleteFlowtableDevices("ft", ("a",))), ())
+    again = after_device_change(after, left)
+    assert again is not None and again.flowtables["ft"].devices == {"b"}
+    assert after_device_change(obs, Plan(REF, (nft.SwapSerial(6, 8),), ())) is None  # not ours
+    redefined = nft.AddFlowtable(nft.Flowtable("ft", 5, ("b",)))
+    assert after_device_change(obs, Plan(REF, (nft.SwapSerial(7, 8), redefined), ())) is None
+    counted = after_device_change(obs, Plan(REF, (nft.AddCounter("c"),), ()))
+    assert counted is not None and counted.counters == {"c": 0}  # handle unknown
+    assert after_device_change(obs, Plan(REF, (nft.DeleteChain("forward"),), ())) is None
+    assert _follows(3, 4) and not _follows(3, 5)
+    assert _follows("9:41", "9:42") and not _follows("9:41", "8:42")
+    assert _follows("9:4294967295", "9:1")  # the kernel skips 0 on wrap
+
+
+def replace_serial(obs: Any, serial: int) -> Any:
+    from dataclasses import replace
+
+    return replace(obs, serial=serial)
