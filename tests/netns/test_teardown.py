@@ -412,3 +412,51 @@ def test_conntrack_event_loss_is_reported_not_silent(netns: str) -> None:
         assert lost
         assert events.lost >= 1
         assert len(events.dump()) == 3000  # what the caller re-reads after a loss
+
+
+def test_reinjected_entry_carries_a_window_scaled_bulk_stream(lab: Lab) -> None:
+    """A full-speed masqueraded download (window scaling on, as Linux always
+    negotiates) survives delete + re-create byte-exact, with no reset.
+
+    The re-created entry has lost the handshake, so conntrack does not know the
+    window scale factors: with strict window tracking every scaled window looks
+    ~128x too small, the next full-size flight is "out of window", the packet is
+    INVALID, skips de-NAT and reaches the router's own stack, which answers RST
+    (the failure found in the VM demo). Re-created TCP entries are therefore
+    marked liberal, as the kernel marks every offloaded TCP flow and every
+    mid-stream pickup."""
+    total = 24 << 20
+    with entered(lab.server):
+        listener = socket.create_server(("0.0.0.0", 6001))
+    with entered(lab.clients["A"]):
+        client = socket.create_connection((SERVER, 6001), timeout=5)
+    conn, _ = listener.accept()
+    sent_error: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            block = bytes(range(256)) * 256
+            for _ in range(total // len(block)):
+                conn.sendall(block)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            sent_error.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    try:
+        client.settimeout(10)
+        sender.start()
+        got = bytearray()
+        while len(got) < total // 8:
+            got += client.recv(1 << 20)
+        report = teardown_flows_via({"p1"}, netns=lab.router, only_offloaded=False)
+        assert report.recreated >= 1
+        while chunk := client.recv(1 << 20):
+            got += chunk
+        sender.join(10)
+        assert not sent_error, sent_error
+        assert len(got) == total
+        assert bytes(got) == (bytes(range(256)) * 256) * (total // 65536)
+    finally:
+        for s in (client, conn, listener):
+            s.close()

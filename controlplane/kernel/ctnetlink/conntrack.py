@@ -73,6 +73,9 @@ CTA_TIMEOUT = 7
 CTA_NAT_DST = 13
 CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
+CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 CTA_NAT_V4_MINIP = 1
 CTA_NAT_V4_MAXIP = 2
 CTA_NAT_PROTO = 3
@@ -239,7 +242,8 @@ def encode_create(flow: Flow, timeout: int, seq: int) -> bytes:
     RST, and a silent client never sends the packet that would re-create the
     mapping. Re-creating the entry (what conntrackd does for fail-over) keeps
     the flow on the classic path without a gap. Window tracking restarts from
-    the next packet (td_maxwin = 0), as the kernel's own flowtable teardown does.
+    the next packet (td_maxwin = 0), as the kernel's own flowtable teardown does,
+    and is liberal (see below), as it is for the offloaded flow it replaces.
     """
     nat = flow.status & (IPS_SRC_NAT | IPS_DST_NAT)
     # With NAT the reply tuple must be the un-NATed inverse of orig: the kernel
@@ -266,7 +270,22 @@ def encode_create(flow: Flow, timeout: int, seq: int) -> bytes:
     ]
     if flow.orig.proto == IPPROTO_TCP:
         state = nla(CTA_PROTOINFO_TCP_STATE, bytes([TCP_CONNTRACK_ESTABLISHED]))
-        parts.append(nest(CTA_PROTOINFO, nest(CTA_PROTOINFO_TCP, state)))
+        # Liberal window tracking in both directions (struct nf_ct_tcp_flags:
+        # flags, mask). The handshake is lost, so conntrack cannot know the
+        # window scale factors: strictly tracked, a scaled window looks ~128x
+        # too small, the next full flight is "out of window" and INVALID, skips
+        # de-NAT, reaches the router's own stack and is answered with a RST
+        # (the reset after a teardown, VM demo and tests/netns/test_teardown.py).
+        # The kernel marks every offloaded TCP flow liberal (nft_flow_offload)
+        # and every mid-stream pickup too; the re-created entry matches them.
+        liberal = bytes([IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL])
+        tcp = nest(
+            CTA_PROTOINFO_TCP,
+            state,
+            nla(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, liberal),
+            nla(CTA_PROTOINFO_TCP_FLAGS_REPLY, liberal),
+        )
+        parts.append(nest(CTA_PROTOINFO, tcp))
     if flow.status & IPS_SRC_NAT:  # translated source = where replies are sent
         parts.append(_nat_range(CTA_NAT_SRC, flow.orig.family, flow.reply.dst, flow.reply.dport))
     if flow.status & IPS_DST_NAT:  # translated destination = who replies
