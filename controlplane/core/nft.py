@@ -73,12 +73,19 @@ def match_l4proto(protos: list[str]) -> Stmt:
     )
 
 
-def match_nfproto(version: int) -> Stmt:
-    name = "ipv4" if version == 4 else "ipv6"
+def _nfproto(name: str) -> Stmt:
     return _stmt(
         {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": name}},
         f"meta nfproto {name}",
     )
+
+
+# Built once: nearly every NAT rule carries one (a Stmt and its JSON are never mutated).
+_NFPROTO = {4: _nfproto("ipv4"), 6: _nfproto("ipv6")}
+
+
+def match_nfproto(version: int) -> Stmt:
+    return _NFPROTO[4 if version == 4 else 6]
 
 
 def match_prefixes(fieldname: str, nets: list[IPv4Network] | list[IPv6Network]) -> Stmt:
@@ -225,14 +232,16 @@ def masquerade() -> Stmt:
 
 def snat(addr: IPv4Address | IPv6Address) -> Stmt:
     fam = "ip" if addr.version == 4 else "ip6"
-    shown = str(addr) if addr.version == 4 else f"[{addr}]"
-    return _stmt({"snat": {"family": fam, "addr": str(addr)}}, f"snat {fam} to {shown}")
+    text = str(addr)  # once: ipaddress formats on every str()
+    shown = text if addr.version == 4 else f"[{text}]"
+    return _stmt({"snat": {"family": fam, "addr": text}}, f"snat {fam} to {shown}")
 
 
 def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
     fam = "ip" if addr.version == 4 else "ip6"
-    obj: dict[str, JSON] = {"family": fam, "addr": str(addr)}
-    shown = str(addr) if addr.version == 4 else f"[{addr}]"
+    text = str(addr)
+    obj: dict[str, JSON] = {"family": fam, "addr": text}
+    shown = text if addr.version == 4 else f"[{text}]"
     if port is not None:
         obj["port"] = port
         shown += f":{port}"
