@@ -107,7 +107,7 @@ class AgentProc:
             resp = client.call("status", timeout=30)
         if not resp.ok:
             raise RuntimeError(resp.error_message)
-        return resp.result  # type: ignore[no-any-return]
+        return resp.result
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
