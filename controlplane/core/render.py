@@ -218,12 +218,17 @@ def _nat_rules(cfg: Config) -> tuple[list[nft.Rule], list[nft.Rule], list[nft.Ru
         # traffic for the router itself and answered with a RST that kills the
         # client's connection. Dropping new non-SYN TCP from outside lets the
         # next packet from inside re-create the entry instead.
+        # INVALID too: a reply conntrack's TCP tracker finds out of window (a
+        # re-created entry whose window scaling was unknown; kube-proxy drops
+        # INVALID for the same reason) skips de-NAT, is addressed to the
+        # router's own masquerade address and would be answered with a RST
+        # just the same; dropped, it is retransmitted instead.
         guard.append(
             nft.Rule(
                 "input",
                 (
                     nft.match_meta("iifname", outside),
-                    nft.match_ct_state_new(),
+                    nft.match_ct_state(["invalid", "new"]),
                     nft.match_tcp_not_syn(),
                     nft.counter(),
                     nft.verdict("drop"),

@@ -99,7 +99,8 @@ def test_masquerade_adds_the_guard() -> None:
     rs = render(parse_config({"version": 1, "nat": {"masquerade": [{"oifname": "wan0"}]}}))
     guard = [r for r in rs.rules if r.chain == "input"]
     assert len(guard) == 1
-    assert 'iifname "wan0" ct state new tcp flags & (fin | syn | rst | ack) != syn' in guard[0].text
+    guard_text = 'iifname "wan0" ct state invalid,new tcp flags & (fin | syn | rst | ack) != syn'
+    assert guard_text in guard[0].text
     rs = render(
         parse_config({"version": 1, "nat": {"guard": False, "masquerade": [{"oifname": "wan0"}]}})
     )
