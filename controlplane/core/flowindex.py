@@ -56,6 +56,28 @@ _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 
 
+_NO_EGRESS: tuple[Egress | None, Egress | None] = (None, None)
+# (orig, reply) pairs shared by the records that cached the same two egresses
+# (all flows between the same two groups): one tuple for thousands of records
+# instead of two slots each. Keyed by identity, not by value: hashing an
+# Egress on every event would cost the hot path; the stored pair keeps both
+# objects alive, so their ids are not reused while the entry exists. Cleared
+# when it outgrows _PAIRS_MAX (records keep their pairs; new ones start
+# sharing anew), so it stays bounded whatever the churn.
+_pairs: dict[tuple[int, int], tuple[Egress | None, Egress | None]] = {}
+_PAIRS_MAX = 4096
+
+
+def _egress_pair(orig: Egress | None, reply: Egress | None) -> tuple[Egress | None, Egress | None]:
+    key = (id(orig), id(reply))
+    pair = _pairs.get(key)
+    if pair is None:
+        if len(_pairs) >= _PAIRS_MAX:
+            _pairs.clear()
+        pair = _pairs[key] = (orig, reply)
+    return pair
+
+
 class FlowRecord:
     """One offloaded flow, compact: enough to rebuild its :class:`Flow` for a teardown.
 
@@ -68,7 +90,9 @@ class FlowRecord:
     # osrc): those records keep two addresses, and only :class:`_NatRecord`
     # (NAT changed an address) has slots for the other two (16 bytes per
     # flow less: 88 -> 72 bytes a record).
-    __slots__ = ("_bits", "orig", "osrc", "reply", "rsrc")
+    # ``orig``/``reply`` live in one shared pair (``_egress``, see
+    # :func:`_egress_pair`): 4 slots, a 64-byte block instead of 80.
+    __slots__ = ("_bits", "_egress", "osrc", "rsrc")
 
     def __new__(cls, flow: Flow) -> FlowRecord:
         o, r = flow.orig, flow.reply
@@ -80,8 +104,7 @@ class FlowRecord:
         # Decoders make a new string per event; interned, 100,000 flows share
         # a few thousand address strings (~180 bytes per flow saved).
         self.osrc, self.rsrc = intern(o.src), intern(r.src)
-        self.orig: Egress | None = None
-        self.reply: Egress | None = None
+        self._egress: tuple[Egress | None, Egress | None] = _NO_EGRESS
         if o.icmp_id is not None or o.proto > 255 or r.proto != o.proto:
             # Not a port protocol (flowtables never offload these): keep it whole.
             self._bits: int | Flow = flow
@@ -130,6 +153,22 @@ class FlowRecord:
         bits = self._bits
         status = bits.status if isinstance(bits, Flow) else bits >> 64
         return bool(status & IPS_OFFLOAD)
+
+    @property
+    def orig(self) -> Egress | None:
+        return self._egress[0]
+
+    @orig.setter
+    def orig(self, egress: Egress | None) -> None:
+        self._egress = _egress_pair(egress, self._egress[1])
+
+    @property
+    def reply(self) -> Egress | None:
+        return self._egress[1]
+
+    @reply.setter
+    def reply(self, egress: Egress | None) -> None:
+        self._egress = _egress_pair(self._egress[0], egress)
 
     @property
     def odst(self) -> str:
