@@ -23,8 +23,8 @@ Rows (each with its baseline from the same run):
    must be 0), CPU seconds, peak RSS.
 3. **sustained churn**: a separate process sends FDB replaces at 50,000/s for
    10 s; kept up (events seen) or resynced; RSS bounded.
-4. **steady-state RSS** of a process running the service with 100,000 indexed
-   flows, against Python's own baseline and the same imports without flows.
+4. **steady-state RSS** of ``offloadctl watch`` with 100,000 indexed flows,
+   against Python's own baseline and the same imports without flows.
 
 Usage: ``python bench/bench_invalidation.py [--events 200] [--flows 100000]
 [--quick]`` (root).
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import socket
 import statistics
 import struct
@@ -396,20 +397,14 @@ def _rss_mb() -> float:
     return 0.0
 
 
-RSS_PROBE = r"""
-import sys, time
-sys.path.insert(0, {root!r})
-from bench.bench_invalidation import _rss_mb, settings
-from controlplane.service.invalidation import InvalidationService
-if {run}:
-    s = InvalidationService({ns!r}, settings(), only_offloaded=False)
-    s.start()
-    for _ in range(5):
-        s.step(timeout=0.05)
-    print(len(s._engine), _rss_mb())
-else:
-    print(0, _rss_mb())
-"""
+# The steady-state row measures ``offloadctl watch`` itself, as users run it
+# (CLI, config models, service), not a probe that imports this benchmark.
+WATCH = "from controlplane.cli import main; raise SystemExit(main())"
+WATCH_IMPORTS = (
+    "import controlplane.cli, controlplane.cli.flows, controlplane.config,"
+    " controlplane.service.invalidation\n" + "print(next(int(l.split()[1]) for l in"
+    " open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)"
+)
 
 
 BARE_PYTHON = (
@@ -418,11 +413,33 @@ BARE_PYTHON = (
 )
 
 
-def rss_probe(ns: str, run: bool) -> tuple[int, float]:
-    code = RSS_PROBE.format(root=str(Path(__file__).resolve().parents[1]), ns=ns, run=run)
+def python_rss(code: str) -> float:
+    """VmRSS MB printed by ``python -c code``."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    flows, rss = out.stdout.split()
-    return int(flows), float(rss)
+    return float(out.stdout)
+
+
+def watch_rss(ns: str, timeout: float = 120.0) -> tuple[int, float]:
+    """(indexed flows, VmRSS MB) of ``offloadctl watch --dry-run`` once it is ready."""
+    env = os.environ | {"OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED": "1"}
+    cmd = [sys.executable, "-c", WATCH, "watch", "--netns", ns, "--dry-run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    flows, deadline = 0, time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            if "event=FlowsDumped" in line:
+                flows = int(line.split("flows=")[1].split()[0])
+            if line.startswith("kind=ready") or time.monotonic() > deadline:
+                break
+        else:
+            raise RuntimeError(f"offloadctl watch exited ({proc.wait()}) before ready")
+        with open(f"/proc/{proc.pid}/status") as f:
+            rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    return flows, rss
 
 
 def main() -> int:
@@ -490,16 +507,12 @@ def main() -> int:
                 f" watcher decoded {s['seen']}, overflows {s['overflows']}, resyncs {s['resyncs']};"
                 f" RSS {s['rss_first']:.0f} -> max {s['rss_max']:.0f} MB"
             )
-            n_idx, rss = rss_probe(ns, True)
-            _, bare = rss_probe(ns, False)
-            py = float(
-                subprocess.run(
-                    [sys.executable, "-c", BARE_PYTHON], capture_output=True, text=True, check=True
-                ).stdout
-            )
+            n_idx, rss = watch_rss(ns)
+            bare, py = python_rss(WATCH_IMPORTS), python_rss(BARE_PYTHON)
             print()
             print(
-                f"steady-state RSS with {n_idx} indexed flows: {rss:.1f} MB (goal <= 60 MB);"
+                f"steady-state RSS of offloadctl watch, {n_idx} indexed flows: {rss:.1f} MB"
+                " (goal <= 60 MB);"
                 f" the same modules imported, no service: {bare:.1f} MB;"
                 f" bare Python: {py:.1f} MB"
             )
