@@ -233,6 +233,9 @@ class Agent:
         )
         for line in res.summary:
             self._log.info(event, line.strip(), source=source)
+        settle = getattr(self._applier, "settle", None)
+        if settle is not None:
+            settle()  # after the log lines: what lets the next join skip the listing
         return out
 
     def reload(self, source: str) -> Outcome:

@@ -44,6 +44,29 @@ class _SupportCached:
         return getattr(self._inner, name)
 
 
+class _LinkNamesFromHint:
+    """The rtnl port, answering the preflight's link names from the watcher's
+    cache when a re-plan runs on it (an ``if_nameindex`` dump in the namespace
+    otherwise: ~1.4 ms host at 200 links, tens of ms under TCG). VLAN details
+    still come from the kernel."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.names: frozenset[str] | None = None  # for the next links() call only
+
+    def links(self, vlan_names: Any = ()) -> Any:
+        from controlplane.core.preflight import LinkInfo
+
+        names, self.names = self.names, None
+        wanted = list(vlan_names)
+        if names is None or wanted:
+            return self._inner.links(wanted)
+        return {name: LinkInfo(None) for name in names}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class KernelApplier:
     def __init__(self) -> None:
         self._service: Any = None  # one RulesetService (and libnftables context) per agent
@@ -58,16 +81,26 @@ class KernelApplier:
 
             ports = real_ports(netns)
             ports.nft = _SupportCached(ports.nft)
+            rtnl = _LinkNamesFromHint(ports.rtnl)
+            ports.rtnl = rtnl
 
             def facts(cfg: Config) -> Any:
                 hint, self.links_hint = self.links_hint, None
+                rtnl.names = None
                 if hint is not None:
-                    return facts_from_links(cfg, hint)
+                    found = facts_from_links(cfg, hint)
+                    rtnl.names = frozenset(link.name for link in hint.values())
+                    return found
                 return gather_facts(cfg, netns)
 
             ports.facts = facts
             self._service = RulesetService(ports)
         return self._service
+
+    def settle(self) -> None:
+        """Idle-time work after a commit (see RulesetService.settle)."""
+        if self._service is not None:
+            self._service.settle()
 
     def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
         start = time.perf_counter()

@@ -165,6 +165,9 @@ class RulesetService:
         # TCG). Any other commit in the namespace bumps the generation and the
         # next apply lists again; the serial CAS still guards the commit itself.
         self._known: _Known | None = None
+        # Our last commit, until the generation after it is read (settle()):
+        # (generation before, table, what we planned against, the plan).
+        self._pending: tuple[str | int, nft.TableRef, Observed, Plan] | None = None
 
     # -- plan ------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ class RulesetService:
             # bumps it, so neither the stamp nor the remembered table ever
             # vouches for an unseen change.
             generation = self.p.generation() if not check and self.p.generation else None
+            self._settle(generation)
             lap("generation")
             if not vlans and generation is not None and self.p.stamps:
                 stamp = f"{generation} {_digest(rs)}"
@@ -230,7 +234,7 @@ class RulesetService:
                     nothing = Plan(rs.ref, (), ())
                     return ApplyResult(nothing, False, False, (), None, self._since(start))
             known = self._remembered(rs.ref, generation)
-            self._known = None  # whatever happens next, the kernel may change
+            self._known = self._pending = None  # whatever happens next, the kernel may change
             the_plan, serial, observed = self._observe(rs, known)
             if known is not None and _needs_handles(the_plan):
                 known = None  # e.g. the counter of a port that joined under us
@@ -258,8 +262,8 @@ class RulesetService:
                     self._explain_conflict(rs, serial, exc)
                 raise
             lap("commit")
-            self._remember_commit(rs.ref, generation, observed, the_plan)
-            lap("generation after")
+            if generation is not None and observed is not None:
+                self._pending = (generation, rs.ref, observed, the_plan)
         report = None
         leaving = the_plan.devices_leaving_fast_path()
         if leaving:
@@ -275,23 +279,30 @@ class RulesetService:
             the_plan, True, False, created, report, self._since(start), tuple(phases), listed
         )
 
-    def _remember_commit(
-        self,
-        ref: nft.TableRef,
-        before: str | int | None,
-        observed: Observed | None,
-        the_plan: Plan,
-    ) -> None:
-        """Remember the table our commit left, if the generation proves that
-        commit was the only one since ``before`` (read before ``observed``)."""
-        if before is None or observed is None or self.p.generation is None:
+    def settle(self) -> None:
+        """Finish remembering our last commit: read the generation and derive the
+        table it left. Callers with idle time (the agent, after logging a
+        commit) call this so the next apply does not; apply() does it otherwise."""
+        if self._pending is None or self.p.generation is None:
+            return
+        try:
+            generation = self.p.generation()
+        except (ControlPlaneError, OSError):
+            generation = None
+        self._settle(generation)
+
+    def _settle(self, now: str | int | None) -> None:
+        """Remember what our last commit left if ``now`` proves it was the only
+        commit since the generation read before its table was observed."""
+        pending, self._pending = self._pending, None
+        if pending is None or now is None:
+            return
+        before, ref, observed, the_plan = pending
+        if not _follows(before, now):
             return
         derived = after_device_change(observed, the_plan)
-        if derived is None:
-            return
-        after = self.p.generation()
-        if after is not None and _follows(before, after):
-            self._known = _Known(after, ref, derived)
+        if derived is not None:
+            self._known = _Known(now, ref, derived)
 
     def _explain_conflict(
         self, rs: nft.Ruleset, seen: tuple[bool, int | None], exc: KernelError
