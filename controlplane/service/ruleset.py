@@ -171,17 +171,22 @@ class RulesetService:
 
     # -- plan ------------------------------------------------------------------
 
-    def _prepare(self, cfg: Config) -> tuple[nft.Ruleset, list[Vlan], Facts]:
+    def _prepare(
+        self, cfg: Config, lap: Callable[[str], None] = lambda _name: None
+    ) -> tuple[nft.Ruleset, list[Vlan], Facts]:
         facts = self.p.facts(cfg)
+        lap("prepare: facts")
         for bridge, ports in facts.bridge_ports.items():
             problem = preflight.bridge_port_problem(bridge, ports)
             if problem:
                 raise EnvironmentProblem(problem)
         rs = render(cfg, facts)
+        lap("prepare: render")
         links = self.p.rtnl.links([v.name for v in cfg.vlans])
         ok, why = self.p.nft.flowtables_supported() if rs.flowtables else (True, "")
         kfacts = preflight.KernelFacts(links, ok, why, self.p.netns)
         vlans = preflight.check(cfg, rs, kfacts)
+        lap("prepare: preflight")
         return rs, vlans, facts
 
     def _observe(
@@ -219,8 +224,7 @@ class RulesetService:
 
         with self.p.lock():
             lap("lock")
-            rs, vlans, _ = self._prepare(cfg)
-            lap("prepare")
+            rs, vlans, _ = self._prepare(cfg, lap)
             stamp = None
             # Read the generation *before* listing: a change after this read
             # bumps it, so neither the stamp nor the remembered table ever
