@@ -28,7 +28,9 @@ from typer.testing import CliRunner
 
 from controlplane.cli.common import app
 from controlplane.cli.flows import TESTING_ALL_OFFLOADED
+from controlplane.core.flowpath import Flow
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
+from controlplane.kernel.ctnetlink.events import CtEvents
 from tests.netns.conftest import sh
 from tests.netns.test_teardown import ALL, CLIENT, SERVER, Lab, lab, tcp_entries
 
@@ -44,12 +46,16 @@ def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
 
 def ids(router: str) -> dict[tuple[str, int, int], int]:
     """(client, server port, zone) → conntrack id of the router's TCP entries to S."""
-    out = {}
-    for flow in dump_flows(router):
-        if flow.orig.proto == 6 and flow.orig.dst == SERVER:
-            client = next(k for k, v in CLIENT.items() if v == flow.orig.src)
-            out[(client, flow.orig.dport, flow.zone)] = flow.id
-    return out
+    return {_key(flow): flow.id for flow in dump_flows(router) if _to_server(flow)}
+
+
+def _to_server(flow: Flow) -> bool:
+    return flow.orig.proto == 6 and flow.orig.dst == SERVER
+
+
+def _key(flow: Flow) -> tuple[str, int, int]:
+    client = next(k for k, v in CLIENT.items() if v == flow.orig.src)
+    return (client, flow.orig.dport, flow.zone)
 
 
 def mac_of(netns: str, dev: str = "eth0") -> str:
@@ -90,13 +96,19 @@ def test_teardown_by_selector_touches_exactly_its_flows(
 ) -> None:
     if flag == "--mac":
         value = mac_of(lab.clients[value])
-    before = ids(lab.router)
-    assert set(before) == ALL
-    code, out, err = run("flows", "teardown", flag, value, "--netns", lab.router, env=ON)
+    assert set(ids(lab.router)) == ALL
+    # The kernel's NEW events say which entries were re-created, and a re-create
+    # (NLM_F_EXCL) only succeeds once the old entry is deleted. (Comparing ids
+    # before/after cannot: a re-created entry may get its old id back, the id
+    # hashing the entry's address and tuples. DESTROY events cannot either: with
+    # nf_conntrack_events=2 only entries born while a listener existed report it.)
+    with CtEvents(lab.router) as events:
+        code, out, err = run("flows", "teardown", flag, value, "--netns", lab.router, env=ON)
+        changes, lost = events.poll()  # queued synchronously by each delete
     assert code == 0, err
-    after = ids(lab.router)
-    assert set(after) == ALL  # re-created, zones kept (5001 stays in zone 5)
-    changed = {key for key in ALL if after[key] != before[key]}
+    assert not lost
+    assert set(ids(lab.router)) == ALL  # re-created, zones kept (5001 stays in zone 5)
+    changed = {_key(c.flow) for c in changes if c.new and _to_server(c.flow)}
     assert changed == {key for key in ALL if key[0] in torn}
     assert out.count("tore down ") == len(changed)
     assert f"{len(changed)} deleted, {len(changed)} re-created" in out
