@@ -154,6 +154,10 @@ class FlowRecord:
         status = bits.status if isinstance(bits, Flow) else bits >> 64
         return bool(status & IPS_OFFLOAD)
 
+    def cache(self, orig: Egress | None, reply: Egress | None) -> None:
+        """Set both cached egresses at once (one shared-pair lookup, not two)."""
+        self._egress = _egress_pair(orig, reply)
+
     @property
     def orig(self) -> Egress | None:
         return self._egress[0]

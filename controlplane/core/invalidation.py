@@ -293,9 +293,10 @@ class Engine:
             return
         for address in self._index.add(record):
             self._routes_wanted[address] = None
-        for direction, address in (("orig", record.rsrc), ("reply", record.osrc)):
-            group = self._index.group_of(address)
-            setattr(record, direction, group.egress if group is not None else None)
+        orig, reply = self._index.group_of(record.rsrc), self._index.group_of(record.osrc)
+        record.cache(
+            orig.egress if orig is not None else None, reply.egress if reply is not None else None
+        )
 
     def _on_flow_gone(self, event: FlowGone) -> list[Action]:
         record = FlowRecord(event.flow)
