@@ -34,6 +34,7 @@ from topology import (
     ip_batch,
     nft,
     observer_counter,
+    offloadctl,
     reset_counter,
     wait_for,
 )
@@ -246,9 +247,10 @@ def test_agent_port_join_reload_and_restart(seed: Topology, agent: Agent) -> Non
 # -- port join latency and devices vanishing mid-apply ---------------------------
 
 #: What the VM meets (TCG, Python ~10x slower than on the host): measured p50
-#: 142-160 ms, p99 265 ms over 100 joins (bench_agent.py --join-latency). The
-#: 100 ms goal is for a real host, which has no flowtables here to prove it.
-JOIN_P50_BOUND = float(os.environ.get("VMTEST_JOIN_P50_BOUND", "0.3"))
+#: 49 ms, p99 78 ms over 100 joins on a quiet host, 96 / 167 ms while other VMs
+#: and tests load it (bench_agent.py --join-latency). The bound keeps that
+#: margin; the 100 ms goal is for a real host, which has no flowtables here.
+JOIN_P50_BOUND = float(os.environ.get("VMTEST_JOIN_P50_BOUND", "0.2"))
 
 
 def _topology_commits(log: Path) -> list[tuple[float, str]]:
@@ -309,6 +311,26 @@ def test_port_join_latency(seed: Topology, agent: Agent) -> None:
         f" max {worst * 1000:.0f} ms (bound p50 < {JOIN_P50_BOUND * 1000:.0f} ms)"
     )
     assert p50 < JOIN_P50_BOUND
+    # Joins after the first are planned against the table the agent's own last
+    # commit left (ruleset generation unchanged: no listing). Leaves take the same
+    # path; a wrong remembered table would make the kernel refuse (retries) or
+    # leave it unlike the config, which a listing-based plan would show.
+    ipr = _iproute()
+    for i in range(0, joins, 2):
+        ipr.link("set", index=ipr.link_lookup(ifname=f"j{i}")[0], master=0)
+    expected = bridge_ports(ipr) | {seed.wan_dev}
+    ipr.close()
+    wait_for(lambda: flowtable_devices() == expected, timeout=60, interval=0.1, what="leaves")
+    phases = [
+        d.get("phases_ms") or {}
+        for d in map(json.loads, agent.log.read_text().splitlines())
+        if d["event"] == "topology" and d["msg"].startswith("committed")
+    ]
+    unlisted = sum(1 for ph in phases if "plan" in ph)
+    print(f"{unlisted} of {len(phases)} topology commits planned without listing the table")
+    assert unlisted >= joins // 2, phases
+    assert not [m for _, m in _topology_commits(agent.log) if "refused" in m]
+    assert "no changes" in offloadctl("plan", str(agent.config), "--netns", NSR).stdout
 
 
 def test_device_deleted_during_apply(seed: Topology, agent: Agent) -> None:
