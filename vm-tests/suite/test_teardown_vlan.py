@@ -11,8 +11,9 @@ Fixed twice over: re-created TCP entries are liberal, as the kernel makes every
 offloaded TCP flow (kernel/ctnetlink/conntrack.py), and the NAT guard drops
 INVALID non-SYN TCP from outside (core/render.py). The scenario makes the
 re-created entry meet the first packets (a stall during the teardown, as after a
-host move) and the largest window scale, so that losing the scale factor always
-shows. The host netns test
+host move), keeps them on the classic path (``min_packets``, as the example
+router config; the kernel makes an entry liberal when it offloads it) and uses the
+largest window scale, so that losing the scale factor always shows. The host netns test
 ``test_reinjected_entry_carries_a_window_scaled_bulk_stream`` shows the same on
 the host kernel; here it runs with real flowtables and the VLAN port.
 """
@@ -107,7 +108,10 @@ def topo() -> Iterator[Topology]:
     cfg = {
         "version": 1,
         "flowtables": [{"name": "ft", "devices": list(t.flow_devices)}],
-        "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp"]}],
+        # As the example router config: the first packets of an entry stay on the
+        # classic path. A re-created entry starts at 0 packets, so conntrack tracks
+        # its window until it is offloaded again (offloading makes it liberal).
+        "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp"], "min_packets": 2}],
         "nat": {"masquerade": [{"oifname": t.wan_dev}]},
     }
     apply(parse_config(cfg), NSR)
