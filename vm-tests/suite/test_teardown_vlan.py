@@ -147,6 +147,7 @@ def test_masqueraded_stream_survives_teardown_on_a_vlan_port(topo: Topology, how
     finally:
         result = stream.stop()
         rsts = sniffer.close()
+        print("TCP RSTs seen on nsr1:", rsts or "none")  # shown if the test fails
     assert result.error is None, (result.error, rsts)
     assert result.intact, result
     assert rsts == [], rsts
