@@ -21,6 +21,7 @@ from typing import Any
 from controlplane.agent.logs import DecisionLog
 from controlplane.config import Config, InvalidationConfig
 from controlplane.core import events as ev
+from controlplane.core.flowpath import Flow
 from controlplane.errors import ControlPlaneError
 
 # Same switch as ``offloadctl watch`` (cli/flows.py): test-only, lets the host
@@ -58,27 +59,14 @@ class _Observing:
         return getattr(self._inner, name)
 
 
-def flow_doc(flow: Any, orig: Any, reply: Any, names: dict[int, str]) -> dict[str, Any]:
+def flow_doc(flow: Flow, orig: Any, reply: Any, names: dict[int, str]) -> dict[str, Any]:
     """One flow as ``offloadctl flows --json`` prints it (same keys), from the index."""
-    o, r = flow.orig, flow.reply
 
     def devices(egress: Any) -> list[str]:
         return [names.get(i, str(i)) for i in egress.devices] if egress is not None else []
 
     return {
-        "id": flow.id,
-        "zone": flow.zone,
-        "proto": o.proto,
-        "family": int(o.family),
-        "src": o.src,
-        "dst": o.dst,
-        "sport": o.sport,
-        "dport": o.dport,
-        "reply_src": r.src,
-        "reply_dst": r.dst,
-        "reply_sport": r.sport,
-        "reply_dport": r.dport,
-        "offloaded": flow.offloaded,
+        **flow.as_dict(),
         "orig_devices": devices(orig),
         "reply_devices": devices(reply),
         "ambiguous": any(e is not None and not e.complete for e in (orig, reply)),

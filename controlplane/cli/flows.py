@@ -44,25 +44,6 @@ def only_offloaded() -> bool:
     return os.environ.get(TESTING_ALL_OFFLOADED) != "1"
 
 
-def _flow_json(flow: Any) -> dict[str, Any]:
-    o, r = flow.orig, flow.reply
-    return {
-        "id": flow.id,
-        "zone": flow.zone,
-        "proto": o.proto,
-        "family": int(o.family),
-        "src": o.src,
-        "dst": o.dst,
-        "sport": o.sport,
-        "dport": o.dport,
-        "reply_src": r.src,
-        "reply_dst": r.dst,
-        "reply_sport": r.sport,
-        "reply_dport": r.dport,
-        "offloaded": flow.offloaded,
-    }
-
-
 def _flow_text(flow: Any) -> str:
     o = flow.orig
     proto = {6: "tcp", 17: "udp"}.get(o.proto, str(o.proto))
@@ -95,7 +76,7 @@ def flows(ctx: typer.Context, netns: NetnsOpt = None, as_json: JsonOpt = False) 
         orig = [topology.name(i) for i in path.orig.devices]
         reply = [topology.name(i) for i in path.reply.devices]
         if as_json:
-            doc = _flow_json(flow) | {"orig_devices": orig, "reply_devices": reply}
+            doc = flow.as_dict() | {"orig_devices": orig, "reply_devices": reply}
             doc["ambiguous"] = path.ambiguous
             typer.echo(json.dumps(doc, sort_keys=True))
         else:
@@ -137,7 +118,7 @@ def flows_teardown(
     verb = "would tear down" if dry_run else "tore down"
     for flow, devices in report.selected:
         if as_json:
-            doc = _flow_json(flow) | {"devices": list(devices), "dry_run": dry_run}
+            doc = flow.as_dict() | {"devices": list(devices), "dry_run": dry_run}
             typer.echo(json.dumps(doc, sort_keys=True))
         else:
             typer.echo(f"{verb} {_flow_text(flow)} via {','.join(devices) or '-'}")

@@ -115,6 +115,26 @@ class Flow:
     def offloaded(self) -> bool:
         return bool(self.status & IPS_OFFLOAD)
 
+    def as_dict(self) -> dict[str, object]:
+        """The fields ``offloadctl flows --json`` prints for every flow (the CLI and
+        the agent's control socket answer with the same keys)."""
+        o, r = self.orig, self.reply
+        return {
+            "id": self.id,
+            "zone": self.zone,
+            "proto": o.proto,
+            "family": int(o.family),
+            "src": o.src,
+            "dst": o.dst,
+            "sport": o.sport,
+            "dport": o.dport,
+            "reply_src": r.src,
+            "reply_dst": r.dst,
+            "reply_sport": r.sport,
+            "reply_dport": r.dport,
+            "offloaded": self.offloaded,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Link:
