@@ -28,7 +28,7 @@ netns: setup
 	$(PY) -m pytest -q tests/netns
 
 vm-test: setup
-	$(PY) vm-tests/run --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml
+	$(PY) vm-tests/run --timeout 2700 --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml
 
 test: lint typecheck unit netns vm-test
 
