@@ -116,10 +116,11 @@ def watcher(net: Net) -> Iterator[WatchProcess]:
 
 
 def the_entry(d: TcpDuplex | UdpDuplex, proto: str = "tcp") -> Any:
-    # Either orientation: when a packet from B wins the race with our re-create
-    # (no NAT), the kernel picks the connection up with B's side as the original.
     entries = find_conntrack(NSR, sport=d.client[1], dport=d.server[1], proto=proto)
-    entries += find_conntrack(NSR, sport=d.server[1], dport=d.client[1], proto=proto)
+    if proto == "tcp" and not entries:
+        # When a segment from B wins the race with our re-create (no NAT), the
+        # kernel picks the connection up with B's side as the original.
+        entries = find_conntrack(NSR, sport=d.server[1], dport=d.client[1], proto=proto)
     return entries[0] if len(entries) == 1 else None
 
 
