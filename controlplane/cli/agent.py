@@ -199,36 +199,40 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
 
 def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
     """Print a running agent's status; False when no agent runs for ``netns``."""
-    client = _client(netns, socket_path)
-    if client is None:
+    result = _ask(netns, "status", 30.0, socket_path)
+    if result is None:
         return False
-    with client:
-        resp = client.call("status", timeout=30.0)
-    if not resp.ok:
-        raise EnvironmentProblem(f"agent status: {resp.error_message}")
     if as_json:
-        typer.echo(json.dumps(resp.result, indent=2))
+        typer.echo(json.dumps(result, indent=2))
     else:
-        for line in status_lines(resp.result):
+        for line in status_lines(result):
             typer.echo(line)
     return True
 
 
-def agent_flows(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
-    """Print a running agent's offloaded flows; False when no agent runs for ``netns``."""
+def _ask(netns: str | None, op: str, timeout: float, socket_path: Path | None) -> Any:
+    """A running agent's answer to ``op``; None when no agent runs for ``netns``."""
     client = _client(netns, socket_path)
     if client is None:
-        return False
+        return None
     with client:
-        resp = client.call("flows", timeout=60.0)
+        resp = client.call(op, timeout=timeout)
     if not resp.ok:
-        raise EnvironmentProblem(f"agent flows: {resp.error_message}")
-    for f in resp.result["flows"]:
+        raise EnvironmentProblem(f"agent {op}: {resp.error_message}")
+    return resp.result
+
+
+def agent_flows(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
+    """Print a running agent's offloaded flows; False when no agent runs for ``netns``."""
+    result = _ask(netns, "flows", 60.0, socket_path)
+    if result is None:
+        return False
+    for f in result["flows"]:
         if as_json:  # the same lines as without an agent (cli/flows.py)
             typer.echo(json.dumps(f, sort_keys=True))
         else:
             typer.echo(flow_line(f))
-    if resp.result.get("truncated"):
+    if result.get("truncated"):
         typer.echo("(truncated: more flows than the agent lists)", err=True)
     return True
 
