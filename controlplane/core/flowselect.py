@@ -50,7 +50,15 @@ class Selector:
         if kind == "ip":
             return cls(kind, canonical_ip(value, field))
         if kind == "prefix":
-            return cls(kind, canonical_prefix(value, field))
+            canonical = canonical_prefix(value, field)
+            try:
+                ipaddress.ip_network(value, strict=True)
+            except ValueError:
+                # As ``ip route`` does: 10.0.0.1/8 is more likely a typo than "all of 10/8".
+                raise ValueError(
+                    f"{field}: {value!r} has host bits set (did you mean {canonical}?)"
+                ) from None
+            return cls(kind, canonical)
         if not value or len(value) > 15 or "/" in value or value.strip() != value:
             raise ValueError(f"{field}: {value!r} is not a device name")
         return cls(kind, value)

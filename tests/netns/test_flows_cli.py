@@ -137,12 +137,24 @@ def test_dry_run_and_no_switch_change_nothing(lab: Lab) -> None:
         (["--ip", "10.0.1.300"], "10.0.1.300"),
         (["--prefix", "10.0.0.0/33"], "10.0.0.0/33"),
         (["--prefix", "fe80::%wan/64"], "fe80::%wan/64"),
+        (["--prefix", "10.0.1.2/24"], "host bits set"),
         (["--dev", "nosuch0"], "nosuch0"),
         (["--dev", "p1", "--netns", "cpt-no-such-ns"], "cpt-no-such-ns"),
         ([], "exactly one of"),
         (["--dev", "p1", "--ip", "10.0.1.2"], "exactly one of"),
     ],
-    ids=["mac-short", "mac-hex", "ip", "prefix-len", "prefix-zone", "dev", "netns", "none", "two"],
+    ids=[
+        "mac-short",
+        "mac-hex",
+        "ip",
+        "prefix-len",
+        "prefix-zone",
+        "prefix-host-bits",
+        "dev",
+        "netns",
+        "none",
+        "two",
+    ],
 )
 def test_bad_input_is_one_line_and_tears_nothing_down(
     lab: Lab, args: list[str], named: str
