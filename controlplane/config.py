@@ -709,6 +709,10 @@ class InvalidationConfig(_Model):
     # Period of the FDB/neighbour reconciliation that catches moves the kernel
     # never announced (hardware-learned entries); 0 disables it.
     reconcile_seconds: Annotated[float, Field(ge=0, le=86_400)] = 30.0
+    # Period of the flow-index prune: a conntrack re-dump, read in bounded steps,
+    # drops indexed flows that ended without a DESTROY (entries older than the
+    # watcher report none) and adds missed ones; 0 disables it.
+    prune_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
 
     @model_validator(mode="after")
     def _watch(self) -> InvalidationConfig:
