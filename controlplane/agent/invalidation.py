@@ -116,9 +116,14 @@ class InvalidationSubsystem:
             self._restart()
 
     def tick(self) -> None:
-        """Periodic: lets the service run its FDB/neighbour reconciliation when due
-        (events themselves arrive through fds(), not through this)."""
-        if self._service is None or time.monotonic() < self._next_reconcile:
+        """Periodic: lets the service run its FDB/neighbour reconciliation or start
+        its flow-index prune when due (events themselves, and the prune's dump,
+        arrive through fds(), not through this)."""
+        if self._service is None:
+            return
+        next_deadline = getattr(self._service, "next_deadline", None)
+        due = next_deadline() if next_deadline is not None else self._next_reconcile
+        if time.monotonic() < due:
             return
         self.on_readable()
         self._next_reconcile = time.monotonic() + self._period()
@@ -146,6 +151,11 @@ class InvalidationSubsystem:
             "overflows": self.overflows,
             "resyncs": st.resyncs,
             "reconciles": st.reconciles,
+            # Flow-index prunes (periodic conntrack re-dump): rounds, flows dropped
+            # because their entry was gone, missed ones added.
+            "prunes": getattr(st, "prunes", 0),
+            "pruned": getattr(st, "pruned", 0),
+            "prune_added": getattr(st, "prune_added", 0),
             "flows_torn_down": st.flows_torn_down,
             "by_cause": dict(self.by_cause),
             "restarts": self.restarts,

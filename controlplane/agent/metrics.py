@@ -134,7 +134,7 @@ class SnapshotCollector(Collector):
             "cause",
             inv.get("by_cause", {}),
         )
-        for key in ("events", "overflows", "resyncs"):
+        for key in ("events", "overflows", "resyncs", "prunes", "pruned"):
             yield CounterMetricFamily(
                 f"offloadctl_watch_{key}", f"watcher {key}", value=float(inv.get(key, 0))
             )

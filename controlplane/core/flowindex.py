@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from sys import intern
 from typing import Any
 
@@ -44,7 +45,15 @@ from controlplane.core.flowpath import (
     Route,
 )
 
-__all__ = ["DepKey", "FlowIndex", "FlowRecord", "Group", "GroupKey", "egress_addresses"]
+__all__ = [
+    "DepKey",
+    "FlowIndex",
+    "FlowRecord",
+    "Group",
+    "GroupKey",
+    "PruneRound",
+    "egress_addresses",
+]
 
 # What a group's egress depends on: a device (ifindex), a neighbour
 # (ifindex, ip) or an FDB entry (bridge, vlan, mac).
@@ -54,6 +63,7 @@ GroupKey = tuple[Route | None, str | None]
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
+_STATUS_BITS = _U32 << 64  # where FlowRecord packs the status
 
 
 _NO_EGRESS: tuple[Egress | None, Egress | None] = (None, None)
@@ -128,6 +138,18 @@ class FlowRecord:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FlowRecord) and self._identity() == other._identity()
+
+    def same_entry(self, other: FlowRecord) -> bool:
+        """Given equal identities: the same conntrack entry, unchanged (id, mark,
+        reply tuple)? Status bits are not compared: they change all the time."""
+        a, b = self._bits, other._bits
+        if isinstance(a, Flow) or isinstance(b, Flow):
+            return (
+                isinstance(a, Flow)
+                and isinstance(b, Flow)
+                and (a.id, a.mark, a.reply) == (b.id, b.mark, b.reply)
+            )
+        return (a ^ b) & ~_STATUS_BITS == 0 and self.rsrc == other.rsrc and self.rdst == other.rdst
 
     def flow(self) -> Flow:
         """The conntrack entry as it was seen (tuples, zone, id, mark, status)."""
@@ -488,3 +510,99 @@ class FlowIndex:
             for group in _bag_items(self._by_dep.get(key)):
                 found[group] = None
         return list(found)
+
+
+class PruneRound:
+    """One prune of the index against a conntrack dump that arrives in pieces.
+
+    Why: with ``nf_conntrack_events=2`` (the default) entries created before
+    any listener existed never report DESTROY, and a DESTROY can be lost; such
+    records would stay in the index for good. A periodic re-dump finds them.
+    The dump is read in bounded steps while events keep being handled, so the
+    round never decides about an entry an event spoke for meanwhile: the
+    caller reports each such entry with :meth:`touch` and the event stream
+    stays its authority (a NEW after its hash bucket was dumped, a DESTROY
+    after the entry was dumped).
+
+    Decisions, collected for :meth:`take` / :meth:`finish` as flows for the
+    caller to feed the engine (``FlowGone`` / ``FlowSeen``); the round only
+    reads the index:
+
+    - an offloaded entry the index lacks: *seen* (its NEW was missed);
+    - an indexed record whose entry changed (a new conntrack id under the same
+      tuple: the old entry died; or a new mark or reply tuple): *gone*, and
+      the dumped entry *seen* if it is offloaded or is the same entry;
+    - an indexed record whose entry is absent from the whole dump: *gone*.
+
+    A record whose entry is still there unchanged is kept even if the dump
+    shows it off the fast path: the kernel re-offloads an entry silently (no
+    event), so dropping it would lose the flow until the next round.
+
+    ``touched_limit`` bounds the memory of a round: past it the round is
+    abandoned (``overflowed``) and decides nothing more.
+    """
+
+    def __init__(self, index: FlowIndex, *, touched_limit: int = 65_536) -> None:
+        self._index = index
+        self._limit = touched_limit
+        # Identities the dump confirmed (FlowRecord hashes by identity).
+        self._confirmed: set[FlowRecord] = set()
+        self._touched: set[FlowRecord] = set()
+        self._gone: list[Flow] = []
+        self._seen: list[Flow] = []
+        self.overflowed = False
+        self.dumped_entries = 0
+        self.gone = self.added = self.changed = 0
+
+    def abandon(self) -> None:
+        """Decide nothing more (a resync superseded the round, or it outgrew its bound)."""
+        self.overflowed = True
+        self._touched.clear()
+        self._confirmed.clear()
+
+    def touch(self, flow: Flow) -> None:
+        """An event about ``flow``'s entry was handled during the round."""
+        if self.overflowed:
+            return
+        self._touched.add(FlowRecord(flow))
+        if len(self._touched) > self._limit:
+            self.abandon()
+
+    def dumped(self, flow: Flow) -> None:
+        """One entry of the dump (as the caller would index it)."""
+        if self.overflowed:
+            return
+        self.dumped_entries += 1
+        record = FlowRecord(flow)
+        if record in self._touched:
+            return
+        self._confirmed.add(record)
+        indexed = self._index.get(record)
+        if indexed is None:
+            if record.offloaded:
+                self._seen.append(flow)
+                self.added += 1
+            return
+        if indexed.same_entry(record):
+            return
+        self.changed += 1
+        self._gone.append(indexed.flow())
+        if record.offloaded or indexed.flow().id == flow.id:
+            self._seen.append(replace(flow, status=flow.status | IPS_OFFLOAD))
+
+    def take(self) -> tuple[list[Flow], list[Flow]]:
+        """Decisions since the last call: (gone, seen), to apply in that order."""
+        gone, seen = self._gone, self._seen
+        self._gone, self._seen = [], []
+        return gone, seen
+
+    def finish(self) -> tuple[list[Flow], list[Flow]]:
+        """The dump is complete: what is left to decide, as :meth:`take`."""
+        if not self.overflowed:
+            confirmed, touched = self._confirmed, self._touched
+            for record in self._index:
+                if record not in confirmed and record not in touched:
+                    self._gone.append(record.flow())
+                    self.gone += 1
+        self._confirmed, self._touched = set(), set()
+        return self.take()

@@ -193,6 +193,11 @@ class Engine:
         return self._ready
 
     @property
+    def index(self) -> FlowIndex:
+        """The flow index, to read (a prune diffs it against a dump); change it through events."""
+        return self._index
+
+    @property
     def pending(self) -> int:
         """Flows marked stale, to be returned by the next :meth:`flush`."""
         return len(self._stale)

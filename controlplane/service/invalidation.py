@@ -30,8 +30,9 @@ from typing import Any, Protocol
 
 from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
+from controlplane.core.flowindex import PruneRound
 from controlplane.core.flowpath import IPS_OFFLOAD, Flow
-from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
 from controlplane.kernel.ctnetlink.events import CtEvents
 from controlplane.kernel.netlink import NetlinkSocket
 from controlplane.kernel.rtnl.topology import lookup_routes_on
@@ -41,6 +42,9 @@ __all__ = ["Engine", "InvalidationService", "ServiceStats"]
 
 Report = Callable[[dict[str, Any]], None]
 CT_MIN_RCVBUF = 32 << 20
+# Dump entries a prune handles per step: ~15-25 ms of decoding and lookups,
+# so events wait at most that long behind a prune (bench_invalidation.py).
+PRUNE_STEP_ENTRIES = 1024
 
 
 class Engine(Protocol):
@@ -62,6 +66,13 @@ class ServiceStats:
     recreated: int = 0
     resyncs: int = 0
     reconciles: int = 0
+    prunes: int = 0  # completed rounds
+    prunes_abandoned: int = 0  # rounds a resync superseded or that outgrew their bound
+    pruned: int = 0  # indexed flows dropped: their entry was gone
+    prune_added: int = 0  # offloaded entries whose NEW was missed
+    prune_changed: int = 0  # indexed flows replaced: new conntrack id, mark or reply
+    last_prune_seconds: float = 0.0  # wall time of the last round, dump start to finish
+    last_prune_step: float = 0.0  # its longest step: how long it held up events
     last_event_to_deleted: float = 0.0  # seconds from select() waking to deletes ACKed
     last_event_to_teardown: float = 0.0  # ... to deletes and re-creates ACKed
     errors: int = 0
@@ -149,6 +160,11 @@ class InvalidationService:
         self._rt: NetlinkSocket | None = None
         self._wake_r = self._wake_w = -1
         self._next_reconcile = float("inf")
+        self._dump: DumpStream | None = None
+        self._prune: PruneRound | None = None
+        self._prune_started = 0.0
+        self._prune_step_max = 0.0
+        self._next_prune = float("inf")
         self._event_time = 0.0
         # Entries this service re-created, by (zone, original tuple). The kernel
         # re-offloads such an entry on its next forwarded packet and sends NO
@@ -167,6 +183,7 @@ class InvalidationService:
         self.watcher.open()
         self._ct = ConntrackSocket(self.netns)
         self._rt = NetlinkSocket(socket.NETLINK_ROUTE, self.netns, operation="route lookup")
+        self._dump = DumpStream(self.netns)
         self._event_time = self._clock()
         self._handle(self.watcher.snapshot())
         # The index is empty: streaming the dump as FlowSeen is the same as one
@@ -182,6 +199,7 @@ class InvalidationService:
             gc.freeze()
         period = self.settings.reconcile_seconds
         self._next_reconcile = self._clock() + period if period > 0 else float("inf")
+        self._schedule_prune()
 
     def stop(self) -> None:
         self.watcher.close()
@@ -192,6 +210,10 @@ class InvalidationService:
         if self._rt is not None:
             self._rt.close()
             self._rt = None
+        if self._dump is not None:
+            self._dump.close()
+            self._dump = None
+        self._prune = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -205,7 +227,13 @@ class InvalidationService:
                 os.write(self._wake_w, b"\0")
 
     def fds(self) -> list[int]:
-        return [self.watcher.fileno(), self.conntrack.fileno(), self._wake_r]
+        # The dump socket is readable only while a prune reads its dump.
+        fds = [self.watcher.fileno(), self.conntrack.fileno(), self._wake_r]
+        return fds + ([self._dump.fileno()] if self._dump is not None else [])
+
+    def next_deadline(self) -> float:
+        """When (on the service's clock) a periodic job is due: reconcile or prune."""
+        return min(self._next_reconcile, self._next_prune)
 
     # -- one iteration -------------------------------------------------------------
     def step(self, timeout: float | None = 0.0) -> int:
@@ -213,7 +241,7 @@ class InvalidationService:
         what the engine decided; returns the number of events handled."""
         now = self._clock()
         if timeout is not None:
-            timeout = max(0.0, min(timeout, self._next_reconcile - now))
+            timeout = max(0.0, min(timeout, self.next_deadline() - now))
         readable, _, _ = select.select(self.fds(), [], [], timeout)
         self._event_time = self._clock()
         handled = 0
@@ -233,10 +261,13 @@ class InvalidationService:
             self._flush()
         if self.conntrack.fileno() in readable:
             changes, lost = self.conntrack.poll(limit)
+            prune = self._prune
             for change in changes:
                 flow = self._offloaded(change.flow)
                 if change.new and self._recreated.pop((flow.zone, flow.orig), 0) is None:
                     flow = replace(flow, status=flow.status | IPS_OFFLOAD)
+                if prune is not None:
+                    prune.touch(flow)
                 self._handle(ev.FlowGone(flow=flow) if change.gone else ev.FlowSeen(flow=flow))
             handled += len(changes)
             if lost:
@@ -249,9 +280,74 @@ class InvalidationService:
             handled += len(found)
             period = self.settings.reconcile_seconds
             self._next_reconcile = self._clock() + period
+        if self._prune is not None:
+            handled += self._prune_step()
+        elif self._clock() >= self._next_prune:
+            self._begin_prune()
         self._flush()
         self.stats.events += handled
         return handled
+
+    # -- prune: the index against a fresh dump ---------------------------------------
+    def _schedule_prune(self) -> None:
+        period = self.settings.prune_seconds
+        self._next_prune = self._clock() + period if period > 0 else float("inf")
+
+    def _begin_prune(self) -> None:
+        index = getattr(self._engine, "index", None)
+        if index is None or self._dump is None:  # an engine without an index to prune
+            self._next_prune = float("inf")
+            return
+        self._prune = PruneRound(index, touched_limit=self.settings.queue_size)
+        self._prune_started = self._clock()
+        self._prune_step_max = 0.0
+        self._next_prune = float("inf")
+        self._dump.begin()
+
+    def _prune_step(self) -> int:
+        """Feed the round at most PRUNE_STEP_ENTRIES dumped entries; finish it at
+        the end of the dump. Returns the flows it added or dropped."""
+        assert self._dump is not None and self._prune is not None
+        started = self._clock()
+        prune, protocols, offloaded = self._prune, self.conntrack.protocols, self._offloaded
+        flows, done = self._dump.read(PRUNE_STEP_ENTRIES)
+        for flow in flows:
+            if flow.orig.proto in protocols:
+                prune.dumped(offloaded(flow))
+        gone, seen = prune.finish() if done else prune.take()
+        for flow in gone:
+            self._handle(ev.FlowGone(flow=flow))
+        for flow in seen:
+            self._handle(ev.FlowSeen(flow=flow))
+        now = self._clock()
+        self._prune_step_max = max(self._prune_step_max, now - started)
+        if done:
+            self._prune = None
+            self._schedule_prune()
+            st = self.stats
+            if prune.overflowed:
+                st.prunes_abandoned += 1
+                self._emit({"decision": "prune abandoned", "dumped": prune.dumped_entries})
+                return 0
+            st.prunes += 1
+            st.pruned += prune.gone
+            st.prune_added += prune.added
+            st.prune_changed += prune.changed
+            st.last_prune_seconds = now - self._prune_started
+            st.last_prune_step = self._prune_step_max
+            self._emit(
+                {
+                    "decision": "pruned",
+                    "dumped": prune.dumped_entries,
+                    "gone": prune.gone,
+                    "added": prune.added,
+                    "changed": prune.changed,
+                    "indexed": len(self._engine) if self._engine is not None else 0,
+                    "seconds": round(st.last_prune_seconds, 3),
+                    "longest_step_ms": round(self._prune_step_max * 1000, 1),
+                }
+            )
+        return len(gone) + len(seen)
 
     # -- engine <-> kernel ---------------------------------------------------------
     def _offloaded(self, flow: Flow) -> Flow:
@@ -304,6 +400,11 @@ class InvalidationService:
                 # The watcher dumped and diffed when it saw the overflow; its
                 # caches are the fresh dump.
                 return self.watcher.snapshot()
+            if self._prune is not None:
+                # The re-dump below does the round's job; its records would look
+                # unconfirmed to the round. The round reads its dump to the end
+                # (the only way to stop the kernel's) and decides nothing.
+                self._prune.abandon()
             return ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump())))
         if isinstance(action, ev.FlowsMarkedStale):
             self._emit({"decision": "stale", "cause": action.cause, "flows": len(action.flows)})

@@ -34,12 +34,26 @@ from controlplane.core.flowpath import IPS_OFFLOAD, CtTuple, Family, Flow
 from controlplane.core.reinject import CtTimeouts, reinject_plan
 from controlplane.errors import KernelError
 from controlplane.kernel import netlink
-from controlplane.kernel.netlink import HDR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, attrs, nest, nla
+from controlplane.kernel.netlink import (
+    HDR,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attrs,
+    drain,
+    error_code,
+    messages,
+    nest,
+    nla,
+)
 from controlplane.kernel.netns import entered
 
 __all__ = [
     "ConntrackSocket",
     "DeleteResult",
+    "DumpStream",
     "decode_entry",
     "delete_flows",
     "dump_flows",
@@ -527,6 +541,75 @@ class ConntrackSocket:
                     operation, os.strerror(reply.code), reply.code, payload=reply.item
                 )
         return done, skipped
+
+
+class DumpStream:
+    """A full conntrack dump read in bounded steps from a non-blocking socket.
+
+    A dump of 100,000 entries takes ~1-2 s to decode; an event loop that read
+    it in one go would handle no event meanwhile. The kernel fills a dump one
+    datagram (~100 entries) per read, so the socket is readable exactly while
+    the dump has more to give: the loop selects on :meth:`fileno` with its
+    other sockets and takes at most ``budget`` entries per :meth:`read`.
+    The socket stays open between dumps (one fd for the loop to register).
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._nl = netlink.NetlinkSocket(
+            NETLINK_NETFILTER, netns, rcvbuf=_RCVBUF, operation="conntrack dump", nonblocking=True
+        )
+        self._seq: int | None = None
+
+    def fileno(self) -> int:
+        return self._nl.fileno()
+
+    def close(self) -> None:
+        self._nl.close()
+        self._seq = None
+
+    @property
+    def running(self) -> bool:
+        return self._seq is not None
+
+    def begin(self) -> None:
+        """Ask for a dump of every entry (IPv4 and IPv6); an unfinished one is abandoned."""
+        if self._seq is not None:
+            # The kernel keeps filling an abandoned dump: reading it to the end
+            # is the only way to stop it; its answers carry the old seq and are
+            # skipped by :meth:`read`.
+            drain(self._nl.sock)
+        self._seq = seq = self._nl.next_seq()
+        self._nl.send(_message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, b""))
+
+    def read(self, budget: int) -> tuple[list[Flow], bool]:
+        """Entries received so far, about ``budget`` at most (whole datagrams),
+        never blocking; and whether the dump is complete."""
+        out: list[Flow] = []
+        sock = self._nl.sock
+        while self._seq is not None and len(out) < budget:
+            try:
+                buf = sock.recv(netlink.RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._seq = None
+                raise KernelError("conntrack dump", exc.strerror or str(exc), exc.errno) from exc
+            for kind, _flags, seq, start, end in messages(buf):
+                if seq != self._seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    self._seq = None
+                    return out, True
+                if kind == NLMSG_ERROR:
+                    code = error_code(buf, start)
+                    if code:
+                        self._seq = None
+                        raise KernelError("conntrack dump", os.strerror(code), code)
+                elif kind == CT_NEW:
+                    flow = decode_entry(buf, start, end)
+                    if flow is not None:
+                        out.append(flow)
+        return out, False
 
 
 def dump_flows(
