@@ -42,9 +42,10 @@ __all__ = ["Engine", "InvalidationService", "ServiceStats"]
 
 Report = Callable[[dict[str, Any]], None]
 CT_MIN_RCVBUF = 32 << 20
-# Dump entries a prune handles per step: ~15-25 ms of decoding and lookups,
-# so events wait at most that long behind a prune (bench_invalidation.py).
-PRUNE_STEP_ENTRIES = 1024
+# Dump entries a prune handles per step (whole datagrams: ~150 entries each):
+# ~5-8 ms of decoding and lookups, so events wait at most that long behind a
+# prune (bench_invalidation.py measures the longest step at 100,000 entries).
+PRUNE_STEP_ENTRIES = 256
 
 
 class Engine(Protocol):
@@ -73,6 +74,7 @@ class ServiceStats:
     prune_changed: int = 0  # indexed flows replaced: new conntrack id, mark or reply
     last_prune_seconds: float = 0.0  # wall time of the last round, dump start to finish
     last_prune_step: float = 0.0  # its longest step: how long it held up events
+    not_offloaded: int = 0  # flows judged stale whose entry was not offloaded: left alone
     last_event_to_deleted: float = 0.0  # seconds from select() waking to deletes ACKed
     last_event_to_teardown: float = 0.0  # ... to deletes and re-creates ACKed
     errors: int = 0
@@ -115,11 +117,14 @@ def _describe(item: object) -> dict[str, Any]:
 class InvalidationService:
     """Watcher + conntrack events + engine + teardown for one namespace.
 
-    ``dry_run``: decisions are reported, nothing is deleted. ``only_offloaded``
-    False is the test-only switch (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``):
-    every TCP/UDP entry is indexed as if it carried IPS_OFFLOAD, because the
-    host kernel has no flowtables. ``report`` receives one record per event and
-    per decision (``offloadctl watch`` prints them); ``None`` reports nothing.
+    ``dry_run``: decisions are reported, nothing is deleted. Every TCP/UDP entry
+    is indexed as possibly offloaded (the kernel offloads silently, see
+    ``_offloaded``) and a teardown tears down only the entries the kernel says
+    are offloaded; ``only_offloaded`` False is the test-only switch
+    (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``) that takes every entry as
+    offloaded without asking, because the host kernel has no flowtables.
+    ``report`` receives one record per event and per decision (``offloadctl
+    watch`` prints them); ``None`` reports nothing.
     """
 
     def __init__(
@@ -166,12 +171,6 @@ class InvalidationService:
         self._prune_step_max = 0.0
         self._next_prune = float("inf")
         self._event_time = 0.0
-        # Entries this service re-created, by (zone, original tuple). The kernel
-        # re-offloads such an entry on its next forwarded packet and sends NO
-        # event for it (setting IPS_OFFLOAD is silent; the entry is already
-        # ASSURED), so its NEW event is the last news we get: index it as
-        # offloaded, or the next move of that flow is missed (seen in the VM).
-        self._recreated: dict[tuple[int, object], None] = {}
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -264,8 +263,6 @@ class InvalidationService:
             prune = self._prune
             for change in changes:
                 flow = self._offloaded(change.flow)
-                if change.new and self._recreated.pop((flow.zone, flow.orig), 0) is None:
-                    flow = replace(flow, status=flow.status | IPS_OFFLOAD)
                 if prune is not None:
                     prune.touch(flow)
                 self._handle(ev.FlowGone(flow=flow) if change.gone else ev.FlowSeen(flow=flow))
@@ -305,23 +302,32 @@ class InvalidationService:
         self._dump.begin()
 
     def _prune_step(self) -> int:
-        """Feed the round at most PRUNE_STEP_ENTRIES dumped entries; finish it at
-        the end of the dump. Returns the flows it added or dropped."""
+        """Feed the round at most PRUNE_STEP_ENTRIES dumped entries, then apply at
+        most PRUNE_STEP_ENTRIES of its decisions (a round that drops a whole
+        start-up population hands them out over many steps). Returns the flows
+        it dropped or added."""
         assert self._dump is not None and self._prune is not None
         started = self._clock()
         prune, protocols, offloaded = self._prune, self.conntrack.protocols, self._offloaded
-        flows, done = self._dump.read(PRUNE_STEP_ENTRIES)
-        for flow in flows:
-            if flow.orig.proto in protocols:
-                prune.dumped(offloaded(flow))
-        gone, seen = prune.finish() if done else prune.take()
+        if not prune.finished:
+            flows, complete = self._dump.read(PRUNE_STEP_ENTRIES)
+            for flow in flows:
+                if flow.orig.proto in protocols:
+                    prune.dumped(offloaded(flow))
+            if complete:
+                prune.finish()
+        gone, seen = prune.take(PRUNE_STEP_ENTRIES)
         for flow in gone:
             self._handle(ev.FlowGone(flow=flow))
         for flow in seen:
             self._handle(ev.FlowSeen(flow=flow))
         now = self._clock()
         self._prune_step_max = max(self._prune_step_max, now - started)
-        if done:
+        if prune.finished and not prune.done:
+            # Decisions left and the dump socket drained: the wake pipe makes the
+            # next select (ours or the agent's) return at once for the next batch.
+            self.wake()
+        if prune.done:
             self._prune = None
             self._schedule_prune()
             st = self.stats
@@ -351,8 +357,17 @@ class InvalidationService:
 
     # -- engine <-> kernel ---------------------------------------------------------
     def _offloaded(self, flow: Flow) -> Flow:
-        if self.only_offloaded:
-            return flow
+        """``flow`` as the index holds it: possibly offloaded, whatever its status.
+
+        The kernel sets IPS_OFFLOAD WITHOUT an event when the packet that offloads
+        an entry changes nothing else in it: a UDP flow offloaded by its second
+        packet, before any reply (its replies then take the fast path and never
+        reach conntrack: no event ever again; seen in the VM as ``[UNREPLIED]
+        [OFFLOAD]``, its host's move never repaired), a flow under
+        ``min_packets``, an entry we re-created. An index of announced offloads
+        misses those, so it holds every TCP/UDP entry and a teardown asks the
+        kernel which are offloaded now (``_on_fast_path``).
+        """
         return replace(flow, status=flow.status | IPS_OFFLOAD)
 
     def _as_offloaded(self, flows: list[Flow]) -> list[Flow]:
@@ -413,9 +428,29 @@ class InvalidationService:
             self._teardown(action)
         return None
 
+    def _on_fast_path(self, flows: tuple[Flow, ...]) -> tuple[Flow, ...]:
+        """The flows whose entry the kernel says is offloaded now (one batched
+        CT_GET): the index holds every entry as possibly offloaded (``_offloaded``),
+        and flows that are not offloaded are left alone. Those still there stay
+        indexed: the kernel may offload them later, silently."""
+        if not self.only_offloaded:  # the test-only switch: all are offloaded
+            return flows
+        assert self._ct is not None
+        offloaded: list[Flow] = []
+        for flow, now in self._ct.get(flows):
+            if now is not None and now.status & IPS_OFFLOAD:
+                offloaded.append(flow)
+            elif now is not None:
+                self.stats.not_offloaded += 1
+                self._handle(ev.FlowSeen(flow=self._offloaded(now)))
+        return tuple(offloaded)
+
     def _teardown(self, action: ev.TearDownFlows) -> None:
-        flows = action.flows
+        judged = len(action.flows)
+        flows = self._on_fast_path(action.flows) if action.flows else ()
         if not flows:
+            if judged:
+                self._emit({"decision": "left alone: not offloaded", "flows": judged})
             return
         deleted = gone = recreated = 0
         if not self.dry_run:
@@ -426,10 +461,6 @@ class InvalidationService:
             deleted, gone = result.deleted, result.already_gone
             self.stats.last_event_to_deleted = self._clock() - self._event_time
             if self._ct.last_deleted:
-                for flow in self._ct.last_deleted:
-                    self._recreated[(flow.zone, flow.orig)] = None
-                while len(self._recreated) > self.settings.queue_size:  # bounded
-                    del self._recreated[next(iter(self._recreated))]
                 recreated = self._ct.reinject(self._ct.last_deleted)[0]
             self.stats.teardowns += 1
             self.stats.flows_torn_down += deleted
@@ -440,6 +471,7 @@ class InvalidationService:
             {
                 "decision": "would tear down" if self.dry_run else "tore down",
                 "flows": len(flows),
+                "not_offloaded": judged - len(flows),
                 "deleted": deleted,
                 "already_gone": gone,
                 "recreated": recreated,
