@@ -32,6 +32,7 @@ from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
 from controlplane.core.flowindex import PruneRound
 from controlplane.core.flowpath import IPS_OFFLOAD, Flow
+from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
 from controlplane.kernel.ctnetlink.events import CtEvents
 from controlplane.kernel.netlink import NetlinkSocket
@@ -310,7 +311,15 @@ class InvalidationService:
         started = self._clock()
         prune, protocols, offloaded = self._prune, self.conntrack.protocols, self._offloaded
         if not prune.finished:
-            flows, complete = self._dump.read(PRUNE_STEP_ENTRIES)
+            try:
+                flows, complete = self._dump.read(PRUNE_STEP_ENTRIES)
+            except KernelError as exc:
+                # Only the round is lost (the index is as good as before it): say
+                # so, and try again next period.
+                self.stats.errors += 1
+                self._emit({"decision": "prune failed", "error": str(exc)})
+                prune.abandon()
+                flows, complete = [], True
             for flow in flows:
                 if flow.orig.proto in protocols:
                     prune.dumped(offloaded(flow))
