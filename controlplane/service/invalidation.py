@@ -296,7 +296,8 @@ class InvalidationService:
         if index is None or self._dump is None:  # an engine without an index to prune
             self._next_prune = float("inf")
             return
-        self._prune = PruneRound(index, touched_limit=self.settings.queue_size)
+        rounds = self.stats.prunes + self.stats.prunes_abandoned
+        self._prune = PruneRound(index, touched_limit=self.settings.queue_size, salt=rounds)
         self._prune_started = self._clock()
         self._prune_step_max = 0.0
         self._next_prune = float("inf")

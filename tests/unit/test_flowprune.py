@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.core.events import FlowGone, FlowSeen
-from controlplane.core.flowindex import PruneRound
+from controlplane.core.flowindex import FlowRecord, PruneRound, _Marks
 from controlplane.core.flowpath import IPS_OFFLOAD, CtTuple, Flow
 from controlplane.core.invalidation import Engine
 
@@ -198,3 +198,40 @@ def test_counts_say_what_the_round_did() -> None:
     assert round_.done
     assert (round_.gone, round_.added, round_.changed, round_.dumped_entries) == (1, 1, 1, 2)
     assert held(engine) == held(engine_with([replace(recreated, id=2), missed]))
+
+
+def test_marks_never_drop_a_live_flow_and_dead_ones_go_within_rounds() -> None:
+    # The round remembers what the dump confirmed in a ~16-bits-per-record filter
+    # (memory), not a set: a dead record may survive a round by chance (p ~0.5%),
+    # never a live one be dropped; the next round, salted differently, drops it.
+    live = [entry((0, 6, f"10.1.{i // 250}.{i % 250}", 1000), 1, 0, True) for i in range(5000)]
+    dead = [entry((0, 6, f"10.2.{i // 250}.{i % 250}", 1000), 1, 0, True) for i in range(5000)]
+    engine = engine_with(live + dead)
+    survivors = []
+    for salt in range(4):
+        round_ = PruneRound(engine.index, salt=salt)
+        for flow in live:
+            round_.dumped(flow)
+        round_.finish()
+        apply(engine, round_.take())
+        assert held(engine) >= held(engine_with(live))
+        survivors.append(len(engine) - len(live))
+    assert survivors[0] <= len(dead) // 100 and survivors[-1] == 0, survivors
+
+
+def test_each_round_errs_on_other_records() -> None:
+    # A dead record kept by chance in one round must not be kept by every round.
+    def records(net: int) -> list[FlowRecord]:
+        ips = (f"10.{net}.{i // 250}.{i % 250}" for i in range(20_000))
+        return [FlowRecord(entry((0, 6, ip, 1), 1, 0, True)) for ip in ips]
+
+    marked, probes = records(1), records(2)
+    wrong: list[set[FlowRecord]] = []
+    for salt in (1, 2):
+        marks = _Marks(len(marked), salt)
+        for record in marked:
+            marks.add(record)
+        assert all(record in marks for record in marked)
+        wrong.append({record for record in probes if record in marks})
+        assert len(wrong[-1]) < len(probes) // 100
+    assert wrong[0] and wrong[0] != wrong[1]
