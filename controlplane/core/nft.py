@@ -10,16 +10,42 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from controlplane.config import check_ifname, check_objname
 from controlplane.errors import PlanError
 
 JSON = Any  # a JSON-serialisable value
+T = TypeVar("T")
+
+
+class _once(Generic[T]):
+    """``functools.cached_property`` without the lock Python 3.11 takes on every
+    first access (~7 M instructions for the tags and texts of 1,000 rules).
+    Same semantics: computed once, kept in the instance's ``__dict__`` (which a
+    frozen dataclass allows), found there on later reads."""
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn, self.name = fn, fn.__name__
+        self.__doc__ = fn.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _once[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> T | _once[T]:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
 
 TAG_PREFIX = "cp:"
 
@@ -51,18 +77,20 @@ def _rhs(values: list[JSON], texts: list[str]) -> tuple[JSON, str]:
 
 
 def match_meta(key: str, values: list[str], quote: bool = True) -> Stmt:
-    rhs, text = _rhs(list(values), [_quote(v) if quote else v for v in values])
-    return _stmt(
-        {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": rhs}}, f"{key} {text}"
-    )
+    return _match_meta(key, tuple(values), quote, "==")
 
 
 def match_meta_not(key: str, values: list[str]) -> Stmt:
-    rhs, text = _rhs(list(values), [_quote(v) for v in values])
-    return _stmt(
-        {"match": {"op": "!=", "left": {"meta": {"key": key}}, "right": rhs}},
-        f"{key} != {text}",
-    )
+    return _match_meta(key, tuple(values), True, "!=")
+
+
+# Interface matches repeat across rules (1,000 port forwards on one wan0): each
+# distinct one is built once and shared, as a Stmt and its JSON are never mutated.
+@lru_cache(maxsize=1024)
+def _match_meta(key: str, values: tuple[str, ...], quote: bool, op: str) -> Stmt:
+    rhs, text = _rhs(list(values), [_quote(v) if quote else v for v in values])
+    shown = f"{key} {text}" if op == "==" else f"{key} {op} {text}"
+    return Stmt(shown, {"match": {"op": op, "left": {"meta": {"key": key}}, "right": rhs}})
 
 
 def match_l4proto(protos: list[str]) -> Stmt:
@@ -112,7 +140,9 @@ def match_prefixes(fieldname: str, nets: list[IPv4Network] | list[IPv6Network]) 
 
 
 def match_dport(proto: str, port: int) -> Stmt:
-    return _stmt(
+    # One per port forward: Stmt(...) directly (no _stmt hop) on this hot path.
+    return Stmt(
+        f"{proto} dport {port}",
         {
             "match": {
                 "op": "==",
@@ -120,7 +150,6 @@ def match_dport(proto: str, port: int) -> Stmt:
                 "right": port,
             }
         },
-        f"{proto} dport {port}",
     )
 
 
@@ -245,7 +274,7 @@ def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
     if port is not None:
         obj["port"] = port
         shown += f":{port}"
-    return _stmt({"dnat": obj}, f"dnat {fam} to {shown}")
+    return Stmt(f"dnat {fam} to {shown}", {"dnat": obj})
 
 
 def verdict(kind: str) -> Stmt:
@@ -395,7 +424,7 @@ class Rule:
     def __post_init__(self) -> None:
         _require(_safe_comment(self.label), "rule label", self.label)
 
-    @cached_property
+    @_once
     def tag(self) -> str:
         """Content hash: names our own rules in the kernel's listing (for people;
         drift is judged on the listed content, see :attr:`listed`)."""
@@ -406,11 +435,11 @@ class Rule:
     def comment(self) -> str:
         return f"{TAG_PREFIX}{self.tag} {self.label}".strip()
 
-    @cached_property
+    @_once
     def text(self) -> str:
-        return " ".join(s.text for s in self.stmts) + f" comment {_quote(self.comment)}"
+        return " ".join([s.text for s in self.stmts]) + f' comment "{self.comment}"'
 
-    @cached_property
+    @_once
     def listed(self) -> str:
         """This rule as ``nft -s list`` prints it: what drift detection compares."""
         return canonical_body(tuple(s.text for s in self.stmts)) + (

@@ -183,7 +183,10 @@ def _dnat_rules(cfg: Config) -> list[nft.Rule]:
         if d.daddr is not None:
             stmts.append(nft.match_prefixes("daddr", [ip_network(d.daddr)]))  # type: ignore[arg-type]
         stmts += [nft.match_dport(d.protocol, d.port), nft.dnat(d.to, d.to_port)]
-        where = " ".join(x for x in (d.iifname, str(d.daddr) if d.daddr else None) if x)
+        # "dnat [IIF] [DADDR] PROTO PORT" (built without a generator: once per rule)
+        where = d.iifname or ""
+        if d.daddr:
+            where = f"{where} {d.daddr}" if where else str(d.daddr)
         pre.append(nft.Rule("dstnat", tuple(stmts), f"dnat {where} {d.protocol} {d.port}"))
     return pre
 

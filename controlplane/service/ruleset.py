@@ -233,10 +233,15 @@ class RulesetService:
             self._settle(generation)
             lap("generation")
             if not vlans and generation is not None and self.p.stamps:
-                stamp = f"{generation} {_digest(rs)}"
-                if self.p.stamps.read() == stamp:
-                    nothing = Plan(rs.ref, (), ())
-                    return ApplyResult(nothing, False, False, (), None, self._since(start))
+                # Digest only when the stored stamp is of this very generation
+                # (a fresh or changed namespace never pays for it); a no-op
+                # plan below writes one.
+                stored = self.p.stamps.read()
+                if stored is not None and stored.startswith(f"{generation} "):
+                    stamp = f"{generation} {_digest(rs)}"
+                    if stored == stamp:
+                        nothing = Plan(rs.ref, (), ())
+                        return ApplyResult(nothing, False, False, (), None, self._since(start))
             known = self._remembered(rs.ref, generation)
             self._known = self._pending = None  # whatever happens next, the kernel may change
             the_plan, serial, observed = self._observe(rs, known)
@@ -251,8 +256,8 @@ class RulesetService:
                 return ApplyResult(the_plan, False, True, (), None, time.perf_counter() - start)
             created = tuple(self.p.rtnl.create_vlans(vlans))
             if the_plan.empty:
-                if stamp is not None and self.p.stamps is not None:
-                    self.p.stamps.write(stamp)
+                if not vlans and generation is not None and self.p.stamps is not None:
+                    self.p.stamps.write(stamp or f"{generation} {_digest(rs)}")
                 if generation is not None and observed is not None:
                     self._known = _Known(generation, rs.ref, observed)
                 return ApplyResult(

@@ -269,6 +269,35 @@ def test_unchanged_generation_skips_the_listing_and_a_change_does_not() -> None:
     assert not svc.apply(cfg(["a"])).plan.empty  # another config: another digest
 
 
+def test_digest_only_when_the_stamp_is_of_this_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh or changed namespace cannot match a stamp of another generation:
+    # the desired table's digest is not worth computing there.
+    from controlplane.service import ruleset
+
+    digests: list[str] = []
+    real = ruleset._digest
+
+    def counted(rs: nft.Ruleset) -> str:
+        digests.append(real(rs))
+        return digests[-1]
+
+    monkeypatch.setattr(ruleset, "_digest", counted)
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    ports.generation = lambda: fake.generation
+    ports.stamps = MemoryStamp()
+    svc = RulesetService(ports)
+    assert svc.apply(cfg()).committed
+    assert digests == []  # fresh: no stamp to compare with, nothing stamped
+    assert svc.apply(cfg()).plan.empty
+    assert len(digests) == 1  # listed and verified: stamped
+    assert svc.apply(cfg()).plan.empty
+    assert len(digests) == 2  # the stamp is of this generation: compared
+    fake.hand_add_set("extra")
+    assert svc.apply(cfg()).committed
+    assert len(digests) == 2  # the generation moved on: listed, not digested
+
+
 def test_two_writers_that_found_no_table_cannot_both_build_one() -> None:
     fake = FakeNft()
     other = RulesetService(_ports(fake)[0])
