@@ -13,12 +13,20 @@ namespace entry. ``--tree DIR`` times another checkout's ``controlplane``
 Compiled bytecode is allowed to be written (PYTHONDONTWRITEBYTECODE is removed
 from the children's environment) and one warm-up run precedes each row, as a
 normal install has its .pyc files.
+
+Where valgrind is installed, each command also runs once under callgrind and
+the table shows its instructions (user space only: the kernel's work on an nft
+batch is not in them). On this shared 2-CPU machine milliseconds swing with
+load; instruction counts do not, so the floor rows (``python -c pass``, the
+import of the dependencies the user chose, ``nft --version``) show how much
+of a command is Python's, the dependencies' and ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -34,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "nft" / "examples" / "seed.yaml"
 GOAL_STARTUP_MS = 100.0
 GOAL_APPLY_RATIO = 3.0
+INSTRUCTIONS = True  # --no-instructions: no callgrind runs
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
@@ -63,6 +72,31 @@ def run(cmd: Sequence[str], cwd: Path) -> None:
         raise SystemExit(f"bench: {' '.join(cmd)} exited {res.returncode}: {res.stderr.strip()}")
 
 
+def instructions(cmd: Sequence[str], cwd: Path) -> float | None:
+    """Instructions (user space) of one run of ``cmd`` under callgrind, or None."""
+    valgrind = shutil.which("valgrind")
+    if not valgrind or not INSTRUCTIONS:
+        return None
+    # after "ip netns exec NS": callgrind follows no exec, so it must run the command itself
+    split = 4 if list(cmd[:3]) == ["ip", "netns", "exec"] else 0
+    res = subprocess.run(
+        [
+            *cmd[:split],
+            valgrind,
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            *cmd[split:],
+        ],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Collected : (\d+)", res.stderr)
+    return int(found.group(1)) / 1e6 if res.returncode == 0 and found else None
+
+
 def timed(
     cmd: Sequence[str],
     cwd: Path,
@@ -70,7 +104,8 @@ def timed(
     before: Callable[[], None] | None = None,
     after: Callable[[], None] | None = None,
 ) -> Timing:
-    """Wall-clock and CPU ms of ``runs`` fresh processes (set-up and clean-up untimed)."""
+    """Wall-clock and CPU ms of ``runs`` fresh processes (set-up and clean-up
+    untimed), and the instructions of one more run."""
     out = Timing([], [])
     for i in range(runs + 1):  # the first run warms caches and writes .pyc files
         if before:
@@ -83,6 +118,11 @@ def timed(
         if i:
             out.wall.append(elapsed)
             out.cpu.append(cpu)
+    if before:
+        before()
+    out.instr = instructions(cmd, cwd)
+    if after:
+        after()
     return out
 
 
@@ -90,6 +130,7 @@ def timed(
 class Timing:
     wall: list[float]
     cpu: list[float]  # user + system of the process: less noisy on a busy machine
+    instr: float | None = None  # millions, one run under callgrind
 
 
 class Netns:
@@ -125,11 +166,14 @@ def row(
             f"{med:.1f}",
             f"{min(t.wall):.1f}",
             f"{cpu:.1f}",
+            f"{t.instr:.0f}" if t.instr else "-",
             base_name,
             f"{bmed:.1f}",
             f"{bcpu:.1f}",
+            f"{base.instr:.0f}" if base.instr else "-",
             f"{med / bmed:.2f}x",
             f"{cpu / bcpu:.2f}x" if bcpu else "-",
+            f"{t.instr / base.instr:.2f}x" if t.instr and base.instr else "-",
             goal,
         )
     )
@@ -141,11 +185,14 @@ def show(table: list[tuple[str, ...]]) -> None:
         "median ms",
         "min ms",
         "cpu ms",
+        "M instr",
         "baseline (same run)",
         "median ms",
         "cpu ms",
+        "M instr",
         "ratio",
         "cpu ratio",
+        "instr ratio",
         "goal",
     )
     rows = [head, *table]
@@ -153,7 +200,7 @@ def show(table: list[tuple[str, ...]]) -> None:
     for j, r in enumerate(rows):
         print(
             "  ".join(
-                c.ljust(w) if i in (0, 4, 9) else c.rjust(w)
+                c.ljust(w) if i in (0, 5, 12) else c.rjust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
         )
@@ -168,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", type=int, default=1000)
     ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose controlplane to time")
     ap.add_argument("--no-apply", action="store_true", help="start-up and validate rows only")
+    ap.add_argument(
+        "--no-instructions", action="store_true", help="skip the callgrind runs (valgrind)"
+    )
     args = ap.parse_args(argv)
+    global INSTRUCTIONS
+    INSTRUCTIONS = not args.no_instructions
     tree = args.tree.resolve()
     offloadctl = [sys.executable, "-m", "controlplane.cli"]
     nft = shutil.which("nft")
@@ -189,9 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         rendering.write_text(rendered.stdout)
 
         python = timed([sys.executable, "-c", "pass"], tree, args.runs)
+        # The floor: importing the dependencies the user chose, nothing of ours.
+        # typer >= 0.2x coerces parameters through pydantic (typer._adapters
+        # imports pydantic's types and fields): the second row is what any
+        # typer command with a parameter imports before our code runs.
+        deps = timed([sys.executable, "-c", "import pydantic, typer, yaml"], tree, args.runs)
+        deps_cli = timed(
+            [sys.executable, "-c", "import pydantic, typer, typer._adapters, yaml"], tree, args.runs
+        )
+        row(table, "import pydantic, typer, yaml", deps, "python -c pass", python)
+        row(table, "  + typer's pydantic adapters", deps_cli, "python -c pass", python)
         startup = timed([*offloadctl, "validate", str(SEED)], tree, args.runs)
         goal = f"<= {GOAL_STARTUP_MS:.0f} ms"
         row(table, "offloadctl validate seed.yaml", startup, "python -c pass", python, goal)
+        row(table, "offloadctl validate seed.yaml", startup, "the imports above", deps_cli)
         if nft:
             nft_version = timed([nft, "--version"], tree, args.runs)
             row(table, "offloadctl validate seed.yaml", startup, "nft --version", nft_version)
