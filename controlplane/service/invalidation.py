@@ -32,6 +32,7 @@ from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
 from controlplane.core.flowindex import PruneRound
 from controlplane.core.flowpath import IPS_OFFLOAD, Flow
+from controlplane.core.reinject import IPPROTO_UDP
 from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
 from controlplane.kernel.ctnetlink.events import CtEvents
@@ -118,12 +119,13 @@ def _describe(item: object) -> dict[str, Any]:
 class InvalidationService:
     """Watcher + conntrack events + engine + teardown for one namespace.
 
-    ``dry_run``: decisions are reported, nothing is deleted. Every TCP/UDP entry
-    is indexed as possibly offloaded (the kernel offloads silently, see
-    ``_offloaded``) and a teardown tears down only the entries the kernel says
-    are offloaded; ``only_offloaded`` False is the test-only switch
-    (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``) that takes every entry as
-    offloaded without asking, because the host kernel has no flowtables.
+    ``dry_run``: decisions are reported, nothing is deleted. Offloaded entries
+    are indexed, and so are the entries the kernel may offload without telling
+    (``_indexed``); a teardown asks the kernel which of its flows are offloaded
+    now and leaves the others alone (``_on_fast_path``). ``only_offloaded``
+    False is the test-only switch (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``):
+    every TCP/UDP entry is indexed and torn down as if it carried IPS_OFFLOAD,
+    because the host kernel has no flowtables.
     ``report`` receives one record per event and per decision (``offloadctl
     watch`` prints them); ``None`` reports nothing.
     """
@@ -172,6 +174,12 @@ class InvalidationService:
         self._prune_step_max = 0.0
         self._next_prune = float("inf")
         self._event_time = 0.0
+        # Entries this service re-created, by (zone, original tuple). The kernel
+        # re-offloads such an entry on its next forwarded packet and sends NO
+        # event for it (setting IPS_OFFLOAD is silent; the entry is already
+        # ASSURED), so its NEW event is the last news we get: index it as
+        # possibly offloaded, or the next move of that flow is missed (VM).
+        self._recreated: dict[tuple[int, object], None] = {}
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -188,7 +196,7 @@ class InvalidationService:
         self._handle(self.watcher.snapshot())
         # The index is empty: streaming the dump as FlowSeen is the same as one
         # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
-        handle, offloaded = self._handle, self._offloaded
+        handle, offloaded = self._handle, self._indexed
         self.conntrack.dump_each(lambda flow: handle(ev.FlowSeen(flow=offloaded(flow))))
         self._emit({"event": "FlowsDumped", "flows": len(self._engine)})
         self._flush()
@@ -264,6 +272,10 @@ class InvalidationService:
             prune = self._prune
             for change in changes:
                 flow = self._offloaded(change.flow)
+                if change.new and self._recreated.pop((flow.zone, flow.orig), 0) is None:
+                    flow = replace(flow, status=flow.status | IPS_OFFLOAD)
+                elif not change.gone:
+                    flow = self._indexed(flow)
                 if prune is not None:
                     prune.touch(flow)
                 self._handle(ev.FlowGone(flow=flow) if change.gone else ev.FlowSeen(flow=flow))
@@ -310,7 +322,8 @@ class InvalidationService:
         it dropped or added."""
         assert self._dump is not None and self._prune is not None
         started = self._clock()
-        prune, protocols, offloaded = self._prune, self.conntrack.protocols, self._offloaded
+        # The dumped entries as the start-up dump indexes them (same view).
+        prune, protocols, offloaded = self._prune, self.conntrack.protocols, self._indexed
         if not prune.finished:
             try:
                 flows, complete = self._dump.read(PRUNE_STEP_ENTRIES)
@@ -367,18 +380,27 @@ class InvalidationService:
 
     # -- engine <-> kernel ---------------------------------------------------------
     def _offloaded(self, flow: Flow) -> Flow:
-        """``flow`` as the index holds it: possibly offloaded, whatever its status.
+        if self.only_offloaded:
+            return flow
+        return replace(flow, status=flow.status | IPS_OFFLOAD)
+
+    def _indexed(self, flow: Flow) -> Flow:
+        """``flow`` as the index takes it: a UDP entry counts as possibly offloaded.
 
         The kernel sets IPS_OFFLOAD WITHOUT an event when the packet that offloads
-        an entry changes nothing else in it: a UDP flow offloaded by its second
-        packet, before any reply (its replies then take the fast path and never
-        reach conntrack: no event ever again; seen in the VM as ``[UNREPLIED]
-        [OFFLOAD]``, its host's move never repaired), a flow under
-        ``min_packets``, an entry we re-created. An index of announced offloads
-        misses those, so it holds every TCP/UDP entry and a teardown asks the
-        kernel which are offloaded now (``_on_fast_path``).
+        an entry changes nothing else in it. UDP needs no reply to be offloaded:
+        a flow whose second packet comes before any reply is offloaded silently,
+        its replies then take the fast path and never reach conntrack, so no event
+        ever says so (seen in the VM: ``[UNREPLIED] [OFFLOAD]``, its host's move
+        never repaired). TCP is offloaded on the packet that makes it ASSURED,
+        which is announced; entries we re-created are handled in ``step``.
+        (``min_packets`` offloads silently too: a known gap for TCP.) A teardown
+        asks the kernel first (``_on_fast_path``).
         """
-        return replace(flow, status=flow.status | IPS_OFFLOAD)
+        flow = self._offloaded(flow)
+        if flow.orig.proto == IPPROTO_UDP and not flow.status & IPS_OFFLOAD:
+            return replace(flow, status=flow.status | IPS_OFFLOAD)
+        return flow
 
     def _as_offloaded(self, flows: list[Flow]) -> list[Flow]:
         return [self._offloaded(f) for f in flows]
@@ -438,30 +460,36 @@ class InvalidationService:
             self._teardown(action)
         return None
 
-    def _on_fast_path(self, flows: tuple[Flow, ...]) -> tuple[Flow, ...]:
-        """The flows whose entry the kernel says is offloaded now (one batched
-        CT_GET): the index holds every entry as possibly offloaded (``_offloaded``),
-        and flows that are not offloaded are left alone. Those still there stay
-        indexed: the kernel may offload them later, silently."""
+    def _on_fast_path(self, flows: tuple[Flow, ...]) -> tuple[list[Flow], list[Flow]]:
+        """(offloaded, still there but not offloaded) as the kernel says now (one
+        batched CT_GET): the index holds entries that may be offloaded
+        (``_indexed``, re-created ones); the others are left alone."""
         if not self.only_offloaded:  # the test-only switch: all are offloaded
-            return flows
+            return list(flows), []
         assert self._ct is not None
         offloaded: list[Flow] = []
-        for flow, now in self._ct.get(flows):
-            if now is not None and now.status & IPS_OFFLOAD:
-                offloaded.append(flow)
-            elif now is not None:
-                self.stats.not_offloaded += 1
-                self._handle(ev.FlowSeen(flow=self._offloaded(now)))
-        return tuple(offloaded)
+        idle: list[Flow] = []
+        for flow, status in self._ct.statuses(flows):
+            if status is not None:
+                (offloaded if status & IPS_OFFLOAD else idle).append(flow)
+        return offloaded, idle
 
     def _teardown(self, action: ev.TearDownFlows) -> None:
-        judged = len(action.flows)
-        flows = self._on_fast_path(action.flows) if action.flows else ()
-        if not flows:
-            if judged:
-                self._emit({"decision": "left alone: not offloaded", "flows": judged})
+        if not action.flows:
             return
+        judged = len(action.flows)
+        flows, idle = self._on_fast_path(action.flows)
+        self.stats.not_offloaded += len(idle)
+        if flows:
+            self._tear_down(flows, action.causes, judged)
+        else:
+            self._emit({"decision": "left alone: not offloaded", "flows": judged})
+        # Still indexed: the kernel may offload them later, silently (after the
+        # teardown line: what it costs is not on the repair's path).
+        for flow in idle:
+            self._handle(ev.FlowSeen(flow=replace(flow, status=flow.status | IPS_OFFLOAD)))
+
+    def _tear_down(self, flows: list[Flow], causes: tuple[str, ...], judged: int) -> None:
         deleted = gone = recreated = 0
         if not self.dry_run:
             assert self._ct is not None
@@ -471,6 +499,10 @@ class InvalidationService:
             deleted, gone = result.deleted, result.already_gone
             self.stats.last_event_to_deleted = self._clock() - self._event_time
             if self._ct.last_deleted:
+                for flow in self._ct.last_deleted:
+                    self._recreated[(flow.zone, flow.orig)] = None
+                while len(self._recreated) > self.settings.queue_size:  # bounded
+                    del self._recreated[next(iter(self._recreated))]
                 recreated = self._ct.reinject(self._ct.last_deleted)[0]
             self.stats.teardowns += 1
             self.stats.flows_torn_down += deleted
@@ -485,6 +517,6 @@ class InvalidationService:
                 "deleted": deleted,
                 "already_gone": gone,
                 "recreated": recreated,
-                "causes": "; ".join(sorted(set(action.causes))),
+                "causes": "; ".join(sorted(set(causes))),
             }
         )

@@ -230,6 +230,12 @@ def encode_delete(flow: Flow, seq: int) -> bytes:
     return _message(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, flow.orig.family, attrs_)
 
 
+def encode_get(flow: Flow, seq: int) -> bytes:
+    """CT_GET of one entry by orig tuple + zone (the kernel answers with the entry)."""
+    attrs_ = encode_tuple(CTA_TUPLE_ORIG, flow.orig) + nla(CTA_ZONE, _BE16.pack(flow.zone))
+    return _message(CT_GET, NLM_F_REQUEST, seq, flow.orig.family, attrs_)
+
+
 def _nat_range(kind: int, family: int, addr: str, port: int) -> bytes:
     af = socket.AF_INET if family == Family.IPV4 else socket.AF_INET6
     lo, hi = (
@@ -500,6 +506,29 @@ class ConntrackSocket:
 
         self._nl.dump("conntrack dump", encode, on_message)
 
+    def statuses(self, flows: Iterable[Flow]) -> list[tuple[Flow, int | None]]:
+        """The kernel's current status bits (CTA_STATUS) of the entry under each
+        flow's orig tuple and zone (None: no such entry), batched; e.g. to read
+        IPS_OFFLOAD, which the kernel often sets without an event. Only the status
+        attribute is decoded: this runs on the teardown path."""
+        found: list[tuple[Flow, int | None]] = []
+        for reply in self._nl.transact("conntrack get", flows, encode_get):
+            if reply.code == errno.ENOENT:
+                found.append((reply.item, None))
+            elif reply.code:
+                raise KernelError(
+                    "conntrack get", os.strerror(reply.code), reply.code, payload=reply.item
+                )
+            else:
+                data = reply.data
+                status = next(
+                    (_BE32.unpack_from(data, s)[0]
+                     for kind, s, _e in attrs(data, _HDR_LEN, len(data)) if kind == CTA_STATUS),
+                    0,
+                )  # fmt: skip
+                found.append((reply.item, status))
+        return found
+
     def delete(self, flows: Iterable[Flow]) -> DeleteResult:
         """Delete each entry by orig tuple + zone + id. ENOENT counts as already gone."""
         done, skipped = self._batched("conntrack delete", encode_delete, flows, errno.ENOENT)
@@ -541,6 +570,11 @@ class ConntrackSocket:
                     operation, os.strerror(reply.code), reply.code, payload=reply.item
                 )
         return done, skipped
+
+
+# A dump datagram is at most 32 KiB (the kernel caps its skb there); a 1 MiB
+# buffer per recv costs an allocation of that size each time.
+_DUMP_RECV_SIZE = 1 << 16
 
 
 class DumpStream:
@@ -588,7 +622,7 @@ class DumpStream:
         sock = self._nl.sock
         while self._seq is not None and len(out) < budget:
             try:
-                buf = sock.recv(netlink.RECV_SIZE)
+                buf = sock.recv(_DUMP_RECV_SIZE)
             except BlockingIOError:
                 break
             except OSError as exc:
