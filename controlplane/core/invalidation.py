@@ -294,8 +294,15 @@ class Engine:
         if not record.offloaded:
             self._index.remove(record)  # left the fast path: nothing cached any more
             return
-        if self._index.get(record) is not None:
-            return
+        indexed = self._index.get(record)
+        if indexed is not None:
+            if indexed.same_entry(record):
+                return
+            # The same tuple under a new conntrack id (or mark, or reply tuple): the
+            # indexed entry died (its DESTROY unseen) and this one replaced it; a
+            # teardown by the old id would miss the live entry.
+            self._index.remove(indexed)
+            self._stale.pop(indexed, None)
         for address in self._index.add(record):
             self._routes_wanted[address] = None
         orig, reply = self._index.group_of(record.rsrc), self._index.group_of(record.osrc)

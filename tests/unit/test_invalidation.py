@@ -388,6 +388,17 @@ def test_torn_down_flows_are_exact_and_forgotten() -> None:
     assert driver.send(FdbEntryChanged(bridge=BR0, vlan=0, mac=MACS[1], port=P1)) == [LAN_HOST]
 
 
+def test_new_entry_under_an_indexed_tuple_replaces_it() -> None:
+    # Its DESTROY unseen (nf_conntrack_events=2, or lost), the old entry's tuple
+    # came back under a new id: a teardown must name the live entry.
+    driver = started()
+    reborn = replace(LAN_HOST, id=LAN_HOST.id + 1)
+    assert driver.send(FlowSeen(flow=reborn)) == []
+    assert len(driver.engine) == len(ALL)
+    torn = driver.send(FdbEntryChanged(bridge=BR0, vlan=0, mac=MACS[1], port=P3))
+    assert sorted(torn, key=str) == sorted([reborn, V6_HOST], key=str)
+
+
 def test_flow_without_offload_is_dropped() -> None:
     driver = started()
     driver.send(FlowSeen(flow=replace(LAN_HOST, status=0)))
