@@ -298,6 +298,33 @@ def test_digest_only_when_the_stamp_is_of_this_generation(monkeypatch: pytest.Mo
     assert len(digests) == 2  # the generation moved on: listed, not digested
 
 
+def test_apply_pauses_the_garbage_collector_and_restores_it() -> None:
+    import gc
+
+    fake = FakeNft()
+    ports, _ = _ports(fake)
+    collecting: list[bool] = []
+    fake.before_run.append(lambda: collecting.append(gc.isenabled()))
+    assert gc.isenabled()
+    RulesetService(ports).apply(cfg(["a"]))
+    assert collecting == [False] and gc.isenabled()
+
+    def refuse() -> None:
+        raise KernelError("nft transaction", "refused", errno.EINVAL)
+
+    fake.before_run.append(refuse)
+    with pytest.raises(KernelError):
+        RulesetService(ports).apply(cfg(["a", "b"]))
+    assert gc.isenabled()  # back on after a refused commit too
+    gc.disable()
+    try:
+        fake.before_run.clear()
+        RulesetService(ports).apply(cfg(["b"]))
+        assert not gc.isenabled()  # off before (the CLI): left off
+    finally:
+        gc.enable()
+
+
 def test_two_writers_that_found_no_table_cannot_both_build_one() -> None:
     fake = FakeNft()
     other = RulesetService(_ports(fake)[0])
