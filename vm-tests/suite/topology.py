@@ -956,6 +956,7 @@ NSA = NS1  # host A, behind the switch
 NSSW = "nssw"  # the "switch": bridge swbr with A's cable and two uplinks
 NSG = "nsg"  # gateway G on br0 port p3 (route-change scenario)
 NSC = "nsc"  # host C on a plain routed port (neighbour-transmit control)
+BR0_MAC = "02:00:00:00:01:01"  # the router's br0
 
 
 @dataclass
@@ -1049,7 +1050,13 @@ def build_switched() -> SwitchedTopology:
     ip_batch(
         NSR,
         [
-            "link add br0 type bridge stp_state 0 forward_delay 0",
+            # A MAC of its own, as routers' bridges have: with an inherited one (p1's, the
+            # lowest) removing p1 changes the router's MAC, flushes its neighbours and
+            # leaves p1 owning the old router MAC, so A (still cabled to p1) is routed
+            # through the detached p1 and the flowtable re-offloads the flow there
+            # (nft_flow_route looks the return route up with oif = input device: "on
+            # link"); once A moves that cached path stalls (seen in the VM, port_removed).
+            f"link add br0 address {BR0_MAC} type bridge stp_state 0 forward_delay 0",
             *(f"link set {p} master br0 up" for p in ("p1", "p2", "p3")),
             "link set br0 up",
             f"addr add {topo.lan_ip}/24 dev br0",
@@ -1163,7 +1170,9 @@ class FrameCapture:
                 continue
             except OSError:
                 return
-            if len(self.frames) >= self.limit or len(data) < 14:
+            # A packet socket hears every device from socket() until bind(): those
+            # first frames are not this device's.
+            if len(self.frames) >= self.limit or len(data) < 14 or addr[0] != self.dev:
                 continue
             ts = time.time()
             for level, kind, value in anc:
@@ -1360,7 +1369,15 @@ class UdpDuplex:
     direction) and a server: the client sends a 16-byte heartbeat every BEAT seconds, the
     server answers with sequence-numbered datagrams every INTERVAL seconds to whatever
     address the heartbeat came from (the masqueraded one). ``arrivals`` holds
-    (time.time(), seq) of the server's datagrams at the client."""
+    (time.time(), seq) of the server's datagrams at the client.
+
+    OPENING orders the first packets, which decides how the kernel offloads the flow (UDP
+    needs no reply): ``"reply-first"``: the client waits for the first datagram before its
+    second heartbeat, so the first reply offloads the flow and conntrack announces it (an
+    event for the reply); ``"beats-first"``: the server answers from the third heartbeat
+    on, so the client's second heartbeat offloads the flow with no event at all and the
+    entry stays ``[UNREPLIED] [OFFLOAD]`` (its replies never reach conntrack); ``"race"``:
+    either, as threads get scheduled."""
 
     def __init__(
         self,
@@ -1370,8 +1387,9 @@ class UdpDuplex:
         *,
         interval: float = 0.002,
         beat: float = 0.01,
+        opening: Literal["race", "reply-first", "beats-first"] = "race",
     ) -> None:
-        self.interval, self.beat = interval, beat
+        self.interval, self.beat, self.opening = interval, beat, opening
         self._srv = in_netns(server_ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         self._srv.bind((server_addr, 0))
         self._srv.settimeout(0.2)
@@ -1381,6 +1399,7 @@ class UdpDuplex:
         self.client = self._cli.getsockname()[:2]
         self.server = self._srv.getsockname()[:2]
         self.sent = 0
+        self.send_blocked = 0  # the server's sends that timed out (full send buffer)
         self.arrivals: list[tuple[float, int]] = []
         self.beats = 0
         self._stop = threading.Event()
@@ -1402,6 +1421,11 @@ class UdpDuplex:
         while not self._stop.is_set():
             self._cli.send(struct.pack("!QQ", 0xBEA7, n))
             n += 1
+            if n == 1 and self.opening == "reply-first":
+                deadline = time.monotonic() + 10
+                while not self.arrivals and time.monotonic() < deadline:
+                    if self._stop.wait(0.001):
+                        return
             self._stop.wait(self.beat)
 
     def _serve_beats(self) -> None:
@@ -1414,11 +1438,18 @@ class UdpDuplex:
             self._peer_addr = addr
 
     def _serve(self) -> None:
-        while self._peer_addr is None and not self._stop.is_set():
-            self._stop.wait(0.005)
+        first = 3 if self.opening == "beats-first" else 1
+        while (self._peer_addr is None or self.beats < first) and not self._stop.is_set():
+            self._stop.wait(0.001)
         t0 = time.monotonic()
         while not self._stop.is_set():
-            self._srv.sendto(struct.pack("!QQ", 0xDA7A, self.sent), self._peer_addr)
+            try:
+                self._srv.sendto(struct.pack("!QQ", 0xDA7A, self.sent), self._peer_addr)
+            except (TimeoutError, BlockingIOError):
+                # The send buffer is full: the datagrams are held somewhere on the
+                # path (a neighbour's unresolved queue keeps the sender's skbs).
+                # Counted, not fatal: the sender keeps going, as a real one would.
+                self.send_blocked += 1
             self.sent += 1
             ahead = self.sent * self.interval - (time.monotonic() - t0)
             if ahead > 0:
@@ -1502,3 +1533,81 @@ class WatchProcess:
         for t in self._threads:
             t.join(timeout=5)
         return self.proc.returncode
+
+
+# --------------------------------------------------------------------------- diagnostics
+# (what a failing VM scenario prints, so that the failure explains itself)
+
+
+def describe_frames(frames: list[Frame], since: float, limit: int = 12) -> str:
+    """Frames at or after SINCE grouped by kind (direction, L3 endpoints, ports): count and
+    first/last time relative to SINCE, in ms. Lines beyond LIMIT are summed up."""
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for f in frames:
+        if f.ts < since:
+            continue
+        key = (
+            "out" if f.outgoing else "in", f"{f.ethertype:04x}", f.src_mac, f.dst_mac,
+            f.proto, f"{f.src}:{f.sport}", f"{f.dst}:{f.dport}",
+        )  # fmt: skip
+        groups.setdefault(key, []).append(f.ts)
+    rows = sorted(groups.items(), key=lambda kv: kv[1][0])
+    lines = [
+        f"{k[0]:>3} {k[1]} {k[2]} > {k[3]} p{k[4]} {k[5]} > {k[6]}: {len(ts)} frames, "
+        f"+{(ts[0] - since) * 1000:.1f} .. +{(ts[-1] - since) * 1000:.1f} ms"
+        for k, ts in rows[:limit]
+    ]
+    if len(rows) > limit:
+        lines.append(
+            f"... {len(rows) - limit} more kinds, {sum(len(t) for _, t in rows[limit:])} frames"
+        )
+    return "\n".join(lines) or "(no frames)"
+
+
+def link_counters(ns: str) -> dict[str, tuple[int, int]]:
+    """(rx, tx) packets of every link in NS: two snapshots tell where traffic went, at no
+    cost while it flows (a capture thread per device would load the VM's CPUs)."""
+    data = json.loads(run("ip", "-n", ns, "-s", "-j", "link") or "[]")
+    return {
+        str(d["ifname"]): (int(d["stats64"]["rx"]["packets"]), int(d["stats64"]["tx"]["packets"]))
+        for d in data
+        if "stats64" in d
+    }
+
+
+def describe_counters(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    return "\n".join(
+        f"{dev}: rx +{rx - before.get(dev, (0, 0))[0]}, tx +{tx - before.get(dev, (0, 0))[1]}"
+        for dev, (rx, tx) in after.items()
+    )
+
+
+def kernel_state(
+    ns: str, *, bridges: tuple[str, ...] = ("br0",), others: tuple[str, ...] = ()
+) -> str:
+    """The router's state a flowtable invalidation depends on, as text: every conntrack entry
+    (``[OFFLOAD]``, NAT, ids), the bridges' FDB, neighbours, links with counters, the owned
+    nft table (flowtable devices, counters, the NAT guard's drops); OTHERS: namespaces whose
+    links and bridge ports are shown too (e.g. the switch)."""
+
+    def cmd(title: str, *argv: str) -> str:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            out = (proc.stdout + proc.stderr).rstrip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            out = repr(exc)
+        return f"--- {title}\n{out}"
+
+    parts = [
+        cmd(f"conntrack -L ({ns})", "ip", "netns", "exec", ns, "conntrack", "-L", "-o", "id"),
+        *(
+            cmd(f"bridge fdb {br} ({ns})", *f"bridge -n {ns} fdb show br {br} dynamic".split())
+            for br in bridges
+        ),
+        cmd(f"ip neigh ({ns})", "ip", "-n", ns, "neigh"),
+        cmd(f"ip -s -o link ({ns})", "ip", "-n", ns, "-s", "-o", "link"),
+        cmd(f"bridge link ({ns})", "bridge", "-n", ns, "link"),
+        cmd(f"nft list ruleset ({ns})", "ip", "netns", "exec", ns, "nft", "list", "ruleset"),
+        *(cmd(f"bridge link ({o})", "bridge", "-n", o, "link") for o in others),
+    ]
+    return "\n".join(parts)
