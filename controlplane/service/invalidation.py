@@ -180,6 +180,10 @@ class InvalidationService:
         # ASSURED), so its NEW event is the last news we get: index it as
         # possibly offloaded, or the next move of that flow is missed (VM).
         self._recreated: dict[tuple[int, object], None] = {}
+        # Indexed entries a teardown found NOT offloaded (by zone, orig tuple): the
+        # next teardown checks them after the others, so a host's idle UDP
+        # entries (dozens: DNS...) do not delay the repair of its live flows.
+        self._idle: dict[tuple[int, object], None] = {}
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -272,6 +276,7 @@ class InvalidationService:
             prune = self._prune
             for change in changes:
                 flow = self._offloaded(change.flow)
+                self._idle.pop((flow.zone, flow.orig), None)  # news: check it first again
                 if change.new and self._recreated.pop((flow.zone, flow.orig), 0) is None:
                     flow = replace(flow, status=flow.status | IPS_OFFLOAD)
                 elif not change.gone:
@@ -478,16 +483,33 @@ class InvalidationService:
         if not action.flows:
             return
         judged = len(action.flows)
-        flows, idle = self._on_fast_path(action.flows)
-        self.stats.not_offloaded += len(idle)
-        if flows:
-            self._tear_down(flows, action.causes, judged)
-        else:
+        idle_before = self._idle
+        # Entries found idle last time go second: each check costs a round of
+        # CT_GET decoding, and what users wait for is the live flows' repair.
+        groups = (
+            [f for f in action.flows if (f.zone, f.orig) not in idle_before],
+            [f for f in action.flows if (f.zone, f.orig) in idle_before],
+        )
+        torn = 0
+        for group in groups:
+            if not group:
+                continue
+            flows, idle = self._on_fast_path(tuple(group))
+            self.stats.not_offloaded += len(idle)
+            for flow in flows:
+                idle_before.pop((flow.zone, flow.orig), None)
+            if flows:
+                torn += len(flows)
+                self._tear_down(flows, action.causes, len(group))
+            # Still indexed: the kernel may offload them later, silently (after
+            # the teardown line: what it costs is not on the repair's path).
+            for flow in idle:
+                self._idle[(flow.zone, flow.orig)] = None
+                self._handle(ev.FlowSeen(flow=replace(flow, status=flow.status | IPS_OFFLOAD)))
+        while len(self._idle) > self.settings.queue_size:  # bounded: oldest first out
+            del self._idle[next(iter(self._idle))]
+        if not torn:
             self._emit({"decision": "left alone: not offloaded", "flows": judged})
-        # Still indexed: the kernel may offload them later, silently (after the
-        # teardown line: what it costs is not on the repair's path).
-        for flow in idle:
-            self._handle(ev.FlowSeen(flow=replace(flow, status=flow.status | IPS_OFFLOAD)))
 
     def _tear_down(self, flows: list[Flow], causes: tuple[str, ...], judged: int) -> None:
         deleted = gone = recreated = 0
