@@ -89,8 +89,8 @@ def test_without_the_prune_entries_older_than_the_service_stay_indexed(
         settle(service)
         held = indexed(service)
         assert all((f.orig.src, f.orig.sport) in held for f in dead)  # no DESTROY came
-        # The re-created entry's NEW came, but the index kept the dead entry's id.
-        assert held[("10.0.0.1", 20_001)] == reborn.id != kernel(netns)[("10.0.0.1", 20_001)]
+        # The re-created entry's NEW came and replaced the dead entry's id.
+        assert held[("10.0.0.1", 20_001)] == kernel(netns)[("10.0.0.1", 20_001)] != reborn.id
         assert service.stats.prunes == 0
     finally:
         service.stop()
@@ -109,7 +109,6 @@ def test_the_prune_drops_ended_entries_and_takes_new_ids(make_netns: Callable[[]
         assert not any((f.orig.src, f.orig.sport) in held for f in dead)
         assert len(held) == OLD - len(dead)
         assert service.stats.pruned >= len(dead)
-        assert service.stats.prune_changed >= 1
     finally:
         service.stop()
 
