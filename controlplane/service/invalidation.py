@@ -32,7 +32,7 @@ from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
 from controlplane.core.flowindex import PruneRound
 from controlplane.core.flowpath import IPS_OFFLOAD, Flow
-from controlplane.core.reinject import IPPROTO_UDP
+from controlplane.core.reinject import IPPROTO_TCP, IPPROTO_UDP
 from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
 from controlplane.kernel.ctnetlink.events import CtEvents
@@ -48,6 +48,9 @@ CT_MIN_RCVBUF = 32 << 20
 # ~5-8 ms of decoding and lookups, so events wait at most that long behind a
 # prune (bench_invalidation.py measures the longest step at 100,000 entries).
 PRUNE_STEP_ENTRIES = 256
+
+# What flowtables offload; both may be offloaded without an event (``_indexed``).
+_PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)
 
 
 class Engine(Protocol):
@@ -390,25 +393,22 @@ class InvalidationService:
         return replace(flow, status=flow.status | IPS_OFFLOAD)
 
     def _indexed(self, flow: Flow) -> Flow:
-        """``flow`` as the index takes it: a UDP entry counts as possibly offloaded.
+        """``flow`` as the index takes it: a TCP or UDP entry counts as possibly offloaded.
 
         The kernel sets IPS_OFFLOAD WITHOUT an event when the packet that offloads
         an entry changes nothing else in it. UDP needs no reply to be offloaded:
         a flow whose second packet comes before any reply is offloaded silently,
         its replies then take the fast path and never reach conntrack, so no event
         ever says so (seen in the VM: ``[UNREPLIED] [OFFLOAD]``, its host's move
-        never repaired). TCP is offloaded on the packet that makes it ASSURED,
-        which is announced; entries we re-created are handled in ``step``.
-        (``min_packets`` offloads silently too: a known gap for TCP.) A teardown
-        asks the kernel first (``_on_fast_path``).
+        never repaired). TCP under a policy's ``min_packets`` is offloaded on a
+        later packet of an established entry, just as silently; entries we
+        re-created are handled in ``step``. A teardown asks the kernel first
+        (``_on_fast_path``), so entries still on the classic path are left alone.
         """
         flow = self._offloaded(flow)
-        if flow.orig.proto == IPPROTO_UDP and not flow.status & IPS_OFFLOAD:
+        if flow.orig.proto in _PORT_PROTOCOLS and not flow.status & IPS_OFFLOAD:
             return replace(flow, status=flow.status | IPS_OFFLOAD)
         return flow
-
-    def _as_offloaded(self, flows: list[Flow]) -> list[Flow]:
-        return [self._offloaded(f) for f in flows]
 
     def _emit(self, record: dict[str, Any]) -> None:
         if self._report is not None:
@@ -457,7 +457,7 @@ class InvalidationService:
                 # unconfirmed to the round. The round reads its dump to the end
                 # (the only way to stop the kernel's) and decides nothing.
                 self._prune.abandon()
-            return ev.FlowsDumped(flows=tuple(self._as_offloaded(self.conntrack.dump())))
+            return ev.FlowsDumped(flows=tuple(map(self._indexed, self.conntrack.dump())))
         if isinstance(action, ev.FlowsMarkedStale):
             self._emit({"decision": "stale", "cause": action.cause, "flows": len(action.flows)})
             return None

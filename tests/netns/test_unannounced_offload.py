@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from controlplane.config import InvalidationConfig
+from controlplane.core import events as ev
 from controlplane.core.flowpath import CtTuple, Family, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.service.invalidation import InvalidationService
@@ -101,12 +103,32 @@ def seconds_left(netns: str) -> int:
     return int(out.split()[2])
 
 
-def test_an_entry_whose_offload_was_not_announced_is_indexed(router: str, running: Running) -> None:
+# The same flow as TCP: an established entry a policy's ``min_packets`` offloads later.
+TCP_FLOW = Flow(replace(FLOW.orig, proto=6), replace(FLOW.reply, proto=6))
+
+
+@pytest.mark.parametrize("flow", [FLOW, TCP_FLOW], ids=["udp", "tcp"])
+def test_an_entry_whose_offload_was_not_announced_is_indexed(
+    router: str, running: Running, flow: Flow
+) -> None:
     with ConntrackSocket(router) as ct:
-        assert ct.create([(FLOW, 600)]) == (1, 0)  # its NEW event: no IPS_OFFLOAD
+        assert ct.create([(flow, 600)]) == (1, 0)  # its NEW event: no IPS_OFFLOAD
     running.step_until(
-        lambda: any(f.orig == FLOW.orig for f in running.indexed()), "the entry to be indexed"
+        lambda: any(f.orig == flow.orig for f in running.indexed()), "the entry to be indexed"
     )
+
+
+def test_a_conntrack_resync_keeps_entries_whose_offload_was_not_announced(
+    router: str, running: Running
+) -> None:
+    with ConntrackSocket(router) as ct:
+        assert ct.create([(FLOW, 600), (TCP_FLOW, 600)]) == (2, 0)
+    running.step_until(lambda: len(running.indexed()) == 2, "both entries to be indexed")
+    running.service._handle(ev.EventsLost(source="conntrack"))  # as after ENOBUFS
+    running.step_until(
+        lambda: any(r.get("event") == "FlowsDumped" for r in running.records[1:]), "the re-dump"
+    )
+    assert sorted(f.orig.proto for f in running.indexed()) == [6, 17]
 
 
 def test_a_move_tears_down_only_what_the_kernel_says_is_offloaded(
