@@ -16,6 +16,7 @@ message bodies with :func:`nla`/:func:`nest` and read them with :func:`attrs`.
 from __future__ import annotations
 
 import errno as _errno
+import mmap
 import os
 import socket
 import struct
@@ -30,6 +31,7 @@ from controlplane.kernel.netns import entered
 __all__ = [
     "NLMSGHDR",
     "NetlinkSocket",
+    "RecvBuffer",
     "Reply",
     "attrs",
     "error_code",
@@ -71,6 +73,8 @@ HDR = NLMSGHDR.size
 # One send carries this many requests; each yields one answer (an ACK is 36
 # bytes with NETLINK_CAP_ACK but ~1 KiB of skb truesize against the buffer).
 BATCH = 256
+# Room for the largest datagram (a link notification with many SR-IOV VFs can
+# pass 64 KiB); sockets receive into a buffer of this size allocated once.
 RECV_SIZE = 1 << 20
 
 T = TypeVar("T")
@@ -136,6 +140,24 @@ class Reply(Generic[T]):
     data: bytes = b""
 
 
+class RecvBuffer:
+    """Receives datagrams into one buffer allocated once, returning a copy of each.
+
+    ``sock.recv(RECV_SIZE)`` makes CPython allocate RECV_SIZE bytes per call and
+    shrink them: ~17 us a datagram against ~1 us for ``recv_into`` here (about
+    half the cost of an FDB event in the watcher). An anonymous mapping costs
+    memory only for the pages datagrams have reached, not RECV_SIZE per socket.
+    Not thread-safe: one per socket, used by its one reader.
+    """
+
+    def __init__(self, size: int = RECV_SIZE) -> None:
+        self._view = memoryview(mmap.mmap(-1, size))
+
+    def recv(self, sock: socket.socket, flags: int = 0) -> bytes:
+        n = sock.recv_into(self._view, 0, flags)
+        return self._view[:n].tobytes()
+
+
 class NetlinkSocket:
     """A netlink socket opened in namespace ``netns`` (the current one for None).
 
@@ -160,6 +182,7 @@ class NetlinkSocket:
             except OSError as exc:
                 raise KernelError(operation, exc.strerror or str(exc), exc.errno) from exc
         self.sock = sock
+        self._rx = RecvBuffer()
         self._seq = 0
         try:
             sock.bind((0, groups))
@@ -216,9 +239,13 @@ class NetlinkSocket:
         except OSError as exc:
             raise self._fail(operation or self.operation, exc) from exc
 
+    def recv_raw(self) -> bytes:
+        """One datagram; errors (BlockingIOError, ENOBUFS) are the caller's to handle."""
+        return self._rx.recv(self.sock)
+
     def recv(self, operation: str | None = None) -> bytes:
         try:
-            return self.sock.recv(RECV_SIZE)
+            return self._rx.recv(self.sock)
         except OSError as exc:
             # ENOBUFS on a request socket means answers were dropped: counts
             # would be wrong, so fail (event sockets handle it themselves).
@@ -303,7 +330,8 @@ def drain(sock: socket.socket) -> int:
     dropped = 0
     while True:
         try:
-            sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            # MSG_TRUNC: the datagram is discarded whole without copying it out.
+            sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
         except BlockingIOError:
             return dropped
         except OSError as exc:

@@ -19,6 +19,7 @@ from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink import conntrack as ct
 from controlplane.kernel.netlink import (
     NLMSGHDR,
+    RecvBuffer,
     attrs,
     error_code,
     message,
@@ -190,3 +191,17 @@ def test_packed_tuple_encoder_equals_the_attribute_builder(
     assert encoded == ct._encode_tuple_generic(kind, t)
     # and the decoder's fixed-offset fast path reads it back
     assert ct._fast_tuple(encoded, 4, family) == t
+
+
+def test_recv_buffer_returns_each_datagram_whole_and_independent() -> None:
+    # Sizes past 64 KiB too: a link notification with many SR-IOV VFs can be that large.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx = RecvBuffer()
+        sizes = [0, 1, 200, 70_000, 3]
+        sent = [bytes([n % 251]) * n for n in sizes]
+        for data in sent:
+            a.send(data)
+        got = [rx.recv(b) for _ in sizes]
+        assert got == sent  # earlier results are copies, not views of the buffer

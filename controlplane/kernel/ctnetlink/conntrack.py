@@ -572,11 +572,6 @@ class ConntrackSocket:
         return done, skipped
 
 
-# A dump datagram is at most 32 KiB (the kernel caps its skb there); a 1 MiB
-# buffer per recv costs an allocation of that size each time.
-_DUMP_RECV_SIZE = 1 << 16
-
-
 class DumpStream:
     """A full conntrack dump read in bounded steps from a non-blocking socket.
 
@@ -619,10 +614,9 @@ class DumpStream:
         """Entries received so far, about ``budget`` at most (whole datagrams),
         never blocking; and whether the dump is complete."""
         out: list[Flow] = []
-        sock = self._nl.sock
         while self._seq is not None and len(out) < budget:
             try:
-                buf = sock.recv(_DUMP_RECV_SIZE)
+                buf = self._nl.recv_raw()
             except BlockingIOError:
                 break
             except OSError as exc:

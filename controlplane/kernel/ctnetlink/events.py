@@ -53,10 +53,6 @@ NFNLGRP_CONNTRACK_DESTROY = 3
 SO_MEMINFO = 55
 SK_MEMINFO_DROPS = 8
 _MEMINFO = struct.Struct("=9I")
-# One notification per datagram, well under 64 KiB (and a dump datagram is at
-# most 32 KiB). Not 1 MiB: CPython allocates the whole size for every recv and
-# then shrinks it, ~15-30 us per call measured, i.e. half the cost of an event.
-EVENT_RECV_SIZE = 1 << 16
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
@@ -159,12 +155,12 @@ class CtEvents:
         whether some were lost (then the caller re-dumps: :meth:`dump`)."""
         if self._sock is None:
             raise KernelError("watch conntrack", "not open", errno.EBADF)
-        sock = self._sock.sock
+        nl = self._sock
         out: list[CtChange] = []
         lost = False
         for _ in range(limit):
             try:
-                buf = sock.recv(EVENT_RECV_SIZE)
+                buf = nl.recv_raw()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -190,5 +186,5 @@ class CtEvents:
             lost = True
         if lost:
             self.lost += 1
-            drain(sock)
+            drain(nl.sock)
         return out, lost
