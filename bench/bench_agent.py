@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workloads import port_forwards  # bench/ is the script's directory
 
 from controlplane.agent import control
 
@@ -47,18 +50,7 @@ def sh(*args: str, input: str | None = None) -> str:
 def make_config(rules: int) -> dict[str, Any]:
     return {
         "version": 1,
-        "nat": {
-            "masquerade": [{"oifname": "wan0"}],
-            "dnat": [
-                {
-                    "iifname": "wan0",
-                    "port": 1024 + i,
-                    "to": f"10.0.{i // 250}.{i % 250 + 1}",
-                    "to_port": 80,
-                }
-                for i in range(rules)
-            ],
-        },
+        "nat": port_forwards(rules),
         "invalidation": {"enabled": True},
     }
 
@@ -77,6 +69,15 @@ def wait_until(cond: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def tear_down_lab(agent: subprocess.Popen[bytes] | None, netns: tuple[str, ...], tmp: Path) -> None:
+    if agent is not None:
+        agent.terminate()
+        agent.wait(60)
+    for n in netns:
+        subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -224,12 +225,7 @@ def join_latency(joins: int) -> None:
         for name, ms in _breakdown(samples):
             print(f"  {name:<52} {ms:>8.1f}ms")
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-        for n in (ns, base):
-            subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
-        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        tear_down_lab(proc, (ns, base), tmp)
 
 
 def main() -> None:
@@ -343,12 +339,7 @@ def main() -> None:
             f" {inv.get('events', 0)} / {inv.get('overflows', 0)} / {inv.get('resyncs', 0)}"
         )
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        for n in (ns, base):
-            subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
-        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        tear_down_lab(proc, (ns, base), tmp)
 
 
 if __name__ == "__main__":

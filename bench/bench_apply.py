@@ -31,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workloads import port_forwards  # bench/ is the script's directory
+
 from controlplane import service
 from controlplane.core import nft
 from controlplane.core.plan import make_plan
@@ -53,18 +55,7 @@ def sh(*args: str) -> None:
 def make_config(rules: int, devices: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "version": 1,
-        "nat": {
-            "masquerade": [{"oifname": "wan0"}],
-            "dnat": [
-                {
-                    "iifname": "wan0",
-                    "port": 1024 + i,
-                    "to": f"10.0.{i // 250}.{i % 250 + 1}",
-                    "to_port": 80,
-                }
-                for i in range(rules)
-            ],
-        },
+        "nat": port_forwards(rules),
     }
     if devices:
         # The kernel caps a flowtable at 256 devices: spread them over several,
