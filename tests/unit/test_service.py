@@ -386,13 +386,19 @@ def test_device_changes_plan_against_the_remembered_table_until_another_commit()
     assert fake.table.flowtables["ft"].devices == {"a"}
 
 
-def test_a_commit_that_was_not_the_only_one_is_not_remembered() -> None:
-    fake = FakeNft()
+def _remembering(fake: FakeNft) -> RulesetService:
+    """A service that reads the generation and has just remembered a device-only commit."""
     ports, _ = _ports(fake)
     ports.generation = lambda: fake.generation
     svc = RulesetService(ports)
     svc.apply(cfg(["a"]))
     svc.apply(cfg(["a", "b"]))
+    return svc
+
+
+def test_a_commit_that_was_not_the_only_one_is_not_remembered() -> None:
+    fake = FakeNft()
+    svc = _remembering(fake)
 
     def elsewhere() -> None:  # another table's commit, between our read and our commit
         fake.generation += 1
@@ -404,11 +410,7 @@ def test_a_commit_that_was_not_the_only_one_is_not_remembered() -> None:
 
 def test_another_writer_after_our_generation_read_loses_to_the_serial() -> None:
     fake = FakeNft()
-    ports, _ = _ports(fake)
-    ports.generation = lambda: fake.generation
-    svc = RulesetService(ports)
-    svc.apply(cfg(["a"]))
-    svc.apply(cfg(["a", "b"]))
+    svc = _remembering(fake)
     other = RulesetService(_ports(fake)[0])
     # Races the remembered plan: it commits after our generation read.
     fake.before_run.append(lambda: _once(fake, lambda: other.apply(cfg(["a"]))))
