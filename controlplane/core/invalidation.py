@@ -41,6 +41,17 @@ direction as direct (hardware-offloaded flowtables cache every path);
 ``Policy.exhaustive_links`` also tears down routed flows through a device
 that went down or away.
 
+**Timing of a teardown** (docs/kernel-facts.md, "Re-offload before the next hop
+resolves"). The kernel re-offloads a torn-down flow on its next packet, silently,
+and caches a direct path only if the next hop's neighbour entry is valid *then*.
+So a direct flow whose route moved to a next hop not resolved yet is not torn
+down at once (:func:`awaited`): it keeps its cached path, the engine asks the
+service to wait (``AwaitNeighbour``), and the flow is torn down when that
+neighbour appears (``NeighbourChanged``) or the wait is over
+(``NeighbourWaitExpired``). And a connection torn down earlier that comes back
+(re-created, or picked up by a packet, :func:`conn_key`) after a neighbour entry
+of its egress appeared or changed is torn down once more (``Engine._recheck``).
+
 **Transitions** live in one table, :data:`TRANSITIONS` (event type →
 handler), as h11 keeps its state machine: everything that changes the
 engine's state is there. An event type missing from it is a caller bug

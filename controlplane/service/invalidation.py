@@ -50,9 +50,13 @@ CT_MIN_RCVBUF = 32 << 20
 PRUNE_STEP_ENTRIES = 256
 
 # How long flows wait for their new next hop to resolve before they are torn down
-# anyway (``AwaitNeighbour``; the engine decides which flows wait and why). An ARP/ND
-# exchange takes milliseconds; the wait only bounds a next hop nothing talks to.
-NEXT_HOP_WAIT = 0.25
+# anyway (``AwaitNeighbour``; the engine decides which flows wait and why). The next
+# hop resolves when traffic starts using it (its first ARP/ND exchange with the router:
+# milliseconds), which after a route change can take a while: other routers and hosts
+# change their routes too (in the VM under load, 0.3-0.6 s after ours). A 0.25 s wait
+# expired first and brought the early teardown back (docs/kernel-facts.md). The wait
+# only bounds a next hop nothing talks to; the flow keeps its cached path meanwhile.
+NEXT_HOP_WAIT = 1.0
 
 # What flowtables offload; both may be offloaded without an event (``_indexed``).
 _PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)

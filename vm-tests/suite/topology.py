@@ -1705,14 +1705,17 @@ def build_nexthop() -> NextHopTopology:
         run("ip", "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b, "netns", ns_b)
 
     def l3(dev: str, n: int, host: int) -> list[str]:
-        return [f"addr add {topo.hop(n, 4, host)}/24 dev {dev}",
-                f"addr add {topo.hop(n, 6, host)}/64 dev {dev} nodad", f"link set {dev} up"]  # fmt: skip
+        return [
+            f"addr add {topo.hop(n, 4, host)}/24 dev {dev}",
+            f"addr add {topo.hop(n, 6, host)}/64 dev {dev} nodad",
+            f"link set {dev} up",
+        ]
 
     router = []
     for i, (br, port, net) in enumerate((("br0", "pa", 1), ("br1", "pn1", 21), ("br2", "pn2", 22))):
+        mac = f"02:00:00:00:02:{i:02x}"  # a MAC of its own, as routers' bridges have
         router += [
-            f"link add {br} address 02:00:00:00:02:{i:02x} type bridge stp_state 0 "
-            "forward_delay 0",
+            f"link add {br} address {mac} type bridge stp_state 0 forward_delay 0",
             f"link set {port} master {br} up",
             *l3(br, net, 1),
         ]
@@ -1725,8 +1728,8 @@ def build_nexthop() -> NextHopTopology:
                       f"route add default via fd00:{20 + n}::1",
                       f"route add {topo.prefix[4]} via 10.0.{30 + n}.2",
                       f"route add {topo.prefix[6]} via fd00:{30 + n}::2"])  # fmt: skip
-    ip_batch(NSB, [*l3("b1", 31, 2), *l3("b2", 32, 2),
-                   f"addr add {topo.b[4]}/32 dev lo", f"addr add {topo.b[6]}/128 dev lo"])  # fmt: skip
+    service = [f"addr add {topo.b[4]}/32 dev lo", f"addr add {topo.b[6]}/128 dev lo"]
+    ip_batch(NSB, [*l3("b1", 31, 2), *l3("b2", 32, 2), *service])
     topo.reset()
     for v in (4, 6):
         wait_for(partial(ping, NSB, topo.a[v], 0.5), timeout=15, what=f"B reaches {topo.a[v]}")
@@ -1756,7 +1759,8 @@ class ResetSniffer:
                 return
             kind = pkt[12:14]
             if kind == b"\x08\x00" and len(pkt) >= 54 and pkt[23] == socket.IPPROTO_TCP:
-                tcp, fam, src, dst = 14 + (pkt[14] & 0x0F) * 4, socket.AF_INET, pkt[26:30], pkt[30:34]
+                fam, src, dst = socket.AF_INET, pkt[26:30], pkt[30:34]
+                tcp = 14 + (pkt[14] & 0x0F) * 4
             elif kind == b"\x86\xdd" and len(pkt) >= 74 and pkt[20] == socket.IPPROTO_TCP:
                 tcp, fam, src, dst = 54, socket.AF_INET6, pkt[22:38], pkt[38:54]
             else:
