@@ -727,13 +727,14 @@ def world_event(
     if kind in ("neigh", "neigh-"):
         ifindex = draw(st.sampled_from([BR0, BR1, BR1_20, ETH0_10, WAN]))
         ip = draw(st.sampled_from(NEIGH_IPS))
-        hops = [
-            hop
-            for flow in back
-            for address in (flow.reply.src, flow.orig.src)
-            if (hop := egress(world.topology([address]), address).neighbour) is not None
-        ]
-        if hops and draw(st.booleans()):
+        hops: list[NeighbourKey] = []
+        for flow in back:
+            for address in (flow.reply.src, flow.orig.src):
+                hop = egress(world.topology([address]), address).neighbour
+                if hop is not None:
+                    hops.append(hop)
+        use_hop: bool = bool(hops) and draw(st.booleans())
+        if use_hop:
             # The next hop of a torn-down flow: the order of issue 20 (teardown, then
             # its neighbour appears or changes, then the entry is back).
             ifindex, ip = draw(st.sampled_from(hops))
