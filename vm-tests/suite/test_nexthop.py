@@ -48,6 +48,7 @@ from topology import (
     NSB,
     NSR,
     NextHopTopology,
+    ProjectRuleset,
     ResetSniffer,
     TcpDuplex,
     WatchProcess,
@@ -59,11 +60,9 @@ from topology import (
     observer_counter,
     reset_counter,
     run,
+    running_watch,
     wait_for,
 )
-
-from controlplane.loader import parse_config
-from controlplane.service.ruleset import apply
 
 RESUME_LIMIT = 1.0  # seconds: longest stall of the data stream after the change
 RATE = 100 * 1024  # data stream, bytes/s
@@ -100,22 +99,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 class Net:
     def __init__(self, topo: NextHopTopology) -> None:
         self.topo = topo
-        self.nat: bool | None = None
-
-    def ruleset(self, *, nat: bool) -> None:
-        if self.nat == nat:
-            return
-        cfg: dict[str, Any] = {
-            "version": 1,
-            "flowtables": [{"name": "ft", "bridges": ["br0", "br1", "br2"]}],
-            "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp", "udp"]}],
-        }
-        if nat:
-            # B's connections reach A from the router's address: a reply from A that
-            # finds no entry is addressed to the router itself (PLATFORM: the RST case).
-            cfg["nat"] = {"masquerade": [{"oifname": "br0"}]}
-        apply(parse_config(cfg), NSR)
-        self.nat = nat
+        # With masquerade, B's connections reach A from the router's address: a reply
+        # from A that finds no entry is addressed to the router itself (the RST case).
+        flowtable = {"bridges": ["br0", "br1", "br2"]}
+        self.ruleset = ProjectRuleset(NSR, flowtable, masquerade="br0").use
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +128,8 @@ def cpu_hog(on: bool) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def watcher(net: Net) -> Iterator[WatchProcess]:
-    w = WatchProcess(NSR)
-    w.wait_ready()
-    yield w
-    code = w.stop()
-    assert code == 0, w.stderr[-20:]
-    assert not any("Traceback" in line for line in w.stderr), w.stderr
+    with running_watch(NSR) as w:
+        yield w
 
 
 class Progress:

@@ -29,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -923,6 +924,35 @@ def reset_counter(ns: str, table: str, name: str, family: str = "inet") -> None:
     nft(ns, "reset", "counter", family, table, name)
 
 
+# --------------------------------------------------------------------------- project config
+
+
+class ProjectRuleset:
+    """The project's config with flowtable ``ft`` (FLOWTABLE: its devices/bridges) and one
+    TCP+UDP policy, applied to NS through the real apply, with or without masquerade on
+    MASQUERADE; applied again only when that changes (an apply costs seconds under TCG)."""
+
+    def __init__(self, ns: str, flowtable: dict[str, Any], masquerade: str) -> None:
+        self.ns, self.flowtable, self.masquerade = ns, flowtable, masquerade
+        self.nat: bool | None = None
+
+    def use(self, *, nat: bool) -> None:
+        if self.nat == nat:
+            return
+        from controlplane.loader import parse_config
+        from controlplane.service.ruleset import apply
+
+        cfg: dict[str, Any] = {
+            "version": 1,
+            "flowtables": [{"name": "ft", **self.flowtable}],
+            "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp", "udp"]}],
+        }
+        if nat:
+            cfg["nat"] = {"masquerade": [{"oifname": self.masquerade}]}
+        apply(parse_config(cfg), self.ns)
+        self.nat = nat
+
+
 # --------------------------------------------------------------------------- project CLI
 
 
@@ -1533,6 +1563,19 @@ class WatchProcess:
         for t in self._threads:
             t.join(timeout=5)
         return self.proc.returncode
+
+
+@contextmanager
+def running_watch(netns: str = NSR) -> Iterator[WatchProcess]:
+    """``offloadctl watch`` for the block, ready when it starts; it must stop cleanly
+    (exit 0, its "stopped" line, no traceback)."""
+    w = WatchProcess(netns)
+    w.wait_ready()
+    yield w
+    code = w.stop()
+    assert code == 0, w.stderr[-20:]
+    assert any(r.get("kind") == "stopped" for _, r in w.lines), w.lines[-5:]
+    assert not any("Traceback" in line for line in w.stderr), w.stderr
 
 
 # --------------------------------------------------------------------------- diagnostics
