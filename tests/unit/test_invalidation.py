@@ -847,3 +847,17 @@ def resync_after_lost_events(data: st.DataObject, driver: Driver, reference: Ref
     reference.epoch += 1
     mine = {(f.zone, f.orig): (f, o, r) for f, o, r in driver.engine.flows()}
     assert mine == reference.cached
+
+
+def test_torn_down_connections_remembered_are_bounded() -> None:
+    driver = Driver(base_world(), Policy(remember=1))
+    driver.send(FlowsDumped(flows=(LAN_HOST, V6_HOST)))
+    assert len(driver.engine) == 2
+    # Both behind p1: torn down by its move; only the newest is remembered.
+    torn = driver.send(FdbEntryChanged(bridge=BR0, vlan=0, mac=MACS[1], port=P3))
+    assert keys(torn) == keys([LAN_HOST, V6_HOST])
+    driver.send(NeighbourChanged(ifindex=BR0, ip="10.0.0.2", mac=MACS[5]))
+    driver.send(NeighbourChanged(ifindex=BR0, ip="2001:db8::2", mac=MACS[5]))
+    back = [replace(f, id=f.id + 1) for f in torn]
+    rechecked = [f for f in back if driver.send(FlowSeen(flow=f))]
+    assert len(rechecked) == 1 and rechecked[0].orig == torn[-1].orig
