@@ -152,12 +152,13 @@ def _newly_down(cached: Egress, now: Egress) -> str | None:
 def awaited(cached: Egress | None, now: Egress, policy: Policy) -> NeighbourKey | None:
     """The new next hop a direct-transmit direction waits for before it is torn down.
 
-    The route moved to another next hop whose neighbour entry is not valid yet (the
-    router never talked to it). Torn down now, the flow would be re-offloaded by its
-    next packet with no valid neighbour entry to cache: neighbour transmit through the
-    bridge device, or for IPv4, if that packet still came through the old next hop,
-    a path "on link" through the old device that never delivers (docs/kernel-facts.md,
-    "Re-offload before the next hop resolves"). Kept on the path it cached until the
+    The route moved to another IPv4 next hop whose neighbour entry is not valid yet
+    (the router never talked to it). Torn down now, the flow would be re-offloaded by
+    its next packet with no valid neighbour entry to cache: neighbour transmit through
+    the bridge device, or, if that packet still came through the old next hop, a path
+    "on link" through the old device that never delivers (docs/kernel-facts.md,
+    "Re-offload before the next hop resolves"; the next hop's ARP request teaches the
+    router its address as soon as it forwards to us). Kept on the path it cached until the
     neighbour appears (``NeighbourChanged``) or the service's wait is over
     (``NeighbourWaitExpired``): then it is torn down and re-offloaded on a resolved path.
     """
@@ -166,6 +167,12 @@ def awaited(cached: Egress | None, now: Egress, policy: Policy) -> NeighbourKey 
     if not (now.bridged or policy.all_paths):
         return None  # neighbour transmit resolves by itself: torn down now, it heals
     if now.mac is not None or cached.mac is None or now.neighbour in (None, cached.neighbour):
+        return None
+    if ":" in now.neighbour[1]:
+        # IPv6 has no "on link" return path to fear (the lookup fails, the flow stays on
+        # the classic path), and a next hop's own solicitations come from its link-local
+        # address: its global address resolves only once the router sends to it, i.e.
+        # after the teardown. Torn down at once; _recheck repairs an early re-offload.
         return None
     return now.neighbour if _newly_down(cached, now) is None else None
 

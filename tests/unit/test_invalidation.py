@@ -494,6 +494,8 @@ def test_judge_rules() -> None:
     assert judge(a, replace(other, down=(P1,)), p)[0] == "device 4 down or gone"
     routed_other = Egress(devices=(ETH0,), neighbour=(ETH0, "z"))  # heals by itself: no wait
     assert judge(a, routed_other, p) == ("neighbour gone", routed_other)
+    v6_other = replace(other, neighbour=(BR0, "2001:db8::9"))  # resolves after the teardown
+    assert judge(a, v6_other, p) == ("neighbour gone", v6_other)
 
 
 # -- the next hop moves to a neighbour not resolved yet (issue 20) -------------------
