@@ -39,9 +39,9 @@ __all__ = [
     "TRANSITIONS",
     "Act",
     "Action",
+    "Ev",
     "Event",
     "ExecState",
-    "Ev",
     "Phase",
     "exit_code",
     "is_successor",
@@ -49,8 +49,8 @@ __all__ = [
     "step",
 ]
 
-# exec's own status when CMD was told to stop because it never became ready
-# (and itself exited 0): the start failed, the predecessor keeps serving.
+# exec's own status when it told CMD to stop because it never became ready (or
+# a newer generation overtook it): the start failed, the predecessor serves.
 EXIT_NOT_READY = 1
 # Signals that ask the service to stop; exec forwards every signal it
 # catches, these also mean "do not activate any more".
@@ -199,13 +199,12 @@ TRANSITIONS: Mapping[tuple[Phase, Ev], _Row] = MappingProxyType(_TABLE)
 
 
 def exit_code(state: ExecState) -> int:
-    """CMD's status as a shell reports it (128+N when killed by signal N);
-    EXIT_NOT_READY when a start we gave up on ended "successfully"."""
-    status = state.child_status or 0
-    code = 128 - status if status < 0 else status
-    if state.aborted and code == 0:
+    """CMD's status as a shell reports it (128+N when killed by signal N), or
+    EXIT_NOT_READY for a start we gave up on (CMD then died of our signal)."""
+    if state.aborted:
         return EXIT_NOT_READY
-    return code
+    status = state.child_status or 0
+    return 128 - status if status < 0 else status
 
 
 def _expand(kind: Act, state: ExecState, event: Event) -> Action:

@@ -86,8 +86,9 @@ def test_exit_code_is_the_childs_as_a_shell_says_it(status: int, code: int) -> N
     assert steps[-1][-1] == h.Action(Act.EXIT, code=code)
 
 
-def test_a_start_that_never_got_ready_fails_even_if_cmd_exits_0() -> None:
-    _, steps = run([Event(Ev.READY_TIMED_OUT), Event(Ev.CHILD_EXITED, status=0)])
+@pytest.mark.parametrize("status", [0, -signal.SIGTERM])
+def test_a_start_that_never_got_ready_fails_whatever_cmd_exits_with(status: int) -> None:
+    _, steps = run([Event(Ev.READY_TIMED_OUT), Event(Ev.CHILD_EXITED, status=status)])
     assert steps[-1][-1] == h.Action(Act.EXIT, code=h.EXIT_NOT_READY)
 
 
@@ -138,7 +139,7 @@ def test_promises_hold_for_any_event_sequence(evs: list[Event], takeover: bool) 
         assert i == child_exits[0] and flat[-1] == exits[0]
         status = evs[i].status
         code = 128 - status if status < 0 else status
-        assert action.code == (h.EXIT_NOT_READY if state.aborted and code == 0 else code)
+        assert action.code == (h.EXIT_NOT_READY if state.aborted else code)
         assert state.phase is Phase.EXITED
     # Every signal that was caught before the exit reached CMD.
     end = child_exits[0] if child_exits else len(evs)
