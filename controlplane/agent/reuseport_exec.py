@@ -300,7 +300,9 @@ class _Generation:
             self.log(f"ignored a handover message from pid {pid} (uid {uid}): {data[:64]!r}")
             return
         try:
-            target = self.group.status().target_generation
+            # The target as the live listeners make it (dead generations skipped),
+            # not the program's table: a successor may have died since it wrote it.
+            target = policy.target(self.group.state()).generation
         except ControlPlaneError as exc:
             self.log(f"cannot read the group to check generation {claimed}: {exc}")
             return

@@ -247,10 +247,12 @@ def next_generation(state: GroupState) -> int:
 
 
 def is_successor(own: int, claimed: int, target_generation: int) -> bool:
-    """Believe a "successor active" message only if the kernel's target agrees.
+    """Believe a "successor active" message only if the group's target agrees.
 
-    The program steers to ``target_generation``; a message claiming a newer
-    generation than ours that the kernel does not target (yet, or any more)
-    must not make us retire: we would leave the group without a listener.
+    ``target_generation`` is the newest active generation that still has
+    open listeners (read from the kernel when the message arrives). A message
+    claiming a newer generation that is not the target (not yet, or no longer:
+    it may have died since it sent the message) must not make us retire: we
+    would leave the group without a listener.
     """
     return claimed > own and target_generation >= claimed
