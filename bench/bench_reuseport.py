@@ -37,18 +37,24 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controlplane.kernel.netns import entered  # noqa: E402 - after the sys.path tweak
+from bench import reuseport_exec_bench  # noqa: E402 - after the sys.path tweak
+from bench.reuseport_exec_bench import (  # noqa: E402
+    PORT,
+    SERVER_IP,
+    percentile,
+    sh,
+    veth_lab,
+)
+from controlplane.kernel.netns import entered  # noqa: E402
 
 SERVICE = REPO / "examples" / "reuseport_service.py"
 MODES = ("program", "sysctl", "none")
-SERVER_IP, CLIENT_IP, PORT = "10.99.0.1", "10.99.0.2", 8080
 PR_SET_CHILD_SUBREAPER = 36
 TIMEOUT = 3.0
 
@@ -158,18 +164,6 @@ def run_client(netns: str, rate: float, stop_file: str) -> ClientStats:
 # --- driver ----------------------------------------------------------------------
 
 
-def sh(*args: str, netns: str | None = None) -> str:
-    cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def migrate_stats(netns: str) -> tuple[int, int]:
     lines = sh("cat", "/proc/net/netstat", netns=netns).splitlines()
     for head, vals in zip(lines[::2], lines[1::2], strict=False):
@@ -191,30 +185,14 @@ class ModeResult:
 
 
 def run_mode(mode: str, args: argparse.Namespace, bpffs: str, tmp: str) -> ModeResult:
-    tag = uuid.uuid4().hex[:6]
-    srv, cli = f"rpb-s-{tag}", f"rpb-c-{tag}"
-    for ns in (srv, cli):
-        sh("ip", "netns", "add", ns)
+    with veth_lab("rpb") as (srv, cli):
+        return _run_mode(srv, cli, mode, args, bpffs, tmp)
+
+
+def _run_mode(
+    srv: str, cli: str, mode: str, args: argparse.Namespace, bpffs: str, tmp: str
+) -> ModeResult:
     try:
-        sh(
-            "ip",
-            "link",
-            "add",
-            "v-srv",
-            "netns",
-            srv,
-            "type",
-            "veth",
-            "peer",
-            "v-cli",
-            "netns",
-            cli,
-        )
-        for ns, dev, ip in ((srv, "v-srv", SERVER_IP), (cli, "v-cli", CLIENT_IP)):
-            sh("ip", "addr", "add", f"{ip}/24", "dev", dev, netns=ns)
-            sh("ip", "link", "set", dev, "up", netns=ns)
-            sh("ip", "link", "set", "lo", "up", netns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535", netns=cli)
         if mode == "sysctl":
             sh("sysctl", "-qw", "net.ipv4.tcp_migrate_req=1", netns=srv)
         group: list[str] = []
@@ -283,8 +261,6 @@ def run_mode(mode: str, args: argparse.Namespace, bpffs: str, tmp: str) -> ModeR
         )
         return ModeResult(mode, stats, restarts, seconds, ok, fail, counters)
     finally:
-        for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
         if mode == "program":
             from controlplane.kernel.bpf.loader import unload_group
 
@@ -362,6 +338,7 @@ def main() -> int:
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--stop-file", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    reuseport_exec_bench.add_arguments(p)
     args = p.parse_args()
 
     if args.client:
@@ -387,12 +364,16 @@ def main() -> int:
         os.mkdir(bpffs)
         subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
         try:
-            for mode in args.modes.split(","):
+            for mode in filter(None, args.modes.split(",")):
                 print(f"running mode {mode}...", file=sys.stderr, flush=True)
                 results.append(run_mode(mode, args, bpffs, tmp))
         finally:
             subprocess.run(["umount", "-l", bpffs], check=False)
-    print_table(results, args)
+    if results:
+        print_table(results, args)
+    exec_runs = reuseport_exec_bench.run_all(args)
+    if exec_runs:
+        reuseport_exec_bench.print_rows(exec_runs)
     if args.json:
         Path(args.json).write_text(
             json.dumps(

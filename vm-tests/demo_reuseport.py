@@ -35,16 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_reuseport import (  # noqa: E402 - after the sys.path tweak
-    CLIENT_IP,
-    PORT,
     PR_SET_CHILD_SUBREAPER,
-    SERVER_IP,
     migrate_stats,
-    percentile,
     read_pid,
     reap,
-    sh,
     wait_file,
+)
+from bench.reuseport_exec_bench import (  # noqa: E402
+    CLIENT_IP,
+    PORT,
+    SERVER_IP,
+    percentile,
+    sh,
 )
 
 SERVICE = REPO / "examples" / "reuseport_service.py"

@@ -40,7 +40,14 @@ def main() -> int:
         report = {
             "pid": os.getpid(),
             "env": {k: v for k, v in os.environ.items() if k.startswith(("LISTEN_", "OFFLOADCTL"))},
-            "sockets": [[s.family, s.getsockname()[1], s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)] for s in socks],
+            "sockets": [
+                [
+                    s.family,
+                    s.getsockname()[1],
+                    s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+                ]
+                for s in socks
+            ],
             "fd_after_listeners_open": _is_open(3 + count),
         }
         with open(args.report, "w") as f:

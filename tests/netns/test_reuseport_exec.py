@@ -175,7 +175,7 @@ class HttpLoad:
                         while chunk := c.recv(4096):
                             data += chunk
                     head, _, body = data.partition(b"\r\n\r\n")
-                    if not head.startswith(b"HTTP/1.0 200") and not head.startswith(b"HTTP/1.1 200"):
+                    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
                         raise ValueError(f"unexpected answer {data[:80]!r}")
                     gen = int(body)
                     with self.lock:
@@ -209,7 +209,7 @@ def test_gunicorn_restarted_20_times_under_load_without_a_reset(
     cmd = [
         *("env", "WSGI_DELAY_MS=20"),  # env execs gunicorn: same pid, LISTEN_PID holds
         *(gunicorn, "--workers", "2", "--graceful-timeout", "10", "--no-control-socket"),
-        *("--chdir", str(Path(__file__).parent), "wsgi_generation:app"),
+        *("--chdir", str(REPO / "examples"), "wsgi_generation:app"),
     ]
     execs = [Exec(netns, bpffs, tmp_path / "exec-1.log", cmd)]
     # 8 clients, 2 workers taking 20 ms a request: a queue is always waiting on the

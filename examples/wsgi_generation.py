@@ -1,5 +1,10 @@
-"""The WSGI app gunicorn serves in the ``reuseport exec`` tests: it answers with
-the generation ``offloadctl reuseport exec`` started it as."""
+"""A WSGI app that answers with the generation ``offloadctl reuseport exec``
+started it as (``$OFFLOADCTL_REUSEPORT_GENERATION``): what gunicorn serves in
+the exec tests, the bench and the demo::
+
+    offloadctl reuseport exec --name web --listen 0.0.0.0:8080 -- \
+        gunicorn --workers 2 --chdir examples wsgi_generation:app
+"""
 
 from __future__ import annotations
 
