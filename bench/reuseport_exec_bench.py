@@ -34,6 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from controlplane.core.reuseport_policy import target  # noqa: E402 - after the sys.path tweak
+from controlplane.kernel.bpf.loader import load_group, unload_group  # noqa: E402
+from controlplane.reuseport import ReuseportGroup  # noqa: E402
+
 SERVER_IP, CLIENT_IP, PORT = "10.99.0.1", "10.99.0.2", 8080
 GROUP = "bench"
 OUTCOMES = ("ok", "refused", "reset", "timeout", "closed", "other", "bad-reply")
@@ -105,6 +111,7 @@ class ExecRun:
     quiet_window: tuple[float, float]
     handover_ms: list[float] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # clients, servers and exec processes together
 
     def failures(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -145,20 +152,13 @@ class ExecProc:
             )  # fmt: skip
 
 
-def target_generation(srv: str, bpffs: str) -> int:
-    from controlplane.core.reuseport_policy import target
-    from controlplane.reuseport import ReuseportGroup
-
-    with ReuseportGroup.open(GROUP, netns=srv, bpffs=bpffs) as g:
-        return target(g.state()).generation
-
-
-def wait_generation(srv: str, bpffs: str, gen: int, ex: ExecProc, timeout: float = 60) -> None:
+def wait_generation(group: ReuseportGroup, gen: int, ex: ExecProc, timeout: float = 60) -> None:
+    """Until ``gen`` is the target; polled every 20 ms (the bench's CPU is the load's)."""
     deadline = time.monotonic() + timeout
-    while target_generation(srv, bpffs) != gen:
+    while target(group.state()).generation != gen:
         if ex.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"generation {gen} did not become active")
-        time.sleep(0.01)
+        time.sleep(0.02)
 
 
 def run_server(
@@ -171,18 +171,16 @@ def run_server(
     bins: dict[str, Path],
 ) -> ExecRun:
     """One server under load: ``quiet`` seconds, then ``restarts`` restarts, then a tail."""
-    from controlplane.kernel.bpf.loader import load_group, unload_group
-    from controlplane.reuseport import ReuseportGroup
-
     clients, restarts, quiet = args.clients, args.exec_restarts, args.quiet
     with veth_lab("rpx") as (srv, cli), _bpffs() as bpffs:
         tmp = Path(bpffs).parent
         load_group(GROUP, netns=srv, bpffs=bpffs)
+        group = ReuseportGroup.open(GROUP, netns=srv, bpffs=bpffs)
         execs = [ExecProc(srv, bpffs, cmd, tmp / f"{server}-exec.log")]
         outs = [tmp / f"{server}-{i}.bin" for i in range(clients)]
         loads: list[subprocess.Popen[bytes]] = []
         try:
-            wait_generation(srv, bpffs, 1, execs[0])
+            wait_generation(group, 1, execs[0])
             # Long enough for the quiet phase and the restarts; stopped early below.
             seconds = quiet + restarts * 4 + 30
             t0 = time.monotonic()
@@ -203,7 +201,7 @@ def run_server(
             for gen in range(2, restarts + 2):
                 t = time.monotonic()
                 execs.append(ExecProc(srv, bpffs, cmd, tmp / f"{server}-exec.log"))
-                wait_generation(srv, bpffs, gen, execs[-1])
+                wait_generation(group, gen, execs[-1])
                 handover.append((time.monotonic() - t) * 1000)
                 if execs[-2].proc.wait(60) != 0:
                     raise RuntimeError(f"exec of generation {gen - 1} exited non-zero")
@@ -214,8 +212,7 @@ def run_server(
             for p in loads:
                 p.wait(30)
             elapsed = time.monotonic() - t0
-            with ReuseportGroup.open(GROUP, netns=srv, bpffs=bpffs) as g:
-                c = g.counters()
+            c = group.counters()
             records = [r for out in outs if out.exists() for r in read_records(out)]
             return ExecRun(
                 server=server,
@@ -237,6 +234,7 @@ def run_server(
                     ex.proc.send_signal(signal.SIGTERM)
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         ex.proc.wait(20)
+            group.close()
             with contextlib.suppress(Exception):
                 unload_group(GROUP, netns=srv, bpffs=bpffs)
 
@@ -281,12 +279,21 @@ def print_rows(runs: list[ExecRun]) -> None:
             f" {ratio:>9.2f} {migrated:>8} {percentile(r.handover_ms, 50):>10.0f}ms"
         )
     print()
+    cpus = os.cpu_count() or 1
     for r in runs:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r.failures().items())) or "none"
         answered = len({rec.answer for rec in r.records if rec.outcome == "ok"})
+        per_conn = r.cpu_seconds / max(1, len(r.records))
         print(
             f"{r.server}: failures {kinds}; {answered} generations answered;"
             f" program counters {r.counters}"
+        )
+        print(
+            f"{r.server}: {per_conn * 1e6:.0f} us of CPU per connection (load generator,"
+            f" server, exec; {r.cpu_seconds:.1f} s in all): {cpus} idle CPUs would carry about"
+            f" {cpus / per_conn:,.0f} connections/s"
+            if per_conn
+            else f"{r.server}: no CPU data"
         )
 
 
@@ -304,6 +311,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", type=float, default=5.0, help="seconds before the first restart")
 
 
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_all(args: argparse.Namespace) -> list[ExecRun]:
     import tempfile
 
@@ -313,6 +327,7 @@ def run_all(args: argparse.Namespace) -> list[ExecRun]:
         bins = build(Path(tmp)) if servers else {}
         for server in servers:
             print(f"running reuseport exec with {server}...", file=sys.stderr, flush=True)
+            cpu0 = _children_cpu()
             if server == "c-server":
                 cmd = [str(bins["activated_server"]), str(args.server_workers)]
                 runs.append(
@@ -333,4 +348,6 @@ def run_all(args: argparse.Namespace) -> list[ExecRun]:
                 )
             else:
                 raise SystemExit(f"--exec-servers: unknown server {server!r}")
+            # Every process of the run has been waited for: its CPU time is counted.
+            runs[-1].cpu_seconds = _children_cpu() - cpu0
     return runs

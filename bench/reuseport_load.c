@@ -52,7 +52,7 @@ struct conn {
 	uint64_t start;
 	int connected;
 	int len;
-	char buf[64];
+	char buf[512];	/* enough for HTTP headers and the first body bytes */
 };
 
 static uint64_t now_us(void)
