@@ -43,19 +43,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import reuseport_exec_bench  # noqa: E402 - after the sys.path tweak
-from bench.reuseport_exec_bench import (  # noqa: E402
+import reuseport_lab  # noqa: E402 - bench/ is the script's directory
+from reuseport_lab import (  # noqa: E402
     PORT,
+    PR_SET_CHILD_SUBREAPER,
     SERVER_IP,
+    migrate_stats,
     percentile,
+    read_pid,
+    reap,
     sh,
     veth_lab,
+    wait_file,
 )
-from controlplane.kernel.netns import entered  # noqa: E402
+
+from controlplane.kernel.netns import entered  # noqa: E402 - after the sys.path tweak
 
 SERVICE = REPO / "examples" / "reuseport_service.py"
 MODES = ("program", "sysctl", "none")
-PR_SET_CHILD_SUBREAPER = 36
 TIMEOUT = 3.0
 
 
@@ -164,15 +169,6 @@ def run_client(netns: str, rate: float, stop_file: str) -> ClientStats:
 # --- driver ----------------------------------------------------------------------
 
 
-def migrate_stats(netns: str) -> tuple[int, int]:
-    lines = sh("cat", "/proc/net/netstat", netns=netns).splitlines()
-    for head, vals in zip(lines[::2], lines[1::2], strict=False):
-        if head.startswith("TcpExt:"):
-            d = dict(zip(head.split()[1:], map(int, vals.split()[1:]), strict=False))
-            return d.get("TCPMigrateReqSuccess", 0), d.get("TCPMigrateReqFailure", 0)
-    return 0, 0
-
-
 @dataclass
 class ModeResult:
     mode: str
@@ -268,25 +264,6 @@ def _run_mode(
                 unload_group("bench", netns=srv, bpffs=bpffs)
 
 
-def wait_file(path: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"service did not start ({path} missing)")
-        time.sleep(0.01)
-
-
-def read_pid(path: str) -> int:
-    return int(Path(path).read_text())
-
-
-def reap() -> None:
-    # Old generations are reparented to us (subreaper) when their parent exits.
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-
-
 def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
     print(
         f"\nreuseport restarts: {args.restarts} restarts per mode, {args.rate:.0f} conn/s,"
@@ -338,7 +315,7 @@ def main() -> int:
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--stop-file", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    reuseport_exec_bench.add_arguments(p)
+    reuseport_lab.add_arguments(p)
     args = p.parse_args()
 
     if args.client:
@@ -371,9 +348,9 @@ def main() -> int:
             subprocess.run(["umount", "-l", bpffs], check=False)
     if results:
         print_table(results, args)
-    exec_runs = reuseport_exec_bench.run_all(args)
+    exec_runs = reuseport_lab.run_all(args)
     if exec_runs:
-        reuseport_exec_bench.print_rows(exec_runs)
+        reuseport_lab.print_rows(exec_runs)
     if args.json:
         Path(args.json).write_text(
             json.dumps(

@@ -34,19 +34,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_reuseport import (  # noqa: E402 - after the sys.path tweak
-    PR_SET_CHILD_SUBREAPER,
-    migrate_stats,
-    read_pid,
-    reap,
-    wait_file,
-)
-from bench.reuseport_exec_bench import (  # noqa: E402
+from bench.reuseport_lab import (  # noqa: E402 - after the sys.path tweak
     CLIENT_IP,
     PORT,
+    PR_SET_CHILD_SUBREAPER,
     SERVER_IP,
+    migrate_stats,
     percentile,
+    read_pid,
+    reap,
     sh,
+    wait_file,
 )
 
 SERVICE = REPO / "examples" / "reuseport_service.py"

@@ -438,8 +438,12 @@ def run_detached(opts: ExecOptions) -> tuple[int, int]:
         os.close(r)
         os.setsid()
         code = 1
+
+        def tell_parent(generation: int) -> None:
+            os.write(w, f"active {generation}\n".encode())
+
         try:
-            code = run(opts, on_active=lambda g: os.write(w, f"active {g}\n".encode()) and None)
+            code = run(opts, on_active=tell_parent)
         except ControlPlaneError as exc:
             print(f"offloadctl: {exc}", file=sys.stderr, flush=True)
             code = exc.exit_code

@@ -1,4 +1,7 @@
-"""``offloadctl reuseport exec`` under load: the rows of ``make bench`` for it.
+"""The reuseport lab (namespaces over veth, helpers) and the ``reuseport exec``
+rows of ``make bench``; imported by bench/bench_reuseport.py and the demo.
+
+``offloadctl reuseport exec`` under load:
 
 Two servers, each restarted ``--exec-restarts`` times by running ``exec`` again
 (what ``systemctl reload`` does with the documented unit), in one run per
@@ -41,6 +44,7 @@ from controlplane.kernel.bpf.loader import load_group, unload_group  # noqa: E40
 from controlplane.reuseport import ReuseportGroup  # noqa: E402
 
 SERVER_IP, CLIENT_IP, PORT = "10.99.0.1", "10.99.0.2", 8080
+PR_SET_CHILD_SUBREAPER = 36
 GROUP = "bench"
 OUTCOMES = ("ok", "refused", "reset", "timeout", "closed", "other", "bad-reply")
 _REC = struct.Struct("<IIII")  # start_us, connect_us, outcome, answer (reuseport_load.c)
@@ -70,6 +74,34 @@ def veth_lab(prefix: str) -> Iterator[tuple[str, str]]:
     finally:
         for ns in (srv, cli):
             subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def migrate_stats(netns: str) -> tuple[int, int]:
+    lines = sh("cat", "/proc/net/netstat", netns=netns).splitlines()
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            d = dict(zip(head.split()[1:], map(int, vals.split()[1:]), strict=False))
+            return d.get("TCPMigrateReqSuccess", 0), d.get("TCPMigrateReqFailure", 0)
+    return 0, 0
+
+
+def wait_file(path: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"service did not start ({path} missing)")
+        time.sleep(0.01)
+
+
+def read_pid(path: str) -> int:
+    return int(Path(path).read_text())
+
+
+def reap() -> None:
+    # Old generations are reparented to us (subreaper) when their parent exits.
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 def percentile(values: list[float], p: float) -> float:
