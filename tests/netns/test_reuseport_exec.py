@@ -244,3 +244,78 @@ def test_gunicorn_restarted_20_times_under_load_without_a_reset(
         for ex in execs:
             with contextlib.suppress(ProcessLookupError):
                 ex.kill()
+
+
+class FakeSystemd:
+    """The manager's side of sd_notify: a datagram socket that keeps what it hears."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0)
+        self.heard: list[str] = []
+
+    def drain(self) -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.heard.append(self.sock.recv(4096).decode())
+        return self.heard
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_reload_with_detach_reports_the_new_main_pid(
+    netns: str, bpffs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the example unit does: ExecStart=exec, ExecReload=exec --detach."""
+    load_group(GROUP, netns=netns, bpffs=bpffs)
+    manager = FakeSystemd(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(manager.path))
+    serve = [sys.executable, str(SERVER), "--mode", "serve"]
+    main = Exec(netns, bpffs, tmp_path / "main.log", serve)
+    detached = 0
+    try:
+        wait_target(netns, bpffs, 1, main)
+        sup.wait_for("READY=1 from the first generation", lambda: len(manager.drain()) >= 2)
+        assert manager.heard[:2] == ["STATUS=serving", "READY=1\nSTATUS=generation 1"]
+
+        # Files, not pipes: the detached generation keeps stdout and stderr (under
+        # systemd: the journal), so a pipe would never reach EOF.
+        out, err = tmp_path / "reload.out", tmp_path / "reload.err"
+        with open(out, "wb") as o, open(err, "wb") as e:
+            reload = subprocess.run(
+                [
+                    *(sys.executable, "-m", "controlplane.cli", "reuseport", "exec", "--detach"),
+                    *("--name", GROUP, "--netns", netns, "--bpffs", bpffs),
+                    *("--listen", f"127.0.0.1:{sup.PORT}", "--", *serve),
+                ],
+                stdout=o,
+                stderr=e,
+                timeout=60,
+                cwd=REPO,
+            )
+        assert reload.returncode == 0, err.read_text()
+        assert out.read_text() == f"generation 2 of group {GROUP!r} active\n"
+        assert status(netns, bpffs).target_generation == 2
+        # The old generation handed over and exited with its server's status (this
+        # server has no SIGTERM handler: killed by the signal, as a shell says it).
+        assert main.wait() == 128 + signal.SIGTERM
+        sup.wait_for("MAINPID from generation 2", lambda: any("MAINPID" in m for m in manager.drain()))
+        takeover = next(m for m in manager.heard if "MAINPID" in m).split("\n")
+        detached = int(takeover[0].removeprefix("MAINPID="))
+        assert takeover[1:] == ["READY=1", "STATUS=generation 2"]
+        assert pid_alive(detached)
+        clients = sup.open_clients(netns, socket.AF_INET, 5, fastopen=False)
+        assert len(sup.collect(clients, timeout=5).served) == 5
+    finally:
+        main.kill()
+        if detached:
+            os.kill(detached, signal.SIGTERM)
+            sup.wait_for("the detached generation to exit", lambda: not pid_alive(detached), 10)
