@@ -199,11 +199,12 @@ def run_server(
     *,
     rate: float,
     http: bool,
-    args: argparse.Namespace,
+    clients: int,
+    restarts: int,
+    quiet: float,
     bins: dict[str, Path],
 ) -> ExecRun:
     """One server under load: ``quiet`` seconds, then ``restarts`` restarts, then a tail."""
-    clients, restarts, quiet = args.clients, args.exec_restarts, args.quiet
     with veth_lab("rpx") as (srv, cli), _bpffs() as bpffs:
         tmp = Path(bpffs).parent
         load_group(GROUP, netns=srv, bpffs=bpffs)
@@ -343,6 +344,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", type=float, default=5.0, help="seconds before the first restart")
 
 
+def gunicorn_cmd() -> list[str]:
+    """gunicorn from this venv serving examples/wsgi_generation.py, unchanged."""
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+    if gunicorn is None:
+        raise SystemExit("gunicorn is not installed in this venv (a dev dependency)")
+    return [
+        *(gunicorn, "--workers", "2", "--no-control-socket", "--log-level", "warning"),
+        *("--chdir", str(REPO / "examples"), "wsgi_generation:app"),
+    ]
+
+
 def _children_cpu() -> float:
     import resource
 
@@ -360,23 +372,18 @@ def run_all(args: argparse.Namespace) -> list[ExecRun]:
         for server in servers:
             print(f"running reuseport exec with {server}...", file=sys.stderr, flush=True)
             cpu0 = _children_cpu()
+            common = {
+                "clients": args.clients,
+                "restarts": args.exec_restarts,
+                "quiet": args.quiet,
+                "bins": bins,
+            }
             if server == "c-server":
                 cmd = [str(bins["activated_server"]), str(args.server_workers)]
-                runs.append(
-                    run_server(server, cmd, rate=args.exec_rate, http=False, args=args, bins=bins)
-                )
+                runs.append(run_server(server, cmd, rate=args.exec_rate, http=False, **common))
             elif server == "gunicorn":
-                gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
-                if gunicorn is None:
-                    raise SystemExit("gunicorn is not installed in this venv (a dev dependency)")
-                cmd = [
-                    *(gunicorn, "--workers", "2", "--no-control-socket", "--log-level", "warning"),
-                    *("--chdir", str(REPO / "examples"), "wsgi_generation:app"),
-                ]
                 runs.append(
-                    run_server(
-                        server, cmd, rate=args.gunicorn_rate, http=True, args=args, bins=bins
-                    )
+                    run_server(server, gunicorn_cmd(), rate=args.gunicorn_rate, http=True, **common)
                 )
             else:
                 raise SystemExit(f"--exec-servers: unknown server {server!r}")
