@@ -48,7 +48,7 @@ def test_exec_args_parse() -> None:
     listens = [ListenSpec.parse(opts[i + 1]) for i, a in enumerate(opts) if a == "--listen"]
     assert [(s.family, s.port) for s in listens] == [(4, 8080), (6, 8080)]
     assert opts[opts.index("--name") + 1] == "web"
-    # gunicorn's control socket (23+) is one path per user: two generations would share it.
+    # gunicorn's control socket (25.1+) is one path per user: two generations would share it.
     assert cmd[0].endswith("gunicorn") and "--no-control-socket" in cmd
 
 
