@@ -145,7 +145,7 @@ int main(int argc, char **argv)
 		rl.rlim_cur = rl.rlim_max < MAX_CONNS ? rl.rlim_max : MAX_CONNS;
 		setrlimit(RLIMIT_NOFILE, &rl);
 	}
-	max_recs = (uint64_t)(rate * seconds) + 16;
+	max_recs = 1 << 16;	/* grows: the run may be cut short by SIGINT or last long */
 	recs = calloc(max_recs, sizeof(*recs));
 	ep = epoll_create1(EPOLL_CLOEXEC);
 	if (!recs || ep < 0) {
@@ -175,7 +175,18 @@ int main(int argc, char **argv)
 		if (now >= stop_at + timeout_us + 1000000)
 			break;
 		/* At most 64 per round, so answers are read between bursts when behind. */
-		for (int burst = 0; burst < 64 && opened < due && opened < max_recs; burst++) {
+		for (int burst = 0; burst < 64 && opened < due; burst++) {
+			if (opened == max_recs) {
+				struct rec *more = realloc(recs, 2 * max_recs * sizeof(*recs));
+
+				if (!more) {
+					perror("reuseport_load: realloc");
+					return 1;
+				}
+				memset(more + max_recs, 0, max_recs * sizeof(*recs));
+				recs = more;
+				max_recs *= 2;
+			}
 			int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 			struct rec *r = &recs[opened];
 			struct epoll_event ev = { .events = EPOLLOUT };
