@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.reuseport_lab import (  # noqa: E402 - after the sys.path tweak
-    CLIENT_IP,
     PORT,
     PR_SET_CHILD_SUBREAPER,
     SERVER_IP,
@@ -46,7 +44,7 @@ from bench.reuseport_lab import (  # noqa: E402 - after the sys.path tweak
     read_pid,
     reap,
     run_server,
-    sh,
+    veth_lab,
     wait_file,
 )
 
@@ -126,22 +124,18 @@ class AgentProc:
 def run_mode(mode: str, args: argparse.Namespace, tmp: Path, bpffs: Path) -> dict[str, Any]:
     """One service under load, ``args.restarts`` busy restarts; ``mode`` is ``agent``
     (the agent's reuseport group + program) or ``none`` (no program: the baseline)."""
-    tag = uuid.uuid4().hex[:6]
-    srv, cli = f"demo-s-{tag}", f"demo-c-{tag}"
-    for ns in (srv, cli):
-        sh("ip", "netns", "add", ns)
+    with veth_lab("demo") as (srv, cli):
+        return _run_mode(srv, cli, mode, args, tmp, bpffs)
+
+
+def _run_mode(
+    srv: str, cli: str, mode: str, args: argparse.Namespace, tmp: Path, bpffs: Path
+) -> dict[str, Any]:
     agent: AgentProc | None = None
     service: subprocess.Popen[bytes] | None = None
     pidfile = tmp / f"{mode}.pid"
     out: dict[str, Any] = {"mode": mode}
     try:
-        sh("ip", "link", "add", "v-srv", "netns", srv, "type", "veth", "peer", "v-cli",
-           "netns", cli)  # fmt: skip
-        for ns, dev, ip in ((srv, "v-srv", SERVER_IP), (cli, "v-cli", CLIENT_IP)):
-            sh("ip", "addr", "add", f"{ip}/24", "dev", dev, netns=ns)
-            sh("ip", "link", "set", dev, "up", netns=ns)
-            sh("ip", "link", "set", "lo", "up", netns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535", netns=cli)
         group: list[str] = []
         if mode == "agent":
             agent = AgentProc(tmp, srv, bpffs)
@@ -214,8 +208,6 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, bpffs: Path) -> dic
         reap()
         if agent is not None:
             out["agent_exit"] = agent.stop()
-        for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def run_exec(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
