@@ -344,12 +344,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", type=float, default=5.0, help="seconds before the first restart")
 
 
-def gunicorn_cmd() -> list[str]:
-    """gunicorn from this venv serving examples/wsgi_generation.py, unchanged."""
+def gunicorn_cmd(delay_ms: int = 0) -> list[str]:
+    """gunicorn from this venv serving examples/wsgi_generation.py, unchanged; a
+    request takes ``delay_ms`` (so that requests queue on the listeners)."""
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
     if gunicorn is None:
         raise SystemExit("gunicorn is not installed in this venv (a dev dependency)")
     return [
+        *("env", f"WSGI_DELAY_MS={delay_ms}"),  # env execs gunicorn: LISTEN_PID holds
         *(gunicorn, "--workers", "2", "--no-control-socket", "--log-level", "warning"),
         *("--chdir", str(REPO / "examples"), "wsgi_generation:app"),
     ]

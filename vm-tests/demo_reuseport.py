@@ -215,7 +215,7 @@ def run_exec(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     again (what ``systemctl reload`` does with packaging/systemd's example unit)."""
     run = run_server(
         "gunicorn",
-        gunicorn_cmd(),
+        gunicorn_cmd(delay_ms=10),  # 2 workers x 100 requests/s: a queue at each handover
         rate=args.exec_rate,
         http=True,
         clients=1,
@@ -281,7 +281,7 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=0.5, help="seconds between restarts")
     p.add_argument("--warmup", type=float, default=0.7)
     p.add_argument("--modes", default="agent,none,exec")
-    p.add_argument("--exec-rate", type=float, default=200, help="exec: HTTP requests/s")
+    p.add_argument("--exec-rate", type=float, default=160, help="exec: HTTP requests/s")
     p.add_argument("--exec-restarts", type=int, default=5)
     args = p.parse_args()
     if os.geteuid() != 0:
