@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# make package-check: the built .deb installs, runs, verifies, is lintian-clean
+# and purges without a trace. Needs root (it installs the package on this
+# machine); run after `make deb`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+VERSION=$(/usr/bin/python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+DEB=./build/offloadctl_${VERSION}_$(dpkg --print-architecture).deb
+UNITS=(/lib/systemd/system/offloadctl.service /lib/systemd/system/offloadctl@.service)
+LEFT=(/opt/offloadctl /usr/bin/offloadctl /etc/offloadctl /var/lib/offloadctl "${UNITS[@]}"
+      /usr/share/man/man8/offloadctl.8.gz /usr/share/bash-completion/completions/offloadctl
+      /usr/share/doc/offloadctl)
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf 'package-check: %s\n' "$*"; }
+fail() { printf 'package-check: FAILED: %s\n' "$*" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || fail "needs root (installs the package)"
+[[ -f $DEB ]] || fail "$DEB missing: run make deb"
+for tool in lintian systemd-analyze; do
+  command -v "$tool" >/dev/null || apt-get install -y -qq --no-install-recommends \
+    "$([[ $tool == lintian ]] && echo lintian || echo systemd)" >/dev/null
+done
+
+say "lintian $DEB"
+lint_rc=0
+lint=$(lintian --fail-on error "$DEB" 2>&1) || lint_rc=$?
+grep -v 'running with root privileges' <<<"$lint" || true
+((lint_rc == 0)) || fail "lintian reports errors"
+
+say "apt-get install $DEB"
+apt-get install -y -qq "$DEB" >/dev/null
+mapfile -t owned < <(dpkg -L offloadctl)
+
+got=$(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin offloadctl --version)
+[[ $got == "offloadctl $VERSION" ]] || fail "offloadctl --version said: $got"
+say "$got ($(readlink -f /usr/bin/offloadctl))"
+/opt/offloadctl/bin/python3 -c 'import nftables, bcc' || fail "Debian's bindings not reachable"
+[[ $(readlink -f /opt/offloadctl/bin/python3) == /usr/bin/python3* ]] || fail "venv not on Debian's python"
+offloadctl validate /etc/offloadctl/agent.yaml >/dev/null || fail "the default config does not validate"
+for ex in /usr/share/doc/offloadctl/examples/*.yaml; do
+  offloadctl validate "$ex" >/dev/null || fail "$ex does not validate"
+done
+man -w offloadctl >/dev/null || fail "man offloadctl: no page"
+words=$(bash -c 'source /usr/share/bash-completion/completions/offloadctl
+  COMP_WORDS=(offloadctl flows te); COMP_CWORD=2; _offloadctl; echo "${COMPREPLY[*]}"')
+[[ $words == teardown ]] || fail "bash completion of 'offloadctl flows te' gave '$words'"
+[[ $(dpkg-query -W -f='${Conffiles}' offloadctl) == *" /etc/offloadctl/agent.yaml "* ]] \
+  || fail "/etc/offloadctl/agent.yaml is not a conffile"
+
+say "systemd-analyze verify ${UNITS[*]}"
+out=$(systemd-analyze verify offloadctl.service offloadctl@pkgcheck.service 2>&1) \
+  || fail "systemd-analyze verify: $out"
+[[ -z $out ]] || fail "systemd-analyze verify warned: $out"
+
+# An operator's enablement links must not outlive a purge either.
+systemctl enable offloadctl.service offloadctl@pkgcheck.service >/dev/null 2>&1
+say "apt-get purge offloadctl"
+apt-get purge -y -qq offloadctl >/dev/null
+dpkg-query -W -f='${Status}' offloadctl 2>/dev/null | grep -q installed && fail "still installed"
+for p in "${LEFT[@]}" "${owned[@]}"; do
+  [[ $p == / || $p == /. || -d $p && $p != *offloadctl* ]] && continue
+  [[ -e $p || -L $p ]] && fail "left behind: $p"
+done
+links=$(find /etc/systemd/system -name 'offloadctl*' 2>/dev/null)
+[[ -z $links ]] || fail "enablement links left: $links"
+say "ok"
