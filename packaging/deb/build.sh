@@ -13,8 +13,9 @@ ROOT=$PWD
 HERE=packaging/deb
 PREFIX=/opt/offloadctl
 SYSPY=/usr/bin/python3   # Debian's: an operator's host has no pyenv
-DEVPY=${DEVPY:-$ROOT/.venv/bin/python}   # runs pip (pip --python targets the new venv)
-LOCK=${LOCK:-}   # set by the lock seam below
+DEVPY=$ROOT/.venv/bin/python   # make setup's venv: holds the locked uv and setuptools
+UV=$ROOT/.venv/bin/uv
+export UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1
 
 say() { printf 'deb: %s\n' "$*"; }
 
@@ -30,22 +31,17 @@ mkdir -p "$STAGE/DEBIAN" "$WORK/wheels"
 # -- the private virtualenv -----------------------------------------------------
 say "virtualenv $PREFIX with $SYSPY ($("$SYSPY" -V))"
 "$SYSPY" -m venv --without-pip "$VENV"
-pip() { "$DEVPY" -m pip --python "$VENV/bin/python3" --disable-pip-version-check -q "$@"; }
 
-# The one seam between the package and the dependency lock: runtime
-# dependencies, exactly as locked and hash-checked when the lock exists.
-install_dependencies() {
-  if [[ -n $LOCK && -f $LOCK ]]; then
-    say "dependencies from $LOCK (hash-checked)"
-    pip install --no-compile --no-deps --require-hashes -r "$LOCK"
-  else
-    say "no lock file: dependencies resolved by pip from pyproject.toml"
-    pip install --no-compile .
-  fi
-}
-install_dependencies
-"$DEVPY" -m pip wheel -q --no-deps -w "$WORK/wheels" .
-pip install --no-compile --no-deps --force-reinstall "$WORK"/wheels/controlplane-*.whl
+# The one seam between the package and the lock: the runtime dependencies of
+# uv.lock (no dev or uv group), installed exactly and hash-checked, nothing resolved.
+say "runtime dependencies from uv.lock (--require-hashes)"
+"$UV" export --quiet --frozen --no-default-groups --no-emit-project --format requirements-txt \
+  -o "$WORK/requirements.txt"
+"$UV" pip install --quiet --python "$VENV/bin/python3" --no-deps --require-hashes \
+  -r "$WORK/requirements.txt"
+# The project itself, built with the lock's setuptools (as make setup builds it).
+"$UV" build --quiet --wheel --no-build-isolation --python "$DEVPY" --out-dir "$WORK/wheels"
+"$UV" pip install --quiet --python "$VENV/bin/python3" --no-deps "$WORK"/wheels/controlplane-*.whl
 
 # Debian's bcc and nftables bindings (pure Python over ctypes), reached as
 # .venv reaches them (scripts/setup.sh): a folder of symlinks named by a .pth.

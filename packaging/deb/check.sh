@@ -48,6 +48,26 @@ words=$(bash -c 'source /usr/share/bash-completion/completions/offloadctl
 [[ $(dpkg-query -W -f='${Conffiles}' offloadctl) == *" /etc/offloadctl/agent.yaml "* ]] \
   || fail "/etc/offloadctl/agent.yaml is not a conffile"
 
+# The installed code against the kernel, in a throwaway namespace: an apply
+# through Debian's nftables binding, and a reuseport group compiled by Debian's
+# bcc from the packaged BPF C. (This host has no /lib/modules/*/build: the
+# merged header tree of make setup stands in for a linux-headers package.)
+ns=offloadctl-pkgcheck-$$
+bpffs=$(mktemp -d /tmp/offloadctl-pkgcheck-bpffs.XXXXXX)
+cleanup() { ip netns del "$ns" 2>/dev/null || true; rmdir "$bpffs" 2>/dev/null || true; }
+trap cleanup EXIT
+ip netns add "$ns"
+printf 'version: 1\n' | offloadctl apply - --netns "$ns" >/dev/null || fail "apply in $ns"
+ip netns exec "$ns" nft list table inet offloadctl >/dev/null || fail "apply left no table"
+printf 'version: 1\n' | offloadctl flush - --netns "$ns" >/dev/null || fail "flush in $ns"
+export BCC_KERNEL_SOURCE=${BCC_KERNEL_SOURCE:-$PWD/build/kernel-headers}
+offloadctl reuseport load --name pkgcheck --netns "$ns" --bpffs "$bpffs" >/dev/null \
+  || fail "reuseport load (packaged BPF C + Debian's bcc)"
+offloadctl reuseport unload --name pkgcheck --netns "$ns" --bpffs "$bpffs" >/dev/null \
+  || fail "reuseport unload"
+cleanup
+say "apply, flush, reuseport load/unload in a namespace: ok"
+
 say "systemd-analyze verify ${UNITS[*]}"
 out=$(systemd-analyze verify offloadctl.service offloadctl@pkgcheck.service 2>&1) \
   || fail "systemd-analyze verify: $out"
