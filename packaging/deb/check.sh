@@ -17,10 +17,11 @@ say() { printf 'package-check: %s\n' "$*"; }
 fail() { printf 'package-check: FAILED: %s\n' "$*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || fail "needs root (installs the package)"
 [[ -f $DEB ]] || fail "$DEB missing: run make deb"
-for tool in lintian systemd-analyze; do
-  command -v "$tool" >/dev/null || apt-get install -y -qq --no-install-recommends \
-    "$([[ $tool == lintian ]] && echo lintian || echo systemd)" >/dev/null
+for tool in lintian systemd-analyze man; do  # packaging/debian-packages.txt: make setup
+  command -v "$tool" >/dev/null || fail "$tool missing: run make setup"
 done
+# Another apt or dpkg on the machine: wait for its lock rather than fail.
+aptget() { apt-get -o DPkg::Lock::Timeout=300 "$@"; }
 
 say "lintian $DEB"
 lint_rc=0
@@ -29,7 +30,7 @@ grep -v 'running with root privileges' <<<"$lint" || true
 ((lint_rc == 0)) || fail "lintian reports errors"
 
 say "apt-get install $DEB"
-apt-get install -y -qq "$DEB" >/dev/null
+aptget install -y -qq "$DEB" >/dev/null
 mapfile -t owned < <(dpkg -L offloadctl)
 
 got=$(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin offloadctl --version)
@@ -76,7 +77,7 @@ out=$(systemd-analyze verify offloadctl.service offloadctl@pkgcheck.service 2>&1
 # An operator's enablement links must not outlive a purge either.
 systemctl enable offloadctl.service offloadctl@pkgcheck.service >/dev/null 2>&1
 say "apt-get purge offloadctl"
-apt-get purge -y -qq offloadctl >/dev/null
+aptget purge -y -qq offloadctl >/dev/null
 dpkg-query -W -f='${Status}' offloadctl 2>/dev/null | grep -q installed && fail "still installed"
 for p in "${LEFT[@]}" "${owned[@]}"; do
   [[ $p == / || $p == /. || -d $p && $p != *offloadctl* ]] && continue
