@@ -678,7 +678,7 @@ def run(
         loop.add_deadline_source(agent.reapply_deadline)
         for sub in agent.subsystems:
             loop.every(1.0, sub.tick)
-        probes = health.Health(
+        probes = health.Health.from_environment(
             agent.snapshot,
             lambda: agent.running is not None and agent.running.invalidation.enabled,
             opts.health_stale_after,

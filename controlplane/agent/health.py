@@ -15,15 +15,21 @@ the HTTP thread compares that stamp with the clock:
 Both are served by the metrics HTTP server (``offloadctl agent --metrics``).
 The verdicts are pure functions of what the loop published; the HTTP thread
 never touches the kernel or the loop's objects.
+
+Under systemd with ``WatchdogSec=`` the same heartbeat pings the watchdog
+(``WATCHDOG=1``, at half its interval), so a host's stalled loop is restarted
+too: the ping comes from the loop, never from a helper thread.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane.agent import notify
 from controlplane.agent.snapshot import Snapshot
 
 STALE_AFTER = 30.0  # seconds without a loop iteration before /healthz fails
@@ -63,6 +69,14 @@ def readiness(live: Verdict, snap: Snapshot, wants_watcher: bool) -> Verdict:
     return Verdict(not reasons, tuple(reasons))
 
 
+def watchdog_period(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between WATCHDOG=1 pings systemd asks for (half its timeout), or None."""
+    usec, owner = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (owner and owner != str(pid)):
+        return None
+    return int(usec) / 2e6
+
+
 class Health:
     """The loop calls :meth:`beat`; the HTTP thread calls :meth:`live` / :meth:`ready`."""
 
@@ -72,15 +86,29 @@ class Health:
         wants_watcher: Callable[[], bool],
         stale_after: float = STALE_AFTER,
         monotonic: Callable[[], float] = time.monotonic,
+        watchdog_every: float | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._wants_watcher = wants_watcher
         self.stale_after = stale_after
         self._monotonic = monotonic
         self._last_beat = monotonic()
+        self._watchdog_every = watchdog_every
+        self._next_ping = self._last_beat
+
+    @classmethod
+    def from_environment(
+        cls, snapshot: Callable[[], Snapshot], wants_watcher: Callable[[], bool], stale_after: float
+    ) -> Health:
+        every = watchdog_period(os.environ, os.getpid())
+        return cls(snapshot, wants_watcher, stale_after, watchdog_every=every)
 
     def beat(self) -> None:
-        self._last_beat = self._monotonic()  # one float store: atomic under the GIL
+        now = self._monotonic()
+        self._last_beat = now  # one float store: atomic under the GIL
+        if self._watchdog_every is not None and now >= self._next_ping:
+            self._next_ping = now + self._watchdog_every
+            notify.notify("WATCHDOG=1")
 
     def live(self) -> Verdict:
         return liveness(self._monotonic(), self._last_beat, self.stale_after)

@@ -7,11 +7,15 @@ the loop waits inside the apply while the exporter thread keeps serving.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from controlplane.service.lock import NetnsLock
 from tests.netns.conftest import sh
@@ -79,3 +83,35 @@ def test_not_ready_while_the_owned_table_is_gone(
     assert get(port, "/healthz") == (200, "ok\n")  # alive: not a reason to restart it
     assert a.call("reload").ok  # the reload restores the table
     assert get(port, "/readyz") == (200, "ok\n")
+
+
+def test_the_loop_pings_the_systemd_watchdog_and_a_stall_stops_it(
+    make_agent: Callable[..., AgentProc], router: str, rundir: Path
+) -> None:
+    notify_path = rundir / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_path))
+        sock.settimeout(20)
+
+        def message() -> str:
+            return sock.recv(4096).decode()
+
+        a = make_agent(NAT)
+        # WatchdogSec=1s: systemd asks for a ping every 0.5 s
+        a.env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
+        a.start(wait=False)
+        assert message().startswith("READY=1")
+        assert [message(), message()] == ["WATCHDOG=1", "WATCHDOG=1"]
+        with NetnsLock(router):
+            a.signal(signal.SIGHUP)  # the reload's apply waits for our lock
+            while (m := message()) == "WATCHDOG=1":
+                pass  # pings sent before the loop read the signal
+            assert m.startswith("RELOADING=1")
+            sock.settimeout(2.0)  # four periods: a running loop would have pinged
+            with pytest.raises(TimeoutError):
+                sock.recv(4096)
+            sock.settimeout(20)
+        assert message().startswith("READY=1")
+        assert message() == "WATCHDOG=1"
+        a.signal(signal.SIGTERM)
+        assert a.wait() == 0

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from controlplane.agent.health import Health, Verdict, liveness, readiness
+from controlplane.agent.health import Health, Verdict, liveness, readiness, watchdog_period
 from controlplane.agent.snapshot import KernelView, Outcome, Snapshot
 
 SNAP = Snapshot(
@@ -78,3 +78,12 @@ def test_probes_in_front_of_the_exporter() -> None:
     h.beat()
     assert call(app, "/healthz") == ("200 OK", b"ok\n")
     assert call(app, "/readyz") == ("200 OK", b"ok\n")
+
+
+def test_watchdog_period_is_half_of_what_systemd_asks() -> None:
+    assert watchdog_period({"WATCHDOG_USEC": "90000000"}, pid=7) == 45.0
+    assert watchdog_period({"WATCHDOG_USEC": "90000000", "WATCHDOG_PID": "7"}, pid=7) == 45.0
+    assert watchdog_period({"WATCHDOG_USEC": "90000000", "WATCHDOG_PID": "8"}, pid=7) is None
+    assert watchdog_period({"WATCHDOG_USEC": "0"}, pid=7) is None
+    assert watchdog_period({"WATCHDOG_USEC": "x"}, pid=7) is None
+    assert watchdog_period({}, pid=7) is None
