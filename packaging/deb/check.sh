@@ -12,6 +12,7 @@ LEFT=(/opt/offloadctl /usr/bin/offloadctl /etc/offloadctl /var/lib/offloadctl "$
       /usr/share/man/man8/offloadctl.8.gz /usr/share/bash-completion/completions/offloadctl
       /usr/share/doc/offloadctl)
 export DEBIAN_FRONTEND=noninteractive
+OC=/usr/bin/offloadctl   # the installed one, whatever else PATH holds
 
 say() { printf 'package-check: %s\n' "$*"; }
 fail() { printf 'package-check: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -38,9 +39,9 @@ got=$(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin offloadctl --version)
 say "$got ($(readlink -f /usr/bin/offloadctl))"
 /opt/offloadctl/bin/python3 -c 'import nftables, bcc' || fail "Debian's bindings not reachable"
 [[ $(readlink -f /opt/offloadctl/bin/python3) == /usr/bin/python3* ]] || fail "venv not on Debian's python"
-offloadctl validate /etc/offloadctl/agent.yaml >/dev/null || fail "the default config does not validate"
+$OC validate /etc/offloadctl/agent.yaml >/dev/null || fail "the default config does not validate"
 for ex in /usr/share/doc/offloadctl/examples/*.yaml; do
-  offloadctl validate "$ex" >/dev/null || fail "$ex does not validate"
+  $OC validate "$ex" >/dev/null || fail "$ex does not validate"
 done
 man -w offloadctl >/dev/null || fail "man offloadctl: no page"
 words=$(bash -c 'source /usr/share/bash-completion/completions/offloadctl
@@ -58,13 +59,13 @@ bpffs=$(mktemp -d /tmp/offloadctl-pkgcheck-bpffs.XXXXXX)
 cleanup() { ip netns del "$ns" 2>/dev/null || true; rmdir "$bpffs" 2>/dev/null || true; }
 trap cleanup EXIT
 ip netns add "$ns"
-printf 'version: 1\n' | offloadctl apply - --netns "$ns" >/dev/null || fail "apply in $ns"
+printf 'version: 1\n' | $OC apply - --netns "$ns" >/dev/null || fail "apply in $ns"
 ip netns exec "$ns" nft list table inet offloadctl >/dev/null || fail "apply left no table"
-printf 'version: 1\n' | offloadctl flush - --netns "$ns" >/dev/null || fail "flush in $ns"
+printf 'version: 1\n' | $OC flush - --netns "$ns" >/dev/null || fail "flush in $ns"
 export BCC_KERNEL_SOURCE=${BCC_KERNEL_SOURCE:-$PWD/build/kernel-headers}
-offloadctl reuseport load --name pkgcheck --netns "$ns" --bpffs "$bpffs" >/dev/null \
+$OC reuseport load --name pkgcheck --netns "$ns" --bpffs "$bpffs" >/dev/null \
   || fail "reuseport load (packaged BPF C + Debian's bcc)"
-offloadctl reuseport unload --name pkgcheck --netns "$ns" --bpffs "$bpffs" >/dev/null \
+$OC reuseport unload --name pkgcheck --netns "$ns" --bpffs "$bpffs" >/dev/null \
   || fail "reuseport unload"
 cleanup
 say "apply, flush, reuseport load/unload in a namespace: ok"
@@ -78,7 +79,8 @@ out=$(systemd-analyze verify offloadctl.service offloadctl@pkgcheck.service 2>&1
 systemctl enable offloadctl.service offloadctl@pkgcheck.service >/dev/null 2>&1
 say "apt-get purge offloadctl"
 aptget purge -y -qq offloadctl >/dev/null
-dpkg-query -W -f='${Status}' offloadctl 2>/dev/null | grep -q installed && fail "still installed"
+st=$(dpkg-query -W -f='${db:Status-Status}' offloadctl 2>/dev/null || true)
+[[ -z $st || $st == not-installed ]] || fail "dpkg still has offloadctl: $st"
 for p in "${LEFT[@]}" "${owned[@]}"; do
   [[ $p == / || $p == /. || -d $p && $p != *offloadctl* ]] && continue
   [[ -e $p || -L $p ]] && fail "left behind: $p"
