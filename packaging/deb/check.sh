@@ -56,7 +56,11 @@ words=$(bash -c 'source /usr/share/bash-completion/completions/offloadctl
 # merged header tree of make setup stands in for a linux-headers package.)
 ns=offloadctl-pkgcheck-$$
 bpffs=$(mktemp -d /tmp/offloadctl-pkgcheck-bpffs.XXXXXX)
-cleanup() { ip netns del "$ns" 2>/dev/null || true; rmdir "$bpffs" 2>/dev/null || true; }
+cleanup() {  # also after a failed load, which can leave its bpffs mounted
+  ip netns del "$ns" 2>/dev/null || true
+  mountpoint -q "$bpffs" && umount "$bpffs"
+  rmdir "$bpffs" 2>/dev/null || true
+}
 trap cleanup EXIT
 ip netns add "$ns"
 printf 'version: 1\n' | $OC apply - --netns "$ns" >/dev/null || fail "apply in $ns"
