@@ -3,8 +3,8 @@
 It takes its listeners the systemd way (LISTEN_FDS from fd 3, LISTEN_PID must
 be its own pid), says READY=1 on NOTIFY_SOCKET and then, by ``--mode``:
 
-- ``serve``: accepts, reads a line, answers ``new:<line>`` (what
-  tests/netns/test_reuseport_support.collect expects);
+- ``serve``: accepts, reads a line, answers ``new:<line>``
+  (tests/netns/test_reuseport_support.serve, which ``collect`` expects);
 - ``hold``: never accepts, so connections stay in the accept queue (a hung or
   busy server); with ``--ignore-term`` it also ignores SIGTERM.
 
@@ -21,6 +21,10 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.netns import test_reuseport_support as sup  # after the sys.path tweak
 
 
 def main() -> int:
@@ -58,23 +62,10 @@ def main() -> int:
     if args.mode == "hold":
         while True:
             time.sleep(3600)
-    for s in socks:
-        s.settimeout(0.05)
+    (listener,) = socks  # serve mode: one listener, answered like the migration tests do
     while True:
-        for s in socks:
-            try:
-                conn, _ = s.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(64)
-                    if not chunk:
-                        break
-                    data += chunk
-                conn.sendall(b"new:" + data)
+        sup.serve(listener, n=1000, timeout=3600)
+    return 0
 
 
 def _is_open(fd: int) -> bool:

@@ -117,6 +117,18 @@ def test_cmd_gets_its_listeners_by_socket_activation(
         ex.kill()
 
 
+def test_ready_after_activates_a_server_that_never_says_ready(
+    netns: str, bpffs: str, tmp_path: Path
+) -> None:
+    load_group(GROUP, netns=netns, bpffs=bpffs)
+    ex = Exec(netns, bpffs, tmp_path / "exec.log", ["sleep", "60"], "--ready-after", "0.3")
+    try:
+        wait_target(netns, bpffs, 1, ex)
+        assert "starting -> serving (ready-delay-passed)" in ex.log.read_text()
+    finally:
+        ex.kill()
+
+
 def test_a_cmd_that_never_gets_ready_leaves_the_old_generation_serving(
     netns: str, bpffs: str, tmp_path: Path
 ) -> None:
