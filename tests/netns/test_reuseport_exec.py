@@ -294,7 +294,7 @@ def test_reload_with_detach_reports_the_new_main_pid(
     main = Exec(netns, bpffs, tmp_path / "main.log", serve)
     try:
         wait_target(netns, bpffs, 1, main)
-        sup.wait_for("READY=1 from the first generation", lambda: len(manager.drain()) >= 2)
+        sup.wait_for("READY=1 from generation 1", lambda: len(manager.drain()) >= 2, 15)
         assert manager.heard[:2] == ["STATUS=serving", "READY=1\nSTATUS=generation 1"]
 
         # Files, not pipes: the detached generation keeps stdout and stderr (under
@@ -319,7 +319,7 @@ def test_reload_with_detach_reports_the_new_main_pid(
         # server has no SIGTERM handler: killed by the signal, as a shell says it).
         assert main.wait() == 128 + signal.SIGTERM
         sup.wait_for(
-            "MAINPID from generation 2", lambda: any("MAINPID" in m for m in manager.drain())
+            "MAINPID from generation 2", lambda: any("MAINPID" in m for m in manager.drain()), 15
         )
         takeover = next(m for m in manager.heard if "MAINPID" in m).split("\n")
         detached = int(takeover[0].removeprefix("MAINPID="))

@@ -73,9 +73,9 @@ def queue_clients(netns: str, state: str, tmp_path: Path) -> list[socket.socket]
         sup.drop_final_ack(netns, str(tmp_path))
     clients = sup.open_clients(netns, socket.AF_INET, N, fastopen=False)
     if state == "request":
-        sup.wait_for("half-open requests", lambda: sup.syn_recv_count(netns) == N)
+        sup.wait_for("half-open requests", lambda: sup.syn_recv_count(netns) == N, 15)
     else:
-        sup.wait_for("queued children", lambda: accept_queue(netns) == N)
+        sup.wait_for("queued children", lambda: accept_queue(netns) == N, 15)
     return clients
 
 
@@ -186,6 +186,7 @@ def test_a_crash_before_the_handover_falls_back_to_the_older_one(
         sup.wait_for(
             "the old exec to weigh the stale handover message",
             lambda: "claims to be active" in old.log.read_text(),
+            timeout=15,
         )
         assert old.proc.poll() is None
 
