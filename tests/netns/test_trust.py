@@ -418,3 +418,34 @@ def test_a_dormant_table_is_drift_and_apply_clears_it(router: str, tmp_path: Pat
     assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
     assert "dormant" not in sh("nft", "list", "table", "inet", "offloadctl", netns=router)
     assert runner.invoke(app, ["plan", str(cfg), "--netns", router]).exit_code == 0
+
+
+def _ssh_in(dport: list[int | str]) -> dict[str, object]:
+    accept = [{"name": "in", "protocols": ["tcp"], "dport": dport}]
+    return {"version": 1, "forward": {"policy": "drop", "accept": accept}}
+
+
+@pytest.mark.parametrize("dport", [[22, 22], [22, "20-30"], ["20-30", 31], [22, 23, "30-40"]])
+def test_ports_nft_would_merge_are_config_errors(
+    router: str, tmp_path: Path, dport: list[int | str]
+) -> None:
+    """F6: nft stores them merged, so every plan would report false drift."""
+    cfg = write(tmp_path, _ssh_in(dport))
+    before = ruleset(router)
+    runner = CliRunner()
+    for args in (["validate", str(cfg)], ["apply", str(cfg), "--netns", router]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert "forward.accept[0].dport[" in res.output and "(line " in res.output
+    assert ruleset(router) == before
+
+
+@pytest.mark.parametrize("dport", [[22, 23, 24], [22, 24, "100-200", "300-400"]])
+def test_ports_nft_keeps_apart_plan_no_drift(
+    router: str, tmp_path: Path, dport: list[int | str]
+) -> None:
+    cfg = write(tmp_path, _ssh_in(dport))
+    runner = CliRunner()
+    assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
+    res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
+    assert res.exit_code == 0, res.output
