@@ -449,3 +449,9 @@ def test_ports_nft_keeps_apart_plan_no_drift(
     assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
     res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
     assert res.exit_code == 0, res.output
+
+
+def test_render_in_a_missing_namespace_is_exit_4(tmp_path: Path) -> None:
+    cfg = write(tmp_path, {"version": 1})
+    res = CliRunner().invoke(app, ["render", str(cfg), "--netns", "offloadctl-harden-absent"])
+    assert res.exit_code == 4 and "does not exist" in res.output, res.output
