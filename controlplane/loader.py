@@ -38,6 +38,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_VALUES",
     "format_loc",
+    "load_bytes",
     "load_config",
     "load_text",
     "parse_config",
@@ -492,4 +493,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             [ConfigIssue(source, f"cannot read: {exc.strerror or exc}")], source
         ) from None
-    return load_text(_decode(raw, source), source, json_syntax=path.suffix == ".json")
+    return load_bytes(raw, source, json_syntax=path.suffix == ".json")
+
+
+def load_bytes(raw: bytes, source: str, *, json_syntax: bool = False) -> Config:
+    """A config file's bytes (bounded, UTF-8, plain text) → Config, or ConfigError."""
+    return load_text(_decode(raw, source), source, json_syntax=json_syntax)

@@ -12,6 +12,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.netns.test_agent import (
     AgentProc,
     agents,
@@ -21,6 +24,7 @@ from tests.netns.test_agent import (
     rundir,
     table,
 )
+from tests.unit.test_agent_properties import hostile_lines
 
 __all__ = ["agents", "make_agent", "router", "rundir"]  # fixtures, imported for pytest
 
@@ -58,6 +62,28 @@ def test_hostile_control_lines_are_answered_and_the_agent_stays(
     assert not reloads, reloads  # neither the duplicate op nor v 1.0 ran a reload
     assert a.proc is not None and a.proc.poll() is None
     assert "Traceback" not in a.log()
+
+
+def test_the_real_agent_answers_random_lines_and_exits_only_by_its_signal(
+    make_agent: Callable[..., AgentProc],
+) -> None:
+    """The property of tests/unit/test_agent_properties.py against the process:
+    one agent takes every example, answers each line and the status after it,
+    and ends only through the SIGTERM at the end."""
+    a = make_agent().start()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(lines=st.lists(hostile_lines(), min_size=1, max_size=3))
+    def each(lines: list[bytes]) -> None:
+        for line in lines:
+            if line.strip():
+                assert isinstance(_exchange(a.socket, line).get("ok"), bool), line[:80]
+            assert a.call("status", timeout=15).ok
+        assert a.proc is not None and a.proc.poll() is None, a.log()
+
+    each()
+    a.signal(signal.SIGTERM)
+    assert a.wait(timeout=20) == 0 and "Traceback" not in a.log()
 
 
 def test_config_replaced_by_a_fifo_never_blocks_the_agent(
