@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 export BCC_KERNEL_SOURCE := $(CURDIR)/build/kernel-headers
 
-.PHONY: setup lint typecheck unit netns vm-test vm-stress test demo bench bench-host bench-vm clean
+.PHONY: setup lint typecheck unit netns fuzz vm-test vm-stress test demo bench bench-host bench-vm clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,13 @@ unit: setup
 
 netns: setup
 	$(PY) -m pytest -q tests/netns
+
+# Not part of `make test` (the unit suite runs each target a few seconds): the
+# fuzzing targets of tests/unit/test_fuzz.py with many more random inputs each
+# (FUZZ_EXAMPLES, default 20,000: about 3-5 CPU minutes in all).
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	OFFLOADCTL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_fuzz.py
 
 vm-test: setup
 	$(PY) vm-tests/run --timeout 2700 --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml

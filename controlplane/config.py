@@ -417,7 +417,8 @@ def _port_issues(ranges: list[tuple[int, int]], field: str) -> list[tuple[Loc, s
     """Ports that repeat, overlap, or (in a list with a range) touch: nft stores
     such a set merged (``{ 22, 20-30 }`` lists as ``{ 20-30 }``, ``{ 22, 23,
     100-200 }`` as ``{ 22-23, 100-200 }``), so the rule it lists back would
-    differ from ours forever. Without a range nft keeps ``{ 22, 23 }`` apart."""
+    differ from ours forever. Without a range nft keeps ``{ 22, 23 }`` apart
+    (docs/nft-behaviour.md)."""
     intervals = any(low != high for low, high in ranges)
     order = sorted(range(len(ranges)), key=lambda i: (ranges[i], i))
     issues: list[tuple[Loc, str]] = []

@@ -548,8 +548,9 @@ class CreateTable(Op):
 @dataclass(frozen=True)
 class ResetTableFlags(Op):
     """Clear the table's flags (``dormant`` switches every hook off): nft sends
-    the flags on ``add table``, zero when none are given. Only ever after the
-    serial swap, so it cannot create a table that vanished meanwhile."""
+    the flags on ``add table``, zero when none are given (docs/nft-behaviour.md).
+    Only ever after the serial swap, so it cannot create a table that vanished
+    meanwhile."""
 
     def text(self, rs: TableRef) -> str:
         return f"add table {rs.spec}"
@@ -619,8 +620,8 @@ class ObjKind(StrEnum):
 
 
 # nft 1.0.x's grammar has no "handle" form for these ("syntax error, unexpected
-# handle"): they go by name, which must then pass the config's name parser (the
-# plan rebuilds the table instead when it does not).
+# handle"; docs/nft-behaviour.md): they go by name, which must then pass the
+# config's name parser (the plan rebuilds the table instead when it does not).
 BY_NAME_ONLY = frozenset({ObjKind.CT_HELPER, ObjKind.CT_TIMEOUT, ObjKind.CT_EXPECTATION})
 
 

@@ -18,8 +18,8 @@ Rules of the game (why the plan looks the way it does):
   lookup still points anywhere), then hand-added sets and maps (their
   elements may jump to a chain or name a counter), then chains, then the
   other objects (counters, quotas, limits, ct helpers/timeouts/expectations,
-  synproxies, secmarks), all by kernel handle; then flowtables lose devices or
-  go, then objects are created and rules added.
+  synproxies, secmarks), all by kernel handle (docs/nft-behaviour.md); then
+  flowtables lose devices or go, then objects are created and rules added.
 - Table flags are declared state: we declare none, so a ``dormant`` table
   (every hook off) is drift that apply clears.
 - What cannot be removed piece by piece (listing lines we cannot classify, a
