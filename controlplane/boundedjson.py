@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["JsonRejected", "loads"]
+__all__ = ["DuplicateKey", "JsonRejected", "loads", "no_duplicate_keys"]
 
 MAX_NUMBER_CHARS = 32  # a 64-bit integer has 20 digits; no field of ours needs more
 
@@ -26,6 +26,12 @@ _TOKENS = re.compile(rb'["\[\]{}]|\\.', re.DOTALL)
 
 class JsonRejected(ValueError):
     """The input is not JSON within our bounds; the message says why (one line)."""
+
+
+class DuplicateKey(JsonRejected):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key[:40]!r}")
+        self.key = key
 
 
 def _depth_within(raw: bytes, max_depth: int) -> bool:
@@ -48,13 +54,14 @@ def _depth_within(raw: bytes, max_depth: int) -> bool:
     return True
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object_pairs_hook that refuses a key given twice."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise JsonRejected(f"duplicate key {key[:40]!r}")
+                raise DuplicateKey(key)
             seen.add(key)
     return out
 
@@ -87,7 +94,7 @@ def loads(raw: bytes, *, max_depth: int) -> Any:
     try:
         return json.loads(
             text,
-            object_pairs_hook=_pairs,
+            object_pairs_hook=no_duplicate_keys,
             parse_int=_parse_int,
             parse_float=_parse_float,
             parse_constant=_constant,

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from controlplane.boundedjson import DuplicateKey, no_duplicate_keys
 from controlplane.errors import ConfigError, ConfigIssue
 
 if TYPE_CHECKING:
@@ -290,21 +291,6 @@ _NO_KEY: Any = _NoKey()
 # JSON
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return out
-
-
 def _json_lines(text: str) -> _Lines | None:
     """Line numbers for a JSON text, only needed when reporting a problem.
 
@@ -330,18 +316,18 @@ def _json_depth_ok(data: Any) -> None:
 
 def _load_json(text: str) -> tuple[Any, _Lines | None]:
     try:
-        data = json.loads(text, object_pairs_hook=_pairs_without_duplicates)
+        data = json.loads(text, object_pairs_hook=no_duplicate_keys)
         _json_depth_ok(data)
         return data, None
     except json.JSONDecodeError as exc:
         raise _YamlProblem(exc.lineno, f"invalid JSON: {exc.msg}") from None
-    except _DuplicateKey as exc:
+    except DuplicateKey as exc:
         try:
             _compose_yaml(text)
         except _YamlProblem as found:
             if found.message.startswith("duplicate key"):
                 raise
-        raise _YamlProblem(None, f"duplicate key {exc.args[0]!r}") from None
+        raise _YamlProblem(None, f"duplicate key {exc.key!r}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -69,6 +69,14 @@ def test_tagged_rules_without_marker_are_foreign() -> None:
     assert verdict.ownership is ownership.Ownership.FOREIGN and "cp:" in verdict.reason
 
 
+def _applied() -> tuple[FakeNft, RulesetService]:
+    """A fake kernel holding our applied table, and the service that applied it."""
+    fake = FakeNft()
+    svc = RulesetService(_ports(fake)[0])
+    svc.apply(cfg())
+    return fake, svc
+
+
 # F3: creation is one conditional step.
 
 
@@ -89,10 +97,7 @@ def test_creation_is_create_table_with_the_marker() -> None:
 
 
 def test_a_table_replaced_by_hand_is_not_deleted_by_a_rebuild() -> None:
-    fake = FakeNft()
-    ports, _ = _ports(fake)
-    svc = RulesetService(ports)
-    svc.apply(cfg())
+    fake, _ = _applied()
     assert fake.table is not None
     fake.table.serial = None  # our serial gone: the next apply rebuilds
     observed = fake.list_table(REF)
@@ -111,10 +116,7 @@ def test_a_table_replaced_by_hand_is_not_deleted_by_a_rebuild() -> None:
 
 @pytest.mark.parametrize("kind", list(nft.ObjKind))
 def test_every_kind_of_hand_added_object_is_removed(kind: nft.ObjKind) -> None:
-    fake = FakeNft()
-    ports, _ = _ports(fake)
-    svc = RulesetService(ports)
-    svc.apply(cfg())
+    fake, svc = _applied()
     if kind is nft.ObjKind.CHAIN:
         fake.hand_add_chain("hand")
     elif kind is nft.ObjKind.FLOWTABLE:
@@ -132,10 +134,7 @@ def test_every_kind_of_hand_added_object_is_removed(kind: nft.ObjKind) -> None:
 
 
 def test_deletes_go_sets_then_chains_then_objects() -> None:
-    fake = FakeNft()
-    ports, _ = _ports(fake)
-    svc = RulesetService(ports)
-    svc.apply(cfg())
+    fake, svc = _applied()
     fake.hand_add_object(nft.ObjKind.CT_HELPER, "h")
     fake.hand_add_object(nft.ObjKind.MAP, "m")
     fake.hand_add_chain("c")
@@ -144,10 +143,7 @@ def test_deletes_go_sets_then_chains_then_objects() -> None:
 
 
 def test_an_object_whose_name_cannot_be_a_command_rebuilds_the_table() -> None:
-    fake = FakeNft()
-    ports, _ = _ports(fake)
-    svc = RulesetService(ports)
-    svc.apply(cfg())
+    fake, svc = _applied()
     fake.hand_add_object(nft.ObjKind.CT_TIMEOUT, "a b")
     the_plan = svc.plan(cfg())
     assert any("rebuilt" in line for line in the_plan.summary)
@@ -167,10 +163,7 @@ def test_map_and_ct_deletes_are_in_nfts_grammar() -> None:
 
 
 def test_a_dormant_table_is_drift_and_apply_clears_it() -> None:
-    fake = FakeNft()
-    ports, _ = _ports(fake)
-    svc = RulesetService(ports)
-    svc.apply(cfg())
+    fake, svc = _applied()
     fake.hand_set_flags("dormant")
     the_plan = svc.plan(cfg())
     assert not the_plan.empty and any("dormant" in d for d in the_plan.drift)
