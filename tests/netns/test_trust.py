@@ -384,6 +384,9 @@ HAND_ADDED = {
         " add rule inet offloadctl srcnat ip saddr @s counter name cn;"
         " add rule inet offloadctl dstnat quota name q"
     ),
+    # a name nft takes but offloadctl never puts into a command: the table is rebuilt
+    "chain x.y": "add chain inet offloadctl x.y; add rule inet offloadctl x.y counter;"
+    " add rule inet offloadctl srcnat jump x.y",
 }
 
 
@@ -396,6 +399,7 @@ def test_every_hand_added_object_is_removed(router: str, tmp_path: Path, case: s
     sh("nft", HAND_ADDED[case], netns=router)
     res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
     assert res.exit_code == 1, res.output
+    assert ("rebuilt" in res.output) == (case == "chain x.y"), res.output
     res = runner.invoke(app, ["apply", str(cfg), "--netns", router])
     assert res.exit_code == 0, res.output
     assert _normalised(sh("nft", "list", "table", "inet", "offloadctl", netns=router)) == (
