@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.cli.common import ConfigArg, NetnsOpt, app
+from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
 from controlplane.errors import EnvironmentProblem
 
@@ -23,6 +23,7 @@ SocketOpt = Annotated[
         "--socket",
         help="control socket (default /run/offloadctl/<netns or host>.sock)",
         show_default=False,
+        metavar="PATH",
     ),
 ]
 
@@ -34,22 +35,38 @@ def agent(
     netns: NetnsOpt = None,
     state_file: Annotated[
         Path | None,
-        typer.Option(help="default /var/lib/offloadctl/<netns or host>/state.json"),
+        typer.Option(
+            help="state file (default /var/lib/offloadctl/<netns or host>/state.json)",
+            show_default=False,
+            metavar="PATH",
+        ),
     ] = None,
     socket_path: SocketOpt = None,
-    log_format: Annotated[str, typer.Option(help="plain or json")] = "plain",
+    log_format: Annotated[
+        str, typer.Option(help="plain (logfmt) or json", metavar="plain|json")
+    ] = "plain",
     metrics: Annotated[
         str | None,
-        typer.Option(help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9108"),
+        typer.Option(
+            help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9108",
+            show_default=False,
+            metavar="HOST:PORT",
+        ),
     ] = None,
     metrics_allow_remote: Annotated[
-        bool, typer.Option(help="allow a non-loopback --metrics address")
+        bool, typer.Option("--metrics-allow-remote", help="allow a non-loopback --metrics address")
     ] = False,
     cleanup_on_exit: Annotated[
-        bool, typer.Option(help="on SIGTERM remove the table and reuseport groups we own")
+        bool,
+        typer.Option(
+            "--cleanup-on-exit", help="on SIGTERM remove the table and reuseport groups we own"
+        ),
     ] = False,
     watch_interval: Annotated[
-        float, typer.Option(help="seconds between config-file checks (0: only SIGHUP/reload)")
+        float,
+        typer.Option(
+            help="seconds between config-file checks (0: only SIGHUP/reload)", metavar="SECONDS"
+        ),
     ] = 1.0,
 ) -> None:
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
@@ -111,7 +128,7 @@ def _client(netns: str | None, socket_path: Path | None) -> Any:
 def reload(
     netns: NetnsOpt = None,
     socket_path: SocketOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Ask the running agent to re-read its config (a bad config keeps the running one)."""
     client = _client(netns, socket_path)
@@ -210,7 +227,7 @@ def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = No
     return True
 
 
-def _ask(netns: str | None, op: str, timeout: float, socket_path: Path | None) -> Any:
+def agent_answer(netns: str | None, op: str, timeout: float, socket_path: Path | None) -> Any:
     """A running agent's answer to ``op``; None when no agent runs for ``netns``."""
     client = _client(netns, socket_path)
     if client is None:
@@ -220,6 +237,9 @@ def _ask(netns: str | None, op: str, timeout: float, socket_path: Path | None) -
     if not resp.ok:
         raise EnvironmentProblem(f"agent {op}: {resp.error_message}")
     return resp.result
+
+
+_ask = agent_answer
 
 
 def agent_flows(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
