@@ -215,7 +215,7 @@ def test_watch_tears_down_a_moved_mac_and_exits_on_sigterm(lab: Lab, dry_run: bo
     )
     lines_of = Lines(proc)
     try:
-        lines_of.until(lambda d: d.get("kind") == "ready")
+        lines_of.until(lambda d: d.get("event") == "ready")
         mac = mac_of(lab.clients["A"])
         sh("bridge", "fdb", "replace", mac, "dev", "p2", "master", netns=lab.router)
         lines = lines_of.until(lambda d: d.get("decision") in ("tore down", "would tear down"))
@@ -228,10 +228,9 @@ def test_watch_tears_down_a_moved_mac_and_exits_on_sigterm(lab: Lab, dry_run: bo
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err.decode()
-    assert json.loads((lines_of.buf + out).splitlines()[-1]) == {
-        "kind": "stopped",
-        "signal": "SIGTERM",
-    }
+    last = json.loads((lines_of.buf + out).splitlines()[-1])
+    assert last.pop("ts").endswith("Z")  # issue 14: every --json line carries ts
+    assert last == {"event": "stopped", "signal": "SIGTERM"}
     after = ids(lab.router)
     changed = {key for key in ALL if after.get(key) != before[key]}
     assert changed == (set() if dry_run else {k for k in ALL if k[0] == "A"})
