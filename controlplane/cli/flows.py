@@ -162,9 +162,8 @@ def watch(
             source=str(config),
         )
     _require_netns(netns)
-    from controlplane.service.invalidation import InvalidationService
-
     from controlplane.agent.logs import journald_is_sink, line
+    from controlplane.service.invalidation import InvalidationService
 
     stamp = not journald_is_sink(sys.stdout)  # the agent's format: logfmt or JSON, with ts
 
