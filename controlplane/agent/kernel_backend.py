@@ -106,6 +106,7 @@ class KernelApplier:
         start = time.perf_counter()
         summary: list[str] = []
         phases: dict[str, float] = {}
+        torn = 0
         try:
             res = self._ruleset(netns).apply(cfg)
             phases = {name: round(t * 1000, 1) for name, t in res.phases}
@@ -116,7 +117,8 @@ class KernelApplier:
         else:
             summary += list(res.plan.summary) if not res.plan.empty else []
             if res.teardown is not None:
-                summary.append(f"tore down {res.teardown.deleted} flow(s) through removed devices")
+                torn = res.teardown.deleted
+                summary.append(f"tore down {torn} flow(s) through removed devices")
         finally:
             self.links_hint = None  # for this apply only, whether or not it got that far
         groups = self._reuseport(cfg, netns, owned, summary)
@@ -126,6 +128,7 @@ class KernelApplier:
             seconds=time.perf_counter() - start,
             reuseport=groups,
             phases=phases,
+            flows_torn_down=torn,
         )
 
     def _reuseport(

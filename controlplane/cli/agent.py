@@ -68,6 +68,14 @@ def agent(
             help="seconds between config-file checks (0: only SIGHUP/reload)", metavar="SECONDS"
         ),
     ] = 1.0,
+    drift_interval: Annotated[
+        float,
+        typer.Option(
+            help="seconds between drift checks: a change another writer made to the"
+            " table is undone within this (0: never)",
+            metavar="SECONDS",
+        ),
+    ] = 10.0,
 ) -> None:
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
     from controlplane import __version__
@@ -78,8 +86,9 @@ def agent(
 
     if log_format not in ("plain", "json"):
         raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
-    if watch_interval < 0:
-        raise ConfigError([ConfigIssue("--watch-interval", "must be >= 0")])
+    for flag, value in (("--watch-interval", watch_interval), ("--drift-interval", drift_interval)):
+        if value < 0:
+            raise ConfigError([ConfigIssue(flag, "must be >= 0")])
     listen = None
     if metrics is not None:
         from controlplane.agent.metrics import parse_listen
@@ -94,6 +103,7 @@ def agent(
         socket_path=socket_path,
         cleanup_on_exit=cleanup_on_exit,
         watch_interval=watch_interval,
+        drift_interval=drift_interval,
         metrics=listen,
     )
     from controlplane.agent.invalidation import InvalidationSubsystem
