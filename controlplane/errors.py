@@ -34,6 +34,22 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # SIGINT
 
 
+# What each exit code means, in the words --help and the README use.
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "ok",
+    ExitCode.CHANGES: "plan: changes pending; status --config: drift",
+    ExitCode.USAGE: "invalid config, unreadable config file, or bad usage",
+    ExitCode.UNSUPPORTED: "the kernel lacks a feature (probe: it cannot offload)",
+    ExitCode.ENVIRONMENT: "environment: root, namespace, device, bpffs, a table that"
+    " is not ours or that an agent manages, show of a missing table",
+    ExitCode.KERNEL: "the kernel refused the transaction, or the table changed"
+    " meanwhile: nothing committed",
+    ExitCode.AFTER_COMMIT: "committed, but a follow-up step (flow teardown) failed",
+    ExitCode.INTERNAL: "internal error (OFFLOADCTL_DEBUG=1 shows the traceback)",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT)",
+}
+
+
 class ControlPlaneError(Exception):
     # An error without a more precise class is our bug: never 1, which means
     # "changes pending" to a script running `plan`.

@@ -257,7 +257,7 @@ def samples(s: Snapshot) -> Iterator[Metric]:
             [((n,), float(c.get(unit, 0))) for n, c in sorted(k.counters.items())],
         )
     for unit in ("packets", "bytes"):
-        by_path = {p: v.get(unit, 0) for p, v in s.forwarded.items()}
+        by_path = {p: v.get(unit, 0) for p, v in k.forwarded.items()}
         yield _labelled(f"offloadctl_forwarded_{unit}_total", _zeros(PATHS, by_path))
     yield _single("offloadctl_reuseport_groups", len(s.reuseport))
     groups = sorted(set(s.reuseport) | set(k.reuseport))

@@ -43,6 +43,9 @@ class KernelView:
     # group -> {"target_generation", "generations": [...], "counters": {...}}
     reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    # Forwarded packets/bytes by path ("fast", "classic"): monotonic totals
+    # (core/accounting.py), taken with the conntrack counts.
+    forwarded: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,6 @@ class Snapshot:
     drift_check_seconds: float = 0.0
     drift_repairs: int = 0
     flowtable_names: tuple[str, ...] = ()  # of the running config (metrics start at 0)
-    # Forwarded packets/bytes by path ("fast", "classic"): monotonic totals.
-    forwarded: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

@@ -18,7 +18,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from controlplane.cli.common import app, conventional
+from controlplane.cli.common import app, conventional, exit_codes_epilog
 from controlplane.errors import ExitCode
 
 COMPLETE_VAR = "_OFFLOADCTL_COMPLETE"  # set by the script `offloadctl completion` prints
@@ -114,6 +114,7 @@ class _AreaCommands(TyperGroup):
 
 
 app.info.cls = _AreaCommands
+app.info.epilog = exit_codes_epilog()
 
 
 def _version(value: bool) -> None:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> Any:
     collecting = gc.isenabled()
     gc.disable()  # see ONE_SHOT
     try:
-        return app(args=argv, standalone_mode=True)
+        return app(args=argv, standalone_mode=True, prog_name="offloadctl", complete_var=COMPLETE_VAR)
     except SystemExit as exc:
         if exc.code not in (0, None) and isinstance(exc.code, int):
             sys.exit(exc.code)

@@ -13,8 +13,44 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperArgument
 
+from controlplane.errors import EXIT_MEANINGS, ExitCode
+
 if TYPE_CHECKING:
     from controlplane.config import Config
+
+E = ExitCode
+# The exit codes each verb uses besides 70 (a bug) and 130 (SIGINT), which any
+# may. Its --help ends with them; README.md's verb table must agree (a test
+# walks both).
+VERB_EXITS: dict[str, tuple[ExitCode, ...]] = {
+    "validate": (E.OK, E.USAGE),
+    "schema": (E.OK,),
+    "render": (E.OK, E.USAGE, E.ENVIRONMENT),
+    "probe": (E.OK, E.UNSUPPORTED, E.ENVIRONMENT),
+    "plan": (E.OK, E.CHANGES, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT),
+    "apply": (E.OK, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT, E.KERNEL, E.AFTER_COMMIT),
+    "show": (E.OK, E.USAGE, E.ENVIRONMENT),
+    "status": (E.OK, E.CHANGES, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT),
+    "flush": (E.OK, E.USAGE, E.ENVIRONMENT, E.KERNEL),
+    "flows": (E.OK, E.USAGE, E.ENVIRONMENT, E.KERNEL),
+    "watch": (E.OK, E.USAGE, E.ENVIRONMENT),
+    "agent": (E.OK, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT, E.KERNEL),
+    "reload": (E.OK, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT, E.KERNEL, E.AFTER_COMMIT),
+    "reuseport": (E.OK, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT, E.KERNEL),
+    "completion": (E.OK, E.USAGE),
+}
+
+
+def exit_codes_epilog(codes: tuple[ExitCode, ...] = tuple(ExitCode)) -> str:
+    """The "Exit codes:" block of a --help (``\b``: click keeps its lines)."""
+    import textwrap
+
+    lines = []
+    for code in codes:
+        first, *rest = textwrap.wrap(EXIT_MEANINGS[code], 66)
+        lines += [f"{int(code):>3}  {first}", *(f"     {line}" for line in rest)]
+    return "\b\nExit codes:\n" + "\n".join(lines)
+
 
 app = typer.Typer(
     name="offloadctl",
@@ -85,5 +121,7 @@ def conventional(cmd: Any) -> None:
         elif param.param_type_name == "option" and not param.is_flag and param.metavar is None:
             param.metavar = (param.name or "VALUE").upper()
     # Duck-typed: typer vendors click (typer._click) in some versions, not in others.
-    for sub in getattr(cmd, "commands", {}).values():
+    for name, sub in getattr(cmd, "commands", {}).items():
+        if name in VERB_EXITS and not sub.epilog:
+            sub.epilog = exit_codes_epilog(VERB_EXITS[name])
         conventional(sub)
