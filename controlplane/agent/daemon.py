@@ -177,7 +177,7 @@ class Agent:
             self._log.error("stop", f"cleanup failed: {_one_line(exc)}")
             return
         state_mod.remove(self.state_path)
-        self._log.info("stop", "cleaned up what we own", actions="; ".join(done) or "nothing")
+        self._log.info("stop", "cleaned up what we own", actions=done)
 
     # -- apply / reload -----------------------------------------------------
 
@@ -283,7 +283,7 @@ class Agent:
                 "reload",
                 "invalid config; running config kept",
                 source=source,
-                problems="; ".join(str(i) for i in exc.issues),
+                problems=[str(i) for i in exc.issues],
             )
             notify.ready("running (last reload refused: invalid config)")
             return out
