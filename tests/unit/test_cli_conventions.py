@@ -163,3 +163,21 @@ def test_base_error_is_not_changes_pending() -> None:
 
     # 1 means "plan: changes pending" to a script: an unclassified error is a bug.
     assert ControlPlaneError().exit_code == ExitCode.INTERNAL == 70
+
+
+def test_json_wherever_the_readme_promises_it() -> None:
+    text = README.read_text()
+    usage = text[text.index("## Using it") : text.index("## Config")]
+    promised = [
+        line.split()[1:3] for line in usage.splitlines() if line.startswith("offloadctl ")
+        if "--json" in line.split("#")[0]
+    ]  # fmt: skip
+    assert len(promised) >= 5, promised
+    for words in promised:
+        cmd = ROOT.commands[words[0]]
+        if len(words) > 1 and words[1] in getattr(cmd, "commands", {}):
+            cmd = cmd.commands[words[1]]
+        opts = {o for p in cmd.params for o in getattr(p, "opts", ())}
+        assert "--json" in opts, words
+        help_of = next(p.help for p in cmd.params if "--json" in getattr(p, "opts", ()))
+        assert help_of, words
