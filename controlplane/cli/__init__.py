@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> Any:
     collecting = gc.isenabled()
     gc.disable()  # see ONE_SHOT
     try:
-        return app(args=argv, standalone_mode=True, prog_name="offloadctl", complete_var=COMPLETE_VAR)
+        return app(
+            args=argv, standalone_mode=True, prog_name="offloadctl", complete_var=COMPLETE_VAR
+        )
     except SystemExit as exc:
         if exc.code not in (0, None) and isinstance(exc.code, int):
             sys.exit(exc.code)

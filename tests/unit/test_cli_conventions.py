@@ -23,7 +23,7 @@ TYPER_METAVAR = re.compile(r"<(bool|str|int|float|path|text|file)>")
 
 
 def _root() -> Any:
-    group = typer.main.get_command(app)
+    group: Any = typer.main.get_command(app)
     ctx = group.make_context("offloadctl", ["--help"], resilient_parsing=True)
     group.list_commands(ctx)  # imports every area and applies the conventions
     return group
@@ -162,7 +162,7 @@ def test_base_error_is_not_changes_pending() -> None:
     from controlplane.errors import ControlPlaneError
 
     # 1 means "plan: changes pending" to a script: an unclassified error is a bug.
-    assert ControlPlaneError().exit_code == ExitCode.INTERNAL == 70
+    assert int(ControlPlaneError().exit_code) == int(ExitCode.INTERNAL) == 70
 
 
 def test_json_wherever_the_readme_promises_it() -> None:
