@@ -15,7 +15,7 @@ import typer
 
 from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
-from controlplane.errors import EnvironmentProblem
+from controlplane.errors import EnvironmentProblem, ExitCode
 
 SocketOpt = Annotated[
     Path | None,
@@ -165,7 +165,9 @@ def reload(
             line = f" (line {issue['line']})" if issue.get("line") is not None else ""
             typer.echo(f"  {issue['path']}{line}: {issue['message']}", err=True)
     code = resp.error.get("exit_code")
-    raise typer.Exit(code if isinstance(code, int) and code > 0 else 5)
+    # The agent's own classification of the failure; an old agent without one: 5.
+    known = isinstance(code, int) and code in set(ExitCode) and code != ExitCode.OK
+    raise typer.Exit(code if known else ExitCode.KERNEL)
 
 
 def status_lines(doc: dict[str, Any]) -> list[str]:

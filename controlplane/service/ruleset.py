@@ -235,8 +235,9 @@ class RulesetService:
     def plan(self, cfg: Config) -> Plan:
         rs, _, facts = self._prepare(cfg)
         why = tuple(explain(device_sets(cfg, facts))) if cfg.flowtables else ()
-        links = self.p.rtnl.links()
-        why += tuple(preflight.wildcard_notes(cfg, links, lambda loc: line_of(cfg, loc)))
+        if any(name.endswith("*") for _, name in preflight.interface_matches(cfg)):
+            links = self.p.rtnl.links()  # what each wildcard matches now
+            why += tuple(preflight.wildcard_notes(cfg, links, lambda loc: line_of(cfg, loc)))
         return replace(self._observe(rs)[0], devices=why)
 
     # -- apply -----------------------------------------------------------------
