@@ -61,5 +61,10 @@ def test_fast_path_bytes_are_counted_with_the_counter_flag(
     fast = second.forwarded["fast"]["bytes"] - first.forwarded["fast"]["bytes"]
     classic = second.forwarded["classic"]["bytes"] - first.forwarded["classic"]["bytes"]
     assert entries_second, "no offloaded entry"
-    assert fast >= SIZE * 0.9, (fast, classic)  # what the stream carried, on the fast path
     assert classic < SIZE / 20, (fast, classic)
+    if acct == "0":
+        # The kernel fact docs/agent.md states: the counter flag alone adds nothing,
+        # an entry needs the accounting extension (nf_conntrack_acct=1 at creation).
+        assert set(entries_second.values()) == {(0, 0)} and fast == 0, entries_second
+    else:
+        assert fast >= SIZE * 0.9, (fast, classic)  # what the stream carried, fast path
