@@ -181,3 +181,16 @@ def test_json_wherever_the_readme_promises_it() -> None:
         assert "--json" in opts, words
         help_of = next(p.help for p in cmd.params if "--json" in getattr(p, "opts", ()))
         assert help_of, words
+
+
+def test_wants_json_sees_a_groups_json_flag() -> None:
+    """`flows --json teardown`: the group's --json reaches its subcommand."""
+    from types import SimpleNamespace
+
+    from controlplane.cli.common import wants_json
+
+    group = SimpleNamespace(params={"as_json": True}, parent=None)
+    sub = SimpleNamespace(params={}, parent=group)
+    assert wants_json(sub) is True
+    assert wants_json(SimpleNamespace(params={}, parent=None)) is False
+    assert wants_json(SimpleNamespace(params={}, parent=None), as_json=True) is True
