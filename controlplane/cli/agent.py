@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from controlplane.agent.health import STALE_AFTER
 from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
 from controlplane.errors import EnvironmentProblem, ExitCode
@@ -76,6 +77,13 @@ def agent(
             metavar="SECONDS",
         ),
     ] = 10.0,
+    health_stale_after: Annotated[
+        float,
+        typer.Option(
+            help="--metrics' /healthz fails once the main loop has not run for this long",
+            metavar="SECONDS",
+        ),
+    ] = STALE_AFTER,
 ) -> None:
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
     from controlplane import __version__
@@ -89,6 +97,8 @@ def agent(
     for flag, value in (("--watch-interval", watch_interval), ("--drift-interval", drift_interval)):
         if value < 0:
             raise ConfigError([ConfigIssue(flag, "must be >= 0")])
+    if health_stale_after <= 0:
+        raise ConfigError([ConfigIssue("--health-stale-after", "must be > 0")])
     listen = None
     if metrics is not None:
         from controlplane.agent.metrics import parse_listen
@@ -105,6 +115,7 @@ def agent(
         watch_interval=watch_interval,
         drift_interval=drift_interval,
         metrics=listen,
+        health_stale_after=health_stale_after,
     )
     from controlplane.agent.invalidation import InvalidationSubsystem
 
