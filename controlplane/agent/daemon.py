@@ -323,6 +323,7 @@ class Agent:
         is logged or sent."""
         if self.running is None:
             return
+        self._hint_links()  # the watcher's link cache: no netlink facts dump per check
         with contextlib.suppress(ControlPlaneError):  # logged by _commit (once)
             self._commit(self.running, self.running_sha, "drift", quiet_if_unchanged=True)
 
