@@ -104,14 +104,16 @@ def test_exposition() -> None:
     assert "offloadctl_last_apply_success" not in text  # no apply yet: no sample
 
 
-FRESH = Snapshot(
-    version="1",
-    pid=1,
-    netns=None,
-    config_path="/c.yaml",
-    config_sha256="",
-    started_at=1.0,
-    table="inet offloadctl",
+# An agent that has just started: nothing happened yet.
+FRESH = replace(
+    SNAP,
+    last_reload=None,
+    applies={},
+    reloads={},
+    kernel=KernelView(),
+    invalidation={},
+    control={},
+    drift_repairs=0,
     flowtable_names=("ft", "other"),
     reuseport={"web": {}},
 )
