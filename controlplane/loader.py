@@ -173,6 +173,8 @@ def _compose_yaml(text: str) -> tuple[Any, _Lines | None]:
     Iterative (an explicit stack), so nesting depth is checked rather than
     overflowing the C or Python stack; aliases reuse the anchored value and
     count its size against MAX_VALUES, so they cannot expand without bound.
+    libyaml >= 0.2.6 scans a flow collection ahead and may refuse 1,000 levels
+    first, in its own words: that is one "invalid YAML" problem with its line.
     """
     from yaml import events as ev
 
