@@ -222,6 +222,15 @@ def _check_ifname(name: str) -> str:
     return name
 
 
+def _check_ifmatch(name: str) -> str:
+    # A name a rule matches (iifname/oifname), not a device we hook: nft's
+    # trailing wildcard ("wan*": every name starting with wan) is allowed too.
+    if name.endswith("*") and 1 < len(name) <= 15:
+        _check_ifname(name[:-1])
+        return name
+    return _check_ifname(name)
+
+
 def _check_label(name: str) -> str:
     if not _OBJNAME_RE.fullmatch(name):
         raise ValueError(
@@ -292,6 +301,7 @@ def _text(value: object) -> str:
 
 
 IfName = Annotated[str, AfterValidator(_check_ifname)]
+IfMatch = Annotated[str, AfterValidator(_check_ifmatch)]  # IfName, or a prefix + "*"
 # Names nft sees as identifiers (table, flowtable) vs names that only end up
 # in comments or bpffs paths (policies, reuseport groups).
 ObjName = Annotated[str, AfterValidator(_check_objname)]
@@ -409,6 +419,41 @@ def _prefix_issues(nets: list[Net], field: str) -> list[tuple[Loc, str]]:
     return sorted(issues)
 
 
+def _show_ports(r: tuple[int, int]) -> str:
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
+def _port_issues(ranges: list[tuple[int, int]], field: str) -> list[tuple[Loc, str]]:
+    """Ports that repeat, overlap, or (in a list with a range) touch: nft stores
+    such a set merged (``{ 22, 20-30 }`` lists as ``{ 20-30 }``, ``{ 22, 23,
+    100-200 }`` as ``{ 22-23, 100-200 }``), so the rule it lists back would
+    differ from ours forever. Without a range nft keeps ``{ 22, 23 }`` apart
+    (docs/nft-behaviour.md)."""
+    intervals = any(low != high for low, high in ranges)
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i], i))
+    issues: list[tuple[Loc, str]] = []
+    prev: int | None = None
+    for i in order:
+        if prev is not None:
+            phigh, low = ranges[prev][1], ranges[i][0]
+            what = ""
+            if low <= phigh:
+                what = "repeats" if ranges[i] == ranges[prev] else "overlaps"
+            elif low == phigh + 1 and intervals:
+                what = "touches"
+            if what:
+                issues.append(
+                    (
+                        (field, i),
+                        f"port {_show_ports(ranges[i])!r} {what} {_show_ports(ranges[prev])!r}"
+                        f" (at [{prev}]): nft merges them; list each port once, as one range",
+                    )
+                )
+        if prev is None or ranges[i][1] > ranges[prev][1]:
+            prev = i
+    return sorted(issues)
+
+
 def _families(nets: list[Net]) -> set[int]:
     return {n.version for n in nets}
 
@@ -496,8 +541,8 @@ class OffloadPolicy(_Model):
     name: Label
     flowtable: ObjName
     protocols: list[L4Proto] = Field(default_factory=lambda: _BOTH_PROTOCOLS.copy(), min_length=1)
-    iifnames: list[IfName] = Field(default_factory=_empty)
-    oifnames: list[IfName] = Field(default_factory=_empty)
+    iifnames: list[IfMatch] = Field(default_factory=_empty)
+    oifnames: list[IfMatch] = Field(default_factory=_empty)
     saddr: list[Network] = Field(default_factory=_empty)
     daddr: list[Network] = Field(default_factory=_empty)
     dport: list[PortRange] = Field(
@@ -519,14 +564,14 @@ class OffloadPolicy(_Model):
             + _prefix_issues(self.saddr, "saddr")
             + _prefix_issues(self.daddr, "daddr")
             + _family_issues(self.saddr, self.daddr)
-            + _duplicates([str(p) for p in self.dport], "dport", "port")
-            + _duplicates([str(p) for p in self.sport], "sport", "port")
+            + _port_issues(self.dport, "dport")
+            + _port_issues(self.sport, "sport")
         )
         return self
 
 
 class Masquerade(_Model):
-    oifname: IfName
+    oifname: IfMatch
     saddr: list[Network] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
@@ -536,7 +581,7 @@ class Masquerade(_Model):
 
 
 class SnatRule(_Model):
-    oifname: IfName
+    oifname: IfMatch
     to: Address
     saddr: list[Network] = Field(default_factory=_empty)
 
@@ -562,7 +607,7 @@ class DnatRule(_Model):
     """A port forward: traffic arriving on ``iifname`` and/or addressed to ``daddr``
     for ``port`` goes to ``to``."""
 
-    iifname: IfName | None = None
+    iifname: IfMatch | None = None
     daddr: Address | None = Field(
         default=None, description="match this destination address (e.g. the public IP)"
     )
@@ -598,8 +643,8 @@ class ForwardAccept(_Model):
 
     name: Label
     protocols: list[ForwardProto] = Field(default_factory=_empty, description="empty: any")
-    iifnames: list[IfName] = Field(default_factory=_empty)
-    oifnames: list[IfName] = Field(default_factory=_empty)
+    iifnames: list[IfMatch] = Field(default_factory=_empty)
+    oifnames: list[IfMatch] = Field(default_factory=_empty)
     saddr: list[Network] = Field(default_factory=_empty)
     daddr: list[Network] = Field(default_factory=_empty)
     dport: list[PortRange] = Field(default_factory=_empty)
@@ -615,6 +660,8 @@ class ForwardAccept(_Model):
             + _prefix_issues(self.daddr, "daddr")
             + _family_issues(self.saddr, self.daddr)
             + _icmp_family_issues(list(self.protocols), self.saddr, self.daddr)
+            + _port_issues(self.dport, "dport")
+            + _port_issues(self.sport, "sport")
         )
         for key in ("dport", "sport"):
             if getattr(self, key) and (not self.protocols or set(self.protocols) - {"tcp", "udp"}):

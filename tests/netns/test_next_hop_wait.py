@@ -102,7 +102,7 @@ def test_the_flow_is_torn_down_when_the_new_next_hop_resolves(
        netns=router)  # fmt: skip
     running.step_until(lambda: running.decisions("tore down"), "the teardown")
     (torn,) = running.decisions("tore down")
-    assert torn["causes"] == f"neighbour 10.0.22.2 on br2 is {N2_MAC}: egress changed", torn
+    assert torn["causes"] == [f"neighbour 10.0.22.2 on br2 is {N2_MAC}: egress changed"], torn
     assert torn["deleted"] == torn["recreated"] == 1, torn
 
 
@@ -113,5 +113,5 @@ def test_a_next_hop_nothing_resolves_is_waited_for_a_bounded_time(
     running.step_until(lambda: running.decisions("tore down"), "the teardown")
     assert time.monotonic() - moved >= NEXT_HOP_WAIT  # it did wait
     (torn,) = running.decisions("tore down")
-    assert torn["causes"] == "next hop 10.0.22.2 on br2 still unresolved: neighbour gone", torn
+    assert torn["causes"] == ["next hop 10.0.22.2 on br2 still unresolved: neighbour gone"], torn
     assert torn["deleted"] == torn["recreated"] == 1, torn

@@ -234,7 +234,7 @@ def finish(d: TcpDuplex, more: int = 64 * 1024) -> None:
 
 
 def teardown_causes(w: WatchProcess, since: float) -> list[str]:
-    return [str(r.get("causes", "")) for _, r in w.teardowns(since)]
+    return ["; ".join(r.get("causes", [])) for _, r in w.teardowns(since)]  # a list field
 
 
 @dataclass

@@ -1542,7 +1542,7 @@ class WatchProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"watch exited {self.proc.returncode}: {self.stderr[-20:]}")
-            return any(rec.get("kind") == "ready" for _, rec in self.lines)
+            return any(rec.get("event") == "ready" for _, rec in self.lines)
 
         wait_for(ready, timeout, interval=0.1, what="offloadctl watch to be ready")
 
@@ -1574,7 +1574,7 @@ def running_watch(netns: str = NSR) -> Iterator[WatchProcess]:
     yield w
     code = w.stop()
     assert code == 0, w.stderr[-20:]
-    assert any(r.get("kind") == "stopped" for _, r in w.lines), w.lines[-5:]
+    assert any(r.get("event") == "stopped" for _, r in w.lines), w.lines[-5:]
     assert not any("Traceback" in line for line in w.stderr), w.stderr
 
 

@@ -14,7 +14,15 @@ import struct
 from dataclasses import dataclass, field
 
 from controlplane.core.flowpath import ETH_P_8021Q, Link, Topology
-from controlplane.kernel.netlink import HDR, NLM_F_DUMP, NLM_F_REQUEST, attrs, message
+from controlplane.kernel.netlink import (
+    HDR,
+    MALFORMED,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    attrs,
+    malformed,
+    message,
+)
 
 __all__ = [
     "DUMPS",
@@ -250,13 +258,17 @@ def _decode_route(kind: int, buf: bytes, start: int, end: int) -> RouteMsg | Non
 
 
 def decode(kind: int, buf: bytes, start: int, end: int) -> Decoded | None:
-    """One rtnetlink message (header at ``start``) → a typed change, None if irrelevant."""
-    if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
-        return _decode_neigh(kind, buf, start, end)
-    if kind in (RTM_NEWLINK, RTM_DELLINK):
-        return _decode_link(kind, buf, start, end)
-    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-        return _decode_route(kind, buf, start, end)
+    """One rtnetlink message (header at ``start``) → a typed change, None if
+    irrelevant; KernelError for bytes the kernel would never send."""
+    try:
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            return _decode_neigh(kind, buf, start, end)
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            return _decode_link(kind, buf, start, end)
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            return _decode_route(kind, buf, start, end)
+    except MALFORMED as exc:
+        raise malformed(f"rtnetlink message type {kind}", exc) from None
     return None
 
 

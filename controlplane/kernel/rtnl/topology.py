@@ -25,10 +25,12 @@ from controlplane.core.flowpath import ETH_P_8021Q, Link, Route, Topology
 from controlplane.errors import KernelError
 from controlplane.kernel.netlink import (
     HDR,
+    MALFORMED,
     NLM_F_REQUEST,
     NLMSGHDR,
     NetlinkSocket,
     attrs,
+    malformed,
     message,
     nla,
 )
@@ -114,20 +116,23 @@ _RTA_VIA = 18
 
 
 def _decode_route(buf: bytes, start: int, end: int) -> Route:
-    """rtmsg at ``start`` and its attributes → Route."""
-    family, *_, rtm_type, _flags = _RTMSG.unpack_from(buf, start)
-    if rtm_type in _NOT_FORWARDED:
-        return Route(oif=None, local=True)
-    oif: int | None = None
-    gateway: str | None = None
-    for kind, s, e in attrs(buf, start + _RTMSG.size, end):
-        if kind == _RTA_OIF:
-            oif = _U32.unpack_from(buf, s)[0]
-        elif kind == _RTA_GATEWAY:
-            gateway = socket.inet_ntop(family, buf[s:e])
-        elif kind == _RTA_VIA:  # IPv4 route via an IPv6 next hop (RFC 5549)
-            via_family = struct.unpack_from("=H", buf, s)[0]
-            gateway = socket.inet_ntop(via_family, buf[s + 2 : e])
+    """rtmsg at ``start`` and its attributes → Route; KernelError if malformed."""
+    try:
+        family, *_, rtm_type, _flags = _RTMSG.unpack_from(buf, start)
+        if rtm_type in _NOT_FORWARDED:
+            return Route(oif=None, local=True)
+        oif: int | None = None
+        gateway: str | None = None
+        for kind, s, e in attrs(buf, start + _RTMSG.size, end):
+            if kind == _RTA_OIF:
+                oif = _U32.unpack_from(buf, s)[0]
+            elif kind == _RTA_GATEWAY:
+                gateway = socket.inet_ntop(family, buf[s:e])
+            elif kind == _RTA_VIA:  # IPv4 route via an IPv6 next hop (RFC 5549)
+                via_family = struct.unpack_from("=H", buf, s)[0]
+                gateway = socket.inet_ntop(via_family, buf[s + 2 : e])
+    except (*MALFORMED, OSError) as exc:  # inet_ntop: OSError for an unknown family
+        raise malformed("route lookup reply", exc) from None
     return Route(oif=oif, gateway=gateway)
 
 
