@@ -1,7 +1,7 @@
 """Our rtnetlink codec against pyroute2's decoder, on recorded kernel bytes (no root).
 
 tests/unit/data/rtnl.json holds every message type the codec decodes, as the
-host kernel sent it (tests/unit/data/record_rtnl.py: link, neighbour, FDB and
+host kernel sent it (tests/netns/record_rtnl.py: link, neighbour, FDB and
 route dumps, route lookups) plus the VLAN, bond and VLAN-filtering bridge
 links the host cannot make, built with pyroute2's own encoder. Each message is
 decoded by both and compared field by field: pyroute2 is the oracle.

@@ -1,6 +1,6 @@
 """Record the rtnetlink messages tests/unit/test_rtnl_oracle.py decodes (run as root).
 
-    .venv/bin/python tests/unit/data/record_rtnl.py > tests/unit/data/rtnl.json
+    .venv/bin/python -m tests.netns.record_rtnl > tests/unit/data/rtnl.json
 
 Builds a scratch namespace (bridge, veth ports, one of them
 down, IPv4/IPv6 neighbours, static FDB entries with and without a VLAN, routes
@@ -58,9 +58,11 @@ fdb add 02:00:00:00:00:02 dev p2 master static
 LOOKUPS = ["198.51.100.7", "203.0.113.7", "192.0.2.7", "2001:db8:2::7", "10.0.1.1"]
 
 
-def _run(tool: str, script: str) -> None:
-    for line in script.strip().splitlines():
-        subprocess.run([tool, "-n", NS, *line.split()], check=True)
+def build(ns: str) -> None:
+    """The scene, in namespace ``ns`` (also the live differential test's)."""
+    for tool, script in (("ip", SETUP), ("bridge", BRIDGE)):
+        for line in script.strip().splitlines():
+            subprocess.run([tool, "-n", ns, *line.split()], check=True)
 
 
 def _constructed() -> list[dict[str, Any]]:
@@ -106,8 +108,7 @@ def _constructed() -> list[dict[str, Any]]:
 def main() -> None:
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
-        _run("ip", SETUP)
-        _run("bridge", BRIDGE)
+        build(NS)
         kernel = f"Linux {platform.release()}"
         found: list[dict[str, Any]] = []
         with NetlinkSocket(socket.NETLINK_ROUTE, NS, operation="record") as nl:
