@@ -22,7 +22,7 @@ import sys
 from functools import partial
 from typing import Any
 
-from controlplane.kernel.netlink import NetlinkSocket
+from controlplane.kernel.netlink import NLM_F_DUMP, NLM_F_REQUEST, NetlinkSocket
 from controlplane.kernel.rtnl.codec import DUMPS, dump_request
 from controlplane.kernel.rtnl.topology import encode_route_get
 
@@ -54,6 +54,15 @@ route add 2001:db8:2::/64 via 2001:db8:1::9
 BRIDGE = """
 fdb add 02:00:00:00:00:01 dev p1 master static
 fdb add 02:00:00:00:00:02 dev p2 master static
+"""
+# Real conntrack entries with a zone, NAT and labels: nft sets them on packets
+# the namespace sends itself (UDP to 127.0.0.5:9, DNATed to 127.0.0.1:19; UDP over IPv6).
+CT_RULES = """
+table inet rec {
+  chain raw { type filter hook output priority raw; ct zone set 7; }
+  chain out { type filter hook output priority filter; ct mark set 42; ct label set 3; }
+  chain nat { type nat hook output priority -100; udp dport 9 dnat ip to 127.0.0.1:19; }
+}
 """
 LOOKUPS = ["198.51.100.7", "203.0.113.7", "192.0.2.7", "2001:db8:2::7", "10.0.1.1"]
 
@@ -105,6 +114,36 @@ def _constructed() -> list[dict[str, Any]]:
     return out
 
 
+_DUMP = NLM_F_REQUEST | NLM_F_DUMP
+
+
+def _conntrack(ns: str, kernel: str) -> list[dict[str, Any]]:
+    from controlplane.kernel.ctnetlink import conntrack as ct
+
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=CT_RULES.encode(), check=True
+    )
+    send = (
+        "import socket;"
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.5', 9));"
+        "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', ('::1', 7))"
+    )
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", send], check=True)
+    found: list[dict[str, Any]] = []
+
+    def keep(kind: int, buf: bytes, s: int, e: int) -> None:
+        found.append({"what": "conntrack dump", "source": kernel, "hex": buf[s:e].hex()})
+
+    with NetlinkSocket(ct.NETLINK_NETFILTER, ns, operation="record") as nl:
+        nl.dump(
+            "record",
+            lambda seq: ct._message(ct.CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, b""),
+            keep,
+        )
+    return found
+
+
 def main() -> None:
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
@@ -125,6 +164,7 @@ def main() -> None:
                 found.append(
                     {"what": f"route get {reply.item}", "source": kernel, "hex": reply.data.hex()}
                 )
+        found += _conntrack(NS, kernel)
         json.dump(found + _constructed(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     finally:
