@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -34,12 +35,12 @@ def test_numbers_match_the_kernel_headers(
     header = HEADERS[machine]
     if not header.exists():
         pytest.skip(f"{header} not installed (linux-libc-dev)")
-    monkeypatch.setattr(syscall.platform, "machine", lambda: machine)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
     assert syscall.syscall_number(table) == _header_number(header, name)
 
 
 def test_unknown_architecture_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(syscall.platform, "machine", lambda: "sparc64")
+    monkeypatch.setattr(platform, "machine", lambda: "sparc64")
     with pytest.raises(
         UnsupportedError, match=r"architecture 'sparc64' \(known: aarch64, x86_64\)"
     ):
