@@ -2,14 +2,19 @@
 
     .venv/bin/python -m tests.netns.record_rtnl > tests/unit/data/rtnl.json
 
-Builds a scratch namespace (bridge, veth ports, one of them
-down, IPv4/IPv6 neighbours, static FDB entries with and without a VLAN, routes
-via a gateway, via another family (RTA_VIA) and over several paths
-(RTA_MULTIPATH)), dumps it and answers route lookups, and writes every message
-as the kernel sent it. The host kernel has neither VLAN nor bond devices nor
-VLAN filtering on bridges: those RTM_NEWLINK messages (and FDB entries with a
-VLAN: tests/unit/test_netlink_codec.py) are built with pyroute2's own encoder instead and
-marked ``"source": "pyroute2 encoder"``.
+Builds a scratch namespace (bridge, veth ports, one of them down, IPv4/IPv6
+neighbours, static FDB entries, routes via a gateway, via another family
+(RTA_VIA) and over several paths (RTA_MULTIPATH), conntrack entries with a
+zone, a mark, DNAT and labels), dumps it, answers route lookups, and writes
+every message as the kernel sent it. The host kernel has neither VLAN nor bond
+devices nor VLAN filtering on bridges: a VLAN, a bond and a filtering bridge
+are built with pyroute2's own encoder (``"source": "pyroute2 encoder"``), and
+``--vlan`` adds a scene the VM's kernel can make (802.1ad and QinQ VLAN
+devices, a filtering 802.1ad bridge with per-VLAN FDB entries): its messages
+are in the same file, recorded once in the VM (``"source": "Linux 6.1...``)::
+
+    vm-tests/run --results build/vm-rec -- sh -c 'modprobe 8021q &&
+        .venv/bin/python -m tests.netns.record_rtnl --vlan > build/vm-rec/rtnl.json'
 """
 
 from __future__ import annotations
@@ -64,12 +69,31 @@ table inet rec {
   chain nat { type nat hook output priority -100; udp dport 9 dnat ip to 127.0.0.1:19; }
 }
 """
+VLAN_SETUP = """
+link add br1 type bridge vlan_filtering 1 vlan_protocol 802.1ad vlan_default_pvid 7
+link add q1 type veth peer name q1peer
+link set q1 master br1
+link add link p3 name p3.100 type vlan protocol 802.1ad id 100
+link add link p3.100 name p3.100.10 type vlan id 10
+link set br1 up
+link set q1 up
+link set q1peer up
+link set p3.100 up
+"""
+VLAN_BRIDGE = """
+vlan add vid 10 dev q1
+fdb add 02:00:00:00:00:0a dev q1 master static vlan 10
+fdb add 02:00:00:00:00:0b dev q1 master static vlan 7
+"""
 LOOKUPS = ["198.51.100.7", "203.0.113.7", "192.0.2.7", "2001:db8:2::7", "10.0.1.1"]
 
 
-def build(ns: str) -> None:
+def build(ns: str, vlan: bool = False) -> None:
     """The scene, in namespace ``ns`` (also the live differential test's)."""
-    for tool, script in (("ip", SETUP), ("bridge", BRIDGE)):
+    scripts = [("ip", SETUP), ("bridge", BRIDGE)]
+    if vlan:
+        scripts += [("ip", VLAN_SETUP), ("bridge", VLAN_BRIDGE)]
+    for tool, script in scripts:
         for line in script.strip().splitlines():
             subprocess.run([tool, "-n", ns, *line.split()], check=True)
 
@@ -138,7 +162,7 @@ def _conntrack(ns: str, kernel: str) -> list[dict[str, Any]]:
     with NetlinkSocket(ct.NETLINK_NETFILTER, ns, operation="record") as nl:
         nl.dump(
             "record",
-            lambda seq: ct._message(ct.CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, b""),
+            lambda seq: ct._message(ct.CT_GET, _DUMP, seq, 0, b""),
             keep,
         )
     return found
@@ -147,7 +171,7 @@ def _conntrack(ns: str, kernel: str) -> list[dict[str, Any]]:
 def main() -> None:
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
-        build(NS)
+        build(NS, vlan="--vlan" in sys.argv[1:])
         kernel = f"Linux {platform.release()}"
         found: list[dict[str, Any]] = []
         with NetlinkSocket(socket.NETLINK_ROUTE, NS, operation="record") as nl:
