@@ -4,8 +4,9 @@ kernel bytes (no root).
 tests/unit/data/rtnl.json holds every message type the codec decodes, as the
 host kernel sent it (tests/netns/record_rtnl.py: link, neighbour, FDB and
 route dumps, route lookups; conntrack entries with a zone, a mark, DNAT and
-labels) plus the VLAN, bond and VLAN-filtering bridge
-links the host cannot make, built with pyroute2's own encoder. Each message is
+labels), the VLAN devices, VLAN-filtering bridge and per-VLAN FDB entries the
+host cannot make as Debian's 6.1 kernel sent them in the VM (``--vlan``), and
+a VLAN, a bond and a filtering bridge built with pyroute2's own encoder. Each message is
 decoded by both and compared field by field: pyroute2 is the oracle.
 """
 
@@ -184,6 +185,11 @@ def test_recording_covers_every_case() -> None:
     assert {link.up for link in links} == {True, False}
     assert any(link.vlan_protocol == 0x88A8 and link.vlan_id == 100 for link in links)
     assert any(link.vlan_filtering and link.pvid == 7 for link in links)
+    vm = [bytes.fromhex(i["hex"]) for i in RECORDED if i["what"].endswith("(VM, VLAN)")]
+    from_vm = [codec.decode(_frame(raw)[0], raw, 0, len(raw)) for raw in vm]
+    qinq = {d.link.vlan_id for d in from_vm if isinstance(d, codec.LinkMsg) and d.link}
+    assert {100, 10} <= qinq  # 802.1ad 100 with 802.1Q 10 on top, as the kernel sent them
+    assert {d.key[1] for d in from_vm if isinstance(d, codec.FdbMsg)} >= {7, 10}
     assert any(isinstance(d, codec.FdbMsg) for d in decoded)
     neigh = {d.key[1] for d in decoded if isinstance(d, codec.NeighMsg) and d.mac}
     assert {"10.0.1.9", "2001:db8:1::9"} <= neigh
