@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 UV    := $(VENV)/bin/uv
 export BCC_KERNEL_SOURCE := $(CURDIR)/build/kernel-headers
 
-.PHONY: setup lock lint typecheck unit netns vm-test vm-stress test demo bench bench-host bench-vm clean
+.PHONY: setup lock lint typecheck unit netns fuzz vm-test vm-stress test demo bench bench-host bench-vm clean
 
 setup:
 	@bash scripts/setup.sh
@@ -34,6 +34,13 @@ unit: setup
 
 netns: setup
 	$(PY) -m pytest -q tests/netns
+
+# Not part of `make test` (the unit suite runs each target a few seconds): the
+# fuzzing targets of tests/unit/test_fuzz.py with many more random inputs each
+# (FUZZ_EXAMPLES per target, default 5,000: about 5 minutes in all on a loaded machine).
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	OFFLOADCTL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_fuzz.py
 
 vm-test: setup
 	$(PY) vm-tests/run --timeout 2700 --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml

@@ -28,12 +28,14 @@ from controlplane.errors import KernelError
 from controlplane.kernel.netns import entered
 
 __all__ = [
+    "MALFORMED",
     "NLMSGHDR",
     "NetlinkSocket",
     "RecvBuffer",
     "Reply",
     "attrs",
     "error_code",
+    "malformed",
     "message",
     "messages",
     "nest",
@@ -121,6 +123,16 @@ def messages(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
         end = min(offset + length, size)
         yield kind, flags, seq, offset, end
         offset = (offset + length + 3) & ~3
+
+
+# What a decoder raises on bytes the kernel would never send (a header or an
+# attribute shorter than its type, an address of the wrong size, a name that is
+# not UTF-8): turned into the one documented error, KernelError "malformed".
+MALFORMED = (struct.error, IndexError, ValueError)  # ValueError: UnicodeDecodeError too
+
+
+def malformed(what: str, exc: Exception) -> KernelError:
+    return KernelError("netlink receive", f"malformed {what} ({type(exc).__name__}: {exc})")
 
 
 def error_code(buf: bytes, start: int) -> int:

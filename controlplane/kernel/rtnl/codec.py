@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from controlplane.core.flowpath import ETH_P_8021Q, Link, Route, Topology
-from controlplane.kernel.netlink import HDR, NLM_F_DUMP, NLM_F_REQUEST, attrs, message, nla
+from controlplane.kernel.netlink import (
+    HDR,
+    MALFORMED,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    attrs,
+    malformed,
+    message,
+    nla,
+)
 
 __all__ = [
     "DUMPS",
@@ -337,8 +346,12 @@ def _decode_route(kind: int, buf: bytes, start: int, end: int) -> RouteMsg | Non
 
 def decode_route_lookup(buf: bytes, start: int, end: int) -> Route | None:
     """The answer to RTM_GETROUTE for one address (header at ``start``): the path
-    the kernel's FIB lookup chose (one next hop, even for a multipath route)."""
-    rt = _route(buf, start + HDR, end)
+    the kernel's FIB lookup chose (one next hop, even for a multipath route);
+    KernelError for bytes the kernel would never send."""
+    try:
+        rt = _route(buf, start + HDR, end)
+    except MALFORMED as exc:  # inet_ntop: ValueError for an unknown family too
+        raise malformed("route lookup reply", exc) from None
     if rt is None:
         return None
     if rt.rtype in NOT_FORWARDED:
@@ -347,13 +360,17 @@ def decode_route_lookup(buf: bytes, start: int, end: int) -> Route | None:
 
 
 def decode(kind: int, buf: bytes, start: int, end: int) -> Decoded | None:
-    """One rtnetlink message (header at ``start``) → a typed change, None if irrelevant."""
-    if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
-        return _decode_neigh(kind, buf, start, end)
-    if kind in (RTM_NEWLINK, RTM_DELLINK):
-        return _decode_link(kind, buf, start, end)
-    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-        return _decode_route(kind, buf, start, end)
+    """One rtnetlink message (header at ``start``) → a typed change, None if
+    irrelevant; KernelError for bytes the kernel would never send."""
+    try:
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            return _decode_neigh(kind, buf, start, end)
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            return _decode_link(kind, buf, start, end)
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            return _decode_route(kind, buf, start, end)
+    except MALFORMED as exc:
+        raise malformed(f"rtnetlink message type {kind}", exc) from None
     return None
 
 
