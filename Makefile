@@ -62,6 +62,7 @@ bench-host: setup
 	$(PY) bench/bench_cli.py
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_invalidation.py
 	$(PY) bench/bench_agent.py
 	$(PY) bench/bench_reuseport.py

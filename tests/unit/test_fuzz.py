@@ -27,7 +27,6 @@ from controlplane.errors import ConfigError, KernelError
 from controlplane.kernel import netlink
 from controlplane.kernel.ctnetlink import conntrack as ct
 from controlplane.kernel.rtnl import codec
-from controlplane.kernel.rtnl.topology import _decode_route as decode_route_reply
 from controlplane.loader import load_bytes
 from tests.unit.test_netlink_codec import (
     CT_ENTRY,
@@ -211,7 +210,7 @@ def _decode_all(buf: bytes) -> None:
     for kind, _flags, _seq, start, end in netlink.messages(buf):
         codec.decode(kind, buf, start, end)
         if kind in (codec.RTM_NEWROUTE, codec.RTM_DELROUTE):
-            decode_route_reply(buf, start + netlink.HDR, end)
+            codec.decode_route_lookup(buf, start, end)
         ct.decode_entry(buf, start, end)
 
 

@@ -348,7 +348,7 @@ def test_apply_path_does_not_import_pyroute2() -> None:
 
     code = (
         "import sys\n"
-        "import controlplane.applier, controlplane.cli.ruleset_cmds, controlplane.service\n"
+        "import controlplane.cli.ruleset_cmds, controlplane.service\n"
         "from controlplane.kernel.rtnl.facts import gather_facts\n"
         "from controlplane.kernel.rtnl.vlans import RtnlLinks\n"
         "from controlplane.loader import parse_config\n"

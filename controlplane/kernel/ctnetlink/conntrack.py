@@ -8,7 +8,7 @@ Hand-written ctnetlink codec (over the shared framing of ``kernel/netlink.py``)
 instead of pyroute2's ``NFCTSocket``. Measured
 on our 2-core machines with 50k entries: this parser 0.6-1.1 s for a full
 dump, ``NFCTSocket.dump()`` 4.2 s for bare messages (its ``Conntrack`` entry
-objects ~19 s, PLATFORM.md); with ``only_offloaded`` the kernel filters and a
+objects ~19 s, docs/netlink.md); with ``only_offloaded`` the kernel filters and a
 dump with no offloaded entry takes 20 ms. Deleting 50k entries: 0.55-1.1 s.
 
 It also sends what pyroute2 gets wrong for our purpose: ``ct.delete(entry)``
@@ -151,7 +151,7 @@ class DeleteResult:
 
 def _message(msg_type: int, flags: int, seq: int, family: int, attrs_: bytes) -> bytes:
     # version=1: with version 0 the kernel ignores nfgen_family for filtered
-    # dumps/flushes (PLATFORM.md: a "v6 only" flush deleted everything).
+    # dumps/flushes (docs/netlink.md: a "v6 only" flush deleted everything).
     return netlink.message(msg_type, flags, seq, _NFGENMSG.pack(family, 1, 0) + attrs_)
 
 
