@@ -45,10 +45,12 @@ fuzz: setup
 vm-test: setup
 	$(PY) vm-tests/run --timeout 2700 --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml
 
-# Not part of `make test`: every invalidation scenario 10 times in one boot (~13 min),
+# Not part of `make test`: every invalidation scenario 10 times in one boot (~13 min), and the
+# next-hop change (issue 20) 10 times idle and 10 with a CPU hog in the guest,
 # for chasing intermittent failures; each failure prints the router's state.
 vm-stress: setup
 	$(PY) vm-tests/run --timeout 2700 --results build/vm-stress --env VMTEST_REPEAT=10 -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite/test_invalidation.py
+	$(PY) vm-tests/run --timeout 2700 --results build/vm-stress-nexthop --env VMTEST_REPEAT=10 --env VMTEST_CPU_HOG=both -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite/test_nexthop.py
 
 test: lint typecheck unit netns vm-test
 
