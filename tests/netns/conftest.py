@@ -8,13 +8,12 @@ from collections.abc import Callable
 
 import pytest
 
-from controlplane.testing import NetLab, sh
+from controlplane.testing import NetLab, Netns, Topology, Veth, sh
 from controlplane.testing.plugin import NOT_ROOT
 
 __all__ = ["sh"]
 
 pytestmark = pytest.mark.netns
-pytest_plugins = ("pytester",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,3 +34,12 @@ def make_netns(netlab: NetLab) -> Callable[[], str]:
 @pytest.fixture
 def netns(netlab: NetLab) -> str:
     return netlab.namespace()
+
+
+# A namespace with one veth pair, wan0 <-> lan0: enough devices for a NAT config.
+ROUTER = Topology(namespaces={"router": Netns()}, links=[Veth("router:wan0", "router:lan0")])
+
+
+@pytest.fixture
+def router(netlab: NetLab) -> str:
+    return netlab.build(ROUTER).ns("router")

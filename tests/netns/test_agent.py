@@ -124,12 +124,6 @@ class AgentProc:
 
 
 @pytest.fixture
-def router(netns: str) -> str:
-    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "lan0", netns=netns)
-    return netns
-
-
-@pytest.fixture
 def agents() -> Iterator[list[AgentProc]]:
     made: list[AgentProc] = []
     yield made

@@ -1,0 +1,177 @@
+"""The pytest plugin itself (``controlplane.testing``), run the way users run it: pytest in
+a subprocess (pytester) with the installed entry point, against the host kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from controlplane.testing import topology
+from controlplane.testing.plugin import NOT_ROOT
+
+pytest_plugins = ("pytester",)  # here, not in conftest: `pytest tests` loads that late
+
+# A lab on the host kernel (no VLAN devices here): router with a bridge, two hosts.
+LAB = """
+import json, os, time
+from pathlib import Path
+import pytest
+from controlplane.testing import Bridge, Netns, Route, Topology, Veth
+
+TOPO = Topology(
+    namespaces={
+        "a": Netns(addresses={"eth0": "10.0.1.2/24"}, routes=[Route("default", "10.0.1.1")]),
+        "r": Netns(forwarding=True, bridges=[Bridge("br0", ports=["p1"])],
+                   addresses={"br0": "10.0.1.1/24", "wan0": "192.0.2.1/24"}),
+        "b": Netns(addresses={"eth0": "192.0.2.2/24"}, routes=[Route("default", "192.0.2.1")]),
+    },
+    links=[Veth("a:eth0", "r:p1"), Veth("r:wan0", "b:eth0")],
+)
+OUT = Path(os.environ["PLUGIN_TEST_OUT"])
+
+def record(request, lab):
+    names = sorted(lab.built.names.values())
+    assert all(os.path.exists(f"/run/netns/{n}") for n in names)
+    (OUT / f"{request.node.name}.json").write_text(json.dumps(names))
+"""
+
+
+def _names(out: Path) -> dict[str, list[str]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+def _existing(names: list[str]) -> list[str]:
+    return [n for n in names if os.path.exists(f"/run/netns/{n}")]
+
+
+@pytest.fixture
+def out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    monkeypatch.setenv("PLUGIN_TEST_OUT", str(d))
+    return d
+
+
+def test_namespaces_deleted_after_a_failing_test(pytester: pytest.Pytester, out: Path) -> None:
+    pytester.makepyfile(
+        LAB
+        + """
+def test_fails(netlab, request):
+    lab = netlab.build(TOPO)
+    record(request, lab)
+    conn = lab.tcp("a", "b", "192.0.2.2", 5000)
+    conn.exchange(4096)
+    assert conn.server_saw[0] == "10.0.1.2"  # no NAT here
+    assert False, "the test fails after its traffic"
+
+def test_build_fails_half_way(netlab, request):
+    from controlplane.testing import CommandFailed
+    bad = Topology(namespaces={"x": Netns(routes=[Route("10.9.0.0/16", via="10.99.0.1")])})
+    try:
+        netlab.build(bad)  # the kernel refuses the route: no such gateway
+    except CommandFailed:
+        (OUT / "half.json").write_text(json.dumps(netlab.created))
+        raise
+"""
+    )
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    res.assert_outcomes(failed=2)
+    res.stdout.fnmatch_lines(["*the test fails after its traffic*", "*Nexthop*gateway*"])
+    names = _names(out)
+    assert len(names["test_fails"]) == 3 and len(names["half"]) == 1
+    assert _existing(names["test_fails"] + names["half"]) == []
+
+
+def test_kill9_leftovers_removed_by_the_next_run(pytester: pytest.Pytester, out: Path) -> None:
+    pytester.makepyfile(
+        LAB
+        + """
+import signal
+
+def test_killed(netlab, request):
+    record(request, netlab.build(TOPO))
+    os.kill(os.getpid(), signal.SIGKILL)  # pytest dies here: no finalizer runs
+"""
+    )
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert res.ret == -9
+    left = _names(out)["test_killed"]
+    assert _existing(left) == left  # the kill left them behind
+    mine = topology.add_namespace("live", [])  # a live run's namespace (this process)
+    try:
+        pytester.makepyfile(test_other="def test_nothing(): pass")
+        res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_other.py")
+        res.assert_outcomes(passed=1)
+        assert _existing(left) == []  # removed at start-up of the next run
+        assert _existing([mine]) == [mine]  # whose owner lives: left alone
+    finally:
+        topology.delete_namespace(mine)
+
+
+def test_parallel_tests_never_share_a_name(pytester: pytest.Pytester, out: Path) -> None:
+    pytester.makepyfile(
+        LAB
+        + """
+@pytest.mark.parametrize("n", range(4))
+def test_parallel(netlab, request, n):
+    record(request, netlab.build(TOPO))
+    # Wait (bounded) until a test of the other worker holds its lab at the same time.
+    deadline = time.monotonic() + 60
+    while len({p.read_text() for p in OUT.glob("*.pid")}) < 2 and time.monotonic() < deadline:
+        (OUT / f"{os.getpid()}.pid").write_text(str(os.getpid()))
+        time.sleep(0.05)
+    assert len(list(OUT.glob("*.pid"))) == 2
+"""
+    )
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    res.assert_outcomes(passed=4)
+    names = _names(out)
+    every = [n for ns in names.values() for n in ns]
+    assert len(names) == 4 and len(every) == len(set(every)) == 12
+    pids = {n.split("-")[1].split(".")[0] for n in every}
+    assert len(pids) == 2  # two workers, each its own run token
+    assert _existing(every) == []
+
+
+def test_offload_vm_never_skips_with_the_reason(pytester: pytest.Pytester) -> None:
+    """This host lacks flowtables and VLAN devices: with the VM ruled out, marked tests
+    are skipped saying both (with the VM allowed they go there: `make example-test`)."""
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.offload_vm
+def test_needs_offload(netlab):
+    raise AssertionError("must not run on this host")
+"""
+    )
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--offload-vm=never")
+    res.assert_outcomes(skipped=1)
+    res.stdout.fnmatch_lines(
+        ["*offload_vm: host kernel: flowtables: *; no VM: --offload-vm=never*"]
+    )
+
+
+def test_not_root_is_one_clear_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_lab="def test_lab(netlab): pass")
+    # pytester's own directory is closed to other users: copy the test somewhere open.
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        test = Path(tmp) / "test_lab.py"
+        test.write_text((pytester.path / "test_lab.py").read_text())
+        os.chmod(test, 0o644)
+        res = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "pytest", "-p", "offloadctl", "-p", "no:cacheprovider",
+             "--rootdir", tmp, str(test)],
+            capture_output=True, text=True, check=False, cwd=tmp,
+            env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "HOME": tmp},
+        )  # fmt: skip
+    assert res.returncode == pytest.ExitCode.USAGE_ERROR, res.stdout + res.stderr
+    assert res.stderr.strip() == f"ERROR: {NOT_ROOT}"
