@@ -6,7 +6,8 @@ config".
   (``kill -9``) are deleted when the next run starts.
 * ``@pytest.mark.offload_vm``: the test needs flowtables and VLAN devices. It runs here when
   the kernel has them, else inside the project's VM (``controlplane.testing.vm``), else it
-  is skipped with both reasons. ``--offload-vm=never|always`` overrides the choice.
+  is skipped with both reasons. ``--offload-vm=require|never|always`` changes that: stop
+  instead of skipping (CI), never boot the VM, always run in the VM.
 * Without root, a session that collects a test needing namespaces stops with one line.
 """
 
@@ -40,10 +41,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("offloadctl", "offloadctl test labs")
     group.addoption(
         "--offload-vm",
-        choices=("auto", "never", "always"),
+        choices=("auto", "require", "never", "always"),
         default="auto",
         help="where @offload_vm tests run: auto = here if the kernel has flowtables and "
-        "VLAN devices, else in the VM; never = here or skipped; always = in the VM",
+        "VLAN devices, else in the VM, else skipped; require = the same but stop with an "
+        "error instead of skipping (CI); never = here or skipped; always = in the VM",
     )
     group.addoption(
         "--offload-vm-timeout",
@@ -93,7 +95,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     vm_problem = "--offload-vm=never" if mode == "never" else vm.unavailable()
     if vm_problem is not None:
-        skip = pytest.mark.skip(reason=f"{MARKER}: host kernel: {lacks}; no VM: {vm_problem}")
+        reason = f"{MARKER}: host kernel: {lacks}; no VM: {vm_problem}"
+        if mode == "require":
+            raise pytest.UsageError(f"{reason} (--offload-vm=require: not skipping)")
+        skip = pytest.mark.skip(reason=reason)
         for item in marked:
             item.add_marker(skip)
         return

@@ -139,9 +139,24 @@ def test_parallel(netlab, request, n):
     assert _existing(every) == []
 
 
-def test_offload_vm_never_skips_with_the_reason(pytester: pytest.Pytester) -> None:
-    """This host lacks flowtables and VLAN devices: with the VM ruled out, marked tests
-    are skipped saying both (with the VM allowed they go there: `make example-test`)."""
+@pytest.mark.parametrize(
+    ("mode", "path", "expect"),
+    [
+        ("never", None, "--offload-vm=never"),
+        ("auto", "/nonexistent", "qemu-system-x86_64 not found*"),
+        ("require", "/nonexistent", "qemu-system-x86_64 not found*not skipping*"),
+    ],
+)
+def test_offload_vm_without_a_vm_skips_or_stops_with_the_reason(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    path: str | None,
+    expect: str,
+) -> None:
+    """This host lacks flowtables and VLAN devices: with no VM either (ruled out, or no
+    qemu on PATH), a marked test is skipped saying both, or stops the run (require). With
+    a VM the tests go there: `make example-test`."""
     pytester.makepyfile(
         """
 import pytest
@@ -151,11 +166,16 @@ def test_needs_offload(netlab):
     raise AssertionError("must not run on this host")
 """
     )
-    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "--offload-vm=never")
-    res.assert_outcomes(skipped=1)
-    res.stdout.fnmatch_lines(
-        ["*offload_vm: host kernel: flowtables: *; no VM: --offload-vm=never*"]
-    )
+    if path is not None:
+        monkeypatch.setenv("PATH", path)
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", f"--offload-vm={mode}")
+    reason = f"*offload_vm: host kernel: flowtables: *; no VM: {expect}"
+    if mode == "require":
+        assert res.ret == pytest.ExitCode.USAGE_ERROR
+        res.stderr.fnmatch_lines([reason])
+    else:
+        res.assert_outcomes(skipped=1)
+        res.stdout.fnmatch_lines([reason])
 
 
 def test_not_root_is_one_clear_line(pytester: pytest.Pytester) -> None:
