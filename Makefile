@@ -24,17 +24,22 @@ typecheck: setup
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
+# Host kernel only: the plugin's VM tests (offload_vm) are listed as skipped here and run
+# by example-test, in the same boot as the example.
 netns: setup
-	$(PY) -m pytest -q tests/netns
+	$(PY) -m pytest -q tests/netns --offload-vm=never
 
 vm-test: setup
 	$(PY) vm-tests/run --timeout 2700 --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml
 
-# The operator's example (README "Test your config"), run as a user runs it: through the
-# pytest plugin, which sends its tests to the VM on a kernel without flowtables (one boot;
-# the kernel/initramfs cache is vm-tests/run's), and fails rather than skips without one.
+# The operator's example (README "Test your config") and the plugin's own VM tests, run as
+# a user runs them: through the pytest plugin, which sends them to the VM on a kernel
+# without flowtables (one boot; the kernel/initramfs cache is vm-tests/run's) and fails
+# rather than skips without one.
 example-test: setup
-	OFFLOADCTL_VM_CACHE=$(CURDIR)/build/vm $(PY) -m pytest -q -p no:cacheprovider examples/testing --offload-vm=require --junitxml=build/example-results/junit.xml
+	OFFLOADCTL_VM_CACHE=$(CURDIR)/build/vm $(PY) -m pytest -q -p no:cacheprovider \
+	    examples/testing tests/netns/test_plugin_vm.py --offload-vm=require \
+	    --junitxml=build/example-results/junit.xml
 
 # Not part of `make test`: every invalidation scenario 10 times in one boot (~13 min),
 # for chasing intermittent failures; each failure prints the router's state.

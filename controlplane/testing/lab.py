@@ -22,10 +22,7 @@ class _Closable(Protocol):
 
 
 C = TypeVar("C", bound=_Closable)
-
-
-def _any(addr: str) -> str:
-    return "::" if ":" in addr else "0.0.0.0"
+K = TypeVar("K", TcpConn, UdpConn)
 
 
 class Lab:
@@ -50,37 +47,26 @@ class Lab:
         return observe.apply_config(self.ns(role), config)
 
     def tcp(
-        self,
-        client: str,
-        server: str,
-        to: str,
-        port: int = 0,
-        *,
-        listen: tuple[str, int] | None = None,
-        timeout: float = 30.0,
-    ) -> TcpConn:
+        self, client: str, server: str, to: str, port: int = 0, *,
+        listen: tuple[str, int] | None = None, timeout: float = 30.0,
+    ) -> TcpConn:  # fmt: skip
         """A TCP connection from CLIENT to TO:PORT, accepted in SERVER on LISTEN (default:
         any address, PORT, or an ephemeral port when PORT is 0). Closed after the test."""
-        conn = TcpConn(
-            self.ns(client), self.ns(server), (to, port), listen or (_any(to), port), timeout
-        )
-        return self._owner.keep(conn)
+        return self._conn(TcpConn, client, server, (to, port), listen, timeout)
 
     def udp(
-        self,
-        client: str,
-        server: str,
-        to: str,
-        port: int = 0,
-        *,
-        listen: tuple[str, int] | None = None,
-        timeout: float = 5.0,
-    ) -> UdpConn:
+        self, client: str, server: str, to: str, port: int = 0, *,
+        listen: tuple[str, int] | None = None, timeout: float = 5.0,
+    ) -> UdpConn:  # fmt: skip
         """UDP from CLIENT to TO:PORT, answered in SERVER (see ``tcp``)."""
-        conn = UdpConn(
-            self.ns(client), self.ns(server), (to, port), listen or (_any(to), port), timeout
-        )
-        return self._owner.keep(conn)
+        return self._conn(UdpConn, client, server, (to, port), listen, timeout)
+
+    def _conn(
+        self, cls: type[K], client: str, server: str, target: tuple[str, int],
+        listen: tuple[str, int] | None, timeout: float,
+    ) -> K:  # fmt: skip
+        where = listen or ("::" if ":" in target[0] else "0.0.0.0", target[1])
+        return self._owner.keep(cls(self.ns(client), self.ns(server), target, where, timeout))
 
     def capture(self, role: str, dev: str) -> Capture:
         """Record the TCP/UDP addresses crossing DEV in ROLE (NAT on the wire)."""

@@ -14,7 +14,7 @@ the field), so a typo fails before anything is created::
         links=[Veth("lan:eth0", "router:lan0"), Veth("router:wan0", "wan:eth0")],
     )
 
-Namespace names carry the run they belong to: ``otst-<pid>.<start>-<n>-<role>`` (the pid and
+Namespace names carry the run they belong to: ``otst-<pid>_<start>-<n>-<role>`` (the pid and
 start time of the pytest process that made them), so parallel runs (``pytest -n``) never
 share a name and a later run removes what a killed one (``kill -9``) left behind.
 """
@@ -34,7 +34,9 @@ from controlplane.testing.shell import sh
 
 NETNS_DIR = "/run/netns"
 PREFIX = "otst"
-_NAME = re.compile(rf"^{PREFIX}-(\d+)\.([0-9a-z]+)-")
+# No "." in a name: reuseport pins live in a bpffs directory named after the namespace, and
+# bpffs refuses names with a dot (EPERM).
+_NAME = re.compile(rf"^{PREFIX}-(\d+)_([0-9a-z]+)-")
 _DEV = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _ROLE = re.compile(r"^[a-z0-9][a-z0-9_]{0,15}$")
 
@@ -279,9 +281,9 @@ _serial = count(1)
 
 
 def run_token() -> str:
-    """``<pid>.<start>`` of this process: the part of a name that says whose it is."""
+    """``<pid>_<start>`` of this process: the part of a name that says whose it is."""
     pid = os.getpid()
-    return f"{pid}.{_start_time(pid)}"
+    return f"{pid}_{_start_time(pid)}"
 
 
 def new_name(role: str) -> str:

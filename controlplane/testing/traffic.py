@@ -47,21 +47,36 @@ class _Conn:
     """Shared shape of TCP and UDP connections: the four addresses a NAT test asks about.
 
     ``client``: the client socket's own address (the conntrack original source);
-    ``target``: what the client sent to (the original destination); ``server``: the
-    server socket's address (differs from ``target`` after DNAT); ``server_saw``: the
-    client address as the server saw it (differs from ``client`` after SNAT/masquerade).
+    ``target``: what the client sent to (the original destination; port 0 = the
+    listener's); ``server``: the server socket's address (differs from ``target`` after
+    DNAT); ``server_saw``: the client address as the server saw it (differs from
+    ``client`` after SNAT/masquerade).
     """
 
     proto: Literal["tcp", "udp"]
+    kind: socket.SocketKind
 
-    def __init__(self, client_ns: str, server_ns: str, target: Endpoint, listen: Endpoint):
-        self.client_ns, self.server_ns = client_ns, server_ns
-        self.target = target
-        self.listen = listen
+    def __init__(
+        self, client_ns: str, server_ns: str, target: Endpoint, listen: Endpoint, timeout: float
+    ) -> None:
+        self.client_ns, self.server_ns, self.timeout = client_ns, server_ns, timeout
+        self.target, self.listen = target, listen
         self.client: Endpoint = ("", 0)
         self.server: Endpoint = ("", 0)
         self.server_saw: Endpoint = ("", 0)
         self._sockets: list[socket.socket] = []
+        self._srv = self._open(server_ns, listen[0])
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(listen)
+        if target[1] == 0:
+            self.target = (target[0], self._srv.getsockname()[1])
+        self._cli = self._open(client_ns, target[0])
+
+    def _open(self, netns: str, addr: str) -> socket.socket:
+        sock = _socket(netns, _family(addr), self.kind)
+        self._sockets.append(sock)
+        sock.settimeout(self.timeout)
+        return sock
 
     def close(self) -> None:
         for s in self._sockets:
@@ -84,34 +99,24 @@ class TcpConn(_Conn):
     LISTEN; open until ``close()`` so a test can look at the kernel while it lives."""
 
     proto: Literal["tcp", "udp"] = "tcp"
+    kind = socket.SOCK_STREAM
 
     def __init__(
-        self,
-        client_ns: str,
-        server_ns: str,
-        target: Endpoint,
-        listen: Endpoint,
-        timeout: float = 30.0,
+        self, client_ns: str, server_ns: str, target: Endpoint, listen: Endpoint, timeout: float
     ) -> None:
-        super().__init__(client_ns, server_ns, target, listen)
-        self.timeout = timeout
-        srv = _socket(server_ns, _family(listen[0]), socket.SOCK_STREAM)
-        self._sockets.append(srv)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(listen)
-        srv.listen(1)
-        srv.settimeout(timeout)
-        if target[1] == 0:  # no port given: the listener's (no NAT of the port)
-            self.target = (target[0], srv.getsockname()[1])
-        cli = _socket(client_ns, _family(target[0]), socket.SOCK_STREAM)
-        self._sockets.append(cli)
-        cli.settimeout(timeout)
-        cli.connect(self.target)
-        conn, peer = srv.accept()
+        super().__init__(client_ns, server_ns, target, listen, timeout)
+        self._srv.listen(1)
+        try:
+            self._cli.connect(self.target)
+            conn, peer = self._srv.accept()
+        except OSError as exc:
+            self.close()
+            t = self.target
+            raise TrafficError(f"tcp from {client_ns} to {t[0]}:{t[1]}: {exc!r}") from None
         conn.settimeout(timeout)
         self._sockets.append(conn)
-        self._cli, self._conn = cli, conn
-        self.client = cli.getsockname()[:2]
+        self._conn = conn
+        self.client = self._cli.getsockname()[:2]
         self.server = conn.getsockname()[:2]
         self.server_saw = peer[:2]
 
@@ -171,29 +176,15 @@ class UdpConn(_Conn):
     answered by a socket in SERVER_NS bound to LISTEN."""
 
     proto: Literal["tcp", "udp"] = "udp"
+    kind = socket.SOCK_DGRAM
 
     def __init__(
-        self,
-        client_ns: str,
-        server_ns: str,
-        target: Endpoint,
-        listen: Endpoint,
-        timeout: float = 5.0,
+        self, client_ns: str, server_ns: str, target: Endpoint, listen: Endpoint, timeout: float
     ) -> None:
-        super().__init__(client_ns, server_ns, target, listen)
-        srv = _socket(server_ns, _family(listen[0]), socket.SOCK_DGRAM)
-        self._sockets.append(srv)
-        srv.bind(listen)
-        srv.settimeout(timeout)
-        if target[1] == 0:
-            self.target = (target[0], srv.getsockname()[1])
-        cli = _socket(client_ns, _family(target[0]), socket.SOCK_DGRAM)
-        self._sockets.append(cli)
-        cli.settimeout(timeout)
-        cli.connect(self.target)
-        self._cli, self._srv = cli, srv
-        self.client = cli.getsockname()[:2]
-        self.server = srv.getsockname()[:2]
+        super().__init__(client_ns, server_ns, target, listen, timeout)
+        self._cli.connect(self.target)
+        self.client = self._cli.getsockname()[:2]
+        self.server = self._srv.getsockname()[:2]
 
     def exchange(self, count: int = 100, size: int = 1200) -> Exchange:
         """COUNT request/answer rounds of SIZE random bytes each way, in lock step (a lost
@@ -212,6 +203,8 @@ class UdpConn(_Conn):
                     raise TrafficError(f"{self!r}: answer {seq} arrived changed at the client")
             except TimeoutError:
                 raise TrafficError(f"{self!r}: datagram {seq} of {count} lost") from None
+            except OSError as exc:  # e.g. an ICMP error came back
+                raise TrafficError(f"{self!r}: datagram {seq} of {count}: {exc!r}") from None
         return Exchange(count * size, count * size)
 
 

@@ -572,6 +572,17 @@ class _Lock:
         os.close(self.fd)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it when the runner dies, even by ``kill -9``
+    (which no handler sees), so no guest outlives its runner and the machine lock."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -615,6 +626,7 @@ def _boot(cfg: RunConfig, argv: list[str], status_file: Path, kernel: Kernel) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # own process group: killed as a group on timeout
+        preexec_fn=_die_with_parent,
     )
     assert proc.stdout is not None
     out = sys.stdout.buffer

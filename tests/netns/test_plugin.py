@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.testing import topology
+from controlplane.testing import (
+    Bridge,
+    Count,
+    NetLab,
+    Netns,
+    Route,
+    Topology,
+    TrafficError,
+    Veth,
+    topology,
+)
 from controlplane.testing.plugin import NOT_ROOT
 
 pytest_plugins = ("pytester",)  # here, not in conftest: `pytest tests` loads that late
@@ -134,7 +144,7 @@ def test_parallel(netlab, request, n):
     names = _names(out)
     every = [n for ns in names.values() for n in ns]
     assert len(names) == 4 and len(every) == len(set(every)) == 12
-    pids = {n.split("-")[1].split(".")[0] for n in every}
+    pids = {n.split("-")[1].split("_")[0] for n in every}
     assert len(pids) == 2  # two workers, each its own run token
     assert _existing(every) == []
 
@@ -195,3 +205,87 @@ def test_not_root_is_one_clear_line(pytester: pytest.Pytester) -> None:
         )  # fmt: skip
     assert res.returncode == pytest.ExitCode.USAGE_ERROR, res.stdout + res.stderr
     assert res.stderr.strip() == f"ERROR: {NOT_ROOT}"
+
+
+# --------------------------------------------------------------------------- the helpers
+# on the host kernel (no flowtables: nothing is offloaded, everything is classic path)
+
+ROUTER = Topology(
+    namespaces={
+        "lan": Netns(
+            addresses={"eth0": ["10.0.1.2/24", "fd00:1::2/64"]},
+            routes=[Route("default", "10.0.1.1"), Route("default6", "fd00:1::1")],
+        ),
+        "router": Netns(
+            forwarding=True,
+            bridges=[Bridge("br0", ports=["lan0"], address="02:00:00:00:01:01")],
+            addresses={
+                "br0": ["10.0.1.1/24", "fd00:1::1/64"],
+                "wan0": ["192.0.2.1/24", "fd00:2::1/64"],
+            },
+        ),
+        "wan": Netns(  # v4 back to the LAN only through masquerade
+            addresses={"eth0": ["192.0.2.2/24", "fd00:2::2/64"]},
+            routes=[Route("default6", "fd00:2::1")],
+        ),
+    },
+    links=[Veth("lan:eth0", "router:lan0"), Veth("router:wan0", "wan:eth0")],
+)
+MASQUERADE = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0", "saddr": ["10.0.1.0/24"]}]}}
+
+
+def test_topology_is_built_as_described(netlab: NetLab) -> None:
+    lab = netlab.build(ROUTER)
+    links = {d["ifname"]: d for d in json.loads(lab.sh("router", "ip", "-j", "-d", "link"))}
+    assert links["lan0"]["master"] == "br0" and links["br0"]["address"] == "02:00:00:00:01:01"
+    assert all("UP" in links[d]["flags"] for d in ("lan0", "wan0", "br0"))
+    addrs = lab.sh("router", "ip", "-br", "addr", "show", "dev", "br0")
+    assert "10.0.1.1/24" in addrs and "fd00:1::1/64" in addrs
+    assert "default via fd00:1::1" in lab.sh("lan", "ip", "-6", "route")
+    assert lab.sh("router", "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
+
+
+def test_masquerade_seen_by_the_server_and_on_the_wire(netlab: NetLab) -> None:
+    lab = netlab.build(ROUTER)
+    lab.apply("router", MASQUERADE)
+    with lab.capture("wan", "eth0") as wire:
+        tcp = lab.tcp("lan", "wan", "192.0.2.2", 5000)
+        tcp.exchange(256 * 1024)
+        udp = lab.udp("lan", "wan", "192.0.2.2", 5353)
+        udp.exchange(10)
+    assert tcp.client[0] == "10.0.1.2" and tcp.server_saw[0] == "192.0.2.1"
+    assert udp.server_saw[0] == "192.0.2.1"
+    assert wire.seen(src="192.0.2.1", dport=5000, proto="tcp") > 0
+    assert wire.seen(src="192.0.2.1", dport=5353, proto="udp") >= 10
+    assert wire.seen(src="10.0.1.2") == wire.seen(dst="10.0.1.2") == 0
+
+
+def test_byte_exact_check_fails_when_bytes_go_missing(netlab: NetLab) -> None:
+    lab = netlab.build(ROUTER)
+    tcp = lab.tcp("lan", "wan", "fd00:2::2", 5000, timeout=2.0)  # v6, no NAT
+    assert tcp.server_saw[0] == "fd00:1::2"
+    tcp._conn.sendall(b"stray")  # a byte stream that is not what exchange() sends
+    with pytest.raises(TrafficError, match=r"download: .* sha256"):
+        tcp.exchange(4096)
+    lab.sh("router", "ip", "link", "set", "wan0", "down")
+    udp = lab.udp("lan", "wan", "192.0.2.2", 5353, timeout=0.5)
+    with pytest.raises(TrafficError, match="datagram 0 of 3 lost"):
+        udp.exchange(3)
+
+
+def test_conntrack_and_classic_path_counters(netlab: NetLab) -> None:
+    lab = netlab.build(ROUTER)
+    lab.apply("router", MASQUERADE)
+    classic = lab.classic_path("router")
+    tcp = lab.tcp("lan", "wan", "192.0.2.2", 5000)
+    tcp.exchange(1 << 20)
+    entry = lab.conntrack_entry("router", tcp)
+    assert entry is not None and entry.orig.sport == tcp.client[1]
+    assert entry.reply.dst == "192.0.2.1"  # the masqueraded side
+    assert not entry.offloaded  # this kernel has no flowtables
+    with pytest.raises(AssertionError, match=r"not offloaded .* status"):
+        lab.wait_offloaded("router", tcp, timeout=0.2)
+    seen = classic.read()
+    # No fast path here: each direction's megabyte crossed the forward hook.
+    assert seen["br0"].bytes > 1 << 20 and seen["wan0"].bytes > 1 << 20
+    assert seen["lan0"] == Count(0, 0)  # bridged in, routed from br0
