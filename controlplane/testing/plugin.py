@@ -82,6 +82,7 @@ def host_lacks() -> str | None:
     return "; ".join(f"{c.name}: {c.reason}" for c in missing) or None
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only what will run counts
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     marked = [i for i in items if i.get_closest_marker(MARKER) is not None]
     needs_root = marked or [i for i in items if FIXTURE in getattr(i, "fixturenames", ())]
@@ -90,7 +91,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not marked or IN_GUEST:
         return
     mode = config.getoption("offload_vm")
-    lacks = host_lacks() if mode != "always" else "--offload-vm=always"
+    lacks = host_lacks() if mode != "always" else "not used (--offload-vm=always)"
     if lacks is None:
         return
     vm_problem = "--offload-vm=never" if mode == "never" else vm.unavailable()

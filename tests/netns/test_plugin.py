@@ -188,6 +188,29 @@ def test_needs_offload(netlab):
         res.stdout.fnmatch_lines([reason])
 
 
+def test_deselected_vm_tests_are_not_planned(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-k` runs first: a deselected offload_vm test neither boots a VM nor stops the run."""
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.offload_vm
+def test_needs_offload(netlab):
+    pass
+
+def test_plain():
+    pass
+"""
+    )
+    monkeypatch.setenv("PATH", "/nonexistent")  # no VM possible: require would stop the run
+    res = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-k", "plain", "--offload-vm=require"
+    )
+    res.assert_outcomes(passed=1, deselected=1)
+
+
 def test_not_root_is_one_clear_line(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_lab="def test_lab(netlab): pass")
     # pytester's own directory is closed to other users: copy the test somewhere open.
