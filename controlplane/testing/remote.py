@@ -1,11 +1,15 @@
 """Running marked tests inside the VM and reporting them as if they had run here.
 
-The VM acts like a pytest-xdist worker: the guest runs ``pytest -p offloadctl NODEIDS
+The VM acts like a pytest-xdist worker: the guest runs ``pytest -p offloadctl TESTS
 --offloadctl-report FILE`` (same interpreter, same checkout: the guest's root is the
 host's), writes every test report it makes as a JSON line (pytest's own
 ``pytest_report_to_serializable``), and the host replays them through its own reporting
 hooks, so the terminal, ``-x`` and ``--junitxml`` see ordinary results. One boot runs every
 marked test of the session (one per test under xdist: a worker does not know its share).
+
+A test travels by its key, ``/absolute/file.py::Class::test[param]``: a valid argument for
+the guest's pytest, and the same on both sides even where node ids are not (a test file
+outside the rootdir gets an id relative to the command-line argument that found it).
 """
 
 from __future__ import annotations
@@ -21,16 +25,27 @@ import pytest
 from controlplane.testing import vm
 
 
+def key(item: pytest.Item) -> str:
+    _, sep, inside = item.nodeid.partition("::")
+    return f"{item.path}::{inside}" if sep else str(item.path)
+
+
 class ReportWriter:
     """Guest side: one JSON line per report (setup, call, teardown of every test)."""
 
     def __init__(self, config: pytest.Config, path: str) -> None:
         self.config, self.path = config, path
+        self.keys: dict[str, str] = {}
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        self.keys = {item.nodeid: key(item) for item in items}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        line = {"key": self.keys.get(report.nodeid, report.nodeid), "report": data}
         with open(self.path, "a") as f:
-            f.write(json.dumps(data, default=str) + "\n")
+            f.write(json.dumps(line, default=str) + "\n")
 
 
 class RemoteRun:
@@ -38,52 +53,50 @@ class RemoteRun:
 
     def __init__(self, config: pytest.Config, items: list[pytest.Item], timeout: float) -> None:
         self.config = config
-        self.pending = {item.nodeid: item for item in items}
         self.timeout = timeout
+        self.mine = {item.nodeid for item in items}
+        self.pending = [key(item) for item in items]
         self.reports: dict[str, list[Any]] = {}
         self.failure: dict[str, str] = {}
         self._runs = 0
 
     def __contains__(self, item: pytest.Item) -> bool:
-        return item.nodeid in self.pending or item.nodeid in self.reports
+        return item.nodeid in self.mine
 
     def replay(self, item: pytest.Item) -> None:
-        if item.nodeid not in self.reports and item.nodeid not in self.failure:
+        k = key(item)
+        if k not in self.reports and k not in self.failure:
             xdist_worker = hasattr(self.config, "workerinput")
-            batch = [item.nodeid] if xdist_worker else list(self.pending)
-            self._run(batch)
+            self._run([k] if xdist_worker else self.pending)
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        reports = self.reports.get(item.nodeid)
+        reports = self.reports.get(k)
         if not reports:
-            why = self.failure.get(item.nodeid, "the VM run did not report this test")
-            reports = [
-                pytest.TestReport(item.nodeid, item.location, {}, "failed", why, "setup"),
-            ]
+            why = self.failure.get(k, "the VM run did not report this test")
+            reports = [pytest.TestReport(item.nodeid, item.location, {}, "failed", why, "setup")]
         for report in reports:
+            report.nodeid = item.nodeid  # the host's id, for -x, --lf and the summary
             ihook.pytest_runtest_logreport(report=report)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
-    def _run(self, nodeids: list[str]) -> None:
-        for nodeid in nodeids:
-            self.pending.pop(nodeid, None)
+    def _run(self, keys: list[str]) -> None:
+        self.pending = [k for k in self.pending if k not in keys]
         self._runs += 1
         results = vm.default_cache_dir() / "results" / f"pytest-{os.getpid()}-{self._runs}"
         results.mkdir(parents=True, exist_ok=True)
         report_file = results / "reports.jsonl"
         report_file.unlink(missing_ok=True)
-        root = self.config.rootpath
         command = [
             sys.executable, "-m", "pytest", "-p", "offloadctl", "-p", "no:cacheprovider",
-            "-q", "--rootdir", str(root), "--offloadctl-report", str(report_file),
+            "-q", "--rootdir", str(self.config.rootpath),
+            "--offloadctl-report", str(report_file),
         ]  # fmt: skip
         if self.config.inipath is not None:
             command += ["-c", str(self.config.inipath)]
-        command += [f"{root}/{nodeid}" for nodeid in nodeids]
         console = results / vm.CONSOLE_LOG
-        self._note(f"running {len(nodeids)} test(s) in the VM (console: {console})")
+        self._note(f"running {len(keys)} test(s) in the VM (console: {console})")
         cfg = vm.RunConfig(
-            command=command,
+            command=[*command, *keys],
             results=results,
             cwd=Path(self.config.invocation_params.dir),
             timeout=self.timeout,
@@ -94,19 +107,20 @@ class RemoteRun:
         except vm.VMError as exc:
             status = str(exc)
         if report_file.exists():
-            for line in report_file.read_text().splitlines():
-                data = json.loads(line)
+            for text in report_file.read_text().splitlines():
+                line = json.loads(text)
                 rep = self.config.hook.pytest_report_from_serializable(
-                    config=self.config, data=data
+                    config=self.config, data=line["report"]
                 )
                 if isinstance(rep, pytest.TestReport):
-                    self.reports.setdefault(rep.nodeid, []).append(rep)
+                    self.reports.setdefault(line["key"], []).append(rep)
+        why = f"exit status {status}" if isinstance(status, int) else f"the runner: {status}"
         tail = _tail(console)
-        for nodeid in nodeids:
-            if nodeid not in self.reports:
-                self.failure[nodeid] = (
-                    f"offload_vm: the VM run ended without a result for this test "
-                    f"(exit status {status}); last console lines ({console}):\n{tail}"
+        for k in keys:
+            if k not in self.reports:
+                self.failure[k] = (
+                    f"offload_vm: the VM run ended without a result for this test ({why});"
+                    f" last console lines ({console}):\n{tail}"
                 )
 
     def _note(self, text: str) -> None:

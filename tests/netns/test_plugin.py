@@ -188,6 +188,30 @@ def test_needs_offload(netlab):
         res.stdout.fnmatch_lines([reason])
 
 
+def test_a_vm_that_cannot_run_fails_the_tests_it_was_given(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The VM runner refuses before booting (a cache path with a space): each test sent
+    there fails with the runner's reason; none falls back to running on the host."""
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.offload_vm
+@pytest.mark.parametrize("n", [1, 2])
+def test_needs_offload(netlab, n):
+    raise AssertionError("ran on the host")
+"""
+    )
+    monkeypatch.setenv("OFFLOADCTL_VM_CACHE", str(tmp_path / "with space"))
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--offload-vm=always")
+    res.assert_outcomes(errors=2)
+    res.stdout.fnmatch_lines(
+        ["*the VM run ended without a result*(the runner: *path must not contain whitespace*"]
+    )
+    res.stdout.no_fnmatch_line("*ran on the host*")
+
+
 def test_deselected_vm_tests_are_not_planned(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
