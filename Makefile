@@ -3,11 +3,19 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
+UV    := $(VENV)/bin/uv
 export BCC_KERNEL_SOURCE := $(CURDIR)/build/kernel-headers
 
-.PHONY: setup lint typecheck unit netns vm-test example-test vm-stress test demo bench bench-host bench-vm clean
+.PHONY: setup lock lint typecheck unit netns vm-test example-test vm-stress test demo bench bench-host bench-vm clean
 
 setup:
+	@bash scripts/setup.sh
+
+# Re-resolve uv.lock on purpose (after editing pyproject.toml; LOCK_ARGS=--upgrade to move every
+# pin), re-export uv's own hash-pinned bootstrap file from it, then install the new lock.
+lock: setup
+	$(UV) lock $(LOCK_ARGS)
+	$(UV) export --frozen --quiet --only-group uv --no-emit-project -o packaging/uv-requirements.txt
 	@bash scripts/setup.sh
 
 lint: setup
@@ -68,6 +76,16 @@ bench-vm: setup
 	    $(CURDIR)/$(PY) vm-tests/bench_invalidation_vm.py --runs 5
 	$(PY) vm-tests/run --results build/vm-bench-agent -- \
 	    $(CURDIR)/$(PY) bench/bench_agent.py --join-latency 100
+
+.PHONY: deb package-check
+
+# build/offloadctl_VERSION_ARCH.deb: the app in a private venv under /opt/offloadctl.
+deb: setup
+	bash packaging/deb/build.sh
+
+# Installs the .deb on this machine (root), runs and verifies it, then purges it.
+package-check: deb
+	bash packaging/deb/check.sh
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache
