@@ -71,6 +71,10 @@ class _Conn:
         if target[1] == 0:
             self.target = (target[0], self._srv.getsockname()[1])
         self._cli = self._open(client_ns, target[0])
+        self._connect()
+
+    def _connect(self) -> None:
+        raise NotImplementedError
 
     def _open(self, netns: str, addr: str) -> socket.socket:
         sock = _socket(netns, _family(addr), self.kind)
@@ -101,10 +105,7 @@ class TcpConn(_Conn):
     proto: Literal["tcp", "udp"] = "tcp"
     kind = socket.SOCK_STREAM
 
-    def __init__(
-        self, client_ns: str, server_ns: str, target: Endpoint, listen: Endpoint, timeout: float
-    ) -> None:
-        super().__init__(client_ns, server_ns, target, listen, timeout)
+    def _connect(self) -> None:
         self._srv.listen(1)
         try:
             self._cli.connect(self.target)
@@ -112,8 +113,8 @@ class TcpConn(_Conn):
         except OSError as exc:
             self.close()
             t = self.target
-            raise TrafficError(f"tcp from {client_ns} to {t[0]}:{t[1]}: {exc!r}") from None
-        conn.settimeout(timeout)
+            raise TrafficError(f"tcp from {self.client_ns} to {t[0]}:{t[1]}: {exc!r}") from None
+        conn.settimeout(self.timeout)
         self._sockets.append(conn)
         self._conn = conn
         self.client = self._cli.getsockname()[:2]
@@ -178,10 +179,7 @@ class UdpConn(_Conn):
     proto: Literal["tcp", "udp"] = "udp"
     kind = socket.SOCK_DGRAM
 
-    def __init__(
-        self, client_ns: str, server_ns: str, target: Endpoint, listen: Endpoint, timeout: float
-    ) -> None:
-        super().__init__(client_ns, server_ns, target, listen, timeout)
+    def _connect(self) -> None:
         self._cli.connect(self.target)
         self.client = self._cli.getsockname()[:2]
         self.server = self._srv.getsockname()[:2]
