@@ -9,6 +9,7 @@ error class's code; there is never a traceback.
 from __future__ import annotations
 
 import os
+import signal
 
 import typer
 
@@ -235,3 +236,78 @@ def receive(
                 else:
                     typer.echo(f"pid {r.pid}: refused: {r.error}", err=True)
             served += 1
+
+
+def _signal_number(text: str) -> int:
+    name = text.upper()
+    try:
+        if name.isdigit():
+            return int(signal.Signals(int(name)))
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except (KeyError, ValueError):
+        raise ConfigError(
+            [ConfigIssue("--stop-signal", f"{text!r} is not a signal name or number")]
+        ) from None
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+)
+@handles_errors
+def exec_(
+    name: str = NameOpt,
+    listen: list[str] = typer.Option(
+        ..., "--listen", "-l", help="[NAME=]ADDR:PORT, IPv6 as [ADDR]:PORT; repeatable"
+    ),
+    cmd: list[str] = typer.Argument(..., help="the server and its arguments, after '--'"),
+    ready_after: float | None = typer.Option(
+        None,
+        min=0,
+        help="activate after this many seconds even without READY=1 (servers without sd_notify)",
+        show_default=False,
+    ),
+    ready_timeout: float = typer.Option(
+        90.0, min=0, help="give up a start that is not ready by then (the old one keeps serving)"
+    ),
+    stop_signal: str = typer.Option("TERM", help="signal that asks the old CMD to stop"),
+    stop_timeout: float = typer.Option(
+        90.0, min=0, help="SIGKILL an old CMD still running this long after the stop signal"
+    ),
+    backlog: int = typer.Option(4096, min=1, help="listen() backlog"),
+    detach: bool = typer.Option(
+        False, help="return once the new generation is active and leave it running (ExecReload=)"
+    ),
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Run CMD as the next generation of the group, with socket activation.
+
+    Opens the listeners, registers them as the group's next generation and
+    starts CMD with them (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). When CMD
+    sends READY=1 to the NOTIFY_SOCKET it is given (or --ready-after passed),
+    the generation is activated and the previous 'exec' of the group retires
+    its listeners, so its queued connections migrate here, and stops its CMD.
+    Exits with CMD's status.
+    """
+    from controlplane.agent import reuseport_exec
+    from controlplane.core.socket_activation import ListenSpec
+
+    opts = reuseport_exec.ExecOptions(
+        name=name,
+        listens=tuple(ListenSpec.parse(text) for text in listen),
+        argv=tuple(cmd),
+        netns=netns,
+        bpffs=bpffs,
+        backlog=backlog,
+        ready_after=ready_after,
+        ready_timeout=ready_timeout,
+        stop_signal=_signal_number(stop_signal),
+        stop_timeout=stop_timeout,
+    )
+    if detach:
+        generation, code = reuseport_exec.run_detached(opts)
+        if generation:
+            typer.echo(f"generation {generation} of group {name!r} active")
+        raise typer.Exit(code)
+    raise typer.Exit(reuseport_exec.run(opts))
