@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -161,14 +162,13 @@ def watch(
             source=str(config),
         )
     _require_netns(netns)
+    from controlplane.agent.logs import journald_is_sink, line
     from controlplane.service.invalidation import InvalidationService
 
+    stamp = not journald_is_sink(sys.stdout)  # the agent's format: logfmt or JSON, with ts
+
     def emit(record: dict[str, Any]) -> None:
-        if as_json:
-            line = json.dumps(record, sort_keys=True, default=str)
-        else:
-            line = " ".join(f"{k}={v}" for k, v in record.items())
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(line(record, "json" if as_json else "plain", time.time(), stamp) + "\n")
         sys.stdout.flush()
 
     service = InvalidationService(
@@ -187,11 +187,11 @@ def watch(
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         service.start()
-        emit({"kind": "ready", "netns": netns or "", "dry_run": dry_run})
+        emit({"event": "ready", "netns": netns or "host", "dry_run": dry_run})
         while not stopping:
             service.step(timeout=1.0)
     finally:
         service.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    emit({"kind": "stopped", "signal": signal.Signals(stopping[0]).name if stopping else ""})
+    emit({"event": "stopped", "signal": signal.Signals(stopping[0]).name if stopping else ""})

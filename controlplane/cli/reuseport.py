@@ -32,7 +32,9 @@ NetnsOpt = typer.Option(
 BpffsOpt = typer.Option(
     bpf_loader.DEFAULT_BPFFS, "--bpffs", envvar="OFFLOADCTL_BPFFS", help="bpffs mount point"
 )
-GenerationOpt = typer.Option(..., "--generation", "-g", min=1, max=2**32 - 1)
+GenerationOpt = typer.Option(
+    ..., "--generation", "-g", min=1, max=2**32 - 1, help="generation number (1 and up)"
+)
 
 
 def _open(name: str, netns: str | None, bpffs: str) -> ReuseportGroup:
@@ -45,9 +47,13 @@ def load(
     name: str = NameOpt,
     netns: str | None = NetnsOpt,
     bpffs: str = BpffsOpt,
-    max_listeners: int = typer.Option(64, min=1, max=bpf_loader.MAX_CAPACITY),
+    max_listeners: int = typer.Option(
+        64, min=1, max=bpf_loader.MAX_CAPACITY, help="listener slots of the group's sockarray"
+    ),
     drop_when_no_target: bool = typer.Option(
-        False, help="reset migrating connections when no active generation has a listener"
+        False,
+        "--drop-when-no-target",
+        help="reset migrating connections when no active generation has a listener",
     ),
 ) -> None:
     """Compile the program, create the maps and pin them.
@@ -180,6 +186,21 @@ def _report_stale(paths: tuple[str, ...]) -> None:
         typer.echo(f"removed {path}, left by a load that died", err=True)
 
 
+def listener_error(mine: int, fd: int, pid: int) -> str | None:
+    """Why our copy ``mine`` of fd ``fd`` of process ``pid`` cannot be registered,
+    naming the fd the user gave (not our copy's number), or None."""
+    from controlplane.kernel.bpf.syscall import listener_problem
+
+    problem = listener_problem(mine)
+    if problem is None:
+        return None
+    theirs = f"fd {fd} of pid {pid}"
+    ours = f"fd {mine} "
+    return (
+        theirs + " " + problem[len(ours) :] if problem.startswith(ours) else f"{theirs}: {problem}"
+    )
+
+
 @app.command()
 @handles_errors
 def adopt(
@@ -196,6 +217,9 @@ def adopt(
     with _open(name, netns, bpffs) as group:
         mine = take_fd(pid, fd)
         try:
+            problem = listener_error(mine, fd, pid)
+            if problem is not None:
+                raise ConfigError([ConfigIssue("--fd", problem)])
             slot = group.register(mine, generation)
         finally:
             os.close(mine)
