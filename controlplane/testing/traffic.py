@@ -209,6 +209,9 @@ class UdpConn(_Conn):
 # --------------------------------------------------------------------------- capture
 
 ETH_P_ALL = 0x0003
+SO_RCVBUFFORCE = 33
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
 _VLAN_TPIDS = (0x8100, 0x88A8)
 
 
@@ -263,9 +266,12 @@ class Capture:
     def __init__(self, netns: str, dev: str) -> None:
         self.netns, self.dev = netns, dev
         self.packets: dict[Packet, int] = {}
+        self.dropped = 0  # frames the kernel could not queue for us (known at close)
         self._stop = threading.Event()
         with entered(netns):
             self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        # A GSO frame's whole size counts against the buffer: the default holds a handful.
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
         self._sock.bind((dev, ETH_P_ALL))
         self._sock.settimeout(0.05)
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"capture-{dev}")
@@ -295,7 +301,13 @@ class Capture:
         dport: int | None = None,
         proto: str | None = None,
     ) -> int:
-        """How many packets matched every given field."""
+        """How many packets matched every given field; AssertionError if the kernel
+        dropped frames of this capture (a count would then be a guess)."""
+        if self.dropped:
+            raise AssertionError(
+                f"capture on {self.dev} in {self.netns}: the kernel dropped {self.dropped} "
+                "frames, so what it saw is incomplete"
+            )
         want = {"src": src, "dst": dst, "sport": sport, "dport": dport, "proto": proto}
         return sum(
             n
@@ -306,6 +318,9 @@ class Capture:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._sock.fileno() >= 0:
+            stats = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+            self.dropped += struct.unpack("II", stats)[1]  # tp_packets, tp_drops
         self._sock.close()
 
     def __enter__(self) -> Capture:
