@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 UV    := $(VENV)/bin/uv
 export BCC_KERNEL_SOURCE := $(CURDIR)/build/kernel-headers
 
-.PHONY: setup lock lint typecheck unit netns vm-test example-test vm-stress test demo bench bench-host bench-vm clean
+.PHONY: setup lock lint typecheck unit netns fuzz vm-test example-test vm-stress test demo bench bench-host bench-vm clean
 
 setup:
 	@bash scripts/setup.sh
@@ -37,6 +37,13 @@ unit: setup
 netns: setup
 	$(PY) -m pytest -q tests/netns --offload-vm=never
 
+# Not part of `make test` (the unit suite runs each target a few seconds): the
+# fuzzing targets of tests/unit/test_fuzz.py with many more random inputs each
+# (FUZZ_EXAMPLES per target, default 5,000: about 5 minutes in all on a loaded machine).
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	OFFLOADCTL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_fuzz.py
+
 vm-test: setup
 	$(PY) vm-tests/run --timeout 2700 --results build/vm-results -- $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider vm-tests/suite -o junit_logging=system-out --junitxml=build/vm-results/junit.xml
 
@@ -66,6 +73,7 @@ bench-host: setup
 	$(PY) bench/bench_cli.py
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_invalidation.py
 	$(PY) bench/bench_agent.py
 	$(PY) bench/bench_reuseport.py
