@@ -1,16 +1,19 @@
-"""Fixtures for tests against the real host kernel: one fresh namespace per test."""
+"""Tests against the real host kernel: thin over the offloadctl pytest plugin
+(``controlplane.testing``), which makes and deletes the namespaces."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import pytest
 
 from controlplane.core.flowpath import Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
+from controlplane.testing import NetLab, Netns, Topology, Veth, sh
+from controlplane.testing.plugin import NOT_ROOT
+
+__all__ = ["sh"]
 
 pytestmark = pytest.mark.netns
 
@@ -21,39 +24,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if os.geteuid() != 0:
         # These tests prove behaviour against a real kernel; without root they
         # would prove nothing, so fail loudly instead of skipping.
-        raise pytest.UsageError("tests/netns needs root (it creates network namespaces)")
-
-
-def sh(*args: str, netns: str | None = None, check: bool = True) -> str:
-    cmd = list(args)
-    if netns is not None:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res.stdout
+        raise pytest.UsageError(NOT_ROOT)
 
 
 @pytest.fixture
-def make_netns() -> Iterator[Callable[[], str]]:
+def make_netns(netlab: NetLab) -> Callable[[], str]:
     """Factory for fresh namespaces (lo up), all deleted after the test."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"cpt-{uuid.uuid4().hex[:8]}"
-        sh("ip", "netns", "add", name)
-        created.append(name)
-        sh("ip", "link", "set", "lo", "up", netns=name)
-        return name
-
-    yield make
-    for name in created:
-        sh("ip", "netns", "del", name, check=False)
+    return netlab.namespace
 
 
 @pytest.fixture
-def netns(make_netns: Callable[[], str]) -> str:
-    return make_netns()
+def netns(netlab: NetLab) -> str:
+    return netlab.namespace()
+
+
+# A namespace with one veth pair, wan0 <-> lan0: enough devices for a NAT config.
+ROUTER = Topology(namespaces={"router": Netns()}, links=[Veth("router:wan0", "router:lan0")])
+
+
+@pytest.fixture
+def router(netlab: NetLab) -> str:
+    return netlab.build(ROUTER).ns("router")
 
 
 def create_without_events(netns: str, entries: Iterable[tuple[Flow, int]]) -> int:

@@ -31,10 +31,12 @@ from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED
 from controlplane.errors import EnvironmentProblem
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from controlplane.kernel.ctnetlink.events import CtEvents
-from tests.netns.conftest import sh
+from tests.netns.conftest import router, sh
 from tests.netns.test_teardown import CLIENT, PORT_ZONE, SERVER, Lab, lab
 
-__all__ = ["lab"]  # the fixture, imported for pytest
+# Fixtures, imported for pytest; `router` (conftest's) also for the modules that import it
+# from here.
+__all__ = ["lab", "router"]
 
 OFFLOADCTL = [sys.executable, "-m", "controlplane.cli"]
 NAT = {"version": 1, "nat": {"masquerade": [{"oifname": "wan0", "saddr": ["10.0.1.0/24"]}]}}
@@ -122,12 +124,6 @@ class AgentProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def router(netns: str) -> str:
-    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "lan0", netns=netns)
-    return netns
 
 
 @pytest.fixture

@@ -24,12 +24,11 @@ from tests.netns.test_agent import (
     AgentProc,
     agents,
     make_agent,
-    router,
     rundir,
     wait_for,
 )
 
-__all__ = ["agents", "make_agent", "router", "rundir"]  # fixtures, imported for pytest
+__all__ = ["agents", "make_agent", "rundir"]  # fixtures, imported for pytest (router: conftest)
 
 
 def free_port() -> int:

@@ -45,12 +45,6 @@ def run(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess[str
     return res
 
 
-@pytest.fixture
-def router(netns: str) -> str:
-    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "lan0", netns=netns)
-    return netns
-
-
 def write(tmp_path: Path, data: dict[str, object], name: str = "c.yaml") -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(data))

@@ -20,21 +20,26 @@ from controlplane.core.render import device_sets, render
 from controlplane.errors import EnvironmentProblem
 from controlplane.kernel.rtnl.facts import gather_facts
 from controlplane.loader import load_config, parse_config
+from controlplane.testing import Bridge, NetLab, Netns, Topology, Veth
 from tests.netns.conftest import sh
 
 EXAMPLES = Path(__file__).parents[2] / "nft" / "examples"
 
 
-def _bridge(ns: str) -> None:
-    sh("ip", "link", "add", "br0", "type", "bridge", netns=ns)
-    for port in ("p1", "p2"):
-        sh("ip", "link", "add", port, "type", "veth", "peer", "name", f"{port}x", netns=ns)
-        sh("ip", "link", "set", port, "master", "br0", netns=ns)
-    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan0x", netns=ns)
+BRIDGE = Topology(
+    namespaces={"ns": Netns(bridges=[Bridge("br0", ports=["p1", "p2"])])},
+    links=[Veth(f"ns:{dev}", f"ns:{dev}x") for dev in ("p1", "p2", "wan0")],
+)
 
 
-def test_bridge_ports_and_listed_devices(netns: str) -> None:
-    _bridge(netns)
+@pytest.fixture
+def bridged(netlab: NetLab) -> str:
+    """br0 with ports p1, p2 (veths to p1x, p2x), and wan0 (to wan0x)."""
+    return netlab.build(BRIDGE).ns("ns")
+
+
+def test_bridge_ports_and_listed_devices(bridged: str) -> None:
+    netns = bridged
     cfg = parse_config(
         {"version": 1, "flowtables": [{"name": "ft", "devices": ["wan0"], "bridges": ["br0"]}]}
     )
@@ -48,8 +53,8 @@ def test_bridge_ports_and_listed_devices(netns: str) -> None:
     assert "  p1    (port of bridge br0)" in explain([ds])
 
 
-def test_missing_or_wrong_bridge_is_an_environment_problem(netns: str) -> None:
-    _bridge(netns)
+def test_missing_or_wrong_bridge_is_an_environment_problem(bridged: str) -> None:
+    netns = bridged
     for bridge, why in (("nope0", "no such device"), ("wan0", "not a bridge")):
         cfg = parse_config(
             {"version": 1, "flowtables": [{"name": "ft", "devices": [], "bridges": [bridge]}]}
@@ -79,10 +84,10 @@ def test_json_and_text_load_the_same_rules(make_netns: Callable[[], str], exampl
     assert "ct status 0x4000 counter name iifname map" in by_text
 
 
-def test_listed_bridge_port_is_counted_as_its_bridge(netns: str) -> None:
+def test_listed_bridge_port_is_counted_as_its_bridge(bridged: str) -> None:
     """A port listed by name: the facts carry its master, so its classic-path
     packets are counted under the bridge (what the forward hook sees)."""
-    _bridge(netns)
+    netns = bridged
     cfg = parse_config({"version": 1, "flowtables": [{"name": "ft", "devices": ["p1", "wan0"]}]})
     (ds,) = device_sets(cfg, gather_facts(cfg, netns))
     assert dict(ds.ingress) == {"br0": ("p1",), "wan0": ("wan0",)}

@@ -16,7 +16,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -27,7 +27,7 @@ from controlplane.kernel.ctnetlink.events import CtChange, CtEvents
 from controlplane.kernel.ctnetlink.teardown import teardown_flows_via
 from controlplane.kernel.netns import entered
 from controlplane.kernel.rtnl.topology import bridge_ports, link_names, snapshot
-from tests.netns.conftest import sh
+from controlplane.testing import Bridge, NetLab, Netns, Route, Topology, Veth, sh
 
 SERVER = "192.0.2.2"
 WAN_ADDR = "192.0.2.1"
@@ -83,25 +83,30 @@ def _serve(listener: socket.socket) -> None:
         threading.Thread(target=_echo, args=(conn,), daemon=True).start()
 
 
+def _client(addr: str) -> Netns:
+    return Netns(addresses={"eth0": f"{addr}/24"}, routes=[Route("default", "10.0.1.1")])
+
+
+TOPOLOGY = Topology(
+    namespaces={
+        "r": Netns(
+            forwarding=True,
+            bridges=[Bridge("br0", ports=["p1", "p2"])],
+            addresses={"br0": "10.0.1.1/24", "wan": f"{WAN_ADDR}/24"},
+        ),
+        "a": _client(CLIENT["A"]),
+        "b": _client(CLIENT["B"]),
+        "s": Netns(addresses={"eth0": f"{SERVER}/24"}),
+    },
+    links=[Veth("r:p1", "a:eth0"), Veth("r:p2", "b:eth0"), Veth("r:wan", "s:eth0")],
+)
+
+
 @pytest.fixture
-def lab(make_netns: Callable[[], str]) -> Iterator[Lab]:
-    r, a, b, s = make_netns(), make_netns(), make_netns(), make_netns()
-    sh("ip", "-n", r, "link", "add", "br0", "type", "bridge")
-    for name, (ns, addr) in {"p1": (a, CLIENT["A"]), "p2": (b, CLIENT["B"])}.items():
-        sh("ip", "-n", r, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "-n", r, "link", "set", name, "master", "br0", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "route", "add", "default", "via", "10.0.1.1")
-    sh("ip", "-n", r, "addr", "add", "10.0.1.1/24", "dev", "br0")
-    sh("ip", "-n", r, "link", "set", "br0", "up")
-    sh("ip", "-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "eth0", "netns", s)
-    sh("ip", "-n", r, "addr", "add", f"{WAN_ADDR}/24", "dev", "wan")
-    sh("ip", "-n", r, "link", "set", "wan", "up")
-    sh("ip", "-n", s, "addr", "add", f"{SERVER}/24", "dev", "eth0")
-    sh("ip", "-n", s, "link", "set", "eth0", "up")
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=r)
-    _nft(r, RULESET)
+def lab(netlab: NetLab) -> Iterator[Lab]:
+    built = netlab.build(TOPOLOGY)
+    r, a, b, s = (built.ns(role) for role in ("r", "a", "b", "s"))
+    sh("nft", "-f", "-", netns=r, input=RULESET)
 
     listeners = []
     with entered(s):
@@ -124,16 +129,6 @@ def lab(make_netns: Callable[[], str]) -> Iterator[Lab]:
             conn.close()
         for listener in listeners:
             listener.close()
-
-
-def _nft(netns: str, ruleset: str) -> None:
-    path = f"/tmp/cpt-{netns}.nft"
-    with open(path, "w") as f:
-        f.write(ruleset)
-    try:
-        sh("nft", "-f", path, netns=netns)
-    finally:
-        os.unlink(path)
 
 
 _CT_LINE = re.compile(r"src=(\S+) dst=\S+ sport=(\d+) dport=(\d+) .*?(?:zone=(\d+))?\s*use=")

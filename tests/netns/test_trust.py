@@ -68,12 +68,6 @@ PAYLOADS = [
 ]
 
 
-@pytest.fixture
-def router(netns: str) -> str:
-    sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "lan0", netns=netns)
-    return netns
-
-
 def write(tmp_path: Path, data: object, name: str = "c.yaml") -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(data))

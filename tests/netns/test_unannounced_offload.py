@@ -24,6 +24,7 @@ from controlplane.core import events as ev
 from controlplane.core.flowpath import CtTuple, Family, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.service.invalidation import InvalidationService
+from controlplane.testing import Bridge, NetLab, Netns, Topology, Veth
 from tests.netns.conftest import sh
 
 A_MAC = "02:00:00:00:00:0a"
@@ -35,21 +36,22 @@ FLOW = Flow(
 )
 
 
+ROUTER = Topology(
+    namespaces={
+        "r": Netns(
+            bridges=[Bridge("br0", ports=["pa", "pb"])],
+            addresses={"br0": "10.0.1.1/24", "wan0": "10.0.2.1/24"},
+        )
+    },
+    links=[Veth(f"r:{dev}", f"r:{dev}-x") for dev in ("pa", "pb", "wan0")],
+)
+
+
 @pytest.fixture
-def router(make_netns: Callable[[], str]) -> str:
+def router(netlab: NetLab) -> str:
     """br0 (10.0.1.1/24) with ports pa, pb; wan0 (10.0.2.1/24); A's neighbour and FDB
     entries on pa."""
-    ns = make_netns()
-    for dev in ("pa", "pb", "wan0"):
-        sh("ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}-x", netns=ns)
-        sh("ip", "link", "set", f"{dev}-x", "up", netns=ns)
-    sh("ip", "link", "add", "br0", "type", "bridge", netns=ns)
-    for port in ("pa", "pb"):
-        sh("ip", "link", "set", port, "master", "br0", "up", netns=ns)
-    sh("ip", "link", "set", "br0", "up", netns=ns)
-    sh("ip", "addr", "add", "10.0.1.1/24", "dev", "br0", netns=ns)
-    sh("ip", "addr", "add", "10.0.2.1/24", "dev", "wan0", netns=ns)
-    sh("ip", "link", "set", "wan0", "up", netns=ns)
+    ns = netlab.build(ROUTER).ns("r")
     sh("ip", "neigh", "replace", "10.0.1.2", "lladdr", A_MAC, "dev", "br0", "nud", "permanent",
        netns=ns)  # fmt: skip
     sh("bridge", "fdb", "replace", A_MAC, "dev", "pa", "master", "static", netns=ns)

@@ -21,6 +21,7 @@ import pytest
 from controlplane.core import events as ev
 from controlplane.kernel.netlink import SOL_NETLINK
 from controlplane.kernel.rtnl.watcher import Watcher
+from controlplane.testing import Bridge, NetLab, Netns, Topology, Veth
 from tests.netns.conftest import sh
 
 MAC = "02:00:00:00:aa:01"
@@ -32,16 +33,17 @@ def _ifindex(netns: str, name: str) -> int:
     return int(sh("cat", f"/sys/class/net/{name}/ifindex", netns=netns))
 
 
+BRIDGE = Topology(
+    namespaces={
+        "ns": Netns(bridges=[Bridge("br0", ports=["p1", "p2"])], addresses={"br0": "10.0.1.1/24"})
+    },
+    links=[Veth("ns:p1", "ns:q1"), Veth("ns:p2", "ns:q2")],
+)
+
+
 @pytest.fixture
-def bridge_ns(netns: str) -> str:
-    sh("ip", "-n", netns, "link", "add", "br0", "type", "bridge")
-    for port, peer in (("p1", "q1"), ("p2", "q2")):
-        sh("ip", "-n", netns, "link", "add", port, "type", "veth", "peer", "name", peer)
-        sh("ip", "-n", netns, "link", "set", port, "master", "br0", "up")
-        sh("ip", "-n", netns, "link", "set", peer, "up")
-    sh("ip", "-n", netns, "addr", "add", "10.0.1.1/24", "dev", "br0")
-    sh("ip", "-n", netns, "link", "set", "br0", "up")
-    return netns
+def bridge_ns(netlab: NetLab) -> str:
+    return netlab.build(BRIDGE).ns("ns")
 
 
 @pytest.fixture

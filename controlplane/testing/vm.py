@@ -1,16 +1,19 @@
 """Boot a command in a throw-away QEMU VM running Debian's stock kernel.
 
-Stdlib only. Used by ``vm-tests/run``; see ``vm-tests/README.md``.
+Stdlib only. The runner behind ``vm-tests/run`` (the project's VM suite) and behind the
+pytest plugin's ``offload_vm`` marker (``controlplane.testing``), so a user's checkout can run
+it too: ``python -m controlplane.testing.vm -- CMD``. See ``vm-tests/README.md``.
 
 How it works, in short:
 
-* the compressed ``/boot/vmlinuz-*-amd64`` is decompressed once into ``build/vm/`` (an ELF
+* the compressed ``/boot/vmlinuz-*-amd64`` is decompressed once into the cache directory (an ELF
   ``vmlinux`` that QEMU boots through PVH: saves ~3.5 s of TCG time per boot);
-* a tiny busybox initramfs (``vm-tests/initramfs/``) is built once and rebuilt when any of its
-  inputs change; it loads the virtio/9p/overlay modules, mounts the host ``/`` read-only over
-  virtio-9p with a tmpfs overlay on top, mounts the results directory read-write at the same
-  absolute path as on the host, and ``switch_root``s into a stage-2 init that runs the job;
-* the job (cwd, environment, command) is a shell script written into ``build/vm/`` before boot;
+* a tiny busybox initramfs (``INIT_SCRIPT``, ``STAGE2_SCRIPT`` below) is built once and
+  rebuilt when any of its inputs change; it loads the virtio/9p/overlay modules, mounts the
+  host ``/`` read-only over virtio-9p with a tmpfs overlay on top, mounts the results
+  directory read-write at the same absolute path as on the host, and ``switch_root``s into a
+  stage-2 init that runs the job;
+* the job (cwd, environment, command) is a shell script written into the cache directory;
   the guest sees it through the read-only root share;
 * the guest writes the command's exit status to ``RESULTS/exit-status``; no such file means
   the VM itself failed.
@@ -42,10 +45,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-INITRAMFS_SRC = HERE / "initramfs"
-BUILD_DIR = REPO / "build" / "vm"
+
+def default_cache_dir() -> Path:
+    """Where the decompressed kernel, the initramfs and the job script live between runs:
+    ``$OFFLOADCTL_VM_CACHE``, else ``~/.cache/offloadctl/vm`` (the guest reads the job
+    script through the host's root share, so it must not be under ``/run``)."""
+    env = os.environ.get("OFFLOADCTL_VM_CACHE")
+    if env:
+        return Path(env).resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).resolve() / "offloadctl" / "vm"
+
 
 QEMU = "qemu-system-x86_64"
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -77,6 +87,85 @@ CONSOLE_LOG = "console.log"
 READY_MARK = "@@VMTEST-READY"
 EXIT_MARK = "@@VMTEST-EXIT"
 
+# Stage 1 and stage 2 of the guest's init, kept here so that an installed package (no
+# source tree) carries them.
+INIT_SCRIPT = r"""#!/bin/sh
+# Stage 1 (busybox, in the initramfs): mount the host's / read-only over virtio-9p with a
+# tmpfs overlay on top, mount the results share at its host path, switch_root to stage 2.
+export PATH=/bin
+fail() {
+    echo "vmtest-init: $*"
+    echo o > /proc/sysrq-trigger
+    reboot -f
+}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /modules); do
+    insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
+done
+RESULTS=
+JOB=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vmtest_results=*) RESULTS="${arg#*=}" ;;
+        vmtest_job=*) JOB="${arg#*=}" ;;
+    esac
+done
+[ -n "$RESULTS" ] && [ -n "$JOB" ] || fail "vmtest_results= or vmtest_job= missing"
+P9="trans=virtio,version=9p2000.L,msize=512000"
+mount -t 9p -o "$P9,ro,cache=loose" hostroot /lower || fail "cannot mount the host root"
+mount -t tmpfs -o mode=0755 tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
+    || fail "cannot mount the overlay"
+N=/newroot
+mount -t proc proc $N/proc
+mount -t sysfs sysfs $N/sys
+mount -t devtmpfs devtmpfs $N/dev
+mkdir -p $N/dev/pts $N/dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $N/dev/pts
+mount -t tmpfs -o mode=1777 tmpfs $N/dev/shm
+mount -t tmpfs -o mode=0755 tmpfs $N/run
+# /tmp is left to the overlay: the host's /tmp shows through (copy-on-write), so a
+# checkout or results directory under /tmp (a CI clone) is visible in the guest.
+mkdir -p "$N$RESULTS"
+mount -t 9p -o "$P9,cache=none" results "$N$RESULTS" || fail "cannot mount the results share"
+mkdir -p $N/run/vmtest
+cp /bin/busybox /stage2 $N/run/vmtest/
+umount /proc /sys /dev
+exec switch_root $N /run/vmtest/busybox sh /run/vmtest/stage2 "$RESULTS" "$JOB"
+"""
+
+STAGE2_SCRIPT = r"""#!/bin/sh
+# Stage 2 (PID 1 after switch_root, busybox sh): load the modules the tests need, run the job
+# as a child, record its exit status in the results dir, power off.
+RESULTS="$1"
+JOB="$2"
+BB=/run/vmtest/busybox
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+off() {
+    sync
+    $BB poweroff -f
+    echo o > /proc/sysrq-trigger
+    $BB reboot -f
+}
+$BB hostname vmtest
+ip link set lo up
+# Flowtables, VLANs, bridge, veth, conntrack and the NAT/masquerade side (v4 and v6).
+# nfnetlink subsystems would also autoload; loading them here keeps test timings honest.
+modprobe -a nf_flow_table nf_flow_table_inet nft_flow_offload 8021q bridge veth \
+    nf_conntrack nf_conntrack_netlink nf_tables nft_ct nft_nat nft_masq nft_chain_nat \
+    nft_reject_inet nft_fib_inet || echo "vmtest-stage2: modprobe reported an error"
+echo "@@VMTEST-READY uptime=$($BB cut -d' ' -f1 /proc/uptime)"
+/bin/sh "$JOB" </dev/null
+st=$?
+echo "$st" > "$RESULTS/exit-status"
+echo "@@VMTEST-EXIT status=$st uptime=$($BB cut -d' ' -f1 /proc/uptime)"
+off
+"""
+
 # Environment variables passed from the caller into the guest command (exact names or
 # prefixes ending in "_").
 PASS_ENV = (
@@ -104,7 +193,7 @@ class VMError(Exception):
 
 
 def log(msg: str) -> None:
-    print(f"[vm-tests/run] {msg}", file=sys.stderr, flush=True)
+    print(f"[offloadctl vm] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- kernel
@@ -173,9 +262,9 @@ def _stat_key(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def uncompressed_kernel(kernel: Kernel) -> Path:
-    """build/vm/vmlinux-VERSION, decompressed from /boot once (cached)."""
-    out = BUILD_DIR / f"vmlinux-{kernel.version}"
+def uncompressed_kernel(kernel: Kernel, cache: Path) -> Path:
+    """CACHE/vmlinux-VERSION, decompressed from /boot once."""
+    out = cache / f"vmlinux-{kernel.version}"
     key_file = out.with_name(out.name + ".key")
     key = _stat_key(kernel.vmlinuz)
     if out.exists() and key_file.exists() and key_file.read_text() == key:
@@ -306,22 +395,20 @@ class _Cpio:
         return data + b"\0" * (-len(data) % 512)
 
 
-def initramfs(kernel: Kernel) -> Path:
-    """build/vm/initramfs-VERSION.cpio, rebuilt whenever one of its inputs changes."""
+def initramfs(kernel: Kernel, cache: Path) -> Path:
+    """CACHE/initramfs-VERSION.cpio, rebuilt whenever one of its inputs changes."""
     if not BUSYBOX.exists():
         raise VMError(f"{BUSYBOX} missing: apt-get install busybox-static")
     mods = resolve_modules(kernel, BOOT_MODULES)
-    scripts = sorted(p for p in INITRAMFS_SRC.iterdir() if p.is_file())
     key_parts = [
         "v1",
         kernel.version,
         _stat_key(BUSYBOX),
         *(_stat_key(kernel.modules / m) for m in mods),
-        *(hashlib.sha256(p.read_bytes()).hexdigest() for p in scripts),
-        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # holds the scripts
     ]
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()
-    out = BUILD_DIR / f"initramfs-{kernel.version}.cpio"
+    out = cache / f"initramfs-{kernel.version}.cpio"
     key_file = out.with_name(out.name + ".key")
     if out.exists() and key_file.exists() and key_file.read_text() == key:
         return out
@@ -341,8 +428,8 @@ def initramfs(kernel: Kernel) -> Path:
         cpio.file(f"lib/modules/{name}.ko", _read_module(kernel.modules / rel))
         load_list.append(name)
     cpio.file("modules", ("\n".join(load_list) + "\n").encode())
-    cpio.file("init", (INITRAMFS_SRC / "init").read_bytes(), 0o755)
-    cpio.file("stage2", (INITRAMFS_SRC / "stage2").read_bytes(), 0o755)
+    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.file("stage2", STAGE2_SCRIPT.encode(), 0o755)
     _write_atomic(out, cpio.finish())
     key_file.write_text(key)
     log(
@@ -364,6 +451,8 @@ class RunConfig:
     mem: str = "1G"
     smp: int = 2
     extra_env: dict[str, str] = field(default_factory=dict)
+    cache: Path = field(default_factory=default_cache_dir)
+    echo: bool = True  # stream the guest console to stdout (it is always in RESULTS)
 
 
 def guest_env(extra: dict[str, str]) -> dict[str, str]:
@@ -389,7 +478,7 @@ def _job_script(cfg: RunConfig) -> str:
     cmd = " ".join(shlex.quote(a) for a in cfg.command)
     msg = f"vm-tests/run: cannot cd to {cfg.cwd} in the guest"
     return (
-        "# generated by vm-tests/run\n"
+        "# generated by controlplane.testing.vm\n"
         f"cd {shlex.quote(str(cfg.cwd))} || {{ echo {shlex.quote(msg)}; exit 125; }}\n"
         f"exec env -i {assigns} {cmd}\n"
     )
@@ -444,6 +533,20 @@ def _preflight() -> None:
         raise VMError(f"{QEMU} not found: apt-get install qemu-system-x86 (`make setup`)")
     if not QBOOT.exists():
         raise VMError(f"{QBOOT} not found: apt-get install qemu-system-x86 (`make setup`)")
+    if not BUSYBOX.exists():
+        raise VMError(f"{BUSYBOX} missing: apt-get install busybox-static")
+
+
+def unavailable() -> str | None:
+    """Why no VM can be booted here (None: it can), without booting one."""
+    if os.geteuid() != 0:
+        return "the VM runner needs root (its guest runs the command as root)"
+    try:
+        _preflight()
+        find_kernel()
+    except VMError as exc:
+        return str(exc)
+    return None
 
 
 MACHINE_LOCK = Path("/run/lock/offloadctl-vm.lock")
@@ -469,6 +572,17 @@ class _Lock:
         os.close(self.fd)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it when the runner dies, even by ``kill -9``
+    (which no handler sees), so no guest outlives its runner and the machine lock."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -478,17 +592,17 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def run(cfg: RunConfig) -> int:
     """Boot the VM, run the command, return its exit status (or raise VMError)."""
     _preflight()
-    for label, p in (("results", cfg.results), ("cwd", cfg.cwd), ("repository", REPO)):
+    for label, p in (("results", cfg.results), ("cwd", cfg.cwd), ("cache", cfg.cache)):
         _check_path(label, p)
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    cfg.cache.mkdir(parents=True, exist_ok=True)
     cfg.results.mkdir(parents=True, exist_ok=True)
     # One VM per machine, not per checkout: two TCG guests on 2 cores starve each
     # other into timeouts (a CI clone and a work tree must wait for each other).
     with _Lock(MACHINE_LOCK):
         kernel = find_kernel()
-        vmlinux = uncompressed_kernel(kernel)
-        initrd = initramfs(kernel)
-        job = BUILD_DIR / "job.sh"
+        vmlinux = uncompressed_kernel(kernel, cfg.cache)
+        initrd = initramfs(kernel, cfg.cache)
+        job = cfg.cache / "job.sh"
         job.write_text(_job_script(cfg))
         status_file = cfg.results / STATUS_FILE
         status_file.unlink(missing_ok=True)
@@ -503,13 +617,16 @@ def _boot(cfg: RunConfig, argv: list[str], status_file: Path, kernel: Kernel) ->
     t0 = time.monotonic()
     boot_time: float | None = None
     guest_uptime = ""
-    log(f"booting {kernel.version} under TCG: {' '.join(shlex.quote(a) for a in cfg.command)}")
+    if cfg.echo:
+        command = " ".join(shlex.quote(a) for a in cfg.command)
+        log(f"booting {kernel.version} under TCG: {command}")
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # own process group: killed as a group on timeout
+        preexec_fn=_die_with_parent,
     )
     assert proc.stdout is not None
     out = sys.stdout.buffer
@@ -535,11 +652,10 @@ def _boot(cfg: RunConfig, argv: list[str], status_file: Path, kernel: Kernel) ->
                 break
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"")
             console.write(chunk)
-            try:
-                out.write(chunk)
-                out.flush()
-            except BrokenPipeError:
-                pass
+            if cfg.echo:
+                with contextlib.suppress(BrokenPipeError):
+                    out.write(chunk)
+                    out.flush()
             partial += chunk
             *lines, partial = partial.split(b"\n")
             for raw in lines:
@@ -587,7 +703,8 @@ def _boot(cfg: RunConfig, argv: list[str], status_file: Path, kernel: Kernel) ->
         )
         log(timing)
         raise VMError("no exit status") from None
-    log(f"command exited {status}; {timing}")
+    if cfg.echo:
+        log(f"command exited {status}; {timing}")
     _write_timing(cfg, boot_time, total, status)
     return status
 
@@ -602,8 +719,77 @@ def _write_timing(cfg: RunConfig, boot: float | None, total: float, status: int)
 
 
 def _fail_report(headline: str, tail: Iterable[str], cfg: RunConfig) -> None:
+    if not cfg.echo:  # the caller reads RESULTS/console.log itself
+        return
     bar = "=" * 72
     lines = [bar, f"vm-tests/run: {headline}", f"last console lines ({cfg.results / CONSOLE_LOG}):"]
     lines += [f"  | {line}" for line in tail]
     lines.append(bar)
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+EXIT_TIMEOUT = 124
+EXIT_VM_FAILED = 125
+
+
+def main(
+    argv: list[str], *, prog: str = "python -m controlplane.testing.vm", cache: Path | None = None
+) -> int:
+    """``[--results DIR] [--timeout S] [--mem 1G] [--smp N] [--cwd DIR] [--env K=V] -- CMD``.
+
+    Exit status: the command's; 124 if the VM timed out; 125 if the VM failed (no exit
+    status); 2 for usage errors; 130 if interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run CMD inside a QEMU VM with Debian's kernel."
+    )
+    parser.add_argument(
+        "--results", default="build/vm-results", help="results dir (default: %(default)s)"
+    )
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds (default: 900)")
+    parser.add_argument("--mem", default="1G", help="guest memory (default: 1G)")
+    parser.add_argument("--smp", type=int, default=2, help="guest CPUs (default: 2)")
+    parser.add_argument("--cwd", default=None, help="working dir in the guest (default: cwd)")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="extra guest env variable"
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    args = parser.parse_args(argv)
+    command = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error(f"no command given ({prog} [options] -- CMD ARGS...)")
+    extra = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--env wants K=V, got {item!r}")
+        extra[key] = value
+    cfg = RunConfig(
+        command=command,
+        results=Path(args.results).resolve(),
+        cwd=Path(args.cwd or os.getcwd()).resolve(),
+        timeout=args.timeout,
+        mem=args.mem,
+        smp=args.smp,
+        extra_env=extra,
+        cache=cache or default_cache_dir(),
+    )
+    try:
+        return run(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except VMError as exc:
+        if str(exc) == "timeout":
+            return EXIT_TIMEOUT
+        if str(exc) != "no exit status":
+            log(f"error: {exc}")
+        return EXIT_VM_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
