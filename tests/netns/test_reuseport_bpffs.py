@@ -331,3 +331,20 @@ def test_unprivileged_service_hands_its_listener_to_receive(
                 send_listener(path, -1, 1, timeout=1)
         agent.join(timeout=10)
         unload_group("svc", netns=netns, bpffs=bpffs)
+
+
+def test_a_namespace_name_with_a_dot_gets_its_own_pin_directory(netns: str, bpffs: str) -> None:
+    """`ip netns add a.b` is legal but bpffs refuses names with a dot (EPERM):
+    the pin directory's name is encoded, and unload removes it again."""
+    dotted = f"{netns}.v2"
+    subprocess.run(["ip", "netns", "add", dotted], check=True)
+    try:
+        loaded = load_group("web", netns=dotted, bpffs=bpffs)
+        assert os.path.isdir(loaded.pin_dir)
+        assert os.path.basename(os.path.dirname(loaded.pin_dir)) == f"{netns}%2ev2"
+        with ReuseportGroup.open("web", netns=dotted, bpffs=bpffs) as group:
+            assert group.status().generations == ()
+        unload_group("web", netns=dotted, bpffs=bpffs)
+        assert not os.path.exists(os.path.dirname(loaded.pin_dir))
+    finally:
+        subprocess.run(["ip", "netns", "del", dotted], check=False)

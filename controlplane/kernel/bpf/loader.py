@@ -132,8 +132,15 @@ def netns_label(netns: str | None) -> str:
     return netns
 
 
+def label_dir_name(label: str) -> str:
+    """The bpffs directory of a namespace label. bpffs refuses any name with a
+    dot (EPERM; docs/kernel-facts.md) and `ip netns add a.b` is legal, so '%'
+    and '.' are percent-encoded: reversible, and no two labels share a name."""
+    return label.replace("%", "%25").replace(".", "%2e")
+
+
 def group_pin_dir(bpffs: str, label: str, group: str) -> str:
-    return os.path.join(bpffs, PIN_ROOT, label, check_group_name(group))
+    return os.path.join(bpffs, PIN_ROOT, label_dir_name(label), check_group_name(group))
 
 
 def _bpffs_hint(bpffs: str) -> str:
@@ -542,7 +549,10 @@ def unload_group(
 
 def _remove_empty_dirs(bpffs: str, label: str) -> bool:
     """Drop the namespace and root directories once empty, then a mount we made."""
-    for path in (os.path.join(bpffs, PIN_ROOT, label), os.path.join(bpffs, PIN_ROOT)):
+    for path in (
+        os.path.join(bpffs, PIN_ROOT, label_dir_name(label)),
+        os.path.join(bpffs, PIN_ROOT),
+    ):
         try:
             os.rmdir(path)
         except OSError:
