@@ -43,6 +43,7 @@ __all__ = [
     "EGRESS_NOWHERE",
     "ETH_P_8021AD",
     "ETH_P_8021Q",
+    "IPS_HW_OFFLOAD",
     "IPS_OFFLOAD",
     "CtTuple",
     "Egress",
@@ -66,6 +67,7 @@ __all__ = [
 
 # include/uapi/linux/netfilter/nf_conntrack_common.h: IPS_OFFLOAD_BIT = 14.
 IPS_OFFLOAD = 1 << 14
+IPS_HW_OFFLOAD = 1 << 15  # IPS_HW_OFFLOAD_BIT: the flow is in a NIC too
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 
