@@ -26,10 +26,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from controlplane.config import OffloadPolicy
-from controlplane.core.devices import SUSPECT_PACKETS, classic_counter_of
+from controlplane.core.devices import (
+    CLASSIC_IN_OTHER,
+    SUSPECT_PACKETS,
+    classic_counter_of,
+    classic_path_report,
+)
 from controlplane.core.flowpath import (
     IPS_HW_OFFLOAD,
     IPS_OFFLOAD,
@@ -49,6 +54,7 @@ __all__ = [
     "explain_device",
     "explain_flow",
     "required_hooks",
+    "status_line",
     "status_verdict",
 ]
 
@@ -518,7 +524,7 @@ def _unhooked(why: str, need: str) -> Reason:
 
 
 def status_verdict(
-    kernel: tuple[bool, str],
+    kernel: tuple[bool | None, str],
     flowtables: Mapping[str, Iterable[str]],
     forwarded: int,
     offloaded: int,
@@ -526,7 +532,10 @@ def status_verdict(
     classic_by_input: Mapping[str, int],
 ) -> str:
     """The one line ``status`` opens with."""
-    cap = "kernel can offload" if kernel[0] else f"kernel CANNOT offload ({kernel[1]})"
+    if kernel[0] is None:
+        cap = "kernel capability unknown (not probed yet)"
+    else:
+        cap = "kernel can offload" if kernel[0] else f"kernel CANNOT offload ({kernel[1]})"
     fts = (
         "; ".join(
             f"flowtable {n} {{ {', '.join(sorted(d))} }}" for n, d in sorted(flowtables.items())
@@ -537,3 +546,24 @@ def status_verdict(
     flows = f"{offloaded} of {forwarded} forwarded flows offloaded{hw}"
     classic = ", ".join(f"{d} {p}" for d, p in sorted(classic_by_input.items())) or "none counted"
     return f"{cap}; {fts}; {flows}; classic-path packets of offloaded flows: {classic}"
+
+
+def status_line(info: Mapping[str, Any]) -> str:
+    """:func:`status_verdict` of a ``kernel/status.collect`` dictionary or of the
+    agent's kernel view (same keys; flowtables as a list or a mapping)."""
+    kernel = info.get("kernel") or {}
+    report = classic_path_report(
+        {name: (c["packets"], c["bytes"]) for name, c in info.get("counters", {}).items()}
+    )
+    classic = {r.ingress: r.packets for r in report if r.counter != CLASSIC_IN_OTHER or r.packets}
+    flowtables = info.get("flowtables", {})
+    if isinstance(flowtables, list):
+        flowtables = {ft["name"]: ft["devices"] for ft in flowtables}
+    return status_verdict(
+        (kernel.get("can_offload"), str(kernel.get("reason", ""))),
+        flowtables,
+        int(info.get("forwarded", 0)),
+        int(info.get("forwarded_offloaded", 0)),
+        int(info.get("hw_offloaded", 0)),
+        classic,
+    )
