@@ -53,6 +53,8 @@ def collect(
         "drift": [],
     }
     if observed is None:
+        if plan is not None:
+            info["drift"] = [f"pending: {line.strip()}" for line in plan.summary]
         info["verdict"] = status_line(info)
         return info
     info["flowtables"] = [
