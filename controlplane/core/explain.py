@@ -410,7 +410,8 @@ def explain_flow(world: World, flow: Flow, ct: CtInfo | None = None) -> Explanat
         name: devs for name, devs in world.table.flowtables.items() if not tables or name in tables
     }
     hooked = frozenset().union(*hooked_by.values()) if hooked_by else frozenset()
-    for direction, entering in (("orig", back), ("reply", out)):
+    sides: tuple[tuple[Direction, Egress], ...] = (("orig", back), ("reply", out))
+    for direction, entering in sides:
         if not entering.complete:
             notes.append(
                 f"{direction} direction: path not fully known (missing neighbour or FDB"

@@ -253,7 +253,7 @@ def test_handler_bug_is_answered_not_raised(tmp_path: Path, logbuf: io.StringIO)
     def broken(*_args: Any) -> tuple[list[dict[str, Any]], bool]:
         raise ZeroDivisionError("oops")
 
-    agent._observer.flows = broken  # type: ignore[method-assign]
+    agent._observer.flows = broken  # type: ignore[method-assign,assignment]
     assert answer(agent, "flows")["error"]["code"] == "internal"
     assert any("ZeroDivisionError" in line["msg"] for line in log_lines(logbuf))
 
