@@ -3,11 +3,19 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
+UV    := $(VENV)/bin/uv
 export BCC_KERNEL_SOURCE := $(CURDIR)/build/kernel-headers
 
-.PHONY: setup lint typecheck unit netns vm-test vm-stress test demo bench bench-host bench-vm clean
+.PHONY: setup lock lint typecheck unit netns vm-test vm-stress test demo bench bench-host bench-vm clean
 
 setup:
+	@bash scripts/setup.sh
+
+# Re-resolve uv.lock on purpose (after editing pyproject.toml; LOCK_ARGS=--upgrade to move every
+# pin), re-export uv's own hash-pinned bootstrap file from it, then install the new lock.
+lock: setup
+	$(UV) lock $(LOCK_ARGS)
+	$(UV) export --frozen --quiet --only-group uv --no-emit-project -o packaging/uv-requirements.txt
 	@bash scripts/setup.sh
 
 lint: setup

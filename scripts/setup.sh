@@ -1,36 +1,68 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh Debian 12 machine: Debian packages, .venv,
-# the Debian-only bindings (bcc, nftables) made importable, and the kernel
-# header tree bcc needs. Safe to run again; each step checks before acting.
+# Idempotent set-up for a fresh Debian 12 machine: the Debian packages of
+# packaging/debian-packages.txt, .venv holding exactly uv.lock, the Debian-only
+# bindings (bcc, nftables) made importable, and the kernel header tree bcc
+# needs. Safe to run again; each step checks before acting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-DEB_PKGS=(nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64
-          linux-image-amd64 qemu-system-x86 busybox-static conntrack iproute2
-          iperf3 socat kmod)
+UV=$VENV/bin/uv
+DEB_LIST=packaging/debian-packages.txt
+UV_PIN=packaging/uv-requirements.txt
+# uv must neither fetch a Python of its own nor resolve anything: it installs uv.lock as it is.
+export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy
 
 say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
+# Debian packages: name each missing one (and each version that differs from the tested one)
+# here, instead of letting a test fail later on a missing binding or binary.
+deb_status() { # prints "missing" or the installed version
+  local st
+  st=$(dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null) || st=
+  [[ $st == "install ok installed "* ]] && echo "${st##* }" || echo missing
+}
+declare -A tested=()
+while read -r pkg ver _; do
+  [[ -z $pkg || $pkg == \#* ]] || tested[$pkg]=$ver
+done <"$DEB_LIST"
 missing=()
-for p in "${DEB_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+for p in $(printf '%s\n' "${!tested[@]}" | sort); do
+  [[ $(deb_status "$p") == missing ]] && missing+=("$p")
 done
 if ((${#missing[@]})); then
-  [[ $(id -u) == 0 ]] || { echo "setup: need root to install: ${missing[*]}" >&2; exit 1; }
-  say "installing Debian packages: ${missing[*]}"
+  for p in "${missing[@]}"; do say "missing Debian package $p (tested with ${tested[$p]})"; done
+  [[ $(id -u) == 0 ]] || die "need root to run: apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  for p in "${missing[@]}"; do
+    [[ $(deb_status "$p") == missing ]] && die "Debian package $p is still not installed"
+  done
 fi
+for p in "${!tested[@]}"; do
+  v=$(deb_status "$p")
+  [[ $v == "${tested[$p]}" ]] || say "note: $p is $v here, tested with ${tested[$p]} ($DEB_LIST)"
+done
 
-# Debian's bcc and nftables bindings are pure Python over ctypes: expose just
-# those two packages to the venv through a folder of symlinks and a .pth file,
-# instead of --system-site-packages (which pyenv's python cannot see anyway).
+# Python: uv (pinned, hash-checked by pip) installs exactly uv.lock into .venv.
 if [[ ! -x $VENV/bin/python ]]; then
   say "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+uv_want=$(sed -n 's/^uv==\([^ ]*\).*/\1/p' "$UV_PIN")
+uv_have=$("$UV" --version 2>/dev/null | cut -d' ' -f2) || uv_have=
+if [[ $uv_have != "$uv_want" ]]; then
+  say "installing uv $uv_want from $UV_PIN (--require-hashes)"
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip -q
+  "$VENV/bin/python" -m pip install -q --no-deps --require-hashes -r "$UV_PIN"
+fi
+"$UV" sync --quiet --frozen --python "$VENV/bin/python"
+
+# Debian's bcc and nftables bindings are pure Python over ctypes: expose just
+# those two packages to the venv through a folder of symlinks and a .pth file,
+# instead of --system-site-packages (which pyenv's python cannot see anyway).
 debsite=$PWD/$VENV/debian-bindings
 mkdir -p "$debsite"
 for mod in bcc nftables; do
@@ -38,14 +70,6 @@ for mod in bcc nftables; do
 done
 sitepk=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$debsite" > "$sitepk/debian-bindings.pth"
-
-stamp=$VENV/.deps-stamp
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-  say "installing Python dependencies"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[dev]'
-  touch "$stamp"
-fi
 
 # bcc wants one kernel build tree; Debian splits it into -common and -amd64.
 # Merge them with symlinks (either alone lacks kconfig.h or autoconf.h).
