@@ -24,7 +24,7 @@ cites each rule):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,8 +36,12 @@ from controlplane.core.devices import (
     classic_path_report,
 )
 from controlplane.core.flowpath import (
+    IPS_ASSURED,
     IPS_HW_OFFLOAD,
+    IPS_NAT_CLASH,
     IPS_OFFLOAD,
+    IPS_SEEN_REPLY,
+    IPS_SEQ_ADJUST,
     Egress,
     Flow,
     Topology,
@@ -58,11 +62,6 @@ __all__ = [
     "status_verdict",
 ]
 
-# include/uapi/linux/netfilter/nf_conntrack_common.h
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
-IPS_SEQ_ADJUST = 1 << 6
-IPS_NAT_CLASH = 1 << 12
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
@@ -237,18 +236,17 @@ def policy_failures(pol: OffloadPolicy, proto: int, view: _View) -> list[str]:
     name = PROTO_NAMES.get(proto, str(proto))
     if name not in pol.protocols:
         fails.append(f"protocols: {name} not in {', '.join(pol.protocols)}")
-    if pol.iifnames and not _name_in(view.iif, pol.iifnames):
-        fails.append(f"iifnames: {view.iif} not in {', '.join(pol.iifnames)}")
-    if pol.oifnames and not _name_in(view.oif, pol.oifnames):
-        fails.append(f"oifnames: {view.oif} not in {', '.join(pol.oifnames)}")
-    if pol.saddr and not _in_prefixes(view.saddr, pol.saddr):
-        fails.append(f"saddr: {view.saddr} not in {', '.join(map(str, pol.saddr))}")
-    if pol.daddr and not _in_prefixes(view.daddr, pol.daddr):
-        fails.append(f"daddr: {view.daddr} not in {', '.join(map(str, pol.daddr))}")
-    if pol.sport and not _in_ports(view.sport, pol.sport):
-        fails.append(f"sport: {view.sport} not in {_ports_text(pol.sport)}")
-    if pol.dport and not _in_ports(view.dport, pol.dport):
-        fails.append(f"dport: {view.dport} not in {_ports_text(pol.dport)}")
+    checks: tuple[tuple[str, Any, Any, Callable[[Any, Any], bool], str], ...] = (
+        ("iifnames", view.iif, pol.iifnames, _name_in, ", ".join(pol.iifnames)),
+        ("oifnames", view.oif, pol.oifnames, _name_in, ", ".join(pol.oifnames)),
+        ("saddr", view.saddr, pol.saddr, _in_prefixes, ", ".join(map(str, pol.saddr))),
+        ("daddr", view.daddr, pol.daddr, _in_prefixes, ", ".join(map(str, pol.daddr))),
+        ("sport", view.sport, pol.sport, _in_ports, _ports_text(pol.sport)),
+        ("dport", view.dport, pol.dport, _in_ports, _ports_text(pol.dport)),
+    )
+    for field_name, value, allowed, matches, shown in checks:
+        if allowed and not matches(value, allowed):
+            fails.append(f"{field_name}: {value} not in {shown}")
     return fails
 
 

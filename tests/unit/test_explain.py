@@ -19,8 +19,6 @@ from hypothesis import strategies as st
 from controlplane.config import OffloadPolicy
 from controlplane.core.devices import SUSPECT_PACKETS
 from controlplane.core.explain import (
-    IPS_ASSURED,
-    IPS_SEEN_REPLY,
     CtInfo,
     TableFacts,
     World,
@@ -29,8 +27,11 @@ from controlplane.core.explain import (
     status_verdict,
 )
 from controlplane.core.flowpath import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
     IPS_HW_OFFLOAD,
     IPS_OFFLOAD,
+    IPS_SEEN_REPLY,
     CtTuple,
     Family,
     Flow,
@@ -41,7 +42,6 @@ from controlplane.core.flowpath import (
 
 CLIENT, SERVER, ROUTER_WAN, GATEWAY = "10.0.1.2", "203.0.113.2", "198.51.100.2", "198.51.100.1"
 CLIENT_MAC, GW_MAC = "02:00:00:00:01:02", "02:00:00:00:02:01"
-IPS_CONFIRMED = 1 << 3
 
 
 @dataclass(frozen=True)
@@ -347,3 +347,78 @@ def test_status_verdict_line() -> None:
         "kernel can offload; no flowtable; 2 of 3 forwarded flows offloaded (1 in hardware);"
         " classic-path packets of offloaded flows: br0 4, wan 0"
     )
+
+
+def test_remaining_texts() -> None:
+    world, _ = healthy()
+    hot = replace(world, table=TableFacts(True, world.table.flowtables, {"classic_in_wan": 4000}))
+    got = explain_flow(hot, flow(6, 40000, 80, HEALTHY_TCP | IPS_OFFLOAD | IPS_HW_OFFLOAD))
+    assert [r.text for r in got.reasons] == [
+        "reply direction enters through wan, where 4000 packets of offloaded flows took the"
+        " classic path (counter classic_in_wan; more than 32 means that direction is not"
+        " offloaded)"
+    ]
+    assert got.lines()[0].endswith(": NOT on the fast path ([OFFLOAD] [HW_OFFLOAD])")
+    got = explain_flow(replace(world, policies=()), flow(17, 40000, 53, IPS_CONFIRMED))
+    assert [r.text for r in got.reasons] == ["no offload policy in the config"]
+    bare = replace(world, table=TableFacts(True, {}))
+    assert [r.text for r in explain_flow(bare, flow(17, 1, 2, 0)).reasons] == [
+        "the table has no flowtable: nothing offloads"
+    ]
+    # No FDB entry for the client: the LAN side is not fully known, and said so.
+    the_lab = lab(False, False)
+    unknown = replace(the_lab.topology, fdb={})
+    got = explain_flow(
+        replace(world, topology=unknown), flow(6, 40000, 80, HEALTHY_TCP | IPS_OFFLOAD)
+    )
+    assert got.fast_path
+    assert got.notes == (
+        "orig direction: path not fully known (missing neighbour or FDB entry); its hook is"
+        " not checked",
+    )
+
+
+def test_flow_line_and_summary() -> None:
+    from controlplane.cli.flows import flow_line, flows_summary
+
+    doc: dict[str, Any] = {
+        "id": 9, "zone": 5, "proto": 6, "src": CLIENT, "sport": 40000, "dst": SERVER,
+        "dport": 443, "offloaded": True, "hw_offloaded": True, "tcp_state": "ESTABLISHED",
+        "packets": [10, 8], "orig_devices": ["wan"], "reply_devices": ["br0", "p1"],
+        "ambiguous": False,
+        "classic_in": {"orig": {"ingress": "br0", "packets": 3},
+                       "reply": {"ingress": "wan", "packets": 0}},
+    }  # fmt: skip
+    assert flow_line(doc) == (
+        f"tcp {CLIENT}:40000 -> {SERVER}:443 zone=5 id=9 [OFFLOAD] [HW_OFFLOAD] ESTABLISHED"
+        " packets=10/8 out=wan back=br0>p1 classic-in: br0 3, wan 0"
+    )
+    plain = doc | {"offloaded": False, "hw_offloaded": False, "tcp_state": None, "packets": None}
+    del plain["classic_in"]
+    assert flow_line(plain) == (
+        f"tcp {CLIENT}:40000 -> {SERVER}:443 zone=5 id=9 classic out=wan back=br0>p1"
+    )
+    assert flows_summary([doc, plain]) == "1 of 2 forwarded flow(s) offloaded (1 in hardware)"
+
+
+def test_status_line_reads_both_shapes() -> None:
+    from controlplane.core.explain import status_line
+
+    counters = {
+        "classic_in_br0": {"packets": 7, "bytes": 1},
+        "classic_in_any_other_device": {"packets": 0, "bytes": 0},
+        "classic_path": {"packets": 99, "bytes": 1},
+    }
+    cli_shape = {
+        "kernel": {"can_offload": True, "reason": "ok"},
+        "flowtables": [{"name": "ft", "devices": ["p1", "wan"]}],
+        "counters": counters,
+        "forwarded": 3,
+        "forwarded_offloaded": 2,
+    }
+    agent_shape = cli_shape | {"flowtables": {"ft": ("p1", "wan")}}
+    expected = (
+        "kernel can offload; flowtable ft { p1, wan }; 2 of 3 forwarded flows offloaded;"
+        " classic-path packets of offloaded flows: br0 7"
+    )
+    assert status_line(cli_shape) == status_line(agent_shape) == expected

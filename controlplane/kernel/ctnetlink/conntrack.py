@@ -31,7 +31,17 @@ from types import TracebackType
 from typing import TypeVar
 
 from controlplane.core.explain import CtInfo
-from controlplane.core.flowpath import IPS_OFFLOAD, CtTuple, Family, Flow
+from controlplane.core.flowpath import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_DST_NAT,
+    IPS_OFFLOAD,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT,
+    CtTuple,
+    Family,
+    Flow,
+)
 from controlplane.core.reinject import CtTimeouts, reinject_plan
 from controlplane.errors import KernelError
 from controlplane.kernel import netlink
@@ -105,11 +115,6 @@ CTA_PROTONAT_PORT_MIN = 1
 CTA_PROTONAT_PORT_MAX = 2
 NLM_F_EXCL = netlink.NLM_F_EXCL
 NLM_F_CREATE = netlink.NLM_F_CREATE
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
-IPS_CONFIRMED = 1 << 3
-IPS_SRC_NAT = 1 << 4
-IPS_DST_NAT = 1 << 5
 TCP_CONNTRACK_ESTABLISHED = 3
 IPPROTO_TCP = 6
 CTA_TUPLE_IP = 1
