@@ -68,8 +68,16 @@ def _policies(
         doc = ask_agent(netns, "status", 30.0, socket_path)
         if doc is None or not doc.get("config_path"):
             return None, "offloadctl", "no config"
+        import hashlib
+
         config = Path(doc["config_path"])
         source = f"the agent's config {config}"
+        try:
+            changed = hashlib.sha256(config.read_bytes()).hexdigest() != doc.get("config_sha256")
+        except OSError:
+            changed = False  # load() says why it cannot read it
+        if changed:
+            source += " (changed since the agent loaded it: its running policies may differ)"
     else:
         source = str(config)
     cfg = load(config)

@@ -422,3 +422,44 @@ def test_status_line_reads_both_shapes() -> None:
         " classic-path packets of offloaded flows: br0 7"
     )
     assert status_line(cli_shape) == status_line(agent_shape) == expected
+
+
+def test_parse_tuple() -> None:
+    from controlplane.cli.explain import parse_tuple
+    from controlplane.errors import ConfigError
+
+    assert parse_tuple(["udp", "[FD00::2]:53", "->", "10.0.0.1:80"]) == (
+        17, "fd00::2", 53, "10.0.0.1", 80,
+    )  # fmt: skip
+    for words, field in [
+        (["tcp", "10.0.0.1:1"], "FLOW"),
+        (["tcp", "10.0.0.1:1", "10.0.0.2:70000"], "FLOW destination"),
+        (["tcp", "10.0.0.300:1", "10.0.0.2:7"], "FLOW source"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_tuple(words)
+        assert caught.value.issues[0].path == field
+
+
+def test_policies_come_from_the_agents_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from controlplane.cli import agent as cli_agent
+    from controlplane.cli.explain import _policies
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("version: 1\nflowtables: [{name: ft, devices: [wan]}]\n"
+                   "policies: [{name: all, flowtable: ft}]\n")  # fmt: skip
+    sha = hashlib.sha256(cfg.read_bytes()).hexdigest()
+    doc = {"config_path": str(cfg), "config_sha256": sha}
+    monkeypatch.setattr(cli_agent, "ask_agent", lambda *_a, **_k: doc)
+    policies, table, source = _policies(None, None, None)
+    assert [p.name for p in policies or ()] == ["all"] and table == "offloadctl"
+    assert source == f"the agent's config {cfg}"
+    doc["config_sha256"] = "0" * 64
+    assert _policies(None, None, None)[2] == (
+        f"the agent's config {cfg} (changed since the agent loaded it: its running"
+        " policies may differ)"
+    )
+    monkeypatch.setattr(cli_agent, "ask_agent", lambda *_a, **_k: None)
+    assert _policies(None, None, None) == (None, "offloadctl", "no config")
