@@ -8,7 +8,7 @@ from typing import Any
 from controlplane.core import nft, ownership
 from controlplane.core.devices import classic_path_report
 from controlplane.core.explain import status_line
-from controlplane.core.flowpath import IPS_HW_OFFLOAD, flow_egress_addresses
+from controlplane.core.flowpath import IPS_HW_OFFLOAD, Topology, flow_egress_addresses
 from controlplane.core.flowselect import select_flows
 from controlplane.core.plan import Plan
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
@@ -16,7 +16,7 @@ from controlplane.kernel.flowstate import named_counters
 from controlplane.kernel.netns import require_root
 from controlplane.kernel.nft.libnft import Nft
 from controlplane.kernel.rtnl.facts import half_offloaded_flows
-from controlplane.kernel.rtnl.topology import snapshot
+from controlplane.kernel.rtnl.topology import local_routes
 
 
 def collect(
@@ -35,9 +35,11 @@ def collect(
     can, why = capability or ctx.flowtables_supported()
     observed = ctx.list_table(ref)
     flows = dump_flows(netns)
-    # Forwarded = what ``offloadctl flows`` lists (core/flowselect): not to or from us.
-    topology = snapshot({a for f in flows for a in flow_egress_addresses(f)}, netns)
-    forwarded = [f for f, _ in select_flows(flows, topology, None)]
+    # Forwarded = what ``offloadctl flows`` lists (core/flowselect): not to or from
+    # us. Which addresses are ours is all it needs: one dump of the local table,
+    # not a route lookup per address (3x a conntrack dump at 20k flows).
+    own = local_routes({a for f in flows for a in flow_egress_addresses(f)}, netns)
+    forwarded = [f for f, _ in select_flows(flows, Topology(routes=own), None)]
     decided = ownership.decide(observed)
     info: dict[str, Any] = {
         "kernel": {"can_offload": can, "reason": why},

@@ -67,6 +67,9 @@ def test_explain_a_flow_of_the_router_itself(lab: Lab) -> None:
         conn = socket.create_connection((SERVER, 5000), timeout=5)
     try:
         sport = conn.getsockname()[1]
+        # status counts forwarded flows only: the router's own connection is not one.
+        doc = json.loads(run("status", "--netns", lab.router, "--json")[1])
+        assert (doc["conntrack"] >= 5, doc["forwarded"]) == (True, 4), doc
         code, out, _ = run(
             "explain",
             "tcp",
