@@ -144,39 +144,37 @@ def flows(
     ] = False,
     table: Annotated[
         str | None,
-        typer.Option("--table", help="owned table whose counters to show (default: offloadctl)"),
+        typer.Option(
+            "--table",
+            help="owned table whose counters to show (default: the agent's, else offloadctl)",
+        ),
     ] = None,
     socket_path: SocketOpt = None,
 ) -> None:
     """List forwarded flows as the kernel has them: offload bits, devices, classic-path counters.
 
-    The same selection as 'flows teardown' for the same selector. A running agent
-    answers with the same kernel reading (unless --table names another table)."""
+    The same selection as 'flows teardown' for the same selector. With a running
+    agent, the counters are those of the table it owns (unless --table)."""
     if ctx.invoked_subcommand is not None:
         return
     selector = parse_selector(mac, ip, prefix, dev, required=False)
-    result = None
     if table is None:
+        # A running agent only says which table it owns (its status, a few ms);
+        # the flows are read here, from the kernel, as the agent would read them,
+        # so a big conntrack table never holds the agent's loop.
         from controlplane.cli.agent import ask_agent
 
-        args: dict[str, Any] = {"offloaded": offloaded}
-        if selector is not None:
-            args["selector"] = {"kind": selector.kind, "value": selector.value}
-        result = ask_agent(netns, "flows", 60.0, socket_path, **args)
-    if result is not None:
-        docs, truncated = result["flows"], bool(result.get("truncated"))
-    else:
-        ref = _table_name(table or "offloadctl")
-        _require_netns(netns)
-        from controlplane.kernel.flowstate import read_flow_docs
+        agent = ask_agent(netns, "status", 30.0, socket_path)
+        table = str(agent["table"]).split()[-1] if agent and agent.get("table") else "offloadctl"
+    from controlplane.kernel.flowstate import read_flow_docs
 
-        docs, truncated = read_flow_docs(netns, ref, selector, offloaded, None)
+    ref = _table_name(table)
+    _require_netns(netns)
+    docs, _ = read_flow_docs(netns, ref, selector, offloaded, None)
     for doc in docs:
         typer.echo(json.dumps(doc, sort_keys=True) if as_json else flow_line(doc))
     if not as_json:
         typer.echo(flows_summary(docs))
-    if truncated:
-        typer.echo("(truncated: more flows than the agent lists)", err=True)
 
 
 def _table_name(name: str) -> str:
