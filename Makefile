@@ -66,5 +66,15 @@ bench-vm: setup
 	$(PY) vm-tests/run --results build/vm-bench-agent -- \
 	    $(CURDIR)/$(PY) bench/bench_agent.py --join-latency 100
 
+.PHONY: deb package-check
+
+# build/offloadctl_VERSION_ARCH.deb: the app in a private venv under /opt/offloadctl.
+deb: setup
+	bash packaging/deb/build.sh
+
+# Installs the .deb on this machine (root), runs and verifies it, then purges it.
+package-check: deb
+	bash packaging/deb/check.sh
+
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from controlplane.agent import notify, protocol
+from controlplane.agent import health, notify, protocol
 from controlplane.agent import state as state_mod
 from controlplane.agent.logs import DecisionLog
 from controlplane.agent.ports import Applier, Observer, Subsystem
@@ -63,6 +63,7 @@ class AgentOptions:
     cleanup_on_exit: bool = False
     watch_interval: float = 1.0  # seconds between config-file checks; 0 disables
     metrics: tuple[str, int] | None = None
+    health_stale_after: float = health.STALE_AFTER  # /healthz fails past this loop stall
 
 
 def _file_key(path: Path) -> tuple[int, int, int, int] | None:
@@ -701,10 +702,16 @@ def run(
         loop.add_deadline_source(agent.reapply_deadline)
         for sub in agent.subsystems:
             loop.every(1.0, sub.tick)
+        probes = health.Health.from_environment(
+            agent.snapshot,
+            lambda: agent.running is not None and agent.running.invalidation.enabled,
+            opts.health_stale_after,
+        )
+        loop.before_wait(probes.beat)
         if opts.metrics is not None:
             from controlplane.agent import metrics
 
-            stop_metrics = metrics.serve(opts.metrics, agent.snapshot)
+            stop_metrics = metrics.serve(opts.metrics, agent.snapshot, probes.wsgi)
             log.info("metrics", f"serving on {opts.metrics[0]}:{opts.metrics[1]}")
         log.info(
             "start",

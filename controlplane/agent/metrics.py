@@ -13,10 +13,14 @@ binding to the node IP for the cluster's Prometheus, as kube-proxy does).
 from __future__ import annotations
 
 import ipaddress
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -153,16 +157,37 @@ def _by(name: str, doc: str, label: str, values: dict[str, Any]) -> CounterMetri
     return fam
 
 
-def serve(listen: tuple[str, int], snapshot: Callable[[], Snapshot]) -> Callable[[], None]:
-    """Start the exporter thread; returns a function that stops it."""
+def serve(
+    listen: tuple[str, int],
+    snapshot: Callable[[], Snapshot],
+    wrap: Callable[[Any], Any] | None = None,
+) -> Callable[[], None]:
+    """Start the exporter thread; returns a function that stops it. ``wrap``
+    puts other paths in front of the exporter's WSGI app (agent/health.py)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot))
-    started: Any = start_http_server(listen[1], addr=listen[0], registry=registry)
-    server = started[0] if isinstance(started, tuple) else None
+    app = make_wsgi_app(registry)
+    server = _serve_wsgi(listen, wrap(app) if wrap is not None else app)
 
     def stop() -> None:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        server.shutdown()
+        server.server_close()
 
     return stop
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape
+        pass
+
+
+def _serve_wsgi(listen: tuple[str, int], app: Any) -> WSGIServer:
+    """prometheus-client's start_http_server, taking an app instead of a registry."""
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+
+    server = make_server(listen[0], listen[1], app, Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from controlplane.agent.health import STALE_AFTER
 from controlplane.cli.common import ConfigArg, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
 from controlplane.errors import EnvironmentProblem
@@ -51,6 +52,10 @@ def agent(
     watch_interval: Annotated[
         float, typer.Option(help="seconds between config-file checks (0: only SIGHUP/reload)")
     ] = 1.0,
+    health_stale_after: Annotated[
+        float,
+        typer.Option(help="--metrics' /healthz fails once the main loop has not run for this long"),
+    ] = STALE_AFTER,
 ) -> None:
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
     from controlplane import __version__
@@ -63,6 +68,8 @@ def agent(
         raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
     if watch_interval < 0:
         raise ConfigError([ConfigIssue("--watch-interval", "must be >= 0")])
+    if health_stale_after <= 0:
+        raise ConfigError([ConfigIssue("--health-stale-after", "must be > 0")])
     listen = None
     if metrics is not None:
         from controlplane.agent.metrics import parse_listen
@@ -78,6 +85,7 @@ def agent(
         cleanup_on_exit=cleanup_on_exit,
         watch_interval=watch_interval,
         metrics=listen,
+        health_stale_after=health_stale_after,
     )
     from controlplane.agent.invalidation import InvalidationSubsystem
 

@@ -24,7 +24,7 @@ def test_target_table_round_trips(capacity: int, gen: int, drop: bool, data: st.
     )
     t = Target(gen, slots, drop)
     raw = _encode_target(t, capacity)
-    # struct target_table in bpf/reuseport_migrate.c: 4 u32 + MAX_SLOTS u32.
+    # struct target_table in kernel/bpf/reuseport_migrate.c: 4 u32 + MAX_SLOTS u32.
     assert len(raw) == 16 + 4 * capacity
     assert _decode_target(raw, capacity) == t
 

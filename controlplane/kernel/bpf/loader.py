@@ -77,9 +77,9 @@ PIN_NAMES = ("prog", "socks", "slot_gen", "gen_state", "policy", "ctl", "counter
 # Maps declared in the C source (bcc creates them); socks comes from Python.
 _C_MAPS = ("slot_gen", "gen_state", "policy", "ctl", "counters")
 
-_REPO = Path(__file__).resolve().parents[3]
-BPF_SOURCE = _REPO / "bpf" / "reuseport_migrate.c"
-_HEADERS = _REPO / "build" / "kernel-headers"
+# Package data: installed beside this module (the .deb's venv), or the source tree's.
+BPF_SOURCE = Path(__file__).with_name("reuseport_migrate.c")
+_HEADERS = Path(__file__).resolve().parents[3] / "build" / "kernel-headers"  # make setup's
 _FUNC = b"select_or_migrate"
 _ATTACH_SELECT_OR_MIGRATE = 40  # enum bpf_attach_type; bcc 0.26 has no name for it
 MAX_CAPACITY = 4096
@@ -321,9 +321,12 @@ def _kernel_source() -> None:
     if _HEADERS.is_dir():
         os.environ["BCC_KERNEL_SOURCE"] = str(_HEADERS)
         return
+    running = f"/lib/modules/{os.uname().release}/build"
+    if os.path.isdir(running):
+        return  # bcc's own default: the headers package of the running kernel
     raise EnvironmentProblem(
-        "bcc needs a kernel header tree: set BCC_KERNEL_SOURCE or run 'make setup'"
-        f" (which builds {_HEADERS})"
+        f"bcc needs a kernel header tree: install the running kernel's headers ({running}),"
+        f" set BCC_KERNEL_SOURCE, or run 'make setup' in a source tree (which builds {_HEADERS})"
     )
 
 
