@@ -89,7 +89,11 @@ def _policies(
 def explain(
     flow: Annotated[
         list[str] | None,
-        typer.Argument(help="a flow: tcp|udp SRC:PORT DST:PORT (as 'flows' prints it)"),
+        typer.Argument(
+            help="a flow: tcp|udp SRC:PORT DST:PORT ([ADDR]:PORT for IPv6; after --, the"
+            " '->' of 'flows' lines is accepted too)",
+            metavar="FLOW",
+        ),
     ] = None,
     ip: Annotated[str | None, typer.Option("--ip", help="every flow with this endpoint")] = None,
     ct_id: Annotated[int | None, typer.Option("--id", help="the conntrack entry's id")] = None,
