@@ -142,6 +142,11 @@ class Netns:
     def create(self) -> None:
         self.delete()
         subprocess.run(["ip", "netns", "add", self.name], check=True)
+        # The rules match wan0: apply checks that the device exists (issue 14).
+        subprocess.run(
+            ["ip", "-n", self.name, "link", "add", "wan0", "type", "veth", "peer", "name", "lan0"],
+            check=True,
+        )
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)

@@ -37,19 +37,30 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import reuseport_lab  # noqa: E402 - bench/ is the script's directory
+from reuseport_lab import (  # noqa: E402
+    PORT,
+    PR_SET_CHILD_SUBREAPER,
+    SERVER_IP,
+    migrate_stats,
+    percentile,
+    read_pid,
+    reap,
+    sh,
+    veth_lab,
+    wait_file,
+)
+
 from controlplane.kernel.netns import entered  # noqa: E402 - after the sys.path tweak
 
 SERVICE = REPO / "examples" / "reuseport_service.py"
 MODES = ("program", "sysctl", "none")
-SERVER_IP, CLIENT_IP, PORT = "10.99.0.1", "10.99.0.2", 8080
-PR_SET_CHILD_SUBREAPER = 36
 TIMEOUT = 3.0
 
 
@@ -158,27 +169,6 @@ def run_client(netns: str, rate: float, stop_file: str) -> ClientStats:
 # --- driver ----------------------------------------------------------------------
 
 
-def sh(*args: str, netns: str | None = None) -> str:
-    cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def migrate_stats(netns: str) -> tuple[int, int]:
-    lines = sh("cat", "/proc/net/netstat", netns=netns).splitlines()
-    for head, vals in zip(lines[::2], lines[1::2], strict=False):
-        if head.startswith("TcpExt:"):
-            d = dict(zip(head.split()[1:], map(int, vals.split()[1:]), strict=False))
-            return d.get("TCPMigrateReqSuccess", 0), d.get("TCPMigrateReqFailure", 0)
-    return 0, 0
-
-
 @dataclass
 class ModeResult:
     mode: str
@@ -191,30 +181,14 @@ class ModeResult:
 
 
 def run_mode(mode: str, args: argparse.Namespace, bpffs: str, tmp: str) -> ModeResult:
-    tag = uuid.uuid4().hex[:6]
-    srv, cli = f"rpb-s-{tag}", f"rpb-c-{tag}"
-    for ns in (srv, cli):
-        sh("ip", "netns", "add", ns)
+    with veth_lab("rpb") as (srv, cli):
+        return _run_mode(srv, cli, mode, args, bpffs, tmp)
+
+
+def _run_mode(
+    srv: str, cli: str, mode: str, args: argparse.Namespace, bpffs: str, tmp: str
+) -> ModeResult:
     try:
-        sh(
-            "ip",
-            "link",
-            "add",
-            "v-srv",
-            "netns",
-            srv,
-            "type",
-            "veth",
-            "peer",
-            "v-cli",
-            "netns",
-            cli,
-        )
-        for ns, dev, ip in ((srv, "v-srv", SERVER_IP), (cli, "v-cli", CLIENT_IP)):
-            sh("ip", "addr", "add", f"{ip}/24", "dev", dev, netns=ns)
-            sh("ip", "link", "set", dev, "up", netns=ns)
-            sh("ip", "link", "set", "lo", "up", netns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535", netns=cli)
         if mode == "sysctl":
             sh("sysctl", "-qw", "net.ipv4.tcp_migrate_req=1", netns=srv)
         group: list[str] = []
@@ -283,32 +257,11 @@ def run_mode(mode: str, args: argparse.Namespace, bpffs: str, tmp: str) -> ModeR
         )
         return ModeResult(mode, stats, restarts, seconds, ok, fail, counters)
     finally:
-        for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
         if mode == "program":
             from controlplane.kernel.bpf.loader import unload_group
 
             with contextlib.suppress(Exception):
                 unload_group("bench", netns=srv, bpffs=bpffs)
-
-
-def wait_file(path: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"service did not start ({path} missing)")
-        time.sleep(0.01)
-
-
-def read_pid(path: str) -> int:
-    return int(Path(path).read_text())
-
-
-def reap() -> None:
-    # Old generations are reparented to us (subreaper) when their parent exits.
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
 
 
 def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
@@ -362,6 +315,7 @@ def main() -> int:
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--stop-file", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    reuseport_lab.add_arguments(p)
     args = p.parse_args()
 
     if args.client:
@@ -387,12 +341,16 @@ def main() -> int:
         os.mkdir(bpffs)
         subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
         try:
-            for mode in args.modes.split(","):
+            for mode in filter(None, args.modes.split(",")):
                 print(f"running mode {mode}...", file=sys.stderr, flush=True)
                 results.append(run_mode(mode, args, bpffs, tmp))
         finally:
             subprocess.run(["umount", "-l", bpffs], check=False)
-    print_table(results, args)
+    if results:
+        print_table(results, args)
+    exec_runs = reuseport_lab.run_all(args)
+    if exec_runs:
+        reuseport_lab.print_rows(exec_runs)
     if args.json:
         Path(args.json).write_text(
             json.dumps(

@@ -222,6 +222,15 @@ def _check_ifname(name: str) -> str:
     return name
 
 
+def _check_ifmatch(name: str) -> str:
+    # A name a rule matches (iifname/oifname), not a device we hook: nft's
+    # trailing wildcard ("wan*": every name starting with wan) is allowed too.
+    if name.endswith("*") and 1 < len(name) <= 15:
+        _check_ifname(name[:-1])
+        return name
+    return _check_ifname(name)
+
+
 def _check_label(name: str) -> str:
     if not _OBJNAME_RE.fullmatch(name):
         raise ValueError(
@@ -292,6 +301,7 @@ def _text(value: object) -> str:
 
 
 IfName = Annotated[str, AfterValidator(_check_ifname)]
+IfMatch = Annotated[str, AfterValidator(_check_ifmatch)]  # IfName, or a prefix + "*"
 # Names nft sees as identifiers (table, flowtable) vs names that only end up
 # in comments or bpffs paths (policies, reuseport groups).
 ObjName = Annotated[str, AfterValidator(_check_objname)]
@@ -496,8 +506,8 @@ class OffloadPolicy(_Model):
     name: Label
     flowtable: ObjName
     protocols: list[L4Proto] = Field(default_factory=lambda: _BOTH_PROTOCOLS.copy(), min_length=1)
-    iifnames: list[IfName] = Field(default_factory=_empty)
-    oifnames: list[IfName] = Field(default_factory=_empty)
+    iifnames: list[IfMatch] = Field(default_factory=_empty)
+    oifnames: list[IfMatch] = Field(default_factory=_empty)
     saddr: list[Network] = Field(default_factory=_empty)
     daddr: list[Network] = Field(default_factory=_empty)
     dport: list[PortRange] = Field(
@@ -526,7 +536,7 @@ class OffloadPolicy(_Model):
 
 
 class Masquerade(_Model):
-    oifname: IfName
+    oifname: IfMatch
     saddr: list[Network] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
@@ -536,7 +546,7 @@ class Masquerade(_Model):
 
 
 class SnatRule(_Model):
-    oifname: IfName
+    oifname: IfMatch
     to: Address
     saddr: list[Network] = Field(default_factory=_empty)
 
@@ -562,7 +572,7 @@ class DnatRule(_Model):
     """A port forward: traffic arriving on ``iifname`` and/or addressed to ``daddr``
     for ``port`` goes to ``to``."""
 
-    iifname: IfName | None = None
+    iifname: IfMatch | None = None
     daddr: Address | None = Field(
         default=None, description="match this destination address (e.g. the public IP)"
     )
@@ -598,8 +608,8 @@ class ForwardAccept(_Model):
 
     name: Label
     protocols: list[ForwardProto] = Field(default_factory=_empty, description="empty: any")
-    iifnames: list[IfName] = Field(default_factory=_empty)
-    oifnames: list[IfName] = Field(default_factory=_empty)
+    iifnames: list[IfMatch] = Field(default_factory=_empty)
+    oifnames: list[IfMatch] = Field(default_factory=_empty)
     saddr: list[Network] = Field(default_factory=_empty)
     daddr: list[Network] = Field(default_factory=_empty)
     dport: list[PortRange] = Field(default_factory=_empty)

@@ -22,11 +22,12 @@ import json
 import math
 import re
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from controlplane.errors import ConfigError, ConfigIssue
+from controlplane.errors import ConfigError, ConfigIssue, UnreadableConfig
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -172,6 +173,8 @@ def _compose_yaml(text: str) -> tuple[Any, _Lines | None]:
     Iterative (an explicit stack), so nesting depth is checked rather than
     overflowing the C or Python stack; aliases reuse the anchored value and
     count its size against MAX_VALUES, so they cannot expand without bound.
+    libyaml >= 0.2.6 scans a flow collection ahead and may refuse 1,000 levels
+    first, in its own words: that is one "invalid YAML" problem with its line.
     """
     from yaml import events as ev
 
@@ -396,13 +399,30 @@ def parse_config(data: Any, lines: LinesSource = None, source: str | None = None
             [ConfigIssue("(top level)", "the config must be a mapping with 'version: 1'")], source
         )
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         issues = _issues_from(exc, lines)
         if len(issues) > MAX_ISSUES:
             more = len(issues) - MAX_ISSUES
             issues = [*issues[:MAX_ISSUES], ConfigIssue("...", f"{more} more problem(s)")]
         raise ConfigError(issues, source) from None
+    if lines is not None:
+        _WRITTEN_AT[id(cfg)] = lines
+        weakref.finalize(cfg, _WRITTEN_AT.pop, id(cfg), None)
+    return cfg
+
+
+# Where each parsed config's fields were written, kept for checks that run after
+# parsing (an interface the namespace lacks: core/preflight.py names its line).
+_WRITTEN_AT: dict[int, LinesSource] = {}
+
+
+def line_of(cfg: Config, loc: Loc) -> int | None:
+    """The line ``loc`` (e.g. ``("nat", "masquerade", 0, "oifname")``) of ``cfg``
+    was written on; None for a config built in code."""
+    source = _WRITTEN_AT.get(id(cfg))
+    lines = source() if callable(source) else source
+    return lines.find(loc) if lines is not None else None
 
 
 def load_text(text: str, source: str | None = None, *, json_syntax: bool = False) -> Config:
@@ -459,9 +479,9 @@ def load_config(path: str | Path) -> Config:
         with path.open("rb") as f:
             text = _read(f, source)
     except FileNotFoundError:
-        raise ConfigError([ConfigIssue(source, "no such file")], source) from None
+        raise UnreadableConfig(source, "no such file") from None
+    except PermissionError:
+        raise UnreadableConfig(source, "permission denied") from None
     except OSError as exc:
-        raise ConfigError(
-            [ConfigIssue(source, f"cannot read: {exc.strerror or exc}")], source
-        ) from None
+        raise UnreadableConfig(source, f"cannot read: {exc.strerror or exc}") from None
     return load_text(text, source, json_syntax=path.suffix == ".json")

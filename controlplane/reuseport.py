@@ -22,19 +22,21 @@ into a :class:`GroupState`, asks the core, and writes back the difference.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import fcntl
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Protocol, Self
 
+from controlplane.core import reuseport_handover as handover
 from controlplane.core import reuseport_policy as policy
 from controlplane.core.reuseport_policy import GroupState, Target
-from controlplane.errors import EnvironmentProblem, KernelError
+from controlplane.errors import ControlPlaneError, EnvironmentProblem, KernelError
 from controlplane.kernel.bpf import syscall as sysbpf
 from controlplane.kernel.bpf.loader import (
     DEFAULT_BPFFS,
@@ -229,29 +231,59 @@ class ReuseportGroup:
         earlier attach to still be there.
         """
         policy.check_generation(generation)
+        fd = self._listener_fd(sock)
+        with self._locked():
+            return self._register_locked(fd, generation)
+
+    def register_generation(
+        self, socks: Sequence[SupportsFileno | int]
+    ) -> tuple[int, tuple[int, ...]]:
+        """Register ``socks`` as a new generation, one above every known one.
+
+        The choice and the registrations happen under one lock, so two
+        services starting at once cannot take the same number. Returns the
+        generation and the slots, in the order of ``socks``.
+        """
+        fds = [self._listener_fd(s) for s in socks]
+        with self._locked():
+            _, reconciled, _ = self._read()
+            generation = handover.next_generation(reconciled.state)
+            slots: list[int] = []
+            try:
+                for fd in fds:
+                    slots.append(self._register_locked(fd, generation))
+            except BaseException:
+                with contextlib.suppress(ControlPlaneError):
+                    self._retire_locked(generation)
+                raise
+        return generation, tuple(slots)
+
+    def _listener_fd(self, sock: SupportsFileno | int) -> int:
         fd = sock if isinstance(sock, int) else sock.fileno()
         problem = sysbpf.listener_problem(fd)
         if problem is not None:
             raise KernelError(
                 f"register listener in reuseport group {self.name!r}", problem, _errno.EINVAL
             )
-        with self._locked():
-            raw, reconciled, kernel_target = self._read()
-            new, slot = policy.allocate(reconciled.state, generation)
-            socks = self._maps["socks"]
-            # Evict orphans first: one of them may be the slot we were given.
-            for orphan in reconciled.orphans:
-                socks.delete(_U32.pack(orphan))
-            try:
-                socks.update(_U32.pack(slot), _U64.pack(fd))
-            except KernelError as exc:
-                raise _register_error(self.name, exc) from None
-            try:
-                self._prog.attach_to(fd)
-            except KernelError:
-                socks.delete(_U32.pack(slot))
-                raise
-            self._apply(raw, new, kernel_target, evict=())
+        return fd
+
+    def _register_locked(self, fd: int, generation: int) -> int:
+        raw, reconciled, kernel_target = self._read()
+        new, slot = policy.allocate(reconciled.state, generation)
+        socks = self._maps["socks"]
+        # Evict orphans first: one of them may be the slot we were given.
+        for orphan in reconciled.orphans:
+            socks.delete(_U32.pack(orphan))
+        try:
+            socks.update(_U32.pack(slot), _U64.pack(fd))
+        except KernelError as exc:
+            raise _register_error(self.name, exc) from None
+        try:
+            self._prog.attach_to(fd)
+        except KernelError:
+            socks.delete(_U32.pack(slot))
+            raise
+        self._apply(raw, new, kernel_target, evict=())
         return slot
 
     def activate(self, generation: int) -> None:
@@ -268,9 +300,12 @@ class ReuseportGroup:
         afterwards migrates their queued connections to the target.
         """
         with self._locked():
-            raw, reconciled, kernel_target = self._read()
-            new, freed = policy.retire(reconciled.state, generation)
-            self._apply(raw, new, kernel_target, evict=(*reconciled.orphans, *freed))
+            return self._retire_locked(generation)
+
+    def _retire_locked(self, generation: int) -> tuple[int, ...]:
+        raw, reconciled, kernel_target = self._read()
+        new, freed = policy.retire(reconciled.state, generation)
+        self._apply(raw, new, kernel_target, evict=(*reconciled.orphans, *freed))
         return freed
 
     def sync(self) -> None:

@@ -4,7 +4,8 @@
 #   3    one VM boot (Debian 6.1 under QEMU/TCG), one driver process inside it
 #        (vm-tests/demo_agent.py): seed topology, `offloadctl agent` with the example
 #        router config, offloaded flows, a bridge port joining, a host moving ports
-#   4    host: hot restarts under load with the agent's reuseport group (vm-tests/demo_reuseport.py)
+#   4    host: hot restarts under load with the agent's reuseport group, and gunicorn (from PyPI,
+#        unchanged) restarted by `offloadctl reuseport exec` (vm-tests/demo_reuseport.py)
 #   5    one summary table; exit 1 if a claim did not hold (CI runs this after `make test`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ step "3. VM: boot, seed topology, offloadctl agent, offload, port join, host mov
 $PY vm-tests/run --results "$OUT/vm" --timeout 240 -- \
     "$PY" vm-tests/demo_agent.py --out "$OUT/vm/agent.json" || rc=$?
 
-step "4. host: hot restarts under load, zero failed connections (offloadctl agent owns the group)"
+step "4. host: hot restarts under load, zero failed connections (the agent owns the group; then gunicorn, unchanged, restarted by offloadctl reuseport exec)"
 $PY vm-tests/demo_reuseport.py --out "$OUT/reuseport.json" || rc=$?
 
 step "5. summary"

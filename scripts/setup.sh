@@ -30,21 +30,25 @@ while read -r pkg ver _; do
 done <"$DEB_LIST"
 missing=()
 for p in $(printf '%s\n' "${!tested[@]}" | sort); do
-  [[ $(deb_status "$p") == missing ]] && missing+=("$p")
+  v=$(deb_status "$p")
+  if [[ $v == missing ]]; then
+    missing+=("$p")
+    say "missing Debian package $p (tested with ${tested[$p]})"
+  elif [[ $v != "${tested[$p]}" ]]; then
+    say "note: Debian package $p is $v here, tested with ${tested[$p]} ($DEB_LIST)"
+  fi
 done
 if ((${#missing[@]})); then
-  for p in "${missing[@]}"; do say "missing Debian package $p (tested with ${tested[$p]})"; done
   [[ $(id -u) == 0 ]] || die "need root to run: apt-get install ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    die "apt-get could not install: ${missing[*]}"
   for p in "${missing[@]}"; do
-    [[ $(deb_status "$p") == missing ]] && die "Debian package $p is still not installed"
+    v=$(deb_status "$p")
+    [[ $v != missing ]] || die "Debian package $p is still not installed"
+    [[ $v == "${tested[$p]}" ]] || say "note: installed $p $v, tested with ${tested[$p]}"
   done
 fi
-for p in "${!tested[@]}"; do
-  v=$(deb_status "$p")
-  [[ $v == "${tested[$p]}" ]] || say "note: $p is $v here, tested with ${tested[$p]} ($DEB_LIST)"
-done
 
 # Python: uv (pinned, hash-checked by pip) installs exactly uv.lock into .venv.
 if [[ ! -x $VENV/bin/python ]]; then

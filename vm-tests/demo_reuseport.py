@@ -27,23 +27,24 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_reuseport import (  # noqa: E402 - after the sys.path tweak
-    CLIENT_IP,
+from bench.reuseport_lab import (  # noqa: E402 - after the sys.path tweak
     PORT,
     PR_SET_CHILD_SUBREAPER,
     SERVER_IP,
+    build,
+    gunicorn_cmd,
     migrate_stats,
     percentile,
     read_pid,
     reap,
-    sh,
+    run_server,
+    veth_lab,
     wait_file,
 )
 
@@ -123,22 +124,18 @@ class AgentProc:
 def run_mode(mode: str, args: argparse.Namespace, tmp: Path, bpffs: Path) -> dict[str, Any]:
     """One service under load, ``args.restarts`` busy restarts; ``mode`` is ``agent``
     (the agent's reuseport group + program) or ``none`` (no program: the baseline)."""
-    tag = uuid.uuid4().hex[:6]
-    srv, cli = f"demo-s-{tag}", f"demo-c-{tag}"
-    for ns in (srv, cli):
-        sh("ip", "netns", "add", ns)
+    with veth_lab("demo") as (srv, cli):
+        return _run_mode(srv, cli, mode, args, tmp, bpffs)
+
+
+def _run_mode(
+    srv: str, cli: str, mode: str, args: argparse.Namespace, tmp: Path, bpffs: Path
+) -> dict[str, Any]:
     agent: AgentProc | None = None
     service: subprocess.Popen[bytes] | None = None
     pidfile = tmp / f"{mode}.pid"
     out: dict[str, Any] = {"mode": mode}
     try:
-        sh("ip", "link", "add", "v-srv", "netns", srv, "type", "veth", "peer", "v-cli",
-           "netns", cli)  # fmt: skip
-        for ns, dev, ip in ((srv, "v-srv", SERVER_IP), (cli, "v-cli", CLIENT_IP)):
-            sh("ip", "addr", "add", f"{ip}/24", "dev", dev, netns=ns)
-            sh("ip", "link", "set", dev, "up", netns=ns)
-            sh("ip", "link", "set", "lo", "up", netns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535", netns=cli)
         group: list[str] = []
         if mode == "agent":
             agent = AgentProc(tmp, srv, bpffs)
@@ -211,8 +208,46 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, bpffs: Path) -> dic
         reap()
         if agent is not None:
             out["agent_exit"] = agent.stop()
-        for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def run_exec(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """gunicorn from PyPI, unchanged, restarted by running ``offloadctl reuseport exec``
+    again (what ``systemctl reload`` does with packaging/systemd's example unit)."""
+    run = run_server(
+        "gunicorn",
+        gunicorn_cmd(delay_ms=10),  # 2 workers x 100 requests/s: a queue at each handover
+        rate=args.exec_rate,
+        http=True,
+        clients=1,
+        restarts=args.exec_restarts,
+        quiet=2.0,
+        bins=build(tmp),
+    )
+    quiet, busy = run.connect_ms(run.quiet_window), run.connect_ms(run.restart_window)
+    return {
+        "mode": "exec",
+        "server": "gunicorn",
+        "restarts": run.restarts,
+        "attempts": len(run.records),
+        "failed": sum(run.failures().values()),
+        "failures": run.failures(),
+        "generations_answered": len({r.answer for r in run.records if r.outcome == "ok"}),
+        "connect_p99_quiet_ms": percentile(quiet, 99),
+        "connect_p99_restarts_ms": percentile(busy, 99),
+        "handover_p50_ms": percentile(run.handover_ms, 50),
+        "program": run.counters,
+    }
+
+
+def report_exec(r: dict[str, Any]) -> bool:
+    say(
+        f"exec: gunicorn restarted {r['restarts']} times by 'offloadctl reuseport exec':"
+        f" {r['attempts']} HTTP requests, {r['failed']} failed, answered by"
+        f" {r['generations_answered']} generations; connect p99 {r['connect_p99_quiet_ms']:.2f} ms"
+        f" quiet vs {r['connect_p99_restarts_ms']:.2f} ms during restarts; handover"
+        f" {r['handover_p50_ms']:.0f} ms (p50); program {r['program']}"
+    )
+    return bool(r["failed"] == 0 and r["generations_answered"] == r["restarts"] + 1)
 
 
 def report(r: dict[str, Any]) -> None:
@@ -245,7 +280,9 @@ def main() -> int:
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--interval", type=float, default=0.5, help="seconds between restarts")
     p.add_argument("--warmup", type=float, default=0.7)
-    p.add_argument("--modes", default="agent,none")
+    p.add_argument("--modes", default="agent,none,exec")
+    p.add_argument("--exec-rate", type=float, default=160, help="exec: HTTP requests/s")
+    p.add_argument("--exec-restarts", type=int, default=5)
     args = p.parse_args()
     if os.geteuid() != 0:
         print("demo_reuseport needs root (namespaces, bpffs)", file=sys.stderr)
@@ -260,16 +297,28 @@ def main() -> int:
         subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
         try:
             for mode in args.modes.split(","):
-                label = "with the agent's program" if mode == "agent" else "baseline, no program"
-                say(f"{mode}: {args.restarts} busy restarts under {args.rate:.0f} conn/s ({label})")
+                if mode == "exec":
+                    say(
+                        f"exec: gunicorn via 'offloadctl reuseport exec', {args.exec_restarts}"
+                        f" restarts under {args.exec_rate:.0f} HTTP requests/s"
+                    )
+                else:
+                    label = (
+                        "with the agent's program" if mode == "agent" else "baseline, no program"
+                    )
+                    rate = f"{args.rate:.0f} conn/s"
+                    say(f"{mode}: {args.restarts} busy restarts under {rate} ({label})")
                 try:
-                    r = run_mode(mode, args, tmp, bpffs)
+                    r = run_exec(args, tmp) if mode == "exec" else run_mode(mode, args, tmp, bpffs)
                 except Exception as exc:  # the summary says what broke
                     r = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"}
                     say(f"{mode}: FAILED: {r['error']}")
                     ok = False
                 else:
-                    report(r)
+                    if mode == "exec":
+                        ok = report_exec(r) and ok
+                    else:
+                        report(r)
                 results.append(r)
         finally:
             subprocess.run(["umount", "-l", str(bpffs)], check=False)

@@ -52,6 +52,10 @@ KERNEL_REFRESH = 10.0  # seconds between kernel views for status/metrics
 TOPOLOGY_MIN_GAP = 0.01  # link-event bursts coalesce into one re-plan per 10 ms
 TOPOLOGY_ATTEMPTS = 3
 FLOWS_LIMIT = 100_000
+# Seconds between drift checks: a change another writer made to our table
+# (``apply --force``, a hand edit) is undone within this bound. A check with
+# nothing changed costs one ruleset-generation read (the verified-stamp path).
+DRIFT_CHECK = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class AgentOptions:
     cleanup_on_exit: bool = False
     watch_interval: float = 1.0  # seconds between config-file checks; 0 disables
     metrics: tuple[str, int] | None = None
+    drift_interval: float = DRIFT_CHECK  # seconds between drift checks; 0 disables
     health_stale_after: float = health.STALE_AFTER  # /healthz fails past this loop stall
 
 
@@ -87,6 +92,10 @@ def _issues(exc: ConfigError) -> tuple[dict[str, Any], ...]:
 
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+# The log event of a commit, by what caused it (anything else: a reload).
+_EVENTS = {"start": "apply", "topology": "topology", "drift": "drift"}
 
 
 class Agent:
@@ -122,6 +131,8 @@ class Agent:
         self._event_woke_at = 0.0
         self._event_handled_at = 0.0
         self.control_stats: Callable[[], dict[str, int]] = dict
+        self._drift_error = ""  # the last drift check's failure (logged once, not per period)
+        self._drift_repairs = 0
         self._snap = Snapshot(
             version=version,
             pid=os.getpid(),
@@ -130,6 +141,7 @@ class Agent:
             config_sha256="",
             started_at=clock(),
             table="",
+            drift_check_seconds=opts.drift_interval,
         )
 
     # -- start / stop -------------------------------------------------------
@@ -166,7 +178,7 @@ class Agent:
             self._log.error("stop", f"cleanup failed: {_one_line(exc)}")
             return
         state_mod.remove(self.state_path)
-        self._log.info("stop", "cleaned up what we own", actions="; ".join(done) or "nothing")
+        self._log.info("stop", "cleaned up what we own", actions=done)
 
     # -- apply / reload -----------------------------------------------------
 
@@ -193,9 +205,12 @@ class Agent:
                 exit_code=exc.exit_code,
             )
             self._record(apply=out)
-            event = "apply" if source == "start" else "reload"
+            event = _EVENTS.get(source, "reload")
             kept = "" if self.running is None else ", running config kept"
-            self._log.error(event, f"refused{kept}: {out.error}", source=source)
+            if source != "drift" or out.error != self._drift_error:  # not once per period
+                self._log.error(event, f"refused{kept}: {out.error}", source=source)
+            if source == "drift":
+                self._drift_error = out.error or ""
             raise
         out = Outcome(
             self._clock(), True, source, res.changed, res.summary, time.monotonic() - start
@@ -219,17 +234,23 @@ class Agent:
         if before is None or replace(before, applied_at=out.at) != self.owned:
             # A topology re-plan changes devices, not what we own: no fsync per join.
             state_mod.save(self.state_path, self.owned)
+        drift = source == "drift"
+        if drift:
+            self._drift_error = ""
+            self._drift_repairs += 1
         self._record(apply=out, reuseport=res.reuseport)
         verdict = f"{len(res.summary)} change(s)" if res.changed else "no changes"
-        event = {"start": "apply", "topology": "topology"}.get(source, "reload")
+        event = _EVENTS.get(source, "reload")
         extra: dict[str, Any] = dict(timing or {})
         if timing is not None:
             extra["phases_ms"] = res.phases
-        self._log.info(
+        (self._log.warning if drift else self._log.info)(
             event,
-            f"committed: {verdict}",
+            "restored the table another writer changed" if drift else f"committed: {verdict}",
             source=source,
             ms=round(out.seconds * 1000, 1),
+            changes=len(res.summary),
+            flows_torn_down=res.flows_torn_down,
             **extra,
         )
         for line in res.summary:
@@ -263,7 +284,7 @@ class Agent:
                 "reload",
                 "invalid config; running config kept",
                 source=source,
-                problems="; ".join(str(i) for i in exc.issues),
+                problems=[str(i) for i in exc.issues],
             )
             notify.ready("running (last reload refused: invalid config)")
             return out
@@ -295,6 +316,16 @@ class Agent:
             woke = [getattr(sub, "woke_at", 0.0) for sub in self.subsystems]
             self._event_woke_at = max(woke, default=0.0) or self._event_handled_at
         self._topology_dirty = True
+
+    def check_drift(self) -> None:
+        """Periodic: plan the running config against the kernel again and commit
+        what differs (another writer changed our table). Nothing changed: nothing
+        is logged or sent."""
+        if self.running is None:
+            return
+        self._hint_links()  # the watcher's link cache: no netlink facts dump per check
+        with contextlib.suppress(ControlPlaneError):  # logged by _commit (once)
+            self._commit(self.running, self.running_sha, "drift", quiet_if_unchanged=True)
 
     def reapply_deadline(self) -> float | None:
         if not self._topology_dirty:
@@ -461,6 +492,10 @@ class Agent:
             reuseport=reuseport if reuseport is not None else s.reuseport,
             invalidation=inv or s.invalidation,
             control=self.control_stats(),
+            drift_repairs=self._drift_repairs,
+            flowtable_names=tuple(ft.name for ft in self.running.flowtables)
+            if self.running
+            else s.flowtable_names,
         )
 
     def snapshot(self) -> Snapshot:
@@ -680,6 +715,8 @@ def run(
                     agent.config_file_changed()
 
             loop.every(opts.watch_interval, poll_config)
+        if opts.drift_interval > 0:
+            loop.every(opts.drift_interval, agent.check_drift)
         registered: dict[int, tuple[int, list[int]]] = {}  # id(sub) -> (epoch, fds)
 
         def sync_fds() -> None:

@@ -30,6 +30,17 @@ TESTING_ALL_OFFLOADED = "OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED"
 
 _LINK_EVENTS = (ev.LinkChanged, ev.LinkRemoved, ev.Snapshot)
 
+# What made flows stale, as a bounded set (a metric label, status' by_cause):
+# the engine's causes are prose naming MACs and addresses (the log keeps those).
+CAUSE_KINDS = ("fdb", "neighbour", "route", "link")
+
+
+def cause_kind(cause: str) -> str:
+    """``"neighbour 10.0.0.1 on br0 is …"`` -> ``"neighbour"``; FDB causes start
+    with the MAC (``"aa:… vlan 0 on br0 moved p1 -> p2"``)."""
+    first = cause.split(" ", 1)[0]
+    return first if first in CAUSE_KINDS else "fdb"
+
 
 class _Observing:
     """Delegates to the engine; tells the agent when the link set may have changed."""
@@ -91,7 +102,7 @@ class InvalidationSubsystem:
         self._service: Any = None
         self._engine: _Observing | None = None
         self._settings: InvalidationConfig | None = None
-        self.by_cause: dict[str, int] = {}
+        self.by_cause: dict[str, int] = dict.fromkeys(CAUSE_KINDS, 0)
         self.overflows = 0
         self.restarts = 0
         self.epoch = 0
@@ -236,7 +247,7 @@ class InvalidationSubsystem:
         if decision is None:
             return
         if decision == "stale":
-            cause = str(record.get("cause"))
-            self.by_cause[cause] = self.by_cause.get(cause, 0) + int(record.get("flows", 0))
+            kind = cause_kind(str(record.get("cause")))
+            self.by_cause[kind] = self.by_cause.get(kind, 0) + int(record.get("flows", 0))
         fields = {k: v for k, v in record.items() if k != "decision"}
         self._log.info("invalidation", str(decision), **fields)

@@ -19,6 +19,7 @@ from controlplane.agent.ports import ApplyOutcome
 from controlplane.agent.snapshot import KernelView
 from controlplane.agent.state import AppliedState
 from controlplane.config import Config
+from controlplane.core.accounting import PathTally
 from controlplane.core.flowpath import Link
 from controlplane.errors import AfterCommitError, EnvironmentProblem
 
@@ -106,6 +107,7 @@ class KernelApplier:
         start = time.perf_counter()
         summary: list[str] = []
         phases: dict[str, float] = {}
+        torn = 0
         try:
             res = self._ruleset(netns).apply(cfg)
             phases = {name: round(t * 1000, 1) for name, t in res.phases}
@@ -116,7 +118,8 @@ class KernelApplier:
         else:
             summary += list(res.plan.summary) if not res.plan.empty else []
             if res.teardown is not None:
-                summary.append(f"tore down {res.teardown.deleted} flow(s) through removed devices")
+                torn = res.teardown.deleted
+                summary.append(f"tore down {torn} flow(s) through removed devices")
         finally:
             self.links_hint = None  # for this apply only, whether or not it got that far
         groups = self._reuseport(cfg, netns, owned, summary)
@@ -126,6 +129,7 @@ class KernelApplier:
             seconds=time.perf_counter() - start,
             reuseport=groups,
             phases=phases,
+            flows_torn_down=torn,
         )
 
     def _reuseport(
@@ -219,6 +223,28 @@ class KernelObserver:
     def __init__(self) -> None:
         self._nft: Any = None
         self._capable: tuple[bool, str] | None = None  # remembered once yes (see _SupportCached)
+        # Forwarded totals by path; stepped only by observe() (one helper thread).
+        self._paths = PathTally()
+
+    def _count_paths(self, cfg: Config, netns: str | None, counters: dict[str, Any]) -> None:
+        """Step the fast/classic tally with this view's readings (core/accounting.py)."""
+        from controlplane.core.devices import CLASSIC_IN_PREFIX
+        from controlplane.core.render import CLASSIC_COUNTER
+
+        entries = None
+        if any(ft.counter for ft in cfg.flowtables):  # else conntrack holds no fast-path counts
+            from controlplane.kernel.ctnetlink.accounting import entry_counters
+
+            entries = entry_counters(netns)
+        classic = counters.get(CLASSIC_COUNTER)
+        inputs = [c for n, c in counters.items() if n.startswith(CLASSIC_IN_PREFIX)]
+        self._paths.step(
+            entries,
+            (classic["packets"], classic["bytes"]) if classic else None,
+            (sum(c["packets"] for c in inputs), sum(c["bytes"] for c in inputs))
+            if inputs
+            else None,
+        )
 
     def observe(self, cfg: Config, netns: str | None) -> KernelView:
         from controlplane.kernel import status
@@ -229,6 +255,7 @@ class KernelObserver:
         if info["kernel"]["can_offload"]:
             self._capable = (True, info["kernel"]["reason"])
         groups = _reuseport(cfg, netns)
+        self._count_paths(cfg, netns, info["counters"])
         now = time.time()
         return KernelView(
             at=now,
@@ -239,10 +266,11 @@ class KernelObserver:
             conntrack=int(info["conntrack"]),
             offloaded=int(info["offloaded"]),
             kernel=dict(info["kernel"]),
-            forwarded=int(info["forwarded"]),
+            forwarded_flows=int(info["forwarded_flows"]),
             forwarded_offloaded=int(info["forwarded_offloaded"]),
             hw_offloaded=int(info["hw_offloaded"]),
             reuseport=groups,
+            forwarded=self._paths.totals(),
         )
 
     def observe_table(self, cfg: Config, netns: str | None) -> KernelView:

@@ -1,66 +1,120 @@
-"""The agent's log: one line per decision on stderr, plain text or JSON.
+"""One log format for the agent and ``offloadctl watch``: logfmt, or JSON lines.
 
-Built on the standard ``logging`` module (levels, handlers, thread safety come
-for free); what is ours is the line format. Each record carries an ``event``
-(what was decided: ``apply``, ``reload``, ``control``...) and flat ``fields``
-that the JSON form emits as keys, so a log pipeline can filter without parsing
-prose. Expected conditions (a bad config, a refused transaction) are logged as
-one line with the reason, never with a traceback.
+A line is ``ts=… level=… event=… msg="…" key=value…`` (logfmt, as Prometheus,
+Loki and Grafana tooling read it): keys are unique, values with spaces, quotes
+or ``=`` are quoted, lists are comma-joined, devices are named (their ifindex
+is an extra ``*_ifindex`` field). ``ts`` is RFC 3339 UTC with milliseconds,
+left out when journald is the sink (``JOURNAL_STREAM`` names our stderr):
+the journal stamps each line itself. JSON lines carry the same keys, ``ts``
+always.
+
+Built on the standard ``logging`` module (levels, handlers, thread safety);
+what is ours is the line format (:func:`logfmt`, :func:`json_line`). Expected
+conditions (a bad config, a refused transaction) are one line with the reason,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import IO, Any, Literal
 
 LogFormat = Literal["plain", "json"]
 LOGGER_NAME = "offloadctl.agent"
+# Keys every line starts with, in this order; a field of the same name is not
+# repeated (it would be a duplicate key).
+HEAD = ("ts", "level", "event", "msg")
 
 
-def _utc(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created % 1 * 1000):03d}Z"
+def rfc3339(created: float) -> str:
+    """``2026-12-08T00:30:00.123Z``."""
+    whole = int(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + (
+        f".{int((created - whole) * 1000):03d}Z"
     )
 
 
-class PlainFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", {})
-        event = getattr(record, "event", "-")
-        extra = " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
-        # One line per decision, even for a message that spans lines.
-        msg = "; ".join(part.strip() for part in record.getMessage().splitlines() if part.strip())
-        line = f"{_utc(record.created)} {record.levelname.lower()} {event}: {msg}"
-        return f"{line} [{extra}]" if extra else line
+def journald_is_sink(stream: IO[str] | None = None) -> bool:
+    """True when systemd connected ``stream`` (default stderr) to the journal:
+    ``JOURNAL_STREAM`` is ``DEV:INODE`` of that very stream (systemd.exec(5))."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):  # a StringIO in tests: not the journal
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-class JsonFormatter(logging.Formatter):
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | set | frozenset):
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, float):
+        value = f"{value:g}" if abs(value) < 1e15 else str(value)
+    text = "" if value is None else str(value)
+    if text and not any(c.isspace() or c in '"=\\' for c in text):
+        return text
+    return json.dumps(text)  # quoted, with \n \" escaped: still one line
+
+
+def _ordered(record: Mapping[str, Any]) -> dict[str, Any]:
+    head = {k: record[k] for k in HEAD if k in record}
+    return head | {k: v for k, v in record.items() if k not in head}
+
+
+def logfmt(record: Mapping[str, Any]) -> str:
+    """One logfmt line (no newline) of ``record``; the HEAD keys first."""
+    return " ".join(f"{k}={_value(v)}" for k, v in _ordered(record).items())
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """One JSON object (no newline), the HEAD keys first."""
+    return json.dumps(_ordered(record), default=str, separators=(",", ":"))
+
+
+def line(record: Mapping[str, Any], fmt: LogFormat, created: float, stamp: bool = True) -> str:
+    """``record`` as one line of ``fmt``, stamped with ``ts`` (plain: unless ``stamp``
+    is False, i.e. journald stamps it)."""
+    if fmt == "json":
+        return json_line({"ts": rfc3339(created), **record})
+    return logfmt({"ts": rfc3339(created), **record} if stamp else dict(record))
+
+
+class LineFormatter(logging.Formatter):
+    def __init__(self, fmt: LogFormat, stamp: bool) -> None:
+        super().__init__()
+        self._fmt_name: LogFormat = fmt
+        self._stamp = stamp
+
     def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if self._fmt_name == "plain":  # one line per decision, even for a multi-line message
+            msg = "; ".join(part.strip() for part in msg.splitlines() if part.strip())
         doc: dict[str, Any] = {
-            "ts": _utc(record.created),
             "level": record.levelname.lower(),
-            "event": getattr(record, "event", None),
-            "msg": record.getMessage(),
+            "event": getattr(record, "event", "-"),
+            "msg": msg,
         }
         for k, v in getattr(record, "fields", {}).items():
             doc.setdefault(k, v)
-        return json.dumps(doc, default=str, separators=(",", ":"))
-
-
-def _plain(value: Any) -> str:
-    text = str(value)
-    return json.dumps(text) if (not text or any(c.isspace() for c in text)) else text
+        return line(doc, self._fmt_name, record.created, self._stamp)
 
 
 def setup(fmt: LogFormat = "plain", stream: IO[str] | None = None) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(LineFormatter(fmt, stamp=not journald_is_sink(out)))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

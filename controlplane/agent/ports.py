@@ -24,6 +24,7 @@ class ApplyOutcome:
     # Milliseconds per apply phase (lock, prepare, list+plan or plan, commit...):
     # logged with a topology commit so a join's latency can be broken down.
     phases: dict[str, float] = field(default_factory=dict)
+    flows_torn_down: int = 0  # offloaded flows of devices that left a flowtable
 
 
 class Applier(Protocol):

@@ -43,12 +43,15 @@ class KernelView:
     # Kernel truth for the verdict line (kernel/status.py): can it offload, and
     # how many forwarded flows conntrack marks [OFFLOAD] (both directions hooked).
     kernel: dict[str, Any] = field(default_factory=dict)  # {"can_offload", "reason"}
-    forwarded: int = 0
+    forwarded_flows: int = 0
     forwarded_offloaded: int = 0
     hw_offloaded: int = 0
     # group -> {"target_generation", "generations": [...], "counters": {...}}
     reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    # Forwarded packets/bytes by path ("fast", "classic"): monotonic totals
+    # (core/accounting.py), taken with the conntrack counts.
+    forwarded: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class Snapshot:
     # resyncs, invalidations by cause. TODO(integration): H4b's watch loop stats.
     invalidation: dict[str, Any] = field(default_factory=dict)
     control: dict[str, int] = field(default_factory=dict)
+    # Drift checks (another writer changed our table): the period, repairs so far.
+    drift_check_seconds: float = 0.0
+    drift_repairs: int = 0
+    flowtable_names: tuple[str, ...] = ()  # of the running config (metrics start at 0)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

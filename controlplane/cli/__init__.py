@@ -1,8 +1,5 @@
-"""``offloadctl``: the command line. Every error is one clear line and an exit code.
-
-Exit codes: 0 ok · 1 ``plan``: changes pending · 2 invalid config or usage ·
-3 kernel lacks a feature · 4 environment (root, netns, device, bpffs) ·
-5 the kernel refused the transaction (previous state kept).
+"""``offloadctl``: the command line. Every error is one clear line and an exit code
+(``controlplane.errors.ExitCode``; the README's table lists them).
 
 Commands live in per-area modules (config_cmds, ruleset_cmds, reuseport, flows,
 agent) that register on ``common.app`` when imported (``@app.command()`` or
@@ -21,7 +18,10 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from controlplane.cli.common import app
+from controlplane.cli.common import app, conventional, exit_codes_epilog
+from controlplane.errors import ExitCode
+
+COMPLETE_VAR = "_OFFLOADCTL_COMPLETE"  # set by the script `offloadctl completion` prints
 
 # command -> the module under controlplane.cli that registers it. A command
 # missing here still works (an unknown name imports every AREA_MODULES entry:
@@ -42,8 +42,17 @@ COMMANDS: dict[str, str] = {
     "agent": "agent",
     "reload": "agent",
     "reuseport": "reuseport",
+    "completion": "completion",
 }
-AREA_MODULES = ("config_cmds", "ruleset_cmds", "flows", "explain", "agent", "reuseport")
+AREA_MODULES = (
+    "config_cmds",
+    "ruleset_cmds",
+    "flows",
+    "explain",
+    "agent",
+    "reuseport",
+    "completion",
+)
 # Modules whose own typer ``app`` is mounted as a command group (they do not
 # register themselves on common.app): module -> (group name, help).
 SUBAPPS: dict[str, tuple[str, str]] = {
@@ -55,7 +64,18 @@ SUBAPPS: dict[str, tuple[str, str]] = {
 # that dies with the process anyway (input size is bounded by the loader).
 # Every other command (agent, watch, ...) runs with it, as usual.
 ONE_SHOT = frozenset(
-    {"validate", "schema", "render", "plan", "apply", "show", "flush", "status", "probe"}
+    {
+        "validate",
+        "schema",
+        "render",
+        "plan",
+        "apply",
+        "show",
+        "flush",
+        "status",
+        "probe",
+        "completion",
+    }
 )
 
 
@@ -80,6 +100,7 @@ class _AreaCommands(TyperGroup):
         built = typer.main.get_group(app)
         for name, cmd in built.commands.items():
             self.commands.setdefault(name, cmd)
+        conventional(self)
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name not in ONE_SHOT:
@@ -102,6 +123,7 @@ class _AreaCommands(TyperGroup):
 
 
 app.info.cls = _AreaCommands
+app.info.epilog = exit_codes_epilog()
 
 
 def _version(value: bool) -> None:
@@ -112,7 +134,7 @@ def _version(value: bool) -> None:
             typer.echo(f"offloadctl {version('controlplane')}")
         except PackageNotFoundError:  # running from a source tree that is not installed
             typer.echo("offloadctl (not installed: version unknown)")
-        raise typer.Exit(0)
+        raise typer.Exit(ExitCode.OK)
 
 
 @app.callback()
@@ -130,10 +152,16 @@ def main(argv: list[str] | None = None) -> Any:
     # ~12 M instructions per command. offloadctl uses no pydantic plugin, so it
     # says so; an operator's own setting of the variable is kept.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    if COMPLETE_VAR in os.environ:  # the shell asks for completions (cli/completion.py)
+        from controlplane.cli.completion import enable
+
+        enable()
     collecting = gc.isenabled()
     gc.disable()  # see ONE_SHOT
     try:
-        return app(args=argv, standalone_mode=True)
+        return app(
+            args=argv, standalone_mode=True, prog_name="offloadctl", complete_var=COMPLETE_VAR
+        )
     except SystemExit as exc:
         if exc.code not in (0, None) and isinstance(exc.code, int):
             sys.exit(exc.code)

@@ -1,6 +1,6 @@
 """``offloadctl agent`` (the host daemon) and ``offloadctl reload`` (its client).
 
-``agent_status`` and ``ask_agent`` let ``offloadctl status`` / ``flows`` answer
+``agent_status`` and ``agent_answer`` let ``offloadctl status`` / ``flows`` answer
 from a running agent (None/False when none runs in that namespace: then the
 caller reads the kernel).
 """
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.agent.health import STALE_AFTER
-from controlplane.cli.common import ConfigArg, NetnsOpt, app
+from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
-from controlplane.errors import EnvironmentProblem
+from controlplane.errors import EnvironmentProblem, ExitCode
 
 SocketOpt = Annotated[
     Path | None,
@@ -24,6 +24,7 @@ SocketOpt = Annotated[
         "--socket",
         help="control socket (default /run/offloadctl/<netns or host>.sock)",
         show_default=False,
+        metavar="PATH",
     ),
 ]
 
@@ -35,26 +36,53 @@ def agent(
     netns: NetnsOpt = None,
     state_file: Annotated[
         Path | None,
-        typer.Option(help="default /var/lib/offloadctl/<netns or host>/state.json"),
+        typer.Option(
+            help="state file (default /var/lib/offloadctl/<netns or host>/state.json)",
+            show_default=False,
+            metavar="PATH",
+        ),
     ] = None,
     socket_path: SocketOpt = None,
-    log_format: Annotated[str, typer.Option(help="plain or json")] = "plain",
+    log_format: Annotated[
+        str, typer.Option(help="plain (logfmt) or json", metavar="plain|json")
+    ] = "plain",
     metrics: Annotated[
         str | None,
-        typer.Option(help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9108"),
+        typer.Option(
+            help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9108",
+            show_default=False,
+            metavar="HOST:PORT",
+        ),
     ] = None,
     metrics_allow_remote: Annotated[
-        bool, typer.Option(help="allow a non-loopback --metrics address")
+        bool, typer.Option("--metrics-allow-remote", help="allow a non-loopback --metrics address")
     ] = False,
     cleanup_on_exit: Annotated[
-        bool, typer.Option(help="on SIGTERM remove the table and reuseport groups we own")
+        bool,
+        typer.Option(
+            "--cleanup-on-exit", help="on SIGTERM remove the table and reuseport groups we own"
+        ),
     ] = False,
     watch_interval: Annotated[
-        float, typer.Option(help="seconds between config-file checks (0: only SIGHUP/reload)")
+        float,
+        typer.Option(
+            help="seconds between config-file checks (0: only SIGHUP/reload)", metavar="SECONDS"
+        ),
     ] = 1.0,
+    drift_interval: Annotated[
+        float,
+        typer.Option(
+            help="seconds between drift checks: a change another writer made to the"
+            " table is undone within this (0: never)",
+            metavar="SECONDS",
+        ),
+    ] = 10.0,
     health_stale_after: Annotated[
         float,
-        typer.Option(help="--metrics' /healthz fails once the main loop has not run for this long"),
+        typer.Option(
+            help="--metrics' /healthz fails once the main loop has not run for this long",
+            metavar="SECONDS",
+        ),
     ] = STALE_AFTER,
 ) -> None:
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
@@ -66,8 +94,9 @@ def agent(
 
     if log_format not in ("plain", "json"):
         raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
-    if watch_interval < 0:
-        raise ConfigError([ConfigIssue("--watch-interval", "must be >= 0")])
+    for flag, value in (("--watch-interval", watch_interval), ("--drift-interval", drift_interval)):
+        if value < 0:
+            raise ConfigError([ConfigIssue(flag, "must be >= 0")])
     if health_stale_after <= 0:
         raise ConfigError([ConfigIssue("--health-stale-after", "must be > 0")])
     listen = None
@@ -84,6 +113,7 @@ def agent(
         socket_path=socket_path,
         cleanup_on_exit=cleanup_on_exit,
         watch_interval=watch_interval,
+        drift_interval=drift_interval,
         metrics=listen,
         health_stale_after=health_stale_after,
     )
@@ -119,7 +149,7 @@ def _client(netns: str | None, socket_path: Path | None) -> Any:
 def reload(
     netns: NetnsOpt = None,
     socket_path: SocketOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Ask the running agent to re-read its config (a bad config keeps the running one)."""
     client = _client(netns, socket_path)
@@ -146,7 +176,9 @@ def reload(
             line = f" (line {issue['line']})" if issue.get("line") is not None else ""
             typer.echo(f"  {issue['path']}{line}: {issue['message']}", err=True)
     code = resp.error.get("exit_code")
-    raise typer.Exit(code if isinstance(code, int) and code > 0 else 5)
+    # The agent's own classification of the failure; an old agent without one: 5.
+    known = isinstance(code, int) and code in set(ExitCode) and code != ExitCode.OK
+    raise typer.Exit(code if known else ExitCode.KERNEL)
 
 
 def status_lines(doc: dict[str, Any]) -> list[str]:
@@ -212,7 +244,7 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
 
 def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
     """Print a running agent's status; False when no agent runs for ``netns``."""
-    result = ask_agent(netns, "status", 30.0, socket_path)
+    result = agent_answer(netns, "status", 30.0, socket_path)
     if result is None:
         return False
     if as_json:
@@ -223,7 +255,7 @@ def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = No
     return True
 
 
-def ask_agent(
+def agent_answer(
     netns: str | None, op: str, timeout: float, socket_path: Path | None, **args: Any
 ) -> Any:
     """A running agent's answer to ``op``; None when no agent runs for ``netns``."""

@@ -10,6 +10,7 @@ import typer
 from controlplane.cli.common import ConfigArg, app, load
 from controlplane.cli.errors import err as _err
 from controlplane.cli.errors import handles_errors
+from controlplane.errors import ConfigError, ConfigIssue
 
 
 @app.command()
@@ -36,10 +37,17 @@ def schema() -> None:
 @handles_errors
 def render(
     config: ConfigArg,
-    fmt: Annotated[str, typer.Option("--format", help="json or nft")] = "nft",
+    fmt: Annotated[
+        str, typer.Option("--format", help="nft (text) or json", metavar="nft|json")
+    ] = "nft",
     netns: Annotated[
         str | None,
-        typer.Option("--netns", help="resolve bridge ports in this namespace", show_default=False),
+        typer.Option(
+            "--netns",
+            help="resolve bridge ports in this namespace",
+            show_default=False,
+            metavar="NS",
+        ),
     ] = None,
 ) -> None:
     """Render the owned table. Pure unless --netns is given to resolve bridge ports."""
@@ -48,8 +56,7 @@ def render(
     from controlplane.core.render import render as do_render
 
     if fmt not in ("json", "nft"):
-        _err("--format must be 'json' or 'nft'")
-        raise typer.Exit(2)
+        raise ConfigError([ConfigIssue("--format", f"{fmt!r}: use nft or json")])
     cfg = load(config)
     facts = Facts()
     if netns is not None:

@@ -11,7 +11,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 
-from controlplane.errors import ConfigError, ControlPlaneError
+from controlplane.errors import ConfigError, ControlPlaneError, ExitCode, UnreadableConfig
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -30,6 +30,9 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
+        except UnreadableConfig as exc:  # "c.yaml: no such file", not "invalid config"
+            err(str(exc.issues[0]))
+            raise typer.Exit(exc.exit_code) from None
         except ConfigError as exc:
             if exc.source is None and len(exc.issues) == 1:  # a bad flag, not a file
                 err(str(exc.issues[0]))
@@ -43,17 +46,17 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             err(one_line(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except OSError as exc:
             # Something around us (permissions, a vanished path): still one line.
             err(one_line(exc))
-            raise typer.Exit(4) from None
+            raise typer.Exit(ExitCode.ENVIRONMENT) from None
         except Exception as exc:
             if os.environ.get("OFFLOADCTL_DEBUG"):
                 raise
             err(f"internal error: {type(exc).__name__}: {exc} (OFFLOADCTL_DEBUG=1 shows more)")
-            raise typer.Exit(70) from None
+            raise typer.Exit(ExitCode.INTERNAL) from None
 
     return wrapper

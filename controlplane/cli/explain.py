@@ -16,7 +16,7 @@ import typer
 from controlplane.cli.agent import SocketOpt
 from controlplane.cli.common import NetnsOpt, app, load
 from controlplane.cli.errors import handles_errors
-from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem
+from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem, ExitCode
 
 if TYPE_CHECKING:
     from controlplane.config import OffloadPolicy
@@ -63,9 +63,9 @@ def _policies(
 ) -> tuple[tuple[OffloadPolicy, ...] | None, str, str]:
     """(policies, table name, where they came from): --config, else the agent's file."""
     if config is None:
-        from controlplane.cli.agent import ask_agent
+        from controlplane.cli.agent import agent_answer
 
-        doc = ask_agent(netns, "status", 30.0, socket_path)
+        doc = agent_answer(netns, "status", 30.0, socket_path)
         if doc is None or not doc.get("config_path"):
             return None, "offloadctl", "no config"
         import hashlib
@@ -174,4 +174,4 @@ def explain(
     if not as_json:
         typer.echo(f"(policies: {source})")
     if not all(r.fast_path for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.CHANGES)

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -162,9 +163,9 @@ def flows(
         # A running agent only says which table it owns (its status, a few ms);
         # the flows are read here, from the kernel, as the agent would read them,
         # so a big conntrack table never holds the agent's loop.
-        from controlplane.cli.agent import ask_agent
+        from controlplane.cli.agent import agent_answer
 
-        agent = ask_agent(netns, "status", 30.0, socket_path)
+        agent = agent_answer(netns, "status", 30.0, socket_path)
         table = str(agent["table"]).split()[-1] if agent and agent.get("table") else "offloadctl"
     from controlplane.kernel.flowstate import read_flow_docs
 
@@ -250,14 +251,13 @@ def watch(
             source=str(config),
         )
     _require_netns(netns)
+    from controlplane.agent.logs import journald_is_sink, line
     from controlplane.service.invalidation import InvalidationService
 
+    stamp = not journald_is_sink(sys.stdout)  # the agent's format: logfmt or JSON, with ts
+
     def emit(record: dict[str, Any]) -> None:
-        if as_json:
-            line = json.dumps(record, sort_keys=True, default=str)
-        else:
-            line = " ".join(f"{k}={v}" for k, v in record.items())
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(line(record, "json" if as_json else "plain", time.time(), stamp) + "\n")
         sys.stdout.flush()
 
     service = InvalidationService(
@@ -276,11 +276,11 @@ def watch(
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         service.start()
-        emit({"kind": "ready", "netns": netns or "", "dry_run": dry_run})
+        emit({"event": "ready", "netns": netns or "host", "dry_run": dry_run})
         while not stopping:
             service.step(timeout=1.0)
     finally:
         service.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    emit({"kind": "stopped", "signal": signal.Signals(stopping[0]).name if stopping else ""})
+    emit({"event": "stopped", "signal": signal.Signals(stopping[0]).name if stopping else ""})

@@ -9,6 +9,7 @@ error class's code; there is never a traceback.
 from __future__ import annotations
 
 import os
+import signal
 
 import typer
 
@@ -31,7 +32,9 @@ NetnsOpt = typer.Option(
 BpffsOpt = typer.Option(
     bpf_loader.DEFAULT_BPFFS, "--bpffs", envvar="OFFLOADCTL_BPFFS", help="bpffs mount point"
 )
-GenerationOpt = typer.Option(..., "--generation", "-g", min=1, max=2**32 - 1)
+GenerationOpt = typer.Option(
+    ..., "--generation", "-g", min=1, max=2**32 - 1, help="generation number (1 and up)"
+)
 
 
 def _open(name: str, netns: str | None, bpffs: str) -> ReuseportGroup:
@@ -44,9 +47,13 @@ def load(
     name: str = NameOpt,
     netns: str | None = NetnsOpt,
     bpffs: str = BpffsOpt,
-    max_listeners: int = typer.Option(64, min=1, max=bpf_loader.MAX_CAPACITY),
+    max_listeners: int = typer.Option(
+        64, min=1, max=bpf_loader.MAX_CAPACITY, help="listener slots of the group's sockarray"
+    ),
     drop_when_no_target: bool = typer.Option(
-        False, help="reset migrating connections when no active generation has a listener"
+        False,
+        "--drop-when-no-target",
+        help="reset migrating connections when no active generation has a listener",
     ),
 ) -> None:
     """Compile the program, create the maps and pin them.
@@ -179,6 +186,21 @@ def _report_stale(paths: tuple[str, ...]) -> None:
         typer.echo(f"removed {path}, left by a load that died", err=True)
 
 
+def listener_error(mine: int, fd: int, pid: int) -> str | None:
+    """Why our copy ``mine`` of fd ``fd`` of process ``pid`` cannot be registered,
+    naming the fd the user gave (not our copy's number), or None."""
+    from controlplane.kernel.bpf.syscall import listener_problem
+
+    problem = listener_problem(mine)
+    if problem is None:
+        return None
+    theirs = f"fd {fd} of pid {pid}"
+    ours = f"fd {mine} "
+    return (
+        theirs + " " + problem[len(ours) :] if problem.startswith(ours) else f"{theirs}: {problem}"
+    )
+
+
 @app.command()
 @handles_errors
 def adopt(
@@ -195,6 +217,9 @@ def adopt(
     with _open(name, netns, bpffs) as group:
         mine = take_fd(pid, fd)
         try:
+            problem = listener_error(mine, fd, pid)
+            if problem is not None:
+                raise ConfigError([ConfigIssue("--fd", problem)])
             slot = group.register(mine, generation)
         finally:
             os.close(mine)
@@ -235,3 +260,78 @@ def receive(
                 else:
                     typer.echo(f"pid {r.pid}: refused: {r.error}", err=True)
             served += 1
+
+
+def _signal_number(text: str) -> int:
+    name = text.upper()
+    try:
+        if name.isdigit():
+            return int(signal.Signals(int(name)))
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except (KeyError, ValueError):
+        raise ConfigError(
+            [ConfigIssue("--stop-signal", f"{text!r} is not a signal name or number")]
+        ) from None
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+)
+@handles_errors
+def exec_(
+    name: str = NameOpt,
+    listen: list[str] = typer.Option(
+        ..., "--listen", "-l", help="[NAME=]ADDR:PORT, IPv6 as [ADDR]:PORT; repeatable"
+    ),
+    cmd: list[str] = typer.Argument(..., help="the server and its arguments, after '--'"),
+    ready_after: float | None = typer.Option(
+        None,
+        min=0,
+        help="activate after this many seconds even without READY=1 (servers without sd_notify)",
+        show_default=False,
+    ),
+    ready_timeout: float = typer.Option(
+        90.0, min=0, help="give up a start that is not ready by then (the old one keeps serving)"
+    ),
+    stop_signal: str = typer.Option("TERM", help="signal that asks the old CMD to stop"),
+    stop_timeout: float = typer.Option(
+        90.0, min=0, help="SIGKILL an old CMD still running this long after the stop signal"
+    ),
+    backlog: int = typer.Option(4096, min=1, help="listen() backlog"),
+    detach: bool = typer.Option(
+        False, help="return once the new generation is active and leave it running (ExecReload=)"
+    ),
+    netns: str | None = NetnsOpt,
+    bpffs: str = BpffsOpt,
+) -> None:
+    """Run CMD as the next generation of the group, with socket activation.
+
+    Opens the listeners, registers them as the group's next generation and
+    starts CMD with them (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). When CMD
+    sends READY=1 to the NOTIFY_SOCKET it is given (or --ready-after passed),
+    the generation is activated and the previous 'exec' of the group retires
+    its listeners, so its queued connections migrate here, and stops its CMD.
+    Exits with CMD's status.
+    """
+    from controlplane.agent import reuseport_exec
+    from controlplane.core.socket_activation import ListenSpec
+
+    opts = reuseport_exec.ExecOptions(
+        name=name,
+        listens=tuple(ListenSpec.parse(text) for text in listen),
+        argv=tuple(cmd),
+        netns=netns,
+        bpffs=bpffs,
+        backlog=backlog,
+        ready_after=ready_after,
+        ready_timeout=ready_timeout,
+        stop_signal=_signal_number(stop_signal),
+        stop_timeout=stop_timeout,
+    )
+    if detach:
+        generation, code = reuseport_exec.run_detached(opts)
+        if generation:
+            typer.echo(f"generation {generation} of group {name!r} active")
+        raise typer.Exit(code)
+    raise typer.Exit(reuseport_exec.run(opts))

@@ -14,11 +14,21 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.cli.agent import SocketOpt
-from controlplane.cli.common import ConfigArg, NetnsOpt, app, load
+from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app, load
 from controlplane.cli.errors import handles_errors
-from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem
+from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem, ExitCode
 
-TableOpt = Annotated[str, typer.Option("--table", help="owned table name (inet family)")]
+TableOpt = Annotated[
+    str, typer.Option("--table", help="owned table name (inet family)", metavar="TABLE")
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="write although an agent manages this table (it restores its config"
+        " on its next drift check)",
+    ),
+]
 
 
 def _table_ref(name: str) -> object:
@@ -53,7 +63,21 @@ def plan(config: ConfigArg, netns: NetnsOpt = None) -> None:
     lines = [*the_plan.summary, *(f"drift: {line}" for line in the_plan.drift)]
     if lines:
         typer.echo("\n".join(lines))
-    raise typer.Exit(1)
+    raise typer.Exit(ExitCode.CHANGES)
+
+
+def _refuse_if_agent_owns(
+    family: str, name: str, netns: str | None, socket_path: Path | None, force: bool
+) -> None:
+    """Exit 4 when a running agent manages this table: two writers would undo
+    each other. The agent is asked (its control socket), not guessed at."""
+    from controlplane.cli.agent import agent_answer
+    from controlplane.core.preflight import agent_owner_problem
+
+    answer = agent_answer(netns, "status", 10.0, socket_path)
+    problem = agent_owner_problem(f"{family} {name}", answer, netns, force)
+    if problem is not None:
+        raise EnvironmentProblem(problem)
 
 
 @app.command()
@@ -62,13 +86,23 @@ def apply(
     config: ConfigArg,
     netns: NetnsOpt = None,
     check: Annotated[
-        bool, typer.Option("--check", help="have the kernel validate without committing")
+        bool,
+        typer.Option(
+            "--check",
+            help="run the whole preflight and have the kernel validate the"
+            " transaction without committing",
+        ),
     ] = False,
+    force: ForceOpt = False,
+    socket_path: SocketOpt = None,
 ) -> None:
     """Apply the config in one nftables transaction (all or nothing)."""
     from controlplane import service
 
-    res = service.apply(load(config), netns, check=check)
+    cfg = load(config)
+    if not check:
+        _refuse_if_agent_owns(cfg.table.family, cfg.table.name, netns, socket_path, force)
+    res = service.apply(cfg, netns, check=check)
     if res.plan.empty:
         typer.echo("no changes: the kernel already has this ruleset")
         return
@@ -94,7 +128,7 @@ def apply(
 def show(
     netns: NetnsOpt = None,
     table: TableOpt = "offloadctl",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the owned table as the kernel has it (exit 4 if it does not exist)."""
     from controlplane.core import nft
@@ -125,11 +159,17 @@ def show(
 
 @app.command()
 @handles_errors
-def flush(config: ConfigArg, netns: NetnsOpt = None) -> None:
+def flush(
+    config: ConfigArg,
+    netns: NetnsOpt = None,
+    force: ForceOpt = False,
+    socket_path: SocketOpt = None,
+) -> None:
     """Delete the owned table (tears down every flow it offloaded); never a foreign one."""
     from controlplane import service
 
     cfg = load(config)
+    _refuse_if_agent_owns(cfg.table.family, cfg.table.name, netns, socket_path, force)
     if service.flush(cfg, netns):
         typer.echo(f"deleted table {cfg.table.family} {cfg.table.name}")
     else:
@@ -147,6 +187,7 @@ def status(
             help="owned table name (inet family; default offloadctl); read from the kernel"
             " even when an agent runs",
             show_default=False,
+            metavar="TABLE",
         ),
     ] = None,
     config: Annotated[
@@ -155,7 +196,7 @@ def status(
             "--config", help="compare with this config: report drift (exit 1)", show_default=False
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    as_json: JsonOpt = False,
     socket_path: SocketOpt = None,
 ) -> None:
     """Verdict line, then table, ownership, flowtable devices, counters, flows, drift.
@@ -188,7 +229,7 @@ def status(
         for line in _status_lines(ref.spec, info, the_plan is not None):
             typer.echo(line)
     if config is not None and drifted:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.CHANGES)
 
 
 def _status_lines(spec: str, info: dict[str, Any], drift_asked: bool) -> list[str]:
@@ -224,9 +265,11 @@ def _status_lines(spec: str, info: dict[str, Any], drift_asked: bool) -> list[st
 @handles_errors
 def probe_cmd(
     netns: NetnsOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """What this kernel supports: flowtables, VLAN, bpffs, reuseport migration, conntrack."""
+    """What this kernel supports: flowtables, VLAN, bpffs, reuseport migration, conntrack.
+
+    Exit 3 when the kernel cannot offload (no flowtables), 0 when it can."""
     from controlplane.kernel import probe
     from controlplane.kernel.netns import require_root
 
@@ -234,6 +277,9 @@ def probe_cmd(
     caps = probe.probe_all(netns)
     if as_json:
         typer.echo(json.dumps([c.as_dict() for c in caps], indent=2))
-        return
-    for c in caps:
-        typer.echo(f"{c.name:<20} {'yes' if c.ok else 'no ':<4} {c.reason}")
+    else:
+        for c in caps:
+            typer.echo(f"{c.name:<20} {'yes' if c.ok else 'no ':<4} {c.reason}")
+    # The answer a script wants ("can this host offload?") is the exit code.
+    if not any(c.ok for c in caps if c.name == "flowtables"):
+        raise typer.Exit(ExitCode.UNSUPPORTED)

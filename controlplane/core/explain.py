@@ -561,7 +561,7 @@ def status_line(info: Mapping[str, Any]) -> str:
     return status_verdict(
         (kernel.get("can_offload"), str(kernel.get("reason", ""))),
         flowtables,
-        int(info.get("forwarded", 0)),
+        int(info.get("forwarded_flows", 0)),
         int(info.get("forwarded_offloaded", 0)),
         int(info.get("hw_offloaded", 0)),
         classic,

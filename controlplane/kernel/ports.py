@@ -70,6 +70,10 @@ class RtnlPort(Protocol):
 
     def remove_links(self, names: list[str]) -> None: ...
 
+    def vlans_supported(self) -> tuple[bool, str]:
+        """Whether this kernel can create a VLAN device, and why (not)."""
+        ...
+
 
 class TeardownResult(Protocol):
     @property

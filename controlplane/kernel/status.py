@@ -49,7 +49,7 @@ def collect(
         "counters": {},
         "conntrack": len(flows),
         "offloaded": sum(1 for f in flows if f.offloaded),
-        "forwarded": len(forwarded),
+        "forwarded_flows": len(forwarded),
         "forwarded_offloaded": sum(1 for f in forwarded if f.offloaded),
         "hw_offloaded": sum(1 for f in forwarded if f.status & IPS_HW_OFFLOAD),
         "drift": [],

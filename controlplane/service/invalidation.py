@@ -92,11 +92,20 @@ def _default_engine() -> Engine:
     return InvalidationEngine(Policy())
 
 
-def _describe(item: object) -> dict[str, Any]:
-    record: dict[str, Any] = {"kind": type(item).__name__}
+# Event fields that hold an ifindex: reported by name, the index as an extra field.
+_DEVICE_FIELDS = frozenset({"bridge", "port", "ifindex"})
+
+
+def _describe(item: object, name_of: Callable[[int], str]) -> dict[str, Any]:
+    """An event's fields for ``offloadctl watch`` (devices by name)."""
+    record: dict[str, Any] = {}
     for name in getattr(item, "__dataclass_fields__", {}):
         value = getattr(item, name)
-        if name == "flows":
+        if name in _DEVICE_FIELDS and isinstance(value, int):
+            key = "dev" if name == "ifindex" else name
+            record[key] = name_of(value)
+            record[f"{key}_ifindex"] = value
+        elif name == "flows":
             record["flows"] = len(value)
         elif name == "causes":
             record["causes"] = sorted(set(value))
@@ -109,8 +118,9 @@ def _describe(item: object) -> dict[str, Any]:
         elif name == "addresses":
             record["addresses"] = len(value)
         elif name == "link":
-            record |= {"ifindex": value.ifindex, "name": value.name, "up": value.up}
-            record["master"] = value.master
+            record |= {"dev": value.name, "dev_ifindex": value.ifindex, "up": value.up}
+            if value.master is not None:
+                record |= {"master": name_of(value.master), "master_ifindex": value.master}
         elif name == "flow":
             o = value.orig
             record["flow"] = f"{o.proto} {o.src}:{o.sport}->{o.dst}:{o.dport} zone={value.zone}"
@@ -410,6 +420,10 @@ class InvalidationService:
             return replace(flow, status=flow.status | IPS_OFFLOAD)
         return flow
 
+    def _name_of(self, ifindex: int) -> str:
+        link = self.watcher.caches.links.get(ifindex)
+        return link.name if link is not None else str(ifindex)
+
     def _emit(self, record: dict[str, Any]) -> None:
         if self._report is not None:
             self._report(record)
@@ -417,7 +431,7 @@ class InvalidationService:
     def _handle(self, event: ev.Event) -> None:
         assert self._engine is not None
         if self._report_events and not isinstance(event, ev.FlowSeen | ev.FlowGone):
-            self._emit({"event": type(event).__name__} | _describe(event))
+            self._emit({"event": type(event).__name__} | _describe(event, self._name_of))
         pending: list[ev.Event] = [event]
         while pending:
             for action in self._engine.handle(pending.pop(0)):
@@ -539,6 +553,6 @@ class InvalidationService:
                 "deleted": deleted,
                 "already_gone": gone,
                 "recreated": recreated,
-                "causes": "; ".join(sorted(set(causes))),
+                "causes": sorted(set(causes)),
             }
         )

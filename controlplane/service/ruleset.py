@@ -37,6 +37,7 @@ from controlplane.errors import (
     EnvironmentProblem,
     KernelError,
 )
+from controlplane.loader import line_of
 
 if TYPE_CHECKING:  # Protocols only: importing kernel.ports pulls in the BPF adapters
     from controlplane.kernel.ports import CtPort, LockPort, NftPort, RtnlPort, TeardownResult
@@ -203,8 +204,12 @@ class RulesetService:
         lap("prepare: render")
         links = self.p.rtnl.links([v.name for v in cfg.vlans])
         ok, why = self.p.nft.flowtables_supported() if rs.flowtables else (True, "")
-        kfacts = preflight.KernelFacts(links, ok, why, self.p.netns)
-        vlans = preflight.check(cfg, rs, kfacts)
+        # Asked only when a declared VLAN is missing (apply would create it), so
+        # plan and apply --check fail where apply would.
+        missing = any(v.name not in links for v in cfg.vlans)
+        vlan_ok, vlan_why = self.p.rtnl.vlans_supported() if missing else (True, "")
+        kfacts = preflight.KernelFacts(links, ok, why, self.p.netns, vlan_ok, vlan_why)
+        vlans = preflight.check(cfg, rs, kfacts, lambda loc: line_of(cfg, loc))
         lap("prepare: preflight")
         return rs, vlans, facts
 
@@ -230,6 +235,9 @@ class RulesetService:
     def plan(self, cfg: Config) -> Plan:
         rs, _, facts = self._prepare(cfg)
         why = tuple(explain(device_sets(cfg, facts))) if cfg.flowtables else ()
+        if any(name.endswith("*") for _, name in preflight.interface_matches(cfg)):
+            links = self.p.rtnl.links()  # what each wildcard matches now
+            why += tuple(preflight.wildcard_notes(cfg, links, lambda loc: line_of(cfg, loc)))
         return replace(self._observe(rs)[0], devices=why)
 
     # -- apply -----------------------------------------------------------------

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
+
+from controlplane.core.flowpath import Flow
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 
 pytestmark = pytest.mark.netns
 
@@ -51,3 +54,22 @@ def make_netns() -> Iterator[Callable[[], str]]:
 @pytest.fixture
 def netns(make_netns: Callable[[], str]) -> str:
     return make_netns()
+
+
+def create_without_events(netns: str, entries: Iterable[tuple[Flow, int]]) -> int:
+    """Create conntrack entries that will never report their end, whoever listens.
+
+    With the default ``nf_conntrack_events=2`` an entry gets the event extension when
+    some process anywhere on the machine holds a conntrack event listener: the kernel
+    keeps that one flag machine-wide, not per namespace (docs/kernel-facts.md). So
+    "made before our listener" is not "silent" while another namespace runs an agent
+    or a watch; ``0`` while they are made is, and the default is back for what follows.
+    """
+    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=0", netns=netns)
+    try:
+        with ConntrackSocket(netns) as ct:
+            created, failed = ct.create(entries)
+    finally:
+        sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=2", netns=netns)
+    assert failed == 0, f"{failed} entries not created"
+    return created

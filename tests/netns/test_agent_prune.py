@@ -1,5 +1,5 @@
 """The agent runs the flow-index prune: entries older than the agent, ended without a
-DESTROY (``nf_conntrack_events=2``: no listener when they were made), leave its index,
+DESTROY (made without the event extension: ``create_without_events``), leave its index,
 and ``status`` counts it (host netns; every entry indexed as offloaded, the test-only
 switch, since the host has no flowtables)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED
 from controlplane.core.flowpath import CtTuple, Family, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
-from tests.netns.conftest import sh
+from tests.netns.conftest import create_without_events
 from tests.netns.test_agent import AgentProc, agents, rundir, wait_for
 
 __all__ = ["agents", "rundir"]  # fixtures, imported for pytest
@@ -29,9 +29,7 @@ def tcp(i: int) -> Flow:
 def test_the_agent_prunes_flows_that_ended_without_a_destroy(
     netns: str, tmp_path: Path, rundir: Path, agents: list[AgentProc]
 ) -> None:
-    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=2", netns=netns)
-    with ConntrackSocket(netns) as ct:  # before the agent: no event extension
-        assert ct.create((tcp(i), 3600) for i in range(OLD)) == (OLD, 0)
+    assert create_without_events(netns, ((tcp(i), 3600) for i in range(OLD))) == OLD
     cfg = {"version": 1, "invalidation": {"prune_seconds": 0.5, "reconcile_seconds": 0}}
     a = AgentProc(netns, tmp_path, rundir, cfg)
     a.env = os.environ | {TESTING_ALL_OFFLOADED: "1"}

@@ -179,7 +179,7 @@ def test_flowtables_refused_with_reason(router: str, tmp_path: Path) -> None:
     res = run("apply", str(write(tmp_path, cfg)), "--netns", router, check_rc=3)
     assert "NF_FLOW_TABLE" in res.stderr
     assert "offloadctl" not in ruleset(router)
-    probe = json.loads(run("probe", "--netns", router, "--json").stdout)
+    probe = json.loads(run("probe", "--netns", router, "--json", check_rc=3).stdout)
     by_name = {c["name"]: c for c in probe}
     assert by_name["flowtables"]["ok"] is False
     assert by_name["conntrack"]["ok"] is True

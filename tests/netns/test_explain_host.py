@@ -69,7 +69,7 @@ def test_explain_a_flow_of_the_router_itself(lab: Lab) -> None:
         sport = conn.getsockname()[1]
         # status counts forwarded flows only: the router's own connection is not one.
         doc = json.loads(run("status", "--netns", lab.router, "--json")[1])
-        assert (doc["conntrack"] >= 5, doc["forwarded"]) == (True, 4), doc
+        assert (doc["conntrack"] >= 5, doc["forwarded_flows"]) == (True, 4), doc
         code, out, _ = run(
             "explain",
             "tcp",
@@ -129,7 +129,7 @@ def test_status_opens_with_the_verdict(lab: Lab, tmp_path: Path) -> None:
     )
     code, out, _ = run("status", "--netns", lab.router, "--json")
     doc = json.loads(out)
-    assert (doc["forwarded"], doc["forwarded_offloaded"], doc["kernel"]["can_offload"]) == (
+    assert (doc["forwarded_flows"], doc["forwarded_offloaded"], doc["kernel"]["can_offload"]) == (
         4,
         0,
         False,

@@ -1,10 +1,12 @@
 """The flow-index prune against the real kernel (host netns; nothing here needs flowtables:
 every TCP/UDP entry is indexed as if offloaded, the test-only switch).
 
-With ``nf_conntrack_events=2`` (the default) an entry created while nobody listened
-carries no event extension: it never reports DESTROY. Entries made before the
-service starts are such entries; deleting them afterwards is silent, and only the
-periodic re-dump (``invalidation.prune_seconds``) takes them out of the index.
+With ``nf_conntrack_events=2`` (the default) an entry created while no process on the
+machine listened to conntrack events carries no event extension: it never reports
+DESTROY. The tests make the entries that predate the service such entries whatever
+else runs on the machine (``create_without_events``); deleting them afterwards is
+silent, and only the periodic re-dump (``invalidation.prune_seconds``) takes them out
+of the index.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 from controlplane.config import InvalidationConfig
 from controlplane.core.flowpath import CtTuple, Family, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
+from controlplane.kernel.ctnetlink.events import CtEvents
 from controlplane.service.invalidation import InvalidationService
-from tests.netns.conftest import sh
+from tests.netns.conftest import create_without_events, sh
 
 OLD = 40  # entries created before the service: no DESTROY will ever come
 TIMEOUT = 3600
@@ -56,9 +59,7 @@ def settle(service: InvalidationService) -> None:
 
 
 def start(netns: str, prune_seconds: float, more: int = 0) -> InvalidationService:
-    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=2", netns=netns)
-    with ConntrackSocket(netns) as ct:  # nobody listens yet: no event extension
-        assert ct.create((tcp(i), TIMEOUT) for i in range(OLD)) == (OLD, 0)
+    assert create_without_events(netns, ((tcp(i), TIMEOUT) for i in range(OLD))) == OLD
     settings = InvalidationConfig(reconcile_seconds=0, prune_seconds=prune_seconds)
     service = InvalidationService(netns, settings, only_offloaded=False, freeze_gc=False)
     service.start()
@@ -76,6 +77,27 @@ def end_and_recreate(netns: str) -> tuple[list[Flow], Flow]:
         assert ct.delete([reborn]).deleted == 1
         assert ct.create([(tcp(1), TIMEOUT)]) == (1, 0)
     return dead, reborn
+
+
+def test_a_listener_in_another_namespace_gives_entries_their_end_event(
+    make_netns: Callable[[], str],
+) -> None:
+    # What the tests here rely on, as the kernel shows it: with the default
+    # nf_conntrack_events=2, whether an entry will report DESTROY is decided when it is
+    # made, by whether any process on the machine listens (someone else's agent or
+    # watch will do); with 0 while it is made, it never will.
+    here, elsewhere = make_netns(), make_netns()
+    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=2", netns=here)
+    with CtEvents(elsewhere):
+        with ConntrackSocket(here) as ct:
+            assert ct.create([(tcp(0), TIMEOUT)]) == (1, 0)
+        assert create_without_events(here, [(tcp(1), TIMEOUT)]) == 1
+    with CtEvents(here) as events:
+        with ConntrackSocket(here) as ct:
+            assert ct.delete(f for f in ct.dump() if f.orig.proto == 6).deleted == 2
+        changes, lost = events.poll()  # a delete queues its DESTROY before it returns
+    assert not lost
+    assert {c.flow.orig.sport for c in changes if c.gone} == {20_000}
 
 
 def test_without_the_prune_entries_older_than_the_service_stay_indexed(

@@ -257,6 +257,7 @@ def _normalised(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("elements = {"))
 
 
+@pytest.mark.timeout(900)  # 100 CLI runs: ~2 min on a busy 2-core machine
 def test_concurrent_applies_serialise(make_netns: Callable[[], str], tmp_path: Path) -> None:
     ns = make_netns()
     sh("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "lan0", netns=ns)

@@ -148,7 +148,7 @@ def test_bad_reload_keeps_running_config_and_names_fields(
     assert status["last_apply"]["ok"] is True
     err = [line for line in log_lines(logbuf) if line["level"] == "error"]
     assert len(err) == 1 and "running config kept" in err[0]["msg"]
-    assert "nat.masquerade[0].oifname" in err[0]["problems"]
+    assert any("nat.masquerade[0].oifname" in p for p in err[0]["problems"])  # a list field
 
 
 def test_kernel_refusal_keeps_running_config(tmp_path: Path, logbuf: io.StringIO) -> None:
@@ -373,3 +373,38 @@ def test_replan_uses_link_cache_first_and_the_kernel_on_retry(
     agent.reapply_if_needed()
     assert seen == [{7: "cached"}, None]  # cache first; the retry asks the kernel
     assert sub.drained == 1  # after reading what the watcher queued meanwhile
+
+
+def test_drift_check_restores_another_writers_change_and_says_so(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    """apply --force by someone else: the next drift check commits the running
+    config again, logs a warning with the change count, counts a repair; an
+    unchanged kernel costs nothing in the log."""
+    agent, applier, _ = make_agent(tmp_path, logbuf, drift_interval=0.5)
+    agent.start()
+    assert agent.snapshot().drift_check_seconds == 0.5
+    started = len(log_lines(logbuf))
+    agent.check_drift()
+    assert len(log_lines(logbuf)) == started and agent.snapshot().drift_repairs == 0  # quiet
+    applier.kernel = None  # another writer changed the table
+    agent.check_drift()
+    drift = [line for line in log_lines(logbuf) if line["event"] == "drift"]
+    assert drift[0]["level"] == "warning" and drift[0]["changes"] == 1, drift
+    assert drift[0]["msg"] == "restored the table another writer changed"
+    assert agent.snapshot().drift_repairs == 1
+    # A failing check is logged once, not every period.
+    applier.refuse = KernelError("nft transaction", "busy", 16)
+    agent.check_drift()
+    agent.check_drift()
+    errors = [line for line in log_lines(logbuf) if line["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["event"] == "drift", errors
+
+
+def test_the_cli_default_drift_interval_is_the_daemons() -> None:
+    import inspect
+
+    from controlplane.cli.agent import agent as agent_cmd
+
+    default = inspect.signature(agent_cmd).parameters["drift_interval"].default
+    assert default == daemon.DRIFT_CHECK

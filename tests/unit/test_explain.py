@@ -413,7 +413,7 @@ def test_status_line_reads_both_shapes() -> None:
         "kernel": {"can_offload": True, "reason": "ok"},
         "flowtables": [{"name": "ft", "devices": ["p1", "wan"]}],
         "counters": counters,
-        "forwarded": 3,
+        "forwarded_flows": 3,
         "forwarded_offloaded": 2,
     }
     agent_shape = cli_shape | {"flowtables": {"ft": ("p1", "wan")}}
@@ -452,7 +452,7 @@ def test_policies_come_from_the_agents_file(tmp_path: Any, monkeypatch: pytest.M
                    "policies: [{name: all, flowtable: ft}]\n")  # fmt: skip
     sha = hashlib.sha256(cfg.read_bytes()).hexdigest()
     doc = {"config_path": str(cfg), "config_sha256": sha}
-    monkeypatch.setattr(cli_agent, "ask_agent", lambda *_a, **_k: doc)
+    monkeypatch.setattr(cli_agent, "agent_answer", lambda *_a, **_k: doc)
     policies, table, source = _policies(None, None, None)
     assert [p.name for p in policies or ()] == ["all"] and table == "offloadctl"
     assert source == f"the agent's config {cfg}"
@@ -461,5 +461,5 @@ def test_policies_come_from_the_agents_file(tmp_path: Any, monkeypatch: pytest.M
         f"the agent's config {cfg} (changed since the agent loaded it: its running"
         " policies may differ)"
     )
-    monkeypatch.setattr(cli_agent, "ask_agent", lambda *_a, **_k: None)
+    monkeypatch.setattr(cli_agent, "agent_answer", lambda *_a, **_k: None)
     assert _policies(None, None, None) == (None, "offloadctl", "no config")

@@ -22,6 +22,7 @@ ROOT = Path(__file__).parents[2]
 SEED = ROOT / "nft" / "examples" / "seed.yaml"
 
 DNAT = "version: 1\nnat:\n  dnat:\n    - iifname: wan0\n      to: 10.0.0.1\n"
+ANY_WORDING = ""  # the parser's own message, whatever it says
 
 
 def _alias_bomb(levels: int, fanout: int = 10) -> str:
@@ -84,12 +85,24 @@ BAD: list[tuple[str, str, bool, str, int | None, str]] = [
         "zone id",
     ),
     (
+        "deep-flow",
+        "version: 1\nx: " + "[" * 100 + "]" * 100 + "\n",
+        False,
+        "(file)",
+        2,
+        "nested deeper than 64",
+    ),
+    (
+        # Which limit stops this first is the parser's business: libyaml >= 0.2.6 (PyYAML
+        # 6.0.4's wheels) scans a flow collection ahead and refuses 1,000 levels with its own
+        # message before our check sees level 64; older ones leave it to ours. Either way: one
+        # problem, for the file, on line 2.
         "deep-yaml",
         "version: 1\nx: " + "[" * 100_000 + "]" * 100_000 + "\n",
         False,
         "(file)",
         2,
-        "nested deeper",
+        ANY_WORDING,
     ),
     (
         "deep-block",
@@ -165,7 +178,9 @@ def test_bad_input_names_the_field_and_line(
         load_text(text, "t", json_syntax=as_json)
     issues = {i.path: i for i in info.value.issues}
     assert path in issues, [str(i) for i in info.value.issues]
-    assert words.lower() in issues[path].message.lower(), str(issues[path])
+    if words == ANY_WORDING:  # only the place and the count are ours to promise
+        assert len(info.value.issues) == 1, [str(i) for i in info.value.issues]
+    assert issues[path].message and words.lower() in issues[path].message.lower(), str(issues[path])
     assert issues[path].line == line, str(issues[path])
 
 
@@ -292,15 +307,21 @@ def test_cli_reads_stdin() -> None:
 def test_cli_parser_failures_exit_2_with_one_line(tmp_path: Path) -> None:
     deep = tmp_path / "deep.yaml"
     deep.write_text("version: 1\nx: " + "[" * 200_000 + "]" * 200_000 + "\n")
-    res = _cli("validate", str(deep))
-    assert res.returncode == 2, res.stderr
-    assert "nested deeper than 64 levels" in res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 2
+    # whatever the parser says about it: exit 2, the file named, one problem with its line
+    assert _one_problem(_cli("validate", str(deep)), deep).startswith("(file) (line 2): ")
     deepj = tmp_path / "deep.json"
     deepj.write_text("[" * 200_000 + "]" * 200_000)
-    res = _cli("validate", str(deepj))
+    assert _one_problem(_cli("validate", str(deepj)), deepj).startswith("(file)")
+
+
+def _one_problem(res: subprocess.CompletedProcess[str], path: Path) -> str:
+    """The one problem line of a CLI run that exited 2 naming ``path``, without a traceback."""
     assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 2
+    assert "Traceback" not in res.stderr, res.stderr
+    head, *problems = res.stderr.splitlines()
+    assert head == f"offloadctl: {path}: invalid config (1 problem(s))", res.stderr
+    assert len(problems) == 1, res.stderr
+    return problems[0].strip()
 
 
 def test_cli_version() -> None:

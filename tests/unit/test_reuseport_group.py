@@ -171,3 +171,23 @@ def test_open_says_which_problem(objects: FakeBpfObjects) -> None:
     objects.pins[f"{PIN}/counters"] = FakeMap(2, 4, 4, 5, "counters")  # u32, not u64
     with pytest.raises(EnvironmentProblem, match="counters is not the map this version expects"):
         ReuseportGroup.from_objects("svc", "host", PIN, objects)
+
+
+def test_register_generation_takes_the_next_number_for_all_its_listeners(
+    group: ReuseportGroup, listeners: list[socket.socket]
+) -> None:
+    assert group.register_generation(listeners[:2]) == (1, (0, 1))
+    group.activate(1)
+    assert group.register_generation(listeners[2:3]) == (2, (2,))
+    assert dict(group.state().slots) == {0: 1, 1: 1, 2: 2}
+
+
+def test_register_generation_that_fails_leaves_nothing_behind(
+    objects: FakeBpfObjects, group: ReuseportGroup, listeners: list[socket.socket]
+) -> None:
+    group.register(listeners[0], 1)
+    # The third listener does not fit (capacity 4): the first two are taken out again.
+    with pytest.raises(EnvironmentProblem, match="slots are taken"):
+        group.register_generation(listeners[1:5])
+    assert dict(group.state().slots) == {0: 1}
+    assert in_sockarray(objects) == [0]

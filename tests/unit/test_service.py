@@ -42,6 +42,7 @@ class FakeRtnl:
     names: set[str] = field(default_factory=lambda: {"lo", "wan0", "lan0", "a", "b"})
     created: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    vlan_support: tuple[bool, str] = (True, "")
 
     def links(self, vlan_names: Iterable[str] = ()) -> Mapping[str, LinkInfo]:
         return {n: LinkInfo(None) for n in self.names}
@@ -57,6 +58,9 @@ class FakeRtnl:
     def remove_links(self, names: list[str]) -> None:
         self.removed += names
         self.names -= set(names)
+
+    def vlans_supported(self) -> tuple[bool, str]:
+        return self.vlan_support
 
 
 @dataclass

@@ -18,7 +18,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.durations_min = 0.0
 
 
+# Per-test limit under TCG (pyproject's is for the host): the slowest VM tests take
+# ~5 min with the machine busy, so a hang still fails with its name well before
+# vm-tests/run's own --timeout ends the whole boot.
+VM_TEST_TIMEOUT = 900
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(VM_TEST_TIMEOUT))
     if IN_VM:
         return
     skip = pytest.mark.skip(reason="VM suite: run it through vm-tests/run (make vm-test)")

@@ -1512,7 +1512,7 @@ class WatchProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"watch exited {self.proc.returncode}: {self.stderr[-20:]}")
-            return any(rec.get("kind") == "ready" for _, rec in self.lines)
+            return any(rec.get("event") == "ready" for _, rec in self.lines)
 
         wait_for(ready, timeout, interval=0.1, what="offloadctl watch to be ready")
 

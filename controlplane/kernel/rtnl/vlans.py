@@ -99,6 +99,14 @@ class RtnlLinks:
     def remove_links(self, names: list[str]) -> None:
         remove_vlans(names, self.netns)
 
+    def vlans_supported(self) -> tuple[bool, str]:
+        # The module support is the kernel's, not the namespace's: probed in a
+        # scratch namespace (kernel/probe.py), nothing left behind.
+        from controlplane.kernel.probe import vlan
+
+        cap = vlan()
+        return cap.ok, cap.reason
+
 
 def _delete(ipr: Any, names: list[str]) -> None:
     for name in reversed(names):

@@ -1,0 +1,394 @@
+"""The reuseport lab (namespaces over veth, helpers) and the ``reuseport exec``
+rows of ``make bench``; imported by bench/bench_reuseport.py and the demo.
+
+``offloadctl reuseport exec`` under load:
+
+Two servers, each restarted ``--exec-restarts`` times by running ``exec`` again
+(what ``systemctl reload`` does with the documented unit), in one run per
+server that first measures a quiet phase and then the restarts:
+
+- ``c-server``: bench/activated_server.c (accept, write, close; forked
+  workers) at ``--exec-rate`` new connections/s (the production-load row);
+- ``gunicorn``: gunicorn from PyPI serving a WSGI app, unchanged (the
+  real-server row), at ``--gunicorn-rate`` HTTP requests/s.
+
+The load is bench/reuseport_load.c (open loop, one record per connection),
+run as ``--clients`` processes from their own namespace over a veth pair.
+Both C programs are built here with the system's gcc. Connect latency of the
+quiet phase and of the restart phase come from the same client processes, so
+their ratio compares like with like; a failed connection is one refused,
+reset, closed without an answer or unanswered within 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from controlplane.core.reuseport_policy import target  # noqa: E402 - after the sys.path tweak
+from controlplane.kernel.bpf.loader import load_group, unload_group  # noqa: E402
+from controlplane.reuseport import ReuseportGroup  # noqa: E402
+
+SERVER_IP, CLIENT_IP, PORT = "10.99.0.1", "10.99.0.2", 8080
+PR_SET_CHILD_SUBREAPER = 36
+GROUP = "bench"
+OUTCOMES = ("ok", "refused", "reset", "timeout", "closed", "other", "bad-reply")
+_REC = struct.Struct("<IIII")  # start_us, connect_us, outcome, answer (reuseport_load.c)
+
+
+def sh(*args: str, netns: str | None = None) -> str:
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@contextlib.contextmanager
+def veth_lab(prefix: str) -> Iterator[tuple[str, str]]:
+    """Server and client namespaces joined by a veth pair (SERVER_IP, CLIENT_IP)."""
+    tag = uuid.uuid4().hex[:6]
+    srv, cli = f"{prefix}-s-{tag}", f"{prefix}-c-{tag}"
+    try:
+        for ns in (srv, cli):
+            sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", "v-srv", "netns", srv, "type", "veth", "peer", "v-cli",
+           "netns", cli)  # fmt: skip
+        for ns, dev, ip in ((srv, "v-srv", SERVER_IP), (cli, "v-cli", CLIENT_IP)):
+            sh("ip", "addr", "add", f"{ip}/24", "dev", dev, netns=ns)
+            sh("ip", "link", "set", dev, "up", netns=ns)
+            sh("ip", "link", "set", "lo", "up", netns=ns)
+        sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535", netns=cli)
+        yield srv, cli
+    finally:
+        for ns in (srv, cli):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def migrate_stats(netns: str) -> tuple[int, int]:
+    lines = sh("cat", "/proc/net/netstat", netns=netns).splitlines()
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            d = dict(zip(head.split()[1:], map(int, vals.split()[1:]), strict=False))
+            return d.get("TCPMigrateReqSuccess", 0), d.get("TCPMigrateReqFailure", 0)
+    return 0, 0
+
+
+def wait_file(path: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"service did not start ({path} missing)")
+        time.sleep(0.01)
+
+
+def read_pid(path: str) -> int:
+    return int(Path(path).read_text())
+
+
+def reap() -> None:
+    # Old generations are reparented to us (subreaper) when their parent exits.
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def build(tmp: Path) -> dict[str, Path]:
+    """Compile the load generator and the C server (gcc -O2)."""
+    out = {}
+    for name in ("reuseport_load", "activated_server"):
+        binary = tmp / name
+        subprocess.run(
+            ["gcc", "-O2", "-Wall", "-o", str(binary), str(REPO / "bench" / f"{name}.c")],
+            check=True,
+        )
+        out[name] = binary
+    return out
+
+
+@dataclass
+class Record:
+    start_ms: float
+    connect_ms: float
+    outcome: str
+    answer: int
+
+
+@dataclass
+class ExecRun:
+    server: str
+    offered_rate: float
+    seconds: float
+    records: list[Record]
+    restarts: int
+    restart_window: tuple[float, float]  # ms since the clients started
+    quiet_window: tuple[float, float]
+    handover_ms: list[float] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # clients, servers and exec processes together
+
+    def failures(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r.outcome != "ok":
+                out[r.outcome] = out.get(r.outcome, 0) + 1
+        return out
+
+    def connect_ms(self, window: tuple[float, float]) -> list[float]:
+        lo, hi = window
+        return [r.connect_ms for r in self.records if r.outcome == "ok" and lo <= r.start_ms < hi]
+
+    @property
+    def achieved_rate(self) -> float:
+        return len(self.records) / self.seconds if self.seconds else 0.0
+
+
+def read_records(path: Path) -> list[Record]:
+    return [
+        Record(start / 1000, conn / 1000, OUTCOMES[outcome], answer)
+        for start, conn, outcome, answer in _REC.iter_unpack(path.read_bytes())
+    ]
+
+
+class ExecProc:
+    def __init__(self, srv: str, bpffs: str, cmd: list[str], log: Path) -> None:
+        offloadctl = shutil.which("offloadctl", path=os.path.dirname(sys.executable))
+        argv = [offloadctl] if offloadctl else [sys.executable, "-m", "controlplane.cli"]
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *argv, "reuseport", "exec", "--name", GROUP, "--netns", srv,
+                    "--bpffs", bpffs, "--listen", f"{SERVER_IP}:{PORT}", "--", *cmd,
+                ],
+                stdout=out,
+                stderr=out,
+                cwd=REPO,
+            )  # fmt: skip
+
+
+def wait_generation(group: ReuseportGroup, gen: int, ex: ExecProc, timeout: float = 60) -> None:
+    """Until ``gen`` is the target; polled every 20 ms (the bench's CPU is the load's)."""
+    deadline = time.monotonic() + timeout
+    while target(group.state()).generation != gen:
+        if ex.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"generation {gen} did not become active")
+        time.sleep(0.02)
+
+
+def run_server(
+    server: str,
+    cmd: list[str],
+    *,
+    rate: float,
+    http: bool,
+    clients: int,
+    restarts: int,
+    quiet: float,
+    bins: dict[str, Path],
+) -> ExecRun:
+    """One server under load: ``quiet`` seconds, then ``restarts`` restarts, then a tail."""
+    with veth_lab("rpx") as (srv, cli), _bpffs() as bpffs:
+        tmp = Path(bpffs).parent
+        load_group(GROUP, netns=srv, bpffs=bpffs)
+        group = ReuseportGroup.open(GROUP, netns=srv, bpffs=bpffs)
+        execs = [ExecProc(srv, bpffs, cmd, tmp / f"{server}-exec.log")]
+        outs = [tmp / f"{server}-{i}.bin" for i in range(clients)]
+        loads: list[subprocess.Popen[bytes]] = []
+        try:
+            wait_generation(group, 1, execs[0])
+            # Stopped by SIGINT once the restarts are done; this is only a bound.
+            seconds = 3600
+            t0 = time.monotonic()
+            for out in outs:
+                loads.append(
+                    subprocess.Popen(
+                        [
+                            "ip", "netns", "exec", cli, str(bins["reuseport_load"]),
+                            "-a", SERVER_IP, "-p", str(PORT), "-r", str(rate / clients),
+                            "-d", str(seconds), "-o", str(out), *(["-H"] if http else []),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )
+                )  # fmt: skip
+            time.sleep(quiet)
+            r0 = (time.monotonic() - t0) * 1000
+            handover = []
+            for gen in range(2, restarts + 2):
+                t = time.monotonic()
+                execs.append(ExecProc(srv, bpffs, cmd, tmp / f"{server}-exec.log"))
+                wait_generation(group, gen, execs[-1])
+                handover.append((time.monotonic() - t) * 1000)
+                if execs[-2].proc.wait(60) != 0:
+                    raise RuntimeError(f"exec of generation {gen - 1} exited non-zero")
+            r1 = (time.monotonic() - t0) * 1000
+            time.sleep(1.0)  # let the last handover's stragglers finish inside the run
+            for p in loads:
+                p.send_signal(signal.SIGINT)
+            for p in loads:
+                p.wait(30)
+            elapsed = time.monotonic() - t0
+            c = group.counters()
+            records = [r for out in outs if out.exists() for r in read_records(out)]
+            return ExecRun(
+                server=server,
+                offered_rate=rate,
+                seconds=elapsed,
+                records=records,
+                restarts=restarts,
+                restart_window=(r0, r1),
+                quiet_window=(1000.0, r0),  # the first second is warm-up
+                handover_ms=handover,
+                counters={k: getattr(c, k) for k in c.__dataclass_fields__},
+            )
+        finally:
+            for p in loads:
+                if p.poll() is None:
+                    p.kill()
+            for ex in execs:
+                if ex.proc.poll() is None:
+                    ex.proc.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        ex.proc.wait(20)
+            group.close()
+            with contextlib.suppress(Exception):
+                unload_group(GROUP, netns=srv, bpffs=bpffs)
+
+
+@contextlib.contextmanager
+def _bpffs() -> Iterator[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-rpx-") as tmp:
+        path = os.path.join(tmp, "bpffs")
+        os.mkdir(path)
+        subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", path], check=False)
+
+
+def print_rows(runs: list[ExecRun]) -> None:
+    load = os.getloadavg()
+    print(
+        f"\nreuseport exec: {runs[0].restarts if runs else 0} restarts per server by running"
+        f" 'offloadctl reuseport exec' again; load average {load[0]:.1f} on"
+        f" {os.cpu_count()} CPUs (shared machine)\n"
+    )
+    head = (
+        f"{'server':<9} {'offered/s':>9} {'achieved/s':>10} {'conns':>7} {'failed':>6}"
+        f" {'quiet p50':>9} {'quiet p99':>9} {'restart p50':>11} {'restart p99':>11}"
+        f" {'p99 ratio':>9} {'migrated':>8} {'handover p50':>12}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        quiet, busy = r.connect_ms(r.quiet_window), r.connect_ms(r.restart_window)
+        ratio = percentile(busy, 99) / percentile(quiet, 99)
+        migrated = r.counters.get("migrated_established", 0) + r.counters.get("migrated_request", 0)
+        print(
+            f"{r.server:<9} {r.offered_rate:>9.0f} {r.achieved_rate:>10.0f} {len(r.records):>7}"
+            f" {sum(r.failures().values()):>6}"
+            f" {percentile(quiet, 50):>7.2f}ms {percentile(quiet, 99):>7.2f}ms"
+            f" {percentile(busy, 50):>9.2f}ms {percentile(busy, 99):>9.2f}ms"
+            f" {ratio:>9.2f} {migrated:>8} {percentile(r.handover_ms, 50):>10.0f}ms"
+        )
+    print()
+    cpus = os.cpu_count() or 1
+    for r in runs:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r.failures().items())) or "none"
+        answered = len({rec.answer for rec in r.records if rec.outcome == "ok"})
+        per_conn = r.cpu_seconds / max(1, len(r.records))
+        print(
+            f"{r.server}: failures {kinds}; {answered} generations answered;"
+            f" program counters {r.counters}"
+        )
+        print(
+            f"{r.server}: {per_conn * 1e6:.0f} us of CPU per connection (load generator,"
+            f" server, exec; {r.cpu_seconds:.1f} s in all): {cpus} idle CPUs would carry about"
+            f" {cpus / per_conn:,.0f} connections/s"
+            if per_conn
+            else f"{r.server}: no CPU data"
+        )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exec-servers",
+        default="c-server,gunicorn",
+        help="servers restarted by 'reuseport exec' ('' to skip)",
+    )
+    p.add_argument("--exec-rate", type=float, default=10000, help="c-server: connections/s")
+    p.add_argument("--gunicorn-rate", type=float, default=300, help="gunicorn: requests/s")
+    p.add_argument("--exec-restarts", type=int, default=20)
+    p.add_argument("--clients", type=int, default=4, help="load generator processes")
+    p.add_argument("--server-workers", type=int, default=2, help="c-server worker processes")
+    p.add_argument("--quiet", type=float, default=5.0, help="seconds before the first restart")
+
+
+def gunicorn_cmd(delay_ms: int = 0) -> list[str]:
+    """gunicorn from this venv serving examples/wsgi_generation.py, unchanged; a
+    request takes ``delay_ms`` (so that requests queue on the listeners)."""
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+    if gunicorn is None:
+        raise SystemExit("gunicorn is not installed in this venv (a dev dependency)")
+    return [
+        *("env", f"WSGI_DELAY_MS={delay_ms}"),  # env execs gunicorn: LISTEN_PID holds
+        *(gunicorn, "--workers", "2", "--no-control-socket", "--log-level", "warning"),
+        *("--chdir", str(REPO / "examples"), "wsgi_generation:app"),
+    ]
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_all(args: argparse.Namespace) -> list[ExecRun]:
+    import tempfile
+
+    servers = [s for s in args.exec_servers.split(",") if s]
+    runs: list[ExecRun] = []
+    with tempfile.TemporaryDirectory(prefix="bench-rpx-bin-") as tmp:
+        bins = build(Path(tmp)) if servers else {}
+        for server in servers:
+            print(f"running reuseport exec with {server}...", file=sys.stderr, flush=True)
+            cpu0 = _children_cpu()
+            common = {
+                "clients": args.clients,
+                "restarts": args.exec_restarts,
+                "quiet": args.quiet,
+                "bins": bins,
+            }
+            if server == "c-server":
+                cmd = [str(bins["activated_server"]), str(args.server_workers)]
+                runs.append(run_server(server, cmd, rate=args.exec_rate, http=False, **common))
+            elif server == "gunicorn":
+                runs.append(
+                    run_server(server, gunicorn_cmd(), rate=args.gunicorn_rate, http=True, **common)
+                )
+            else:
+                raise SystemExit(f"--exec-servers: unknown server {server!r}")
+            # Every process of the run has been waited for: its CPU time is counted.
+            runs[-1].cpu_seconds = _children_cpu() - cpu0
+    return runs
