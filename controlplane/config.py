@@ -419,6 +419,41 @@ def _prefix_issues(nets: list[Net], field: str) -> list[tuple[Loc, str]]:
     return sorted(issues)
 
 
+def _show_ports(r: tuple[int, int]) -> str:
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
+def _port_issues(ranges: list[tuple[int, int]], field: str) -> list[tuple[Loc, str]]:
+    """Ports that repeat, overlap, or (in a list with a range) touch: nft stores
+    such a set merged (``{ 22, 20-30 }`` lists as ``{ 20-30 }``, ``{ 22, 23,
+    100-200 }`` as ``{ 22-23, 100-200 }``), so the rule it lists back would
+    differ from ours forever. Without a range nft keeps ``{ 22, 23 }`` apart
+    (docs/nft-behaviour.md)."""
+    intervals = any(low != high for low, high in ranges)
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i], i))
+    issues: list[tuple[Loc, str]] = []
+    prev: int | None = None
+    for i in order:
+        if prev is not None:
+            phigh, low = ranges[prev][1], ranges[i][0]
+            what = ""
+            if low <= phigh:
+                what = "repeats" if ranges[i] == ranges[prev] else "overlaps"
+            elif low == phigh + 1 and intervals:
+                what = "touches"
+            if what:
+                issues.append(
+                    (
+                        (field, i),
+                        f"port {_show_ports(ranges[i])!r} {what} {_show_ports(ranges[prev])!r}"
+                        f" (at [{prev}]): nft merges them; list each port once, as one range",
+                    )
+                )
+        if prev is None or ranges[i][1] > ranges[prev][1]:
+            prev = i
+    return sorted(issues)
+
+
 def _families(nets: list[Net]) -> set[int]:
     return {n.version for n in nets}
 
@@ -529,8 +564,8 @@ class OffloadPolicy(_Model):
             + _prefix_issues(self.saddr, "saddr")
             + _prefix_issues(self.daddr, "daddr")
             + _family_issues(self.saddr, self.daddr)
-            + _duplicates([str(p) for p in self.dport], "dport", "port")
-            + _duplicates([str(p) for p in self.sport], "sport", "port")
+            + _port_issues(self.dport, "dport")
+            + _port_issues(self.sport, "sport")
         )
         return self
 
@@ -625,6 +660,8 @@ class ForwardAccept(_Model):
             + _prefix_issues(self.daddr, "daddr")
             + _family_issues(self.saddr, self.daddr)
             + _icmp_family_issues(list(self.protocols), self.saddr, self.daddr)
+            + _port_issues(self.dport, "dport")
+            + _port_issues(self.sport, "sport")
         )
         for key in ("dport", "sport"):
             if getattr(self, key) and (not self.protocols or set(self.protocols) - {"tcp", "udp"}):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from controlplane.boundedjson import DuplicateKey, no_duplicate_keys
 from controlplane.errors import ConfigError, ConfigIssue, UnreadableConfig
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_VALUES",
     "format_loc",
+    "load_bytes",
     "load_config",
     "load_text",
     "parse_config",
@@ -292,21 +294,6 @@ _NO_KEY: Any = _NoKey()
 # JSON
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return out
-
-
 def _json_lines(text: str) -> _Lines | None:
     """Line numbers for a JSON text, only needed when reporting a problem.
 
@@ -332,18 +319,18 @@ def _json_depth_ok(data: Any) -> None:
 
 def _load_json(text: str) -> tuple[Any, _Lines | None]:
     try:
-        data = json.loads(text, object_pairs_hook=_pairs_without_duplicates)
+        data = json.loads(text, object_pairs_hook=no_duplicate_keys)
         _json_depth_ok(data)
         return data, None
     except json.JSONDecodeError as exc:
         raise _YamlProblem(exc.lineno, f"invalid JSON: {exc.msg}") from None
-    except _DuplicateKey as exc:
+    except DuplicateKey as exc:
         try:
             _compose_yaml(text)
         except _YamlProblem as found:
             if found.message.startswith("duplicate key"):
                 raise
-        raise _YamlProblem(None, f"duplicate key {exc.args[0]!r}") from None
+        raise _YamlProblem(None, f"duplicate key {exc.key!r}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -455,33 +442,66 @@ def _parser_issue(exc: BaseException) -> ConfigIssue:
 
 
 def _read(stream: BinaryIO, source: str) -> str:
-    raw = stream.read(MAX_BYTES + 1)
+    return _decode(stream.read(MAX_BYTES + 1), source)
+
+
+def _decode(raw: bytes, source: str) -> str:
     if len(raw) > MAX_BYTES:
         raise ConfigError(
             [ConfigIssue(FILE, f"larger than {MAX_BYTES >> 20} MiB; a config is far smaller")],
             source,
         )
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             [ConfigIssue(FILE, f"not UTF-8 text (byte {exc.start}: {exc.reason})")], source
         ) from None
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        column = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    FILE,
+                    f"control character U+{ord(bad.group()):04X} at column {column};"
+                    " a config is plain text",
+                    line,
+                )
+            ],
+            source,
+        )
+    return text
+
+
+# What neither YAML nor JSON allows anywhere in a document (C0 controls but tab,
+# LF and CR; DEL; C1 controls but NEL; lone surrogates): found here, it is one
+# line naming where, not a parser's two-line message without a line number.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff]")
 
 
 def load_config(path: str | Path) -> Config:
-    """Load ``path`` (``-``: stdin, YAML or JSON): JSON if it ends in .json."""
+    """Load ``path`` (``-``: stdin, YAML or JSON): JSON if it ends in .json.
+    Only a regular file is read: a FIFO, socket or device is refused, never
+    waited on."""
+    from controlplane.regular_file import read_regular
+
     if str(path) == STDIN:
         return load_text(_read(sys.stdin.buffer, "<stdin>"), "<stdin>")
     path = Path(path)
     source = str(path)
     try:
-        with path.open("rb") as f:
-            text = _read(f, source)
+        raw = read_regular(path, MAX_BYTES)
     except FileNotFoundError:
         raise UnreadableConfig(source, "no such file") from None
     except PermissionError:
         raise UnreadableConfig(source, "permission denied") from None
     except OSError as exc:
         raise UnreadableConfig(source, f"cannot read: {exc.strerror or exc}") from None
-    return load_text(text, source, json_syntax=path.suffix == ".json")
+    return load_bytes(raw, source, json_syntax=path.suffix == ".json")
+
+
+def load_bytes(raw: bytes, source: str, *, json_syntax: bool = False) -> Config:
+    """A config file's bytes (bounded, UTF-8, plain text) → Config, or ConfigError."""
+    return load_text(_decode(raw, source), source, json_syntax=json_syntax)

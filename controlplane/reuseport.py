@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
-import fcntl
 import json
 import os
 import struct
@@ -46,6 +45,7 @@ from controlplane.kernel.bpf.loader import (
     require_bpffs,
 )
 from controlplane.kernel.bpf.ports import BpfMapPort, BpfMapsPort, BpfProgPort
+from controlplane.kernel.flock import lock_exclusive
 
 __all__ = ["DEFAULT_BPFFS", "Counters", "GenerationStatus", "GroupStatus", "ReuseportGroup"]
 
@@ -55,6 +55,8 @@ _CTL = struct.Struct("<II")  # struct ctl_state {live, flags}
 _TABLE_HEAD = struct.Struct("<IIII")  # struct target_table {generation, count, flags, reserved}
 _FLAG_DROP = 1
 _GEN_ACTIVE = 1
+# Changes under the group lock are a few map updates; a holder this late is stopped or hung.
+GROUP_LOCK_WAIT = 30.0
 COUNTER_NAMES = ("selected", "migrated_established", "migrated_request", "dropped", "fallback")
 
 
@@ -372,7 +374,9 @@ class ReuseportGroup:
         except PermissionError:
             raise _permission_problem(self.name, self.netns, self.pin_dir, _errno.EACCES) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_exclusive(
+                fd, GROUP_LOCK_WAIT, f"the lock of reuseport group {self.name!r} ({self.pin_dir})"
+            )
             yield
         finally:
             os.close(fd)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from topology import NS1, NS2, NSR, MiB, build_topology, tcp_transfer  # noqa: E402
 
-from controlplane import applier  # noqa: E402
 from controlplane.loader import parse_config  # noqa: E402
+from controlplane.service import ruleset  # noqa: E402
 
 RUNS = 5
 SIZE = 64 * MiB
@@ -38,7 +38,7 @@ def throughput() -> None:
     classic: list[float] = []
     for _ in range(RUNS):
         for cfg, out in ((fast_cfg, fast), (classic_cfg, classic)):
-            applier.apply(cfg, NSR)
+            ruleset.apply(cfg, NSR)
             res = tcp_transfer(NS1, NS2, topo.addr("ns2"), SIZE)
             assert res.ok, res
             out.append(res.mbit_s)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.agent import protocol
+from controlplane.agent import private_dir, protocol
 from controlplane.errors import EnvironmentProblem
 
 DEFAULT_SOCKET_DIR = Path("/run/offloadctl")
@@ -41,26 +41,6 @@ Handler = Callable[[protocol.Request], bytes]
 
 def default_socket_path(netns: str | None) -> Path:
     return DEFAULT_SOCKET_DIR / f"{netns or 'host'}.sock"
-
-
-def check_socket_dir(directory: Path) -> None:
-    """Refuse a directory someone other than us could write: they could swap the socket."""
-    try:
-        st = os.lstat(directory)
-    except FileNotFoundError:
-        raise EnvironmentProblem(f"control socket directory {directory} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise EnvironmentProblem(f"control socket directory {directory} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise EnvironmentProblem(
-            f"control socket directory {directory} is owned by uid {st.st_uid}, not by us"
-            f" (uid {os.geteuid()}); use a root-owned directory"
-        )
-    if st.st_mode & 0o022:
-        raise EnvironmentProblem(
-            f"control socket directory {directory} is writable by group or others"
-            f" (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w it or pick another --socket"
-        )
 
 
 def _is_live(path: Path) -> bool:
@@ -77,10 +57,7 @@ def _is_live(path: Path) -> bool:
 
 def bind_socket(path: Path) -> socket.socket:
     """Create the listening socket at ``path`` with mode 0600, checked after bind."""
-    directory = path.parent
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-    check_socket_dir(directory)
+    private_dir.ensure(path.parent, "control socket directory", "--socket")
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise EnvironmentProblem(f"{path} exists and is not a socket; refusing to replace it")
@@ -269,6 +246,9 @@ class ControlServer:
         except protocol.ProtocolError as exc:
             self.stats.errors += 1
             answer = protocol.error_from(exc)
+        except Exception as exc:  # a bug of ours: answer it, never let a request end the agent
+            self.stats.errors += 1
+            answer = protocol.error("internal", f"{type(exc).__name__}: {str(exc)[:200]}")
         self._queue(conn, answer)
 
     def _queue(self, conn: _Conn, data: bytes) -> None:

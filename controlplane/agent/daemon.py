@@ -46,7 +46,8 @@ from controlplane.agent.ports import Applier, Observer, Subsystem
 from controlplane.agent.snapshot import KernelView, Outcome, Snapshot
 from controlplane.config import Config
 from controlplane.errors import ConfigError, ControlPlaneError
-from controlplane.loader import load_config
+from controlplane.loader import MAX_BYTES, load_config
+from controlplane.regular_file import read_regular
 
 KERNEL_REFRESH = 10.0  # seconds between kernel views for status/metrics
 TOPOLOGY_MIN_GAP = 0.01  # link-event bursts coalesce into one re-plan per 10 ms
@@ -80,8 +81,10 @@ def _file_key(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _sha256(path: Path) -> str:
+    # Never block: the config may have been replaced by a FIFO (load_config then
+    # says so; here it is just no digest).
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(read_regular(path, MAX_BYTES)).hexdigest()
     except OSError:
         return ""
 

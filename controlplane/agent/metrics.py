@@ -22,6 +22,7 @@ binding to the node IP for the cluster's Prometheus, as kube-proxy does).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,7 +51,8 @@ def parse_listen(value: str, allow_remote: bool) -> tuple[str, int]:
         return ConfigError([ConfigIssue("--metrics", f"{value!r}: {reason}")])
 
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    # ASCII digits only: str.isdigit() also takes superscripts and other scripts' digits.
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port_text):
         raise bad("expected HOST:PORT, e.g. 127.0.0.1:9108")
     port = int(port_text)
     if not 1 <= port <= 65535:

@@ -13,10 +13,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from controlplane import boundedjson
+
 VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = (1,)
 MAX_LINE: Final = 64 * 1024  # a request is a few dozen bytes; this bounds a bad client
 MAX_RESPONSE: Final = 16 << 20  # a client refuses answers beyond this (flows of a big table)
+MAX_DEPTH: Final = 8  # a request is one flat object; a little room for future arguments
 
 Op = Literal["status", "reload", "flows"]
 OPS: Final[tuple[Op, ...]] = ("status", "reload", "flows")
@@ -51,25 +54,34 @@ class Request:
 
 
 def decode_request(line: bytes) -> Request:
-    """One request line (without its newline) -> Request, or ProtocolError."""
+    """One request line (without its newline) -> Request, or ProtocolError.
+
+    Bounded (boundedjson): no line, however long its numbers or deep its
+    nesting, raises anything but ProtocolError. Strict: duplicate keys are
+    refused, and the version is the integer 1 (not 1.0, not true)."""
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError("bad_request", "not a JSON object on one line") from None
+        data = boundedjson.loads(line, max_depth=MAX_DEPTH)
+    except boundedjson.JsonRejected as exc:
+        raise ProtocolError("bad_request", f"not a JSON object on one line: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "a request is a JSON object")
     version = data.get("v")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             "unsupported_version",
-            f"protocol version {version!r} is not spoken here",
+            f"protocol version {_short(version)} is not spoken here",
             supported=list(SUPPORTED_VERSIONS),
         )
     op = data.get("op")
-    if op not in OPS:
-        raise ProtocolError("unknown_op", f"unknown op {op!r}", ops=list(OPS))
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError("unknown_op", f"unknown op {_short(op)}", ops=list(OPS))
     args = {k: v for k, v in data.items() if k not in ("v", "op")}
     return Request(op, args)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def encode_request(op: str, **args: Any) -> bytes:
@@ -101,7 +113,7 @@ def decode_response(line: bytes) -> Response:
     """An answer line -> Response; a malformed answer is a ProtocolError (agent's bug)."""
     try:
         data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digits
         raise ProtocolError("bad_request", "the agent's answer is not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
         raise ProtocolError("bad_request", "the agent's answer has no 'ok' field")

@@ -8,24 +8,37 @@ writing back its own view would silently drop what the newer version recorded.
 Writes are atomic: a temp file in the same directory, fsync, rename over the
 old file, fsync the directory (so the rename itself survives a power cut).
 A reader therefore sees either the previous state or the new one, never half.
+
+Safe in a directory someone else could reach (issue 15, F11): the directory
+must be ours and not writable by others (checked like the control socket's),
+the temp file is created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` under an
+unpredictable name (never opened through a planted symlink), and the state
+file is read with ``O_NOFOLLOW|O_NONBLOCK`` as a regular file only (a FIFO
+never blocks the start), its JSON bounded in depth and number size.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlplane import boundedjson
+from controlplane.agent import private_dir
 from controlplane.errors import EnvironmentProblem
+from controlplane.regular_file import read_regular
 
 SCHEMA_VERSION = 1
 # Oldest schema this version can still read (through _MIGRATIONS).
 OLDEST_READABLE = 1
 DEFAULT_STATE_ROOT = Path("/var/lib/offloadctl")
 MAX_STATE_BYTES = 4 << 20
+MAX_STATE_DEPTH = 16  # the file is three levels deep
 
 # schema N -> N+1 upgrades of the raw dictionary; empty while there is only v1.
 _MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -82,8 +95,8 @@ class AppliedState:
 def decode(raw: bytes, source: str) -> AppliedState:
     """Parse a state file's bytes; every failure names the file and what to do."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = boundedjson.loads(raw, max_depth=MAX_STATE_DEPTH)
+    except boundedjson.JsonRejected as exc:
         raise StateError(
             f"state file {source} is not valid JSON ({exc}); move it away to start afresh"
             " (the agent re-reads the kernel on start)"
@@ -118,26 +131,36 @@ def decode(raw: bytes, source: str) -> AppliedState:
 
 
 def load(path: Path) -> AppliedState | None:
-    """The recorded state, or None when there is no file yet."""
+    """The recorded state, or None when there is no file yet. A state directory
+    others can write is refused here, at the agent's start, before any apply."""
+    if os.path.lexists(path.parent):
+        private_dir.check(path.parent, "state directory", "--state-file")
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_STATE_BYTES + 1)
+        raw = read_regular(path, MAX_STATE_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot read state file {path}: {exc.strerror}") from None
+        why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise StateError(f"cannot read state file {path}: {why}; move it away") from None
     if len(raw) > MAX_STATE_BYTES:
         raise StateError(f"state file {path} is larger than {MAX_STATE_BYTES} bytes; move it away")
     return decode(raw, str(path))
 
 
+def check_dir(path: Path) -> None:
+    """Create the state file's directory if missing; refuse it unless only we can
+    write it."""
+    private_dir.ensure(path.parent, "state directory", "--state-file")
+
+
 def save(path: Path, state: AppliedState) -> None:
     """Write ``state`` atomically (temp + fsync + rename + fsync of the directory)."""
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_dir(path)
     payload = (json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n").encode()
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
     try:
         try:
             view = memoryview(payload)

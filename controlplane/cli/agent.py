@@ -90,7 +90,7 @@ def agent(
     from controlplane.agent import daemon, logs
     from controlplane.agent.kernel_backend import KernelApplier, KernelObserver
     from controlplane.errors import ConfigError, ConfigIssue
-    from controlplane.kernel.netns import require_root
+    from controlplane.kernel.netns import entered, require_root
 
     if log_format not in ("plain", "json"):
         raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
@@ -105,6 +105,10 @@ def agent(
 
         listen = parse_listen(metrics, metrics_allow_remote)
     require_root("running the agent")
+    # The name becomes part of the default socket and state paths: refuse a bad
+    # or missing namespace before any directory is made for it.
+    with entered(netns):
+        pass
     log = logs.DecisionLog(logs.setup("json" if log_format == "json" else "plain"))
     opts = daemon.AgentOptions(
         config_path=config,

@@ -62,8 +62,11 @@ def render(
     if netns is not None:
         from controlplane.core.devices import explain
         from controlplane.core.render import device_sets
+        from controlplane.kernel.netns import entered
         from controlplane.kernel.rtnl.facts import gather_facts
 
+        with entered(netns):  # a missing namespace is exit 4, even with nothing to resolve
+            pass
         facts = gather_facts(cfg, netns)
         # Which devices each flowtable hooks and why (stderr: stdout stays loadable).
         for line in explain(device_sets(cfg, facts)):

@@ -57,6 +57,7 @@ from controlplane.core.flowpath import Flow, Link, Route, Topology
 
 __all__ = [
     "Action",
+    "AwaitNeighbour",
     "Event",
     "EventsLost",
     "FdbEntryChanged",
@@ -69,6 +70,7 @@ __all__ = [
     "LinkRemoved",
     "NeighbourChanged",
     "NeighbourRemoved",
+    "NeighbourWaitExpired",
     "ResolveRoutes",
     "Resync",
     "RouteChanged",
@@ -211,6 +213,19 @@ class NeighbourRemoved:
         _set(self, "ip", canonical_ip(self.ip))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NeighbourWaitExpired:
+    """The wait an ``AwaitNeighbour`` asked for is over (sent by the service's clock,
+    whether or not ``ip`` on ``ifindex`` resolved meanwhile)."""
+
+    ifindex: int
+    ip: str
+
+    def __post_init__(self) -> None:
+        _check_index(self.ifindex, "ifindex")
+        _set(self, "ip", canonical_ip(self.ip))
+
+
 # -- events: routes ---------------------------------------------------------------
 
 
@@ -333,6 +348,15 @@ class ResolveRoutes:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AwaitNeighbour:
+    """Flows wait for ``ip`` on ``ifindex`` to resolve: send ``NeighbourWaitExpired`` for
+    it once the service's wait is over (one wait per neighbour; a repeat is a no-op)."""
+
+    ifindex: int
+    ip: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Resync:
     """Drain ``source``, dump it, and send ``Snapshot`` (rtnl) or ``FlowsDumped`` (conntrack)."""
 
@@ -354,6 +378,7 @@ Event = (
     | FdbEntryRemoved
     | NeighbourChanged
     | NeighbourRemoved
+    | NeighbourWaitExpired
     | RouteChanged
     | RoutesResolved
     | FlowSeen
@@ -362,4 +387,4 @@ Event = (
     | EventsLost
     | Snapshot
 )
-Action = TearDownFlows | ResolveRoutes | Resync | FlowsMarkedStale
+Action = TearDownFlows | ResolveRoutes | AwaitNeighbour | Resync | FlowsMarkedStale

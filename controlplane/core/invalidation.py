@@ -41,6 +41,17 @@ direction as direct (hardware-offloaded flowtables cache every path);
 ``Policy.exhaustive_links`` also tears down routed flows through a device
 that went down or away.
 
+**Timing of a teardown** (docs/kernel-facts.md, "Re-offload before the next hop
+resolves"). The kernel re-offloads a torn-down flow on its next packet, silently,
+and caches a direct path only if the next hop's neighbour entry is valid *then*.
+So a direct flow whose route moved to a next hop not resolved yet is not torn
+down at once (:func:`awaited`): it keeps its cached path, the engine asks the
+service to wait (``AwaitNeighbour``), and the flow is torn down when that
+neighbour appears (``NeighbourChanged``) or the wait is over
+(``NeighbourWaitExpired``). And a connection torn down earlier that comes back
+(re-created, or picked up by a packet, :func:`conn_key`) after a neighbour entry
+of its egress appeared or changed is torn down once more (``Engine._recheck``).
+
 **Transitions** live in one table, :data:`TRANSITIONS` (event type →
 handler), as h11 keeps its state machine: everything that changes the
 engine's state is there. An event type missing from it is a caller bug
@@ -62,6 +73,7 @@ from typing import Any
 
 from controlplane.core.events import (
     Action,
+    AwaitNeighbour,
     Event,
     EventsLost,
     FdbEntryChanged,
@@ -74,6 +86,7 @@ from controlplane.core.events import (
     LinkRemoved,
     NeighbourChanged,
     NeighbourRemoved,
+    NeighbourWaitExpired,
     ResolveRoutes,
     Resync,
     RouteChanged,
@@ -82,9 +95,29 @@ from controlplane.core.events import (
     TearDownFlows,
 )
 from controlplane.core.flowindex import DepKey, FlowIndex, FlowRecord, Group
-from controlplane.core.flowpath import Egress, FdbKey, Flow, Link, Route, Topology, egress_via
+from controlplane.core.flowpath import (
+    Egress,
+    FdbKey,
+    Flow,
+    Link,
+    NeighbourKey,
+    Route,
+    Topology,
+    egress_via,
+)
 
-__all__ = ["TRANSITIONS", "Engine", "Policy", "judge"]
+__all__ = ["TRANSITIONS", "ConnKey", "Engine", "Policy", "awaited", "conn_key", "judge"]
+
+# A connection whichever side conntrack saw first (zone, protocol, both endpoints).
+ConnKey = tuple[int, int, frozenset[tuple[str, int]]]
+
+
+def conn_key(flow: Flow) -> ConnKey:
+    """The connection of a conntrack entry. A torn-down entry comes back re-created by us
+    (same tuples) or, if a packet reached conntrack first, picked up mid-stream by the
+    kernel, possibly from the other side (tuples swapped, without NAT): the same key."""
+    o = flow.orig
+    return (flow.zone, o.proto, frozenset(((o.src, o.sport), (o.dst, o.dport))))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,16 +126,21 @@ class Policy:
 
     ``all_paths``: also routed (neighbour-transmit) directions whose egress
     changed; ``exhaustive_links``: also routed flows through a device that
-    went down or away; ``batch``: most flows per ``TearDownFlows``.
+    went down or away; ``batch``: most flows per ``TearDownFlows``;
+    ``remember``: most torn-down connections kept for the re-check after a
+    teardown (oldest forgotten first; ~400 bytes each, a route change tears
+    down the flows of a few next hops at a time).
     """
 
     all_paths: bool = False
     exhaustive_links: bool = False
     batch: int = 4096
+    remember: int = 4096
 
     def __post_init__(self) -> None:
-        if self.batch < 1:
-            raise ValueError(f"batch: {self.batch!r} must be at least 1")
+        for name in ("batch", "remember"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be at least 1")
 
 
 def _newly_down(cached: Egress, now: Egress) -> str | None:
@@ -111,14 +149,45 @@ def _newly_down(cached: Egress, now: Egress) -> str | None:
     return f"device {min(down)} down or gone" if down else None
 
 
-def judge(cached: Egress | None, now: Egress, policy: Policy) -> tuple[str | None, Egress]:
+def awaited(cached: Egress | None, now: Egress, policy: Policy) -> NeighbourKey | None:
+    """The new next hop a direct-transmit direction waits for before it is torn down.
+
+    The route moved to another IPv4 next hop whose neighbour entry is not valid yet
+    (the router never talked to it). Torn down now, the flow would be re-offloaded by
+    its next packet with no valid neighbour entry to cache: neighbour transmit through
+    the bridge device, or, if that packet still came through the old next hop, a path
+    "on link" through the old device that never delivers (docs/kernel-facts.md,
+    "Re-offload before the next hop resolves"; the next hop's ARP request teaches the
+    router its address as soon as it forwards to us). Kept on the path it cached until the
+    neighbour appears (``NeighbourChanged``) or the service's wait is over
+    (``NeighbourWaitExpired``): then it is torn down and re-offloaded on a resolved path.
+    """
+    if cached is None or not (cached.bridged or policy.all_paths):
+        return None
+    if not (now.bridged or policy.all_paths):
+        return None  # neighbour transmit resolves by itself: torn down now, it heals
+    if now.mac is not None or cached.mac is None or now.neighbour in (None, cached.neighbour):
+        return None
+    if ":" in now.neighbour[1]:
+        # IPv6 has no "on link" return path to fear (the lookup fails, the flow stays on
+        # the classic path), and a next hop's own solicitations come from its link-local
+        # address: its global address resolves only once the router sends to it, i.e.
+        # after the teardown. Torn down at once; _recheck repairs an early re-offload.
+        return None
+    return now.neighbour if _newly_down(cached, now) is None else None
+
+
+def judge(
+    cached: Egress | None, now: Egress, policy: Policy, *, wait: bool = True
+) -> tuple[str | None, Egress]:
     """Is a direction that cached ``cached`` stale, given it resolves to ``now``?
 
     Returns ``(why, keep)``: ``why`` is ``None`` if not stale; ``keep`` is
     what the direction caches from now on. ``cached`` ``None``: not yet
     known (route unresolved), nothing to judge. Idempotent:
     ``judge(keep, now)`` is ``(None, keep)``, so judging a flow again when
-    nothing changed is harmless.
+    nothing changed is harmless. ``wait`` False: a direction that waits for
+    its new next hop (:func:`awaited`) waits no longer.
     """
     if cached is None:
         return None, now
@@ -132,6 +201,8 @@ def judge(cached: Egress | None, now: Egress, policy: Policy) -> tuple[str | Non
     if gone is not None:
         return gone, now
     if now.mac is None and cached.mac is not None:
+        if wait and awaited(cached, now, policy) is not None:
+            return None, cached  # keep the cached path until the new next hop resolves
         return "neighbour gone", now
     if (
         not now.complete
@@ -158,6 +229,13 @@ class Engine:
         self._ready = False  # a Snapshot has filled the caches
         self._routes_wanted: dict[str, None] = {}
         self._stale: dict[FlowRecord, tuple[Flow, str]] = {}
+        # The re-check after a teardown (see _recheck): flushes so far (a teardown
+        # runs at the end of its epoch's flush), the epoch each neighbour entry last
+        # appeared or changed in, the epoch each torn-down connection was torn down in.
+        self._epoch = 0
+        self._neighbour_epoch: dict[NeighbourKey, int] = {}
+        self._torn: dict[ConnKey, int] = {}
+        self._await: dict[NeighbourKey, None] = {}  # next hops to announce (AwaitNeighbour)
 
     # -- public API -------------------------------------------------------------
 
@@ -175,6 +253,8 @@ class Engine:
         self._routes_wanted.clear()
         if wanted:
             actions.append(ResolveRoutes(addresses=tuple(wanted)))
+        actions += (AwaitNeighbour(ifindex=i, ip=ip) for i, ip in self._await)
+        self._await.clear()
         stale = list(self._stale.values())
         self._stale.clear()
         for first in range(0, len(stale), self.policy.batch):
@@ -182,6 +262,7 @@ class Engine:
             actions.append(
                 TearDownFlows(flows=tuple(f for f, _ in chunk), causes=tuple(c for _, c in chunk))
             )
+        self._epoch += 1
         return actions
 
     def __len__(self) -> int:
@@ -227,9 +308,43 @@ class Engine:
             flow = record.flow()
             self._stale[record] = (flow, cause)
             marked.append(flow)
+            key = conn_key(flow)
+            self._torn.pop(key, None)  # re-inserted last: the newest is forgotten last
+            self._torn[key] = self._epoch
+            while len(self._torn) > self.policy.remember:  # bounded: oldest first out
+                del self._torn[next(iter(self._torn))]
+
+    def _recheck(self, record: FlowRecord, marked: list[Flow]) -> None:
+        """A connection we tore down is back (re-created by us or by a packet) and both
+        its directions are placed: judge it against the kernel's view, not ours.
+
+        The kernel re-offloads the entry on its next forwarded packet, silently, with
+        the path it resolves *then*: with the next hop's neighbour entry not valid yet,
+        it caches a path we cannot see (neighbour transmit through the bridge device,
+        or for IPv4 a path "on link" through the input device, which never delivers:
+        docs/kernel-facts.md, "Re-offload before the next hop resolves"). Our egress
+        is computed later, from the caches as they are when the routes come back. So
+        if a neighbour entry of its egress appeared or changed after the teardown
+        ran, the flow is torn down once more: its next re-offload sees a valid one.
+        """
+        if not self._torn or record.orig is None or record.reply is None:
+            return
+        torn = self._torn.pop(conn_key(record.flow()), None)
+        if torn is None:
+            return
+        for egress in (record.orig, record.reply):
+            hop = egress.neighbour
+            if (
+                hop is not None
+                and (egress.bridged or self.policy.all_paths)
+                and self._neighbour_epoch.get(hop, -1) > torn
+            ):
+                cause = f"next hop {hop[1]} on {self._name(hop[0])} changed after the teardown"
+                self._mark(record, cause, marked)
+                return
 
     def _judge_address(
-        self, address: str, now: Egress | None, cause: str, marked: list[Flow]
+        self, address: str, now: Egress | None, cause: str, marked: list[Flow], *, wait: bool = True
     ) -> None:
         """Judge the directions of ``address``'s flows that leave toward it."""
         if now is None:
@@ -237,17 +352,24 @@ class Engine:
         verdicts: dict[int, tuple[str | None, Egress]] = {}  # by id(cached)
         for record in self._index.flows_of(address):
             why: str | None = None
+            unplaced = record.orig is None or record.reply is None
             for direction in ("orig", "reply"):
                 if (record.rsrc if direction == "orig" else record.osrc) != address:
                     continue
                 cached = getattr(record, direction)
                 verdict = verdicts.get(id(cached))
                 if verdict is None:
-                    verdict = verdicts[id(cached)] = judge(cached, now, self.policy)
+                    verdict = verdicts[id(cached)] = judge(cached, now, self.policy, wait=wait)
+                    if verdict[0] is None and verdict[1] is cached and cached != now:
+                        hop = awaited(cached, now, self.policy)
+                        if hop is not None:
+                            self._await[hop] = None
                 setattr(record, direction, verdict[1])
                 why = why or verdict[0]
             if why is not None:
                 self._mark(record, f"{cause}: {why}", marked)
+            elif unplaced:
+                self._recheck(record, marked)
 
     def _refresh(self, groups: list[Group], cause: str) -> list[Action]:
         """Re-resolve ``groups``; judge their flows if the egress changed."""
@@ -287,10 +409,11 @@ class Engine:
     # -- transitions ------------------------------------------------------------------
 
     def _on_flow_seen(self, event: FlowSeen) -> list[Action]:
-        self._see(FlowRecord(event.flow))
-        return []
+        marked: list[Flow] = []
+        self._see(FlowRecord(event.flow), marked)
+        return self._notice("torn-down flow back", marked)
 
-    def _see(self, record: FlowRecord) -> None:
+    def _see(self, record: FlowRecord, marked: list[Flow]) -> None:
         if not record.offloaded:
             self._index.remove(record)  # left the fast path: nothing cached any more
             return
@@ -309,6 +432,7 @@ class Engine:
         record.cache(
             orig.egress if orig is not None else None, reply.egress if reply is not None else None
         )
+        self._recheck(record, marked)
 
     def _on_flow_gone(self, event: FlowGone) -> list[Action]:
         record = FlowRecord(event.flow)
@@ -321,9 +445,10 @@ class Engine:
         for record in self._index:
             if record not in dumped:
                 self._index.remove(record)
+        marked: list[Flow] = []
         for record in dumped:
-            self._see(record)
-        return []
+            self._see(record, marked)
+        return self._notice("torn-down flow back", marked)
 
     def _on_link_changed(self, event: LinkChanged) -> list[Action]:
         link = event.link
@@ -384,6 +509,7 @@ class Engine:
         if old == event.mac:
             return []
         self._neighbours[key] = event.mac
+        self._neighbour_epoch[key] = self._epoch
         cause = f"neighbour {event.ip} on {self._name(event.ifindex)} is {event.mac}"
         return self._refresh_keys([key], cause + (f" (was {old})" if old else ""))
 
@@ -391,8 +517,18 @@ class Engine:
         key = (event.ifindex, event.ip)
         if self._neighbours.pop(key, None) is None:
             return []
+        self._neighbour_epoch.pop(key, None)
         cause = f"neighbour {event.ip} on {self._name(event.ifindex)} removed"
         return self._refresh_keys([key], cause)
+
+    def _on_wait_expired(self, event: NeighbourWaitExpired) -> list[Action]:
+        key = (event.ifindex, event.ip)
+        cause = f"next hop {event.ip} on {self._name(event.ifindex)} still unresolved"
+        marked: list[Flow] = []
+        for group in self._index.groups_by([key]):
+            for address in self._index.group_addresses(group):
+                self._judge_address(address, group.egress, cause, marked, wait=False)
+        return self._notice(cause, marked)
 
     def _on_route_changed(self, event: RouteChanged) -> list[Action]:
         for address in self._index.addresses_in(event.prefix):
@@ -467,6 +603,7 @@ TRANSITIONS: dict[type[Any], Callable[[Engine, Any], list[Action]]] = {
     FdbEntryRemoved: Engine._on_fdb_removed,
     NeighbourChanged: Engine._on_neighbour_changed,
     NeighbourRemoved: Engine._on_neighbour_removed,
+    NeighbourWaitExpired: Engine._on_wait_expired,
     RouteChanged: Engine._on_route_changed,
     RoutesResolved: Engine._on_routes_resolved,
     FlowSeen: Engine._on_flow_seen,

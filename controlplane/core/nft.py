@@ -532,23 +532,43 @@ def _ft_devices_text(devices: tuple[str, ...]) -> str:
 
 
 @dataclass(frozen=True)
-class AddTable(Op):
-    """Create the table carrying our ownership marker (a comment only set at
-    creation: ``add table`` on an existing table leaves its comment alone)."""
+class CreateTable(Op):
+    """Create the table carrying our ownership marker, in one conditional step:
+    ``create`` fails (EEXIST, the whole batch refused) if a table of that name
+    exists, so a table someone made after we listed it absent is never written.
+    The marker is a comment, which the kernel only takes at creation."""
 
     def json(self, rs: TableRef) -> JSON:
         return {"add": {"table": {"family": rs.family, "name": rs.table}}}
 
     def text(self, rs: TableRef) -> str:
-        return f"add table {rs.spec} {{ comment {_quote(TABLE_MARKER)}; }}"
+        return f"create table {rs.spec} {{ comment {_quote(TABLE_MARKER)}; }}"
+
+
+@dataclass(frozen=True)
+class ResetTableFlags(Op):
+    """Clear the table's flags (``dormant`` switches every hook off): nft sends
+    the flags on ``add table``, zero when none are given (docs/nft-behaviour.md).
+    Only ever after the serial swap, so it cannot create a table that vanished
+    meanwhile."""
+
+    def text(self, rs: TableRef) -> str:
+        return f"add table {rs.spec}"
 
 
 @dataclass(frozen=True)
 class DeleteTable(Op):
+    """Delete the table; by its kernel handle when known, so a table of the same
+    name made since we listed ours (a new handle) is never the one deleted."""
+
+    handle: int = 0
+
     def json(self, rs: TableRef) -> JSON:
         return {"delete": {"table": {"family": rs.family, "name": rs.table}}}
 
     def text(self, rs: TableRef) -> str:
+        if self.handle:
+            return f"delete table {rs.family} handle {int(self.handle)}"
         return f"delete table {rs.spec}"
 
 
@@ -582,7 +602,8 @@ class SwapSerial(Op):
 
 
 class ObjKind(StrEnum):
-    """Kinds of table objects nft can delete by handle."""
+    """Kinds of object nft 1.0.x lists in a table (every one apply may have to
+    delete when someone added it by hand)."""
 
     CHAIN = "chain"
     SET = "set"
@@ -598,17 +619,32 @@ class ObjKind(StrEnum):
     SYNPROXY = "synproxy"
 
 
+# nft 1.0.x's grammar has no "handle" form for these ("syntax error, unexpected
+# handle"; docs/nft-behaviour.md): they go by name, which must then pass the
+# config's name parser (the plan rebuilds the table instead when it does not).
+BY_NAME_ONLY = frozenset({ObjKind.CT_HELPER, ObjKind.CT_TIMEOUT, ObjKind.CT_EXPECTATION})
+
+
 @dataclass(frozen=True)
 class DeleteByHandle(Op):
     """Delete an object found in the listing (hand-added): by its kernel handle,
-    an int, so no listed name ever becomes command text."""
+    an int, so no listed name becomes command text (see BY_NAME_ONLY)."""
 
     kind: ObjKind
     handle: int
-    name: str  # for people only; never rendered into the command
+    name: str  # for people, and the command for BY_NAME_ONLY kinds
+
+    def __post_init__(self) -> None:
+        if self.kind in BY_NAME_ONLY:
+            _require(is_objname(self.name), f"{ObjKind(self.kind).value} name", self.name)
 
     def text(self, rs: TableRef) -> str:
-        return f"delete {ObjKind(self.kind).value} {rs.spec} handle {int(self.handle)}"
+        kind = ObjKind(self.kind)
+        if kind in BY_NAME_ONLY:
+            return f"delete {kind.value} {rs.spec} {self.name}"
+        # A map is a set to the kernel; "delete map ... handle" is not in the grammar.
+        verb = "set" if kind is ObjKind.MAP else kind.value
+        return f"delete {verb} {rs.spec} handle {int(self.handle)}"
 
 
 @dataclass(frozen=True)
@@ -808,7 +844,7 @@ class Transaction:
 
 def create_ops(rs: Ruleset, serial: int = 1) -> list[Op]:
     """Operations that build ``rs`` in an absent table (marker and serial included)."""
-    ops: list[Op] = [AddTable(), AddSerial(serial)]
+    ops: list[Op] = [CreateTable(), AddSerial(serial)]
     ops += [AddCounter(c) for c in rs.counters]
     ops += [AddFlowtable(ft) for ft in rs.flowtables]
     ops += [AddChain(c) for c in rs.chains]
@@ -819,7 +855,7 @@ def create_ops(rs: Ruleset, serial: int = 1) -> list[Op]:
 def ruleset_json(rs: Ruleset) -> JSON:
     """The whole table as a libnftables JSON document (``add`` commands), for people
     and tools; what we send is :meth:`Transaction.to_text`."""
-    ops: list[Op] = [AddTable()]
+    ops: list[Op] = [CreateTable()]
     ops += [AddCounter(c) for c in rs.counters]
     ops += [AddFlowtable(ft) for ft in rs.flowtables]
     ops += [AddChain(c) for c in rs.chains]

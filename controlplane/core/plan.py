@@ -15,9 +15,18 @@ Rules of the game (why the plan looks the way it does):
   (offloaded flows survive that); unchanged chains are left alone.
 - Order the kernel accepts: first every reference goes (flush the chains that
   change or go, our own and hand-added ones, so no ``jump``/``goto``/set
-  lookup still points anywhere), then hand-added chains and objects are
-  deleted (by kernel handle), then flowtables lose devices or go, then objects
-  are created and rules added.
+  lookup still points anywhere), then hand-added sets and maps (their
+  elements may jump to a chain or name a counter), then chains, then the
+  other objects (counters, quotas, limits, ct helpers/timeouts/expectations,
+  synproxies, secmarks), all by kernel handle (docs/nft-behaviour.md); then
+  flowtables lose devices or go, then objects are created and rules added.
+- Table flags are declared state: we declare none, so a ``dormant`` table
+  (every hook off) is drift that apply clears.
+- What cannot be removed piece by piece (listing lines we cannot classify, a
+  hand-added object whose name cannot be put into a command, our serial set
+  gone) makes apply rebuild the table: delete it by its kernel handle and
+  create it afresh, in one transaction (its offloaded flows are torn down,
+  and the plan says so).
 - Every committing transaction starts by swapping the table's serial
   (:data:`nft.SERIAL_SET`): planned against a listing that another writer has
   since changed, the batch fails as a whole (ENOENT) instead of overwriting.
@@ -30,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from controlplane.core import nft
-from controlplane.errors import EnvironmentProblem, PlanError
+from controlplane.errors import PlanError
 
 __all__ = [
     "FlowtableChange",
@@ -107,6 +116,8 @@ class Observed:
     serial: int | None = None
     serial_handle: int | None = None  # the set exists (even if its content is wrong)
     unknown: tuple[str, ...] = ()  # listing lines we could not classify
+    flags: tuple[str, ...] = ()  # the table's flags (dormant...)
+    handle: int = 0  # the table's kernel handle (0: not listed)
 
     def rules_of(self, chain: str) -> list[ObservedRule]:
         return [r for r in self.rules if r.chain == chain]
@@ -125,6 +136,8 @@ _KINDS = "|".join(re.escape(k.value) for k in nft.ObjKind)
 _OBJ_HEAD = re.compile(rf"^({_KINDS}) (.+) \{{$")
 _CHAIN_DEF = re.compile(r"^type (\w+) hook (\w+)(?: device \S+)? priority (-?\d+); policy (\w+);$")
 _DEVICES = re.compile(r"devices = \{ (.*) \}")
+_TABLE_HEAD = re.compile(r"^table \S+ \S+ \{(?: # handle (\d+))?$")
+_TABLE_COMMENT = re.compile(r'comment "([^"]*)"')
 
 
 def parse_listing(text: str) -> Observed:
@@ -139,6 +152,8 @@ def parse_listing(text: str) -> Observed:
     unknown: list[str] = []
     serial: int | None = None
     serial_handle: int | None = None
+    flags: tuple[str, ...] = ()
+    table_handle = 0
 
     lines = text.splitlines()
     i = 0
@@ -146,6 +161,8 @@ def parse_listing(text: str) -> Observed:
     # skip to the table header
     while i < n and not lines[i].startswith("table "):
         i += 1
+    if i < n and (th := _TABLE_HEAD.match(lines[i])) is not None and th.group(1):
+        table_handle = int(th.group(1))
     i += 1
     while i < n:
         line = lines[i]
@@ -157,10 +174,15 @@ def parse_listing(text: str) -> Observed:
             continue
         body = line[1:]
         if body.startswith("comment "):
-            marker = body[len("comment ") :].strip().strip('"')
+            # Exactly one quoted string, taken as it is (ownership compares it
+            # byte for byte); anything else stays unknown and is not our marker.
+            cm = _TABLE_COMMENT.fullmatch(body)
+            marker = cm.group(1) if cm is not None else body
+            if cm is None:
+                unknown.append(body)
             continue
         if body.startswith("flags "):
-            unknown.append(body)
+            flags = tuple(sorted(f.strip() for f in body[len("flags ") :].split(",")))
             continue
         hm = _HANDLE.match(body)
         head, handle = (hm.group(1), int(hm.group(2))) if hm else (body, 0)
@@ -229,6 +251,8 @@ def parse_listing(text: str) -> Observed:
         serial,
         serial_handle,
         tuple(unknown),
+        flags,
+        table_handle,
     )
 
 
@@ -279,31 +303,61 @@ class Plan:
         return frozenset(out)
 
 
-def make_plan(desired: nft.Ruleset, observed: Observed | None, *, adopt: bool = False) -> Plan:
-    """``adopt``: the table is ours by migration (see core.ownership): recreate it
-    whole, in the same transaction, so that it carries the marker from now on."""
-    ref = desired.ref
-    if observed is None or adopt:
-        ops: list[nft.Op] = [nft.DeleteTable()] if adopt else []
-        ops += nft.create_ops(desired)
-        summary = (
-            [f"! table {ref.spec} recreated to carry offloadctl's ownership marker"]
-            if adopt
-            else [f"+ table {ref.spec}"]
-        )
-        summary += [f"+ counter {c}" for c in desired.counters]
-        summary += [
-            f"+ flowtable {ft.name} devices {{ {', '.join(ft.devices)} }}"
-            for ft in desired.flowtables
-        ]
-        for c in desired.chains:
-            summary.append(f"+ chain {c.name} ({c.type} {c.hook.value} priority {c.priority})")
-            summary += [f"    + {r.text}" for r in desired.rules_of(c.name)]
-        changes = tuple(
-            FlowtableChange(ft.name, added=ft.devices, created=True) for ft in desired.flowtables
-        )
-        return Plan(ref, tuple(ops), tuple(summary), changes)
-    return _diff(ref, desired, observed)
+def make_plan(desired: nft.Ruleset, observed: Observed | None) -> Plan:
+    """The operations that turn ``observed`` (None: no table) into ``desired``;
+    ``observed`` must be ours (core.ownership decides that first)."""
+    if observed is None:
+        return _create(desired, [], [f"+ table {desired.ref.spec}"])
+    why = _rebuild_reason(observed)
+    if why is not None:
+        return _rebuild(desired, observed, why)
+    return _diff(desired.ref, desired, observed)
+
+
+def _create(desired: nft.Ruleset, first: list[nft.Op], summary: list[str], serial: int = 1) -> Plan:
+    ops = first + nft.create_ops(desired, serial)
+    summary += [f"+ counter {c}" for c in desired.counters]
+    summary += [
+        f"+ flowtable {ft.name} devices {{ {', '.join(ft.devices)} }}" for ft in desired.flowtables
+    ]
+    for c in desired.chains:
+        summary.append(f"+ chain {c.name} ({c.type} {c.hook.value} priority {c.priority})")
+        summary += [f"    + {r.text}" for r in desired.rules_of(c.name)]
+    changes = tuple(
+        FlowtableChange(ft.name, added=ft.devices, created=True) for ft in desired.flowtables
+    )
+    return Plan(desired.ref, tuple(ops), tuple(summary), changes)
+
+
+def _rebuild_reason(obs: Observed) -> str | None:
+    """Why the table cannot be put right piece by piece (None: it can)."""
+    if obs.unknown:
+        return f"the listing has lines offloadctl cannot classify ({obs.unknown[0]!r})"
+    if obs.serial is None:
+        # Without our serial nothing makes a piecewise batch conditional on the
+        # table being the one we listed; deleting it by handle is.
+        return f"its set {nft.SERIAL_SET} is missing or altered"
+    for name in obs.chains:
+        if obs.rules_of(name) and not nft.is_objname(name):
+            return f"chain {name!r} has a name offloadctl does not put into a command"
+    for obj in obs.objects:
+        if obj.kind in nft.BY_NAME_ONLY and not nft.is_objname(obj.name):
+            return (
+                f"{obj.kind.value} {obj.name!r} has a name offloadctl does not put into a command"
+            )
+    return None
+
+
+def _rebuild(desired: nft.Ruleset, obs: Observed, why: str) -> Plan:
+    first: list[nft.Op] = []
+    serial = 1
+    if obs.serial is not None:
+        serial = nft.next_serial(obs.serial)
+        first.append(nft.SwapSerial(obs.serial, nft.next_serial(obs.serial)))
+    first.append(nft.DeleteTable(obs.handle))
+    summary = [f"! table {desired.ref.spec} rebuilt: {why} (its offloaded flows are torn down)"]
+    plan = _create(desired, first, summary, serial)
+    return replace(plan, drift=(f"table rebuilt: {why}",))
 
 
 def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
@@ -330,16 +384,17 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
             )
 
     flushes: list[nft.Op] = []  # every reference goes first
-    deletes: list[nft.Op] = []  # then chains and objects
+    set_deletes: list[nft.Op] = []  # then sets and maps (elements may jump to chains)
+    chain_deletes: list[nft.Op] = []  # then chains
+    deletes: list[nft.Op] = []  # then the other objects
     post_ops: list[nft.Op] = []  # create objects, then rules
 
     for name, ch in obs.chains.items():
         if name in declared_chains:
             continue
-        _flushable(name)
         if obs.rules_of(name):
             flushes.append(nft.FlushChain(name))
-        deletes.append(nft.DeleteByHandle(nft.ObjKind.CHAIN, ch.handle, name))
+        chain_deletes.append(nft.DeleteByHandle(nft.ObjKind.CHAIN, ch.handle, name))
         summary.append(f"- chain {name}")
         drift.append(f"chain {name} is not declared (added by hand?)")
 
@@ -364,7 +419,7 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
         elif cur.definition != chain.definition:
             if have:
                 flushes.append(nft.FlushChain(chain.name))
-            deletes.append(nft.DeleteChain(chain.name))
+            chain_deletes.append(nft.DeleteChain(chain.name))
             post_ops.append(nft.AddChain(chain))
             summary.append(f"! chain {chain.name} recreated: hook/type/priority/policy changed")
         else:
@@ -374,7 +429,10 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
         post_ops += [nft.AddRule(r) for r in want]
 
     for obj in obs.objects:
-        deletes.append(nft.DeleteByHandle(obj.kind, obj.handle, obj.name))
+        sets = (nft.ObjKind.SET, nft.ObjKind.MAP)
+        (set_deletes if obj.kind in sets else deletes).append(
+            nft.DeleteByHandle(obj.kind, obj.handle, obj.name)
+        )
         summary.append(f"- {obj.kind.value} {obj.name}")
         drift.append(f"{obj.kind.value} {obj.name} is not declared (added by hand?)")
     for name in sorted(set(obs.counters) - set(desired.counters)):
@@ -411,28 +469,18 @@ def _diff(ref: nft.TableRef, desired: nft.Ruleset, obs: Observed) -> Plan:
         if added or removed:
             changes.append(FlowtableChange(ft.name, added=added, removed=removed))
 
-    body = flushes + deletes + ft_ops + adds + post_ops
-    if not body and obs.serial is not None:
+    if obs.flags:
+        flags = ", ".join(obs.flags)
+        flushes.insert(0, nft.ResetTableFlags())
+        summary.insert(0, f"~ table {ref.spec}: flags {flags} cleared")
+        drift.insert(0, f"table flags {flags} set by hand (dormant: every hook is off)")
+    body = flushes + set_deletes + chain_deletes + deletes + ft_ops + adds + post_ops
+    if not body:
         return Plan(ref, (), (), (), tuple(drift))
-    if obs.serial is not None:
-        cas: list[nft.Op] = [nft.SwapSerial(obs.serial, nft.next_serial(obs.serial))]
-    else:
-        cas = []
-        if obs.serial_handle is not None:
-            cas.append(nft.DeleteByHandle(nft.ObjKind.SET, obs.serial_handle, nft.SERIAL_SET))
-        cas.append(nft.AddSerial(1))
-        drift.append(f"set {nft.SERIAL_SET} missing or altered")
-    ops = tuple(cas + body)
+    assert obs.serial is not None  # else _rebuild_reason
+    ops = (nft.SwapSerial(obs.serial, nft.next_serial(obs.serial)), *body)
     _check_order(ops)
     return Plan(ref, ops, tuple(summary), tuple(changes), tuple(drift))
-
-
-def _flushable(chain: str) -> None:
-    if not nft.is_objname(chain):
-        raise EnvironmentProblem(
-            f"chain {chain!r} in the owned table has a name offloadctl will not put into"
-            " an nft command; delete it by hand"
-        )
 
 
 def _rule_lines(

@@ -1,15 +1,14 @@
 """Netlink framing, attribute codec and the batched request/ACK loop, written once.
 
 Shared by the conntrack adapter (NETLINK_NETFILTER), the route lookups and the
-watcher (NETLINK_ROUTE). Why by hand rather than pyroute2: measured on these
-machines (PLATFORM.md), pyroute2 decodes an rtnetlink event in ~130 µs
-(``IPRoute``) and a conntrack entry in ~250 µs, and ``IPRoute`` re-raises
-ENOBUFS forever after one overflow; header-and-attribute walking over
-``struct`` costs ~10 µs per message, which is what keeps a 20,000-event FDB
-burst and a 100,000-entry conntrack dump within the invalidation budget.
+watcher (NETLINK_ROUTE). Why by hand rather than pyroute2 (docs/netlink.md,
+bench/bench_codec.py): header-and-attribute walking over ``struct`` is what
+keeps a 20,000-event FDB burst and a 100,000-entry conntrack dump within the
+invalidation budget, and ``IPRoute`` re-raises ENOBUFS forever after one
+overflow.
 
 Everything here is framing: no knowledge of what the attributes mean. Codecs
-(``ctnetlink/conntrack.py``, ``rtnl/topology.py``, ``rtnl/watcher.py``) build
+(``ctnetlink/conntrack.py``, ``rtnl/codec.py``) build
 message bodies with :func:`nla`/:func:`nest` and read them with :func:`attrs`.
 """
 
@@ -29,12 +28,14 @@ from controlplane.errors import KernelError
 from controlplane.kernel.netns import entered
 
 __all__ = [
+    "MALFORMED",
     "NLMSGHDR",
     "NetlinkSocket",
     "RecvBuffer",
     "Reply",
     "attrs",
     "error_code",
+    "malformed",
     "message",
     "messages",
     "nest",
@@ -122,6 +123,16 @@ def messages(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
         end = min(offset + length, size)
         yield kind, flags, seq, offset, end
         offset = (offset + length + 3) & ~3
+
+
+# What a decoder raises on bytes the kernel would never send (a header or an
+# attribute shorter than its type, an address of the wrong size, a name that is
+# not UTF-8): turned into the one documented error, KernelError "malformed".
+MALFORMED = (struct.error, IndexError, ValueError)  # ValueError: UnicodeDecodeError too
+
+
+def malformed(what: str, exc: Exception) -> KernelError:
+    return KernelError("netlink receive", f"malformed {what} ({type(exc).__name__}: {exc})")
 
 
 def error_code(buf: bytes, start: int) -> int:

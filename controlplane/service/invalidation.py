@@ -49,6 +49,15 @@ CT_MIN_RCVBUF = 32 << 20
 # prune (bench_invalidation.py measures the longest step at 100,000 entries).
 PRUNE_STEP_ENTRIES = 256
 
+# How long flows wait for their new next hop to resolve before they are torn down
+# anyway (``AwaitNeighbour``; the engine decides which flows wait and why). The next
+# hop resolves when traffic starts using it (its first ARP/ND exchange with the router:
+# milliseconds), which after a route change can take a while: other routers and hosts
+# change their routes too (in the VM under load, 0.3-0.6 s after ours). A 0.25 s wait
+# expired first and brought the early teardown back (docs/kernel-facts.md). The wait
+# only bounds a next hop nothing talks to; the flow keeps its cached path meanwhile.
+NEXT_HOP_WAIT = 1.0
+
 # What flowtables offload; both may be offloaded without an event (``_indexed``).
 _PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)
 
@@ -181,6 +190,7 @@ class InvalidationService:
         self._rt: NetlinkSocket | None = None
         self._wake_r = self._wake_w = -1
         self._next_reconcile = float("inf")
+        self._waits: dict[tuple[int, str], float] = {}  # next hop -> when its wait is over
         self._dump: DumpStream | None = None
         self._prune: PruneRound | None = None
         self._prune_started = 0.0
@@ -257,8 +267,9 @@ class InvalidationService:
         return fds + ([self._dump.fileno()] if self._dump is not None else [])
 
     def next_deadline(self) -> float:
-        """When (on the service's clock) a periodic job is due: reconcile or prune."""
-        return min(self._next_reconcile, self._next_prune)
+        """When (on the service's clock) a job is due: reconcile, prune, a next hop's wait."""
+        waits = min(self._waits.values(), default=float("inf"))
+        return min(self._next_reconcile, self._next_prune, waits)
 
     # -- one iteration -------------------------------------------------------------
     def step(self, timeout: float | None = 0.0) -> int:
@@ -308,6 +319,12 @@ class InvalidationService:
             handled += len(found)
             period = self.settings.reconcile_seconds
             self._next_reconcile = self._clock() + period
+        if self._waits:
+            now = self._clock()
+            for key, due in list(self._waits.items()):
+                if due <= now:
+                    del self._waits[key]
+                    self._handle(ev.NeighbourWaitExpired(ifindex=key[0], ip=key[1]))
         if self._prune is not None:
             handled += self._prune_step()
         elif self._clock() >= self._next_prune:
@@ -472,6 +489,11 @@ class InvalidationService:
                 # (the only way to stop the kernel's) and decides nothing.
                 self._prune.abandon()
             return ev.FlowsDumped(flows=tuple(map(self._indexed, self.conntrack.dump())))
+        if isinstance(action, ev.AwaitNeighbour):
+            self._waits.setdefault((action.ifindex, action.ip), self._clock() + NEXT_HOP_WAIT)
+            dev = {"dev": self._name_of(action.ifindex), "dev_ifindex": action.ifindex}
+            self._emit({"decision": "waiting for next hop", "ip": action.ip} | dev)
+            return None
         if isinstance(action, ev.FlowsMarkedStale):
             self._emit({"decision": "stale", "cause": action.cause, "flows": len(action.flows)})
             return None
@@ -526,7 +548,7 @@ class InvalidationService:
             self._emit({"decision": "left alone: not offloaded", "flows": judged})
 
     def _tear_down(self, flows: list[Flow], causes: tuple[str, ...], judged: int) -> None:
-        deleted = gone = recreated = 0
+        deleted = gone = recreated = by_traffic = 0
         if not self.dry_run:
             assert self._ct is not None
             # Deleted = off the fast path (the kernel tears the offloaded flow
@@ -539,7 +561,9 @@ class InvalidationService:
                     self._recreated[(flow.zone, flow.orig)] = None
                 while len(self._recreated) > self.settings.queue_size:  # bounded
                     del self._recreated[next(iter(self._recreated))]
-                recreated = self._ct.reinject(self._ct.last_deleted)[0]
+                # EEXIST: a packet reached conntrack between the delete and the
+                # re-create and the kernel made the entry itself (mid-stream pickup).
+                recreated, by_traffic = self._ct.reinject(self._ct.last_deleted)
             self.stats.teardowns += 1
             self.stats.flows_torn_down += deleted
             self.stats.already_gone += gone
@@ -553,6 +577,7 @@ class InvalidationService:
                 "deleted": deleted,
                 "already_gone": gone,
                 "recreated": recreated,
+                "created_by_traffic": by_traffic,
                 "causes": sorted(set(causes)),
             }
         )

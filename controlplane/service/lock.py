@@ -3,12 +3,11 @@ identity (nsfs device + inode), so two names for one namespace share a lock."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import time
 from types import TracebackType
 
 from controlplane.errors import EnvironmentProblem
+from controlplane.kernel.flock import lock_exclusive
 from controlplane.kernel.netns import netns_path
 
 __all__ = ["LOCK_DIR", "NetnsLock", "netns_identity"]
@@ -47,18 +46,11 @@ class NetnsLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise EnvironmentProblem(f"cannot open lock {path}: {exc.strerror}") from None
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise EnvironmentProblem(
-                        f"another offloadctl has held {path} for {self.wait:.0f} s"
-                    ) from None
-                time.sleep(0.005)  # flock has no timed wait; poll against a deadline
+        try:
+            lock_exclusive(fd, self.wait, path)
+        except EnvironmentProblem:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 

@@ -219,9 +219,8 @@ class RulesetService:
         observed = known if known is not None else self.p.nft.list_table(rs.ref)
         verdict = ownership.decide(observed)
         ownership.require_writable(rs.ref, verdict)
-        adopt = verdict.ownership is ownership.Ownership.LEGACY
         seen = (observed is not None, observed.serial if observed is not None else None)
-        return make_plan(rs, observed, adopt=adopt), seen, observed
+        return make_plan(rs, observed), seen, observed
 
     def _remembered(self, ref: nft.TableRef, generation: str | int | None) -> Observed | None:
         known = self._known
@@ -373,7 +372,7 @@ class RulesetService:
             ops: list[nft.Op] = []
             if observed is not None and observed.serial is not None:
                 ops.append(nft.SwapSerial(observed.serial, nft.next_serial(observed.serial)))
-            ops.append(nft.DeleteTable())
+            ops.append(nft.DeleteTable(observed.handle if observed is not None else 0))
             try:
                 self.p.nft.run(nft.Transaction(ref, tuple(ops)))
             except KernelError as exc:

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane import applier
 from controlplane.core import nft
 from controlplane.core.plan import make_plan
 from controlplane.core.render import render
 from controlplane.errors import KernelError
 from controlplane.kernel.nft.libnft import Nft
 from controlplane.loader import parse_config
+from controlplane.service import ruleset as ruleset_service
 from tests.netns.conftest import sh
 
 OFFLOADCTL = [sys.executable, "-m", "controlplane.cli"]
@@ -225,6 +225,6 @@ def test_needs_root(router: str) -> None:
 
 
 def test_applier_api_reports_plan(router: str) -> None:
-    res = applier.apply(parse_config(NAT), router)
+    res = ruleset_service.apply(parse_config(NAT), router)
     assert res.committed and not res.plan.empty
-    assert applier.apply(parse_config(NAT), router).plan.empty
+    assert ruleset_service.apply(parse_config(NAT), router).plan.empty

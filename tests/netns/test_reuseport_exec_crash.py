@@ -20,6 +20,7 @@ exists at that moment:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -159,6 +160,27 @@ def test_without_a_newer_generation_the_queue_is_reset(
         only.kill()
 
 
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def stop_outside_the_group_lock(pid: int, netns: str, bpffs: str) -> None:
+    """SIGSTOP an exec while the test holds the group's lock, so the stopped
+    exec cannot be holding it (it may be waiting for it, which holds nothing):
+    stopped inside the lock it would block every later change to the group."""
+    with ReuseportGroup.open("web", netns=netns, bpffs=bpffs) as g:
+        fd = os.open(g.pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.kill(pid, signal.SIGSTOP)
+            # Released only once it has stopped: a waiter woken by our unlock
+            # before the stop took effect would take the lock first.
+            sup.wait_for(f"exec {pid} to stop", lambda: _state(pid) == "T", 15)
+        finally:
+            os.close(fd)
+
+
 def test_a_crash_before_the_handover_falls_back_to_the_older_one(
     netns: str, bpffs: str, tmp_path: Path
 ) -> None:
@@ -174,7 +196,7 @@ def test_a_crash_before_the_handover_falls_back_to_the_older_one(
     new = None
     try:
         wait_target(netns, bpffs, 1, old)
-        os.kill(old.proc.pid, signal.SIGSTOP)  # CMD serves on; exec cannot hand over
+        stop_outside_the_group_lock(old.proc.pid, netns, bpffs)  # CMD serves on
         new = Exec(netns, bpffs, tmp_path / "new.log", HOLD)
         wait_target(netns, bpffs, 2, new)
         clients = queue_clients(netns, "established", tmp_path)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pytest
 import yaml
@@ -26,9 +27,13 @@ from controlplane.core.render import render
 from controlplane.errors import EnvironmentProblem, KernelError
 from controlplane.kernel.nft.libnft import Nft
 from controlplane.loader import load_config, parse_config
+from controlplane.service import RulesetService, real_ports
 from controlplane.service import apply as service_apply
 from controlplane.service.lock import NetnsLock
 from tests.netns.conftest import sh
+
+if TYPE_CHECKING:
+    from controlplane.kernel.ports import NftPort
 
 OFFLOADCTL = [sys.executable, "-m", "controlplane.cli"]
 EXAMPLES = Path(__file__).parents[2] / "nft" / "examples"
@@ -157,20 +162,55 @@ def test_foreign_table_is_never_touched(router: str, tmp_path: Path, script: str
     assert ruleset(router) == before
 
 
-def test_our_marker_is_set_and_legacy_tables_are_adopted(router: str, tmp_path: Path) -> None:
+def test_our_marker_is_set_and_pre_marker_tables_are_not_adopted(
+    router: str, tmp_path: Path
+) -> None:
+    # A table as offloadctl 0.1.0 wrote it (every rule tagged, no marker): adopting it
+    # let anyone's table of typed cp: comments be deleted; that ended (ownership.py).
     rs = render(parse_config(NAT_A))
     legacy = "".join(
         op.text(rs.ref) + "\n"
         for op in nft.create_ops(rs)
-        if not isinstance(op, nft.AddTable | nft.AddSerial)
+        if not isinstance(op, nft.CreateTable | nft.AddSerial)
     )
     sh("nft", f"add table inet offloadctl\n{legacy}", netns=router)
-    assert "comment" not in sh("nft", "list", "table", "inet", "offloadctl", netns=router)[:60]
-    res = service_apply(parse_config(NAT_A), router)
-    assert res.committed and isinstance(res.plan.ops[0], nft.DeleteTable)
+    before = ruleset(router)
+    cfg = write(tmp_path, NAT_A)
+    runner = CliRunner()
+    for verb in ("plan", "apply", "flush"):
+        res = runner.invoke(app, [verb, str(cfg), "--netns", router])
+        assert res.exit_code == 4 and "not ours" in res.output, (verb, res.output)
+    assert ruleset(router) == before
+    sh("nft", "delete table inet offloadctl", netns=router)
+    assert service_apply(parse_config(NAT_A), router).committed
     head = sh("nft", "list", "table", "inet", "offloadctl", netns=router).splitlines()[1]
     assert head.strip() == f'comment "{nft.TABLE_MARKER}"'
     assert service_apply(parse_config(NAT_A), router).plan.empty
+
+
+# F1/F2 (issue 15): comments that resemble the marker; each was taken as ours, or
+# crashed int() (exit 70).
+LOOKALIKE_SCHEMAS = ["01", "\u0661", "0" * 90 + "1", "\u00b9", "\u00b2", "1 ", "+1"]
+
+
+@pytest.mark.parametrize("schema", LOOKALIKE_SCHEMAS)
+def test_a_marker_not_exactly_ours_is_not_ours(router: str, tmp_path: Path, schema: str) -> None:
+    comment = f"{nft.MARKER_PREFIX}{schema}"
+    sh("nft", f'add table inet offloadctl {{ comment "{comment}"; }}', netns=router)
+    before = ruleset(router)
+    cfg = write(tmp_path, NAT_A)
+    runner = CliRunner()
+    for args in (
+        ["plan", str(cfg), "--netns", router],
+        ["apply", str(cfg), "--netns", router],
+        ["flush", str(cfg), "--netns", router],
+        ["status", "--netns", router, "--config", str(cfg)],
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 4 and "not ours" in res.output, (args, res.output)
+    res = runner.invoke(app, ["status", "--netns", router])
+    assert res.exit_code == 0 and "(foreign)" in res.output, res.output
+    assert ruleset(router) == before
 
 
 def test_drift_is_detected_by_content_and_restored(router: str, tmp_path: Path) -> None:
@@ -297,3 +337,130 @@ def test_two_creations_from_an_absent_table_cannot_both_commit(router: str) -> N
         ctx.run(plan_b.transaction)
     assert info.value.errno == 17  # EEXIST: the serial set exists already
     assert ruleset(router) == before
+
+
+def test_a_table_made_by_hand_mid_apply_is_never_written(router: str) -> None:
+    """F3: the table appears between our listing (absent) and our commit. Made
+    deterministic by creating it from inside the commit call, just before the
+    batch is sent: an unconditional ``add table`` would fill it."""
+    ports = real_ports(router)
+
+    class HandMadeFirst:
+        def __init__(self, inner: NftPort) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def run(self, txn: nft.Transaction, check: bool = False) -> None:
+            if not check:
+                sh("nft", "add table inet offloadctl", netns=router)
+            self.inner.run(txn, check)
+
+    svc = RulesetService(replace(ports, nft=cast("NftPort", HandMadeFirst(ports.nft))))
+    with pytest.raises(KernelError) as info:
+        svc.apply(parse_config(NAT_A))
+    assert info.value.exit_code == 5
+    listing = sh("nft", "list", "table", "inet", "offloadctl", netns=router)
+    assert listing.split() == ["table", "inet", "offloadctl", "{", "}"], listing
+    # ... and it stays the owner's: every verb leaves it alone.
+    res = CliRunner().invoke(app, ["status", "--netns", router])
+    assert res.exit_code == 0 and "(foreign)" in res.output
+
+
+# F4: hand-added objects of every kind nft puts in a table, and references to them.
+HAND_ADDED = {
+    "map": "add map inet offloadctl hm { type ipv4_addr : ipv4_addr; }",
+    "map+vmap": "add map inet offloadctl vm { type ipv4_addr : verdict; };"
+    " add chain inet offloadctl hc; add element inet offloadctl vm { 192.0.2.9 : jump hc };"
+    " add rule inet offloadctl srcnat ip saddr vmap @vm",
+    "ct helper": 'add ct helper inet offloadctl h { type "ftp" protocol tcp; }',
+    "ct timeout": "add ct timeout inet offloadctl to"
+    " { protocol tcp; l3proto ip; policy = { established: 100 }; }",
+    "ct expectation": "add ct expectation inet offloadctl e"
+    " { protocol tcp; dport 21; timeout 1s; size 10; l3proto ip; }",
+    "set, counter, quota, limit, synproxy, objref map": (
+        "add set inet offloadctl s { type ipv4_addr; elements = { 192.0.2.1 }; };"
+        " add counter inet offloadctl cn; add quota inet offloadctl q { 100 bytes };"
+        " add limit inet offloadctl l { rate 10/second };"
+        " add synproxy inet offloadctl sp { mss 1460; wscale 7; };"
+        " add map inet offloadctl cm { type ipv4_addr : counter; };"
+        ' add element inet offloadctl cm { 192.0.2.2 : "cn" };'
+        " add rule inet offloadctl srcnat ip saddr @s counter name cn;"
+        " add rule inet offloadctl dstnat quota name q"
+    ),
+    # a name nft takes but offloadctl never puts into a command: the table is rebuilt
+    "chain x.y": "add chain inet offloadctl x.y; add rule inet offloadctl x.y counter;"
+    " add rule inet offloadctl srcnat jump x.y",
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_ADDED))
+def test_every_hand_added_object_is_removed(router: str, tmp_path: Path, case: str) -> None:
+    cfg = write(tmp_path, NAT_A)
+    runner = CliRunner()
+    assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
+    clean = sh("nft", "list", "table", "inet", "offloadctl", netns=router)
+    sh("nft", HAND_ADDED[case], netns=router)
+    res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
+    assert res.exit_code == 1, res.output
+    assert ("rebuilt" in res.output) == (case == "chain x.y"), res.output
+    res = runner.invoke(app, ["apply", str(cfg), "--netns", router])
+    assert res.exit_code == 0, res.output
+    assert _normalised(sh("nft", "list", "table", "inet", "offloadctl", netns=router)) == (
+        _normalised(clean)
+    )
+    res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_dormant_table_is_drift_and_apply_clears_it(router: str, tmp_path: Path) -> None:
+    """F5: ``flags dormant`` switches every hook off; it is not the declared state."""
+    cfg = write(tmp_path, NAT_A)
+    runner = CliRunner()
+    assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
+    sh("nft", "add table inet offloadctl { flags dormant; }", netns=router)
+    res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
+    assert res.exit_code == 1 and "dormant" in res.output, res.output
+    res = runner.invoke(app, ["status", "--netns", router, "--config", str(cfg)])
+    assert "drift: table flags dormant" in res.output, res.output
+    assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
+    assert "dormant" not in sh("nft", "list", "table", "inet", "offloadctl", netns=router)
+    assert runner.invoke(app, ["plan", str(cfg), "--netns", router]).exit_code == 0
+
+
+def _ssh_in(dport: list[int | str]) -> dict[str, object]:
+    accept = [{"name": "in", "protocols": ["tcp"], "dport": dport}]
+    return {"version": 1, "forward": {"policy": "drop", "accept": accept}}
+
+
+@pytest.mark.parametrize("dport", [[22, 22], [22, "20-30"], ["20-30", 31], [22, 23, "30-40"]])
+def test_ports_nft_would_merge_are_config_errors(
+    router: str, tmp_path: Path, dport: list[int | str]
+) -> None:
+    """F6: nft stores them merged, so every plan would report false drift."""
+    cfg = write(tmp_path, _ssh_in(dport))
+    before = ruleset(router)
+    runner = CliRunner()
+    for args in (["validate", str(cfg)], ["apply", str(cfg), "--netns", router]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert "forward.accept[0].dport[" in res.output and "(line " in res.output
+    assert ruleset(router) == before
+
+
+@pytest.mark.parametrize("dport", [[22, 23, 24], [22, 24, "100-200", "300-400"]])
+def test_ports_nft_keeps_apart_plan_no_drift(
+    router: str, tmp_path: Path, dport: list[int | str]
+) -> None:
+    cfg = write(tmp_path, _ssh_in(dport))
+    runner = CliRunner()
+    assert runner.invoke(app, ["apply", str(cfg), "--netns", router]).exit_code == 0
+    res = runner.invoke(app, ["plan", str(cfg), "--netns", router])
+    assert res.exit_code == 0, res.output
+
+
+def test_render_in_a_missing_namespace_is_exit_4(tmp_path: Path) -> None:
+    cfg = write(tmp_path, {"version": 1})
+    res = CliRunner().invoke(app, ["render", str(cfg), "--netns", "offloadctl-harden-absent"])
+    assert res.exit_code == 4 and "does not exist" in res.output, res.output

@@ -2,11 +2,12 @@
 
 It applies a transaction to a copy and swaps it in only if every operation
 succeeded, and fails where the kernel fails, with the production
-:class:`KernelError` and the kernel's errno: ENOENT for a missing table,
-chain, counter, flowtable or serial element; EBUSY for deleting a chain,
-counter, set or flowtable still referenced (or a non-empty chain); EEXIST
-for a device in two flowtables or a chain added twice; EFBIG past 256 devices
-in one flowtable; EOPNOTSUPP for redefining a flowtable in place.
+:class:`KernelError` and the kernel's errno: ENOENT for a missing table (or
+one of another handle), chain, counter, object, flowtable or serial element;
+EBUSY for deleting a chain, counter, set or flowtable still referenced (or a
+non-empty chain); EEXIST for ``create table`` on an existing table, a device
+in two flowtables or a chain added twice; EFBIG past 256 devices in one
+flowtable; EOPNOTSUPP for redefining a flowtable in place.
 Tests can also edit the table "by hand" (``hand_*``) the way an operator would.
 """
 
@@ -53,6 +54,10 @@ class FakeTable:
     chains: dict[str, FakeChain] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     sets: dict[str, int] = field(default_factory=dict)  # hand-added sets: name -> handle
+    # other hand-added objects (maps, quotas, ct helpers...): (kind, name) -> handle
+    objects: dict[tuple[nft.ObjKind, str], int] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+    table_handle: int = 1
     serial: set[int] | None = None
     serial_handle: int = 0
     next_handle: int = 1
@@ -78,6 +83,7 @@ class FakeNft:
         self.lists = 0
         self.generation = 0  # bumped by every commit and hand edit, like the kernel's
         self.before_run: list[object] = []  # callables run just before a commit
+        self.tables_made = 0  # table handles are never reused in a namespace
 
     # -- NftPort ------------------------------------------------------------------
 
@@ -96,9 +102,12 @@ class FakeNft:
             chains={n: ObservedChain(n, c.definition, c.handle) for n, c in t.chains.items()},
             rules=rules,
             counters=dict(t.counters),
-            objects=tuple(ObservedObject(nft.ObjKind.SET, n, h) for n, h in sorted(t.sets.items())),
+            objects=tuple(ObservedObject(nft.ObjKind.SET, n, h) for n, h in sorted(t.sets.items()))
+            + tuple(ObservedObject(k, n, h) for (k, n), h in sorted(t.objects.items())),
             serial=serial,
             serial_handle=t.serial_handle if t.serial is not None else None,
+            flags=t.flags,
+            handle=t.table_handle,
         )
 
     def show(self, ref: nft.TableRef) -> str | None:
@@ -136,18 +145,47 @@ class FakeNft:
         self.generation += 1
         self.table.sets[name] = self.table.handle()
 
+    def hand_add_object(self, kind: nft.ObjKind, name: str) -> None:
+        assert self.table is not None
+        self.generation += 1
+        where = {nft.ObjKind.SET: self.table.sets, nft.ObjKind.COUNTER: self.table.counters}
+        if kind in where:
+            where[kind][name] = self.table.handle()
+        else:
+            self.table.objects[(kind, name)] = self.table.handle()
+
+    def hand_set_flags(self, *flags: str) -> None:
+        assert self.table is not None
+        self.generation += 1
+        self.table.flags = tuple(sorted(flags))
+
+    def hand_create_table(self, marker: str | None = None) -> None:
+        """``nft add table`` by someone else (a new table handle)."""
+        assert self.table is None
+        self.generation += 1
+        self.tables_made += 1
+        self.table = FakeTable(marker=marker, table_handle=100 + self.tables_made)
+
     # -- the kernel's rules -------------------------------------------------------
 
     def _refs(self, t: FakeTable) -> list[FakeRule]:
         return [r for c in t.chains.values() for r in c.rules]
 
     def _apply(self, t: FakeTable | None, op: nft.Op) -> FakeTable | None:
-        if isinstance(op, nft.AddTable):
-            return t or FakeTable(marker=nft.TABLE_MARKER)
+        if isinstance(op, nft.CreateTable):
+            if t is not None:
+                raise _fail(errno.EEXIST, "table exists")
+            self.tables_made += 1
+            return FakeTable(marker=nft.TABLE_MARKER, table_handle=100 + self.tables_made)
         if t is None:
             raise _fail(errno.ENOENT, "no such table")
         if isinstance(op, nft.DeleteTable):
+            if op.handle and op.handle != t.table_handle:
+                raise _fail(errno.ENOENT, f"table handle {op.handle}")
             return None
+        if isinstance(op, nft.ResetTableFlags):
+            t.flags = ()
+            return t
         if isinstance(op, nft.AddSerial):
             if t.serial is not None:
                 raise _fail(errno.EEXIST, "serial set exists")
@@ -261,8 +299,14 @@ class FakeNft:
             if any(r.set_ref == name for r in self._refs(t)):
                 raise _fail(errno.EBUSY, f"set {name} in use")
             del t.sets[name]
-        else:  # pragma: no cover
-            raise AssertionError(op)
+        elif kind in nft.BY_NAME_ONLY:
+            if t.objects.pop((kind, op.name), None) is None:
+                raise _fail(errno.ENOENT, f"{kind.value} {op.name}")
+        else:
+            key = next((k for k, h in t.objects.items() if h == op.handle), None)
+            if key is None or key[0] is not kind:
+                raise _fail(errno.ENOENT, f"{kind.value} handle {op.handle}")
+            del t.objects[key]
 
     def _add_rule(self, t: FakeTable, rule: nft.Rule) -> None:
         if rule.chain not in t.chains:

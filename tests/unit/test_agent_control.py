@@ -161,7 +161,7 @@ def test_garbage_then_valid_request_on_same_connection(serve: Callable[..., Runn
         s.sendall(b"\x00\xffgarbage\n")
         assert read_line(s)["error"] == {
             "code": "bad_request",
-            "message": "not a JSON object on one line",
+            "message": "not a JSON object on one line: not UTF-8 (byte 1)",
         }
         s.sendall(b'{"v": 7, "op": "status"}\n')
         err = read_line(s)["error"]
@@ -271,3 +271,32 @@ def test_client_reports_refusal_not_broken_pipe(serve: Callable[..., Running]) -
         with client:
             resp = client.call("status", pad="p" * 300_000)
         assert not resp.ok and resp.error_code == "permission_denied"
+
+
+def test_a_silent_agent_does_not_hang_the_client(sockdir: Path) -> None:
+    """Issue 15 (F7): an agent frozen mid-request (it was, in open() of a FIFO)
+    leaves the client waiting only as long as its timeout."""
+    path = sockdir / "frozen.sock"
+    with socket.socket(socket.AF_UNIX) as frozen:
+        frozen.bind(str(path))
+        frozen.listen(1)  # accepts into the backlog, never answers
+        client = control.connect(path, timeout=0.2)
+        assert client is not None
+        with client, pytest.raises(control.AgentUnavailable, match="did not answer"):
+            client.call("status", timeout=0.2)
+
+
+def test_a_handler_bug_is_answered_and_serving_goes_on(serve: Callable[..., Running]) -> None:
+    def broken(req: protocol.Request) -> bytes:
+        if req.op == "reload":
+            raise RecursionError("a bug of ours")
+        return answer(req)
+
+    r = serve()
+    r.server._handler = broken
+    with raw(r.server.path) as s:
+        s.sendall(protocol.encode_request("reload"))
+        err = read_line(s)["error"]
+        assert isinstance(err, dict) and err["code"] == "internal"
+        s.sendall(protocol.encode_request("status"))
+        assert read_line(s)["ok"] is True

@@ -34,6 +34,10 @@ def test_loopback_accepted(value: str, expected: tuple[str, int]) -> None:
         ("127.0.0.1", "HOST:PORT"),
         ("127.0.0.1:0", "1..65535"),
         ("127.0.0.1:99999", "1..65535"),
+        # issue 15 (F10): str.isdigit() digits that int() refuses (was exit 70)
+        ("127.0.0.1:\u00b9", "HOST:PORT"),
+        ("127.0.0.1:\u0661\u0660", "HOST:PORT"),
+        ("127.0.0.1:" + "9" * 5000, "HOST:PORT"),
     ],
 )
 def test_refused(value: str, reason: str) -> None:

@@ -25,6 +25,18 @@ from controlplane.agent.protocol import ProtocolError
         (b'{"v": 1}', "unknown_op"),
         (b'{"v": 1, "op": "rm -rf"}', "unknown_op"),
         (b'{"v": 1, "op": ["status"]}', "unknown_op"),
+        # issue 15 (F8): each of these ended the agent with exit 70, or was accepted
+        (b'{"v":1' + b"0" * 5000 + b', "op": "status"}', "bad_request"),
+        (b'{"v":1, "op": "flows", "limit": ' + b"9" * 5000 + b"}", "bad_request"),
+        (b"[" * 30000, "bad_request"),
+        (b'{"v":1, "op": "status", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}", "bad_request"),
+        (b'{"v": 1, "op": "status", "op": "reload"}', "bad_request"),
+        (b'{"v": 1.0, "op": "status"}', "unsupported_version"),
+        (b'{"v": 1e0, "op": "status"}', "unsupported_version"),
+        (b'{"v": NaN, "op": "status"}', "bad_request"),
+        (b'{"v": 1, "op": "status", "x": -Infinity}', "bad_request"),
+        (b'{"v": 1, "op": "st\\u0061tus", "x": 1' + b"0" * 40 + b".5}", "bad_request"),
+        (b'{"v": 1, "op": {"a": 1}}', "unknown_op"),
     ],
 )
 def test_bad_requests(line: bytes, code: str) -> None:
@@ -63,3 +75,12 @@ def test_bad_answers_are_protocol_errors(line: bytes) -> None:
 def test_answers_are_one_line_even_with_newlines_in_text() -> None:
     line = protocol.error("internal", "two\nlines")
     assert line.count(b"\n") == 1
+
+
+def test_nesting_within_the_bound_is_still_a_request() -> None:
+    deep = b"[" * (protocol.MAX_DEPTH - 1) + b"]" * (protocol.MAX_DEPTH - 1)
+    req = protocol.decode_request(b'{"v": 1, "op": "status", "x": ' + deep + b"}")
+    assert req.op == "status"
+    # brackets inside strings do not count
+    req = protocol.decode_request(b'{"v": 1, "op": "status", "x": "' + b"[" * 5000 + b'"}')
+    assert req.args == {"x": "[" * 5000}

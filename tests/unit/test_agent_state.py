@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from controlplane.agent import state
 from controlplane.agent.state import AppliedState, StateError
+from controlplane.errors import EnvironmentProblem
 
 SAMPLE = AppliedState(
     netns="ns1",
@@ -120,3 +122,72 @@ def test_oversized_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     state.save(path, SAMPLE)
     with pytest.raises(StateError, match="larger than"):
         state.load(path)
+
+
+# Issue 15 (F9): each of these stopped the agent with exit 70, or hung its start.
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"schema": ' + b"1" * 5000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"schema": 1, "x": ' + b"{" * 50_000 + b"}" * 50_000 + b"}",
+        b'{"schema": 1, "schema": 2}',
+        b'{"schema": 1, "applied_at": NaN}',
+        b"\xff\xfe",
+    ],
+)
+def test_hostile_state_is_a_state_error(tmp_path: Path, raw: bytes) -> None:
+    p = tmp_path / "state.json"
+    p.write_bytes(raw)
+    with pytest.raises(StateError) as info:
+        state.load(p)
+    assert info.value.exit_code == 4 and "move it away" in str(info.value)
+
+
+def test_a_fifo_as_state_file_is_refused_at_once(tmp_path: Path) -> None:
+    p = tmp_path / "state.json"
+    os.mkfifo(p)  # open() without O_NONBLOCK would wait for a writer forever
+    with pytest.raises(StateError, match="FIFO"):
+        state.load(p)
+
+
+def test_a_symlink_as_state_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.json").write_text(json.dumps(SAMPLE.to_json()))
+    (tmp_path / "state.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(StateError, match="symlink"):
+        state.load(tmp_path / "state.json")
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o722])
+def test_a_state_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """F11: anyone who can write the directory can plant the temp file's name."""
+    shared = tmp_path / "ww"
+    shared.mkdir()
+    shared.chmod(mode)
+    refused = pytest.raises(EnvironmentProblem, match=r"state directory .* writable by group")
+    with refused:
+        state.save(shared / "state.json", SAMPLE)
+    with refused:
+        state.load(shared / "state.json")
+    assert list(shared.iterdir()) == []
+
+
+def test_the_temp_file_never_follows_a_planted_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even were the directory check bypassed, the temp name is unpredictable and
+    opened O_EXCL|O_NOFOLLOW: a symlink at the old name (pid-based) is ignored."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's secret\n")
+    victim.chmod(0o600)
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    (d / f".state.json.tmp-{os.getpid()}").symlink_to(victim)
+    state.save(d / "state.json", SAMPLE)
+    assert victim.read_text() == "root's secret\n"
+    assert not (d / "state.json").is_symlink() and state.load(d / "state.json") == SAMPLE
+    monkeypatch.setattr(secrets, "token_hex", lambda _n: "fixed")
+    (d / f".state.json.tmp-{os.getpid()}-fixed").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        state.save(d / "state.json", SAMPLE)
+    assert victim.read_text() == "root's secret\n"

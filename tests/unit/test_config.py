@@ -219,6 +219,33 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
         "nat.snat[0].to",
         "zone id",
     ),
+    # F6 (issue 15): nft merges ports that repeat, overlap or touch a range
+    (_pol(dport=[22, 22]), "policies[0].dport[1]", "'22' repeats '22'"),
+    (_pol(dport=[22, "20-30"]), "policies[0].dport[0]", "'22' overlaps '20-30'"),
+    (_pol(sport=["100-200", "150-160"]), "policies[0].sport[1]", "overlaps"),
+    (_pol(sport=["100-200", 201]), "policies[0].sport[1]", "'201' touches '100-200'"),
+    (
+        {
+            "version": 1,
+            "forward": {
+                "policy": "drop",
+                "accept": [{"name": "a", "protocols": ["tcp"], "dport": [22, "22-22"]}],
+            },
+        },
+        "forward.accept[0].dport[1]",
+        "repeats",
+    ),
+    (
+        {
+            "version": 1,
+            "forward": {
+                "policy": "drop",
+                "accept": [{"name": "a", "protocols": ["udp"], "sport": ["1-10", "5-6"]}],
+            },
+        },
+        "forward.accept[0].sport[1]",
+        "overlaps",
+    ),
     ({"version": True}, "version", "integer 1"),
     ({"version": 1.0}, "version", "integer 1"),
     (
@@ -239,6 +266,14 @@ def test_invalid_configs_name_the_field(data: dict[str, Any], path: str, words: 
     paths = {i.path: i.message for i in info.value.issues}
     assert path in paths, paths
     assert words.lower() in paths[path].lower()
+
+
+def test_ports_next_to_each_other_merge_only_in_a_list_with_a_range() -> None:
+    # nft keeps { 22, 23 } as listed; { 22, 23, 100-200 } becomes { 22-23, 100-200 }
+    parse_config(_pol(dport=[22, 23, 25]))
+    parse_config(_pol(dport=[22, 24, "100-200", "300-400"]))
+    with pytest.raises(ConfigError, match="'23' touches '22'"):
+        parse_config(_pol(dport=[22, 23, "100-200"]))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

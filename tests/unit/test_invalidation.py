@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.core.events import (
+    AwaitNeighbour,
     Event,
     EventsLost,
     FdbEntryChanged,
@@ -24,6 +25,7 @@ from controlplane.core.events import (
     LinkRemoved,
     NeighbourChanged,
     NeighbourRemoved,
+    NeighbourWaitExpired,
     ResolveRoutes,
     Resync,
     RouteChanged,
@@ -37,11 +39,12 @@ from controlplane.core.flowpath import (
     Egress,
     Flow,
     Link,
+    NeighbourKey,
     Route,
     Topology,
     egress,
 )
-from controlplane.core.invalidation import TRANSITIONS, Engine, Policy, judge
+from controlplane.core.invalidation import TRANSITIONS, Engine, Policy, conn_key, judge
 
 TCP = 6
 WAN, BR0, P1, P2, P3, BR1, T1, T2, BR1_20, ETH0, ETH0_10 = 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13
@@ -161,6 +164,8 @@ class Driver:
         self.engine = Engine(policy)
         self.notices: list[FlowsMarkedStale] = []
         self.resyncs: list[Resync] = []
+        self.awaits: list[AwaitNeighbour] = []
+        self.causes: list[str] = []  # of every flow torn down, in order
         self.send(Snapshot(topology=world.topology()))
 
     def send(self, *events: object) -> list[Flow]:
@@ -176,9 +181,12 @@ class Driver:
             for action in actions:
                 if isinstance(action, TearDownFlows):
                     torn.extend(action.flows)
+                    self.causes.extend(action.causes)
                 elif isinstance(action, ResolveRoutes):
                     routes = {a: self.world.lookup(a) for a in action.addresses}
                     self._collect(self.engine.handle(RoutesResolved(routes=routes)))
+                elif isinstance(action, AwaitNeighbour):
+                    self.awaits.append(action)
         raise AssertionError("engine keeps asking for work")
 
     def _collect(self, actions: Sequence[object]) -> None:
@@ -479,36 +487,166 @@ def test_judge_rules() -> None:
     gone = replace(routed, down=(ETH0,))
     assert judge(routed, gone, p) == (None, gone)
     assert judge(routed, gone, Policy(exhaustive_links=True))[0] == "device 12 down or gone"
+    # The route moved to a next hop on a bridge whose neighbour is unresolved: wait.
+    other = replace(a, mac=None, neighbour=(BR0, "z"), fdb=(), complete=False)
+    assert judge(a, other, p) == (None, a)
+    assert judge(a, other, p, wait=False) == ("neighbour gone", other)
+    assert judge(a, replace(other, down=(P1,)), p)[0] == "device 4 down or gone"
+    routed_other = Egress(devices=(ETH0,), neighbour=(ETH0, "z"))  # heals by itself: no wait
+    assert judge(a, routed_other, p) == ("neighbour gone", routed_other)
+    v6_other = replace(other, neighbour=(BR0, "2001:db8::9"))  # resolves after the teardown
+    assert judge(a, v6_other, p) == ("neighbour gone", v6_other)
+
+
+# -- the next hop moves to a neighbour not resolved yet (issue 20) -------------------
+
+NEW_HOP = "10.0.0.4"  # on br0, no neighbour entry yet
+FAR = tcp_flow("10.0.0.2", "203.0.113.9", 40010)  # the far end behind a next hop on br0
+
+
+def via_next_hop() -> Driver:
+    """FAR's far end routed via 10.0.0.3 (resolved, behind p2) on br0: direct transmit."""
+    world = base_world()
+    world.table["203.0.113.0/24"] = Route(oif=BR0, gateway="10.0.0.3")
+    driver = Driver(world)
+    assert driver.send(FlowSeen(flow=FAR)) == []
+    return driver
+
+
+def move_route(driver: Driver) -> list[Flow]:
+    return driver.send(route_event(driver.world, "203.0.113.0/24", Route(oif=BR0, gateway=NEW_HOP)))
+
+
+def resolve(driver: Driver) -> list[Flow]:
+    driver.world.fdb[(BR0, 0, MACS[5])] = P3
+    return driver.send(NeighbourChanged(ifindex=BR0, ip=NEW_HOP, mac=MACS[5]))
+
+
+def test_route_to_an_unresolved_next_hop_waits_for_its_neighbour() -> None:
+    driver = via_next_hop()
+    assert move_route(driver) == []  # still on the path it cached, until the hop resolves
+    assert driver.awaits == [AwaitNeighbour(ifindex=BR0, ip=NEW_HOP)]
+    assert keys(resolve(driver)) == keys([FAR])
+    assert driver.causes == [f"neighbour 10.0.0.4 on br0 is {MACS[5]}: egress changed"]
+
+
+def test_a_next_hop_that_stays_unresolved_is_not_waited_for_forever() -> None:
+    driver = via_next_hop()
+    move_route(driver)
+    expired = NeighbourWaitExpired(ifindex=BR0, ip=NEW_HOP)
+    assert keys(driver.send(expired)) == keys([FAR])
+    assert driver.causes == ["next hop 10.0.0.4 on br0 still unresolved: neighbour gone"]
+    assert driver.send(expired) == []  # once
+
+
+def test_issue_20_order_teardown_then_neighbour_then_the_flow_is_back() -> None:
+    """Torn down with the next hop unresolved; the neighbour appears; only then the
+    entry (re-created, new id) is seen and its route resolved: the kernel may have
+    re-offloaded it before the neighbour was valid, so it is torn down once more."""
+    driver = via_next_hop()
+    move_route(driver)
+    driver.send(NeighbourWaitExpired(ifindex=BR0, ip=NEW_HOP))
+    assert resolve(driver) == []  # nothing indexed uses it yet
+    back = replace(FAR, id=FAR.id + 1)
+    assert keys(driver.send(FlowSeen(flow=back))) == keys([back])
+    assert driver.causes[-1] == "next hop 10.0.0.4 on br0 changed after the teardown"
+    again = replace(back, id=back.id + 1)  # re-offloaded after the neighbour: left alone
+    assert driver.send(FlowSeen(flow=again)) == []
+    assert len(driver.engine) == 1
+
+
+def test_a_flow_back_before_its_next_hop_resolves_is_judged_when_it_does() -> None:
+    driver = via_next_hop()
+    move_route(driver)
+    driver.send(NeighbourWaitExpired(ifindex=BR0, ip=NEW_HOP))
+    back = replace(FAR, id=FAR.id + 1)
+    assert driver.send(FlowSeen(flow=back)) == []
+    assert keys(resolve(driver)) == keys([back])
+
+
+def test_the_entry_a_packet_picked_up_from_the_other_side_is_the_same_connection() -> None:
+    driver = via_next_hop()
+    move_route(driver)
+    driver.send(NeighbourWaitExpired(ifindex=BR0, ip=NEW_HOP))
+    resolve(driver)
+    o = FAR.orig
+    picked = Flow(
+        orig=replace(o, src=o.dst, dst=o.src, sport=o.dport, dport=o.sport),
+        reply=o,
+        id=99,
+        status=IPS_OFFLOAD,
+    )
+    assert conn_key(picked) == conn_key(FAR)
+    assert keys(driver.send(FlowSeen(flow=picked))) == keys([picked])
 
 
 # -- property: the engine equals a brute-force reference --------------------------------
 
 
 class Reference:
-    """Every indexed flow re-resolved with flowpath after every event; same rule (judge)."""
+    """Every indexed flow re-resolved with flowpath after every event; same rule (judge).
+
+    Plus the re-check after a teardown, by its definition: a connection torn down in
+    one burst whose entry comes back after a neighbour entry of its egress appeared or
+    changed in a *later* burst is torn down again when seen (the kernel may have
+    re-offloaded it before that neighbour was valid). ``epoch`` counts bursts (sends).
+    """
 
     def __init__(self, world: World, policy: Policy) -> None:
         self.world, self.policy = world, policy
         self.cached: dict[tuple[int, CtTuple], tuple[Flow, Egress, Egress]] = {}
+        self.epoch = 0
+        self.torn: dict[object, int] = {}
+        self.neighbour_epoch: dict[NeighbourKey, int] = {}
 
     def _egress(self, address: str) -> Egress:
         return egress(self.world.topology([address]), address)
 
-    def see(self, flow: Flow) -> None:
+    def neighbours_changed(self, before: dict[NeighbourKey, str]) -> None:
+        """The world's neighbours changed from ``before`` during this burst."""
+        for key in before.keys() - self.world.neighbours.keys():
+            self.neighbour_epoch.pop(key, None)
+        for key, mac in self.world.neighbours.items():
+            if before.get(key) != mac:
+                self.neighbour_epoch[key] = self.epoch
+
+    def tore(self, flows: Iterable[Flow]) -> None:
+        for flow in flows:
+            self.torn[conn_key(flow)] = self.epoch
+
+    def see(self, flow: Flow) -> set[tuple[int, CtTuple]]:
+        """Index ``flow``; returns its key if it is torn down on sight."""
         key = (flow.zone, flow.orig)
+        known = self.cached.get(key)
         if not flow.offloaded:
             self.cached.pop(key, None)
-        elif key not in self.cached:
-            self.cached[key] = (flow, self._egress(flow.reply.src), self._egress(flow.orig.src))
+            return set()
+        if known is not None and (known[0].id, known[0].reply) == (flow.id, flow.reply):
+            return set()
+        orig, reply = self._egress(flow.reply.src), self._egress(flow.orig.src)
+        torn = self.torn.pop(conn_key(flow), None)
+        if torn is not None and any(
+            e.neighbour is not None
+            and (e.bridged or self.policy.all_paths)
+            and self.neighbour_epoch.get(e.neighbour, -1) > torn
+            for e in (orig, reply)
+        ):
+            self.cached.pop(key, None)
+            self.tore([flow])
+            return {key}
+        self.cached[key] = (flow, orig, reply)
+        return set()
 
-    def stale_after_event(self) -> set[tuple[int, CtTuple]]:
+    def stale_after_event(self, expired: NeighbourKey | None = None) -> set[tuple[int, CtTuple]]:
         stale: set[tuple[int, CtTuple]] = set()
         for key, (flow, orig, reply) in list(self.cached.items()):
-            why_o, keep_o = judge(orig, self._egress(flow.reply.src), self.policy)
-            why_r, keep_r = judge(reply, self._egress(flow.orig.src), self.policy)
+            now_o, now_r = self._egress(flow.reply.src), self._egress(flow.orig.src)
+            why_o, keep_o = judge(orig, now_o, self.policy, wait=now_o.neighbour != expired)
+            why_r, keep_r = judge(reply, now_r, self.policy, wait=now_r.neighbour != expired)
             if why_o or why_r:
                 stale.add(key)
                 del self.cached[key]
+                self.tore([flow])
             else:
                 assert keep_o is not None and keep_r is not None
                 self.cached[key] = (flow, keep_o, keep_r)
@@ -542,6 +680,7 @@ ROUTES = [
     Route(oif=WAN, gateway=GATEWAY),
     Route(oif=BR0, gateway="10.0.0.3"),
     Route(oif=BR1, gateway="10.0.1.2"),
+    Route(oif=BR0, gateway="10.0.0.4"),  # a next hop without a neighbour entry (yet)
     Route(oif=None, local=True),
 ]
 NEIGH_IPS = ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.1.2", "10.0.2.2", GATEWAY, "198.51.100.7"]
@@ -549,7 +688,9 @@ DEVICES = [WAN, BR0, P1, P2, P3, BR1, T1, T2, BR1_20, ETH0, ETH0_10]
 
 
 @st.composite
-def world_event(draw: st.DrawFn, world: World, flows: list[Flow]) -> object:
+def world_event(
+    draw: st.DrawFn, world: World, flows: list[Flow], back: Sequence[Flow] = ()
+) -> object:
     kind = draw(
         st.sampled_from(
             [
@@ -565,6 +706,9 @@ def world_event(draw: st.DrawFn, world: World, flows: list[Flow]) -> object:
                 "flow",
                 "gone",
                 "unoffload",
+                "again",
+                "again",
+                "expire",
             ]
         )
     )
@@ -585,6 +729,17 @@ def world_event(draw: st.DrawFn, world: World, flows: list[Flow]) -> object:
     if kind in ("neigh", "neigh-"):
         ifindex = draw(st.sampled_from([BR0, BR1, BR1_20, ETH0_10, WAN]))
         ip = draw(st.sampled_from(NEIGH_IPS))
+        hops: list[NeighbourKey] = []
+        for flow in back:
+            for address in (flow.reply.src, flow.orig.src):
+                hop = egress(world.topology([address]), address).neighbour
+                if hop is not None:
+                    hops.append(hop)
+        use_hop: bool = bool(hops) and draw(st.booleans())
+        if use_hop:
+            # The next hop of a torn-down flow: the order of issue 20 (teardown, then
+            # its neighbour appears or changes, then the entry is back).
+            ifindex, ip = draw(st.sampled_from(hops))
         if kind == "neigh":
             return NeighbourChanged(ifindex=ifindex, ip=ip, mac=mac)
         return NeighbourRemoved(ifindex=ifindex, ip=ip)
@@ -605,6 +760,13 @@ def world_event(draw: st.DrawFn, world: World, flows: list[Flow]) -> object:
         return LinkRemoved(ifindex=draw(st.sampled_from(DEVICES)))
     if kind == "route":
         return ("route", draw(st.sampled_from(PREFIXES)), draw(st.sampled_from(ROUTES)))
+    if kind == "expire":
+        return NeighbourWaitExpired(
+            ifindex=draw(st.sampled_from([BR0, BR1, BR1_20])), ip=draw(st.sampled_from(NEIGH_IPS))
+        )
+    if kind == "again" and back:  # a torn-down entry is back (re-created: new id)
+        flow = draw(st.sampled_from(list(back)))
+        return FlowSeen(flow=replace(flow, id=flow.id + draw(st.integers(1, 3))))
     if kind == "flow" or not flows:
         src = draw(st.sampled_from(ADDRESSES))
         dst = draw(st.sampled_from(ADDRESSES))
@@ -614,6 +776,8 @@ def world_event(draw: st.DrawFn, world: World, flows: list[Flow]) -> object:
     flow = draw(st.sampled_from(flows))
     if kind == "gone":
         return FlowGone(flow=flow)
+    if kind == "again":  # a new entry under the same tuple (the old one died unseen)
+        return FlowSeen(flow=replace(flow, id=flow.id + draw(st.integers(1, 3))))
     return FlowSeen(flow=replace(flow, status=0))
 
 
@@ -626,22 +790,29 @@ def test_engine_matches_brute_force(data: st.DataObject, policy: Policy) -> None
     driver = Driver(world, policy)
     reference = Reference(world, policy)
     seen: list[Flow] = []
+    back: list[Flow] = []  # torn down: their entries come back (re-created)
     for _ in range(data.draw(st.integers(5, 40))):
         if data.draw(st.integers(0, 9)) == 0:
             resync_after_lost_events(data, driver, reference)
             continue
-        event = data.draw(world_event(world, seen))
+        event = data.draw(world_event(world, seen, back))
         if isinstance(event, tuple):
             event = route_event(world, *event[1:])
+        before = dict(world.neighbours)
+        expected: set[tuple[int, CtTuple]] = set()
         if isinstance(event, FlowSeen):
-            reference.see(event.flow)
+            expected = reference.see(event.flow)
             seen.append(event.flow)
         elif isinstance(event, FlowGone):
             reference.cached.pop((event.flow.zone, event.flow.orig), None)
         torn = driver.send(event)
-        expected = (
-            set() if isinstance(event, FlowSeen | FlowGone) else reference.stale_after_event()
-        )
+        reference.neighbours_changed(before)
+        if isinstance(event, NeighbourWaitExpired):
+            expected = reference.stale_after_event((event.ifindex, event.ip))
+        elif not isinstance(event, FlowSeen | FlowGone):
+            expected = reference.stale_after_event()
+        reference.epoch += 1
+        back = (back + torn)[-8:]
         assert keys(torn) == expected, event
         assert len(torn) == len(keys(torn))
         # The engine's cached egresses are the reference's, flow by flow.
@@ -659,6 +830,7 @@ def resync_after_lost_events(data: st.DataObject, driver: Driver, reference: Ref
     the property is "no stale flow missed", plus exact agreement on the rest.
     """
     world = driver.world
+    before = dict(world.neighbours)
     for _ in range(data.draw(st.integers(1, 5))):
         lost = data.draw(world_event(world, []))
         if isinstance(lost, tuple):
@@ -666,10 +838,28 @@ def resync_after_lost_events(data: st.DataObject, driver: Driver, reference: Ref
         elif not isinstance(lost, FlowSeen | FlowGone):
             world.apply(lost)
     assert driver.engine.handle(EventsLost(source="rtnl")) == [Resync(source="rtnl")]
-    torn = keys(driver.send(Snapshot(topology=world.topology())))
+    torn_flows = driver.send(Snapshot(topology=world.topology()))
+    torn = keys(torn_flows)
+    reference.neighbours_changed(before)
     missed = reference.stale_after_event() - torn
     assert not missed
+    reference.tore(torn_flows)  # what the engine tore down, the reference too
     for key in torn:
         reference.cached.pop(key, None)
+    reference.epoch += 1
     mine = {(f.zone, f.orig): (f, o, r) for f, o, r in driver.engine.flows()}
     assert mine == reference.cached
+
+
+def test_torn_down_connections_remembered_are_bounded() -> None:
+    driver = Driver(base_world(), Policy(remember=1))
+    driver.send(FlowsDumped(flows=(LAN_HOST, V6_HOST)))
+    assert len(driver.engine) == 2
+    # Both behind p1: torn down by its move; only the newest is remembered.
+    torn = driver.send(FdbEntryChanged(bridge=BR0, vlan=0, mac=MACS[1], port=P3))
+    assert keys(torn) == keys([LAN_HOST, V6_HOST])
+    driver.send(NeighbourChanged(ifindex=BR0, ip="10.0.0.2", mac=MACS[5]))
+    driver.send(NeighbourChanged(ifindex=BR0, ip="2001:db8::2", mac=MACS[5]))
+    back = [replace(f, id=f.id + 1) for f in torn]
+    rechecked = [f for f in back if driver.send(FlowSeen(flow=f))]
+    assert len(rechecked) == 1 and rechecked[0].orig == torn[-1].orig

@@ -245,6 +245,37 @@ def test_not_utf8(tmp_path: Path) -> None:
         load_config(f)
 
 
+@pytest.mark.parametrize(
+    ("name", "raw", "line"),
+    [
+        ("c.yaml", b"version: 1\nnat:\n  masq\x00uerade: []\n", 3),
+        ("c.json", b'{"version": 1,\n "x": "a\x00b"}', 2),
+        ("c.yaml", b"version: 1\n\x1b[31m: x\n", 2),
+        ("c.yaml", "version: 1\nx: \u0085\u0080\n".encode(), 2),
+    ],
+)
+def test_control_characters_are_one_issue_with_a_line(
+    tmp_path: Path, name: str, raw: bytes, line: int
+) -> None:
+    """Issue 15: a NUL byte gave a two-line parser message without a line number."""
+    f = tmp_path / name
+    f.write_bytes(raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    [issue] = info.value.issues
+    assert issue.line == line and "control character" in issue.message
+    assert "\n" not in str(issue)
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir])
+def test_only_regular_files_are_read(tmp_path: Path, make: object) -> None:
+    """Issue 15 (F7): ``validate`` of a FIFO hung in open()."""
+    f = tmp_path / "c.yaml"
+    make(f)  # type: ignore[operator]
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(f)
+
+
 def test_many_problems_are_capped() -> None:
     text = "version: 1\nflowtables:\n" + "".join(
         f"  - {{name: f{i}, devices: ['a b']}}\n" for i in range(200)

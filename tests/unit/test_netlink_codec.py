@@ -28,7 +28,7 @@ from controlplane.kernel.netlink import (
     nla,
 )
 from controlplane.kernel.rtnl import codec
-from controlplane.kernel.rtnl.topology import _decode_route, encode_route_get
+from controlplane.kernel.rtnl.topology import encode_route_get
 
 # bridge fdb add 02:00:00:00:00:01 dev p1 master static   (p1 = if4, br0 = if2)
 # (the 'add' shows the kernel's own learned entry fa:1c:ea:cf:88:52 first)
@@ -119,7 +119,7 @@ def test_route_lookup_codec() -> None:
     assert encode_route_get("198.51.100.7", 1) == bytes.fromhex(
         "240000001a000100010000000000000002200000000000000000000008000100c6336407"
     )
-    assert _decode_route(ROUTE_GET_REPLY, 16, len(ROUTE_GET_REPLY)) == Route(
+    assert codec.decode_route_lookup(ROUTE_GET_REPLY, 0, len(ROUTE_GET_REPLY)) == Route(
         oif=2, gateway="10.0.1.9"
     )
 

@@ -143,7 +143,7 @@ FT = [{"name": "ft", "devices": ["lan0", "wan0"]}]
         (
             {"flowtables": FT, "policies": [{"name": "p", "flowtable": "ft", "dport": [80, 80]}]},
             "policies[0].dport[1]",
-            "duplicate port",
+            "'80' repeats '80'",
         ),
         ({"nat": {"dnat": [{"port": 80, "to": "10.0.0.1"}]}}, "nat.dnat[0].iifname", "daddr"),
         (

@@ -146,16 +146,18 @@ def test_foreign_table_is_never_written() -> None:
     assert fake.runs == 0 and fake.table.chains["c"].rules == []
 
 
-def test_legacy_table_is_adopted_by_recreating_it() -> None:
+def test_table_of_tagged_rules_without_marker_is_not_adopted() -> None:
+    # Adoption of the pre-marker schema ended: cp: tags are comments anyone can type.
     fake = FakeNft()
     legacy = 'oifname "wan0" masquerade comment "cp:0123456789ab masquerade wan0"'
     srcnat = FakeChain(2, ("nat", "postrouting", 100, "accept"), [FakeRule(3, legacy)])
     fake.table = FakeTable(chains={"srcnat": srcnat})
     ports, _ = _ports(fake)
-    res = RulesetService(ports).apply(cfg())
-    assert res.committed and isinstance(res.plan.ops[0], nft.DeleteTable)
-    obs = fake.list_table(REF)
-    assert obs is not None and obs.marker == nft.TABLE_MARKER
+    svc = RulesetService(ports)
+    for verb in (svc.apply, svc.flush, svc.plan):
+        with pytest.raises(EnvironmentProblem, match="not ours"):
+            verb(cfg())
+    assert fake.runs == 0 and fake.table.chains["srcnat"].rules[0].text == legacy
 
 
 def test_marker_with_foreign_objects_is_ours_and_restored() -> None:
@@ -346,7 +348,7 @@ def test_apply_path_does_not_import_pyroute2() -> None:
 
     code = (
         "import sys\n"
-        "import controlplane.applier, controlplane.cli.ruleset_cmds, controlplane.service\n"
+        "import controlplane.cli.ruleset_cmds, controlplane.service\n"
         "from controlplane.kernel.rtnl.facts import gather_facts\n"
         "from controlplane.kernel.rtnl.vlans import RtnlLinks\n"
         "from controlplane.loader import parse_config\n"

@@ -58,6 +58,7 @@ from topology import (
     NSSW,
     Frame,
     FrameCapture,
+    ProjectRuleset,
     SwitchedTopology,
     TcpDuplex,
     UdpDuplex,
@@ -73,12 +74,10 @@ from topology import (
     kernel_state,
     link_counters,
     link_mac,
+    running_watch,
     sysctl,
     wait_for,
 )
-
-from controlplane.loader import parse_config
-from controlplane.service.ruleset import apply
 
 RECOVERY_LIMIT = 0.100  # seconds, FDB update -> B's traffic on the new port (issue 8)
 STALL_WINDOW = 3.0  # seconds of observed stall without the watcher
@@ -106,20 +105,8 @@ class Net:
 
     def __init__(self, topo: SwitchedTopology) -> None:
         self.topo = topo
-        self.nat: bool | None = None
-
-    def ruleset(self, *, nat: bool) -> None:
-        if self.nat == nat:
-            return
-        cfg: dict[str, Any] = {
-            "version": 1,
-            "flowtables": [{"name": "ft", "devices": ["wan0", "lanc"], "bridges": ["br0"]}],
-            "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp", "udp"]}],
-        }
-        if nat:
-            cfg["nat"] = {"masquerade": [{"oifname": "wan0"}]}
-        apply(parse_config(cfg), NSR)
-        self.nat = nat
+        flowtable = {"devices": ["wan0", "lanc"], "bridges": ["br0"]}
+        self.ruleset = ProjectRuleset(NSR, flowtable, masquerade="wan0").use
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +118,8 @@ def net() -> Iterator[Net]:
 
 @pytest.fixture(scope="module")
 def watcher(net: Net) -> Iterator[WatchProcess]:
-    w = WatchProcess(NSR)
-    w.wait_ready()
-    yield w
-    code = w.stop()
-    assert code == 0, w.stderr[-20:]
-    assert any(r.get("event") == "stopped" for _, r in w.lines), w.lines[-5:]
-    assert not any("Traceback" in line for line in w.stderr), w.stderr
+    with running_watch(NSR) as w:
+        yield w
 
 
 # --------------------------------------------------------------------------- helpers

@@ -87,3 +87,37 @@ def test_device_removal_and_flags_through_the_text_transport(ns: str) -> None:
     assert observed.flowtables["ft"].devices == {"a0", "c0"}
     assert observed.flowtables["ft"].counter is True
     assert make_plan(ruleset(("a0", "c0")), observed).empty
+
+
+def test_hand_added_objects_beside_a_flowtable_are_removed(ns: str) -> None:
+    """Issue 15 (F4, F5) on the kernel with flowtables: a hand-added flowtable,
+    map, verdict map jumping to a hand chain, ct helper and a dormant flag are
+    all removed in one transaction; our flowtable is kept (not recreated)."""
+    _devices(ns, {"a0", "b0", "h0"})
+    ctx = Nft(ns)
+    ref = nft.TableRef("inet", "offloadctl")
+    ft = nft.Flowtable("ft", 0, ("a0", "b0"))
+    chain = nft.Chain("forward", "filter", nft.Hook.FORWARD, 0)
+    rule = nft.Rule("forward", (nft.flow_add("ft"),), "offload")
+    rs = nft.Ruleset(ref.family, ref.table, (ft,), (), (chain,), (rule,))
+    ctx.run(make_plan(rs, None).transaction)
+    before = ctx.list_table(ref)
+    assert before is not None
+    sh(
+        "ip", "netns", "exec", ns, "nft",
+        "add flowtable inet offloadctl hft { hook ingress priority 10; devices = { h0 }; };"
+        " add chain inet offloadctl hc; add rule inet offloadctl hc flow add @hft;"
+        " add map inet offloadctl vm { type ipv4_addr : verdict; };"
+        " add element inet offloadctl vm { 192.0.2.9 : jump hc };"
+        " add rule inet offloadctl forward ip saddr vmap @vm;"
+        ' add ct helper inet offloadctl h { type "ftp" protocol tcp; };'
+        " add table inet offloadctl { flags dormant; }",
+    )  # fmt: skip
+    plan = make_plan(rs, ctx.list_table(ref))
+    assert not any(isinstance(op, nft.DeleteTable) for op in plan.ops)  # piecewise
+    ctx.run(plan.transaction)
+    after = ctx.list_table(ref)
+    assert after is not None and not after.objects and not after.flags
+    assert set(after.flowtables) == {"ft"} and set(after.chains) == {"forward"}
+    assert after.flowtables["ft"].handle == before.flowtables["ft"].handle  # kept
+    assert make_plan(rs, after).empty

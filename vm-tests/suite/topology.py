@@ -29,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -923,6 +924,35 @@ def reset_counter(ns: str, table: str, name: str, family: str = "inet") -> None:
     nft(ns, "reset", "counter", family, table, name)
 
 
+# --------------------------------------------------------------------------- project config
+
+
+class ProjectRuleset:
+    """The project's config with flowtable ``ft`` (FLOWTABLE: its devices/bridges) and one
+    TCP+UDP policy, applied to NS through the real apply, with or without masquerade on
+    MASQUERADE; applied again only when that changes (an apply costs seconds under TCG)."""
+
+    def __init__(self, ns: str, flowtable: dict[str, Any], masquerade: str) -> None:
+        self.ns, self.flowtable, self.masquerade = ns, flowtable, masquerade
+        self.nat: bool | None = None
+
+    def use(self, *, nat: bool) -> None:
+        if self.nat == nat:
+            return
+        from controlplane.loader import parse_config
+        from controlplane.service.ruleset import apply
+
+        cfg: dict[str, Any] = {
+            "version": 1,
+            "flowtables": [{"name": "ft", **self.flowtable}],
+            "policies": [{"name": "all", "flowtable": "ft", "protocols": ["tcp", "udp"]}],
+        }
+        if nat:
+            cfg["nat"] = {"masquerade": [{"oifname": self.masquerade}]}
+        apply(parse_config(cfg), self.ns)
+        self.nat = nat
+
+
 # --------------------------------------------------------------------------- project CLI
 
 
@@ -1535,6 +1565,19 @@ class WatchProcess:
         return self.proc.returncode
 
 
+@contextmanager
+def running_watch(netns: str = NSR) -> Iterator[WatchProcess]:
+    """``offloadctl watch`` for the block, ready when it starts; it must stop cleanly
+    (exit 0, its "stopped" line, no traceback)."""
+    w = WatchProcess(netns)
+    w.wait_ready()
+    yield w
+    code = w.stop()
+    assert code == 0, w.stderr[-20:]
+    assert any(r.get("event") == "stopped" for _, r in w.lines), w.lines[-5:]
+    assert not any("Traceback" in line for line in w.stderr), w.stderr
+
+
 # --------------------------------------------------------------------------- diagnostics
 # (what a failing VM scenario prints, so that the failure explains itself)
 
@@ -1611,3 +1654,170 @@ def kernel_state(
         *(cmd(f"bridge link ({o})", "bridge", "-n", o, "link") for o in others),
     ]
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- two next hops
+# (issue 20: the route to B moves from next hop N1 on br1 to N2 on br2 mid-stream)
+
+NSN1 = "nsn1"  # next-hop router N1, on br1
+NSN2 = "nsn2"  # next-hop router N2, on br2
+NSB = NS2  # host B, behind both next hops
+
+
+@dataclass(frozen=True)
+class NextHopTopology:
+    """A ── br0 [nsr1] br1 ── N1 ──┐
+                     br2 ── N2 ──┴── B (10.0.9.99 / fd00:9::99 on lo)::
+
+        ns1 eth0 ── pa [br0 10.0.1.1]
+                       [br1 10.0.21.1] pn1 ── eth0 nsn1 (N1 .2) eth1 10.0.31.1 ── b1 ┐
+                       [br2 10.0.22.1] pn2 ── eth0 nsn2 (N2 .2) eth1 10.0.32.1 ── b2 ┴ ns2 (B)
+
+    Each of the router's bridges has one port (pa, pn1, pn2): paths through them are
+    direct-transmit paths (the flowtable caches port and next-hop MAC). The router routes
+    B's prefix via N1, B's default route (source B's service address) goes via N1 too;
+    ``change()`` moves both to N2 and stops N1's forwarding. IPv6 mirrors IPv4 (``fd00:``
+    with the same numbers). N2 has never talked to the router before a change: its
+    neighbour entry in the router is unresolved when the route moves (``reset()`` flushes
+    neighbours of br2 and in N2 before each case).
+    """
+
+    a: dict[int, str] = field(default_factory=lambda: {4: "10.0.1.2", 6: "fd00:1::2"})
+    b: dict[int, str] = field(default_factory=lambda: {4: "10.0.9.99", 6: "fd00:9::99"})
+    prefix: dict[int, str] = field(default_factory=lambda: {4: "10.0.9.0/24", 6: "fd00:9::/64"})
+    namespaces: tuple[str, ...] = (NSA, NSR, NSN1, NSN2, NSB)
+
+    @staticmethod
+    def hop(n: int, v: int, host: int) -> str:
+        """Address HOST on the router <-> Nn link (20+n) or the Nn <-> B link (30+n)."""
+        return f"10.0.{n}.{host}" if v == 4 else f"fd00:{n}::{host}"
+
+    def routes(self, n: int, v: int) -> tuple[list[str], list[str]]:
+        """(router, B) ``ip`` commands that route B's prefix / B's default via Nn."""
+        # (``ip`` takes the family from the gateway: ``ip -batch`` lines have no options.)
+        return (
+            [f"route replace {self.prefix[v]} via {self.hop(20 + n, v, 2)}"],
+            [f"route replace default via {self.hop(30 + n, v, 1)} src {self.b[v]}"],
+        )
+
+    def reset(self) -> None:
+        """Everything via N1, N1 forwarding, N2 unknown to the router and vice versa."""
+        for v in (4, 6):
+            router, b = self.routes(1, v)
+            ip_batch(NSR, router)
+            ip_batch(NSB, b)
+        _forwarding(NSN1, True)
+        ip_batch(NSR, ["neigh flush dev br2"])  # both families
+        ip_batch(NSN2, ["neigh flush all"])
+
+    def change(self, v: int) -> float:
+        """The issue's change, in its order: the router's route to B's prefix moves to N2,
+        B's default route moves to N2, N1 stops forwarding. Returns ``time.time()`` just
+        before the first command."""
+        router, b = self.routes(2, v)
+        t = time.time()
+        ip_batch(NSR, router)
+        ip_batch(NSB, b)
+        _forwarding(NSN1, False)
+        return t
+
+    def teardown(self) -> None:
+        delete_namespaces(list(self.namespaces))
+
+
+def _forwarding(ns: str, on: bool) -> None:
+    sysctl(ns, net__ipv4__ip_forward=int(on), net__ipv6__conf__all__forwarding=int(on))
+
+
+def build_nexthop() -> NextHopTopology:
+    """Create ``NextHopTopology`` (v4 and v6), routed via N1; B reaches A both ways."""
+    topo = NextHopTopology()
+    delete_namespaces(list(topo.namespaces))
+    for ns in topo.namespaces:
+        run("ip", "netns", "add", ns)
+        ip_batch(ns, ["link set lo up"])
+        # Neither reverse-path filter nor redirects: B's packets legitimately arrive
+        # through either next hop during a change.
+        sysctl(ns, net__ipv4__conf__all__rp_filter=0, net__ipv4__conf__default__rp_filter=0,
+               net__ipv4__conf__all__send_redirects=0)  # fmt: skip
+    for ns in (NSR, NSN1, NSN2):
+        _forwarding(ns, True)
+    pairs = [("eth0", NSA, "pa", NSR), ("eth0", NSN1, "pn1", NSR), ("eth0", NSN2, "pn2", NSR),
+             ("eth1", NSN1, "b1", NSB), ("eth1", NSN2, "b2", NSB)]  # fmt: skip
+    for a, ns_a, b, ns_b in pairs:
+        run("ip", "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b, "netns", ns_b)
+
+    def l3(dev: str, n: int, host: int) -> list[str]:
+        return [
+            f"addr add {topo.hop(n, 4, host)}/24 dev {dev}",
+            f"addr add {topo.hop(n, 6, host)}/64 dev {dev} nodad",
+            f"link set {dev} up",
+        ]
+
+    router = []
+    for i, (br, port, net) in enumerate((("br0", "pa", 1), ("br1", "pn1", 21), ("br2", "pn2", 22))):
+        mac = f"02:00:00:00:02:{i:02x}"  # a MAC of its own, as routers' bridges have
+        router += [
+            f"link add {br} address {mac} type bridge stp_state 0 forward_delay 0",
+            f"link set {port} master {br} up",
+            *l3(br, net, 1),
+        ]
+    ip_batch(NSR, router)
+    ip_batch(NSA, [*l3("eth0", 1, 2), "route add default via 10.0.1.1",
+                   "route add default via fd00:1::1"])  # fmt: skip
+    for n, ns in ((1, NSN1), (2, NSN2)):
+        ip_batch(ns, [*l3("eth0", 20 + n, 2), *l3("eth1", 30 + n, 1),
+                      f"route add default via 10.0.{20 + n}.1",
+                      f"route add default via fd00:{20 + n}::1",
+                      f"route add {topo.prefix[4]} via 10.0.{30 + n}.2",
+                      f"route add {topo.prefix[6]} via fd00:{30 + n}::2"])  # fmt: skip
+    service = [f"addr add {topo.b[4]}/32 dev lo", f"addr add {topo.b[6]}/128 dev lo"]
+    ip_batch(NSB, [*l3("b1", 31, 2), *l3("b2", 32, 2), *service])
+    topo.reset()
+    for v in (4, 6):
+        wait_for(partial(ping, NSB, topo.a[v], 0.5), timeout=15, what=f"B reaches {topo.a[v]}")
+    return topo
+
+
+class ResetSniffer:
+    """Every TCP RST (IPv4 or IPv6, untagged) seen on any device of NS, as text lines."""
+
+    def __init__(self, ns: str) -> None:
+        self._sock = in_netns(
+            ns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        )
+        self._sock.settimeout(0.1)
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"rst-{ns}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pkt, addr = self._sock.recvfrom(128)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return
+            kind = pkt[12:14]
+            if kind == b"\x08\x00" and len(pkt) >= 54 and pkt[23] == socket.IPPROTO_TCP:
+                fam, src, dst = socket.AF_INET, pkt[26:30], pkt[30:34]
+                tcp = 14 + (pkt[14] & 0x0F) * 4
+            elif kind == b"\x86\xdd" and len(pkt) >= 74 and pkt[20] == socket.IPPROTO_TCP:
+                tcp, fam, src, dst = 54, socket.AF_INET6, pkt[22:38], pkt[38:54]
+            else:
+                continue
+            if len(pkt) > tcp + 13 and pkt[tcp + 13] & 0x04:
+                sport, dport = struct.unpack_from("!HH", pkt, tcp)
+                way = "out" if addr[2] == PACKET_OUTGOING else "in"
+                self.seen.append(
+                    f"{time.time():.3f} {addr[0]} {way} {socket.inet_ntop(fam, src)}:{sport} > "
+                    f"{socket.inet_ntop(fam, dst)}:{dport} RST"
+                )
+
+    def close(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        return self.seen

@@ -41,8 +41,11 @@ __all__ = [
     "umount",
 ]
 
-_SYS_BPF = {"x86_64": 321}
-_SYS_PIDFD_GETFD = {"x86_64": 438}
+# Syscall numbers per platform.machine(): x86_64 has its own table
+# (asm/unistd_64.h); aarch64 uses the generic one (asm-generic/unistd.h).
+# pidfd_getfd came after the tables were unified, so it is 438 everywhere.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+_SYS_PIDFD_GETFD = {"x86_64": 438, "aarch64": 438}
 
 # enum bpf_cmd
 _MAP_LOOKUP_ELEM = 1
@@ -79,7 +82,10 @@ def syscall_number(table: dict[str, int]) -> int:
     try:
         return table[machine]
     except KeyError:
-        raise UnsupportedError(f"no syscall numbers for architecture {machine}") from None
+        known = ", ".join(sorted(table))
+        raise UnsupportedError(
+            f"bpf(2) wrapper: no syscall numbers for architecture {machine!r} (known: {known})"
+        ) from None
 
 
 class _MapElemAttr(ct.Structure):

@@ -8,7 +8,7 @@ Hand-written ctnetlink codec (over the shared framing of ``kernel/netlink.py``)
 instead of pyroute2's ``NFCTSocket``. Measured
 on our 2-core machines with 50k entries: this parser 0.6-1.1 s for a full
 dump, ``NFCTSocket.dump()`` 4.2 s for bare messages (its ``Conntrack`` entry
-objects ~19 s, PLATFORM.md); with ``only_offloaded`` the kernel filters and a
+objects ~19 s, docs/netlink.md); with ``only_offloaded`` the kernel filters and a
 dump with no offloaded entry takes 20 ms. Deleting 50k entries: 0.55-1.1 s.
 
 It also sends what pyroute2 gets wrong for our purpose: ``ct.delete(entry)``
@@ -47,6 +47,7 @@ from controlplane.errors import KernelError
 from controlplane.kernel import netlink
 from controlplane.kernel.netlink import (
     HDR,
+    MALFORMED,
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
@@ -55,6 +56,7 @@ from controlplane.kernel.netlink import (
     attrs,
     drain,
     error_code,
+    malformed,
     messages,
     nest,
     nla,
@@ -160,7 +162,7 @@ class DeleteResult:
 
 def _message(msg_type: int, flags: int, seq: int, family: int, attrs_: bytes) -> bytes:
     # version=1: with version 0 the kernel ignores nfgen_family for filtered
-    # dumps/flushes (PLATFORM.md: a "v6 only" flush deleted everything).
+    # dumps/flushes (docs/netlink.md: a "v6 only" flush deleted everything).
     return netlink.message(msg_type, flags, seq, _NFGENMSG.pack(family, 1, 0) + attrs_)
 
 
@@ -411,25 +413,29 @@ def _decode_tuple(buf: bytes, start: int, end: int, family: int) -> CtTuple:
 
 def decode_entry(buf: bytes, start: int, end: int) -> Flow | None:
     """One ctnetlink entry message (header at ``start``: CT_NEW or CT_DELETE) → Flow;
-    None for other families or a message without both tuples."""
-    family = _FAMILY.get(buf[start + HDR])
-    if family is None:
-        return None
-    orig = reply = None
-    ct_id = zone = mark = status = 0
-    for kind, s, e in attrs(buf, start + _HDR_LEN, end):
-        if kind == CTA_TUPLE_ORIG:
-            orig = _decode_tuple(buf, s, e, family)
-        elif kind == CTA_TUPLE_REPLY:
-            reply = _decode_tuple(buf, s, e, family)
-        elif kind == CTA_STATUS:
-            status = _BE32.unpack_from(buf, s)[0]
-        elif kind == CTA_ID:
-            ct_id = _BE32.unpack_from(buf, s)[0]
-        elif kind == CTA_ZONE:
-            zone = _BE16.unpack_from(buf, s)[0]
-        elif kind == CTA_MARK:
-            mark = _BE32.unpack_from(buf, s)[0]
+    None for other families or a message without both tuples; KernelError for
+    bytes the kernel would never send."""
+    try:
+        family = _FAMILY.get(buf[start + HDR])
+        if family is None:
+            return None
+        orig = reply = None
+        ct_id = zone = mark = status = 0
+        for kind, s, e in attrs(buf, start + _HDR_LEN, end):
+            if kind == CTA_TUPLE_ORIG:
+                orig = _decode_tuple(buf, s, e, family)
+            elif kind == CTA_TUPLE_REPLY:
+                reply = _decode_tuple(buf, s, e, family)
+            elif kind == CTA_STATUS:
+                status = _BE32.unpack_from(buf, s)[0]
+            elif kind == CTA_ID:
+                ct_id = _BE32.unpack_from(buf, s)[0]
+            elif kind == CTA_ZONE:
+                zone = _BE16.unpack_from(buf, s)[0]
+            elif kind == CTA_MARK:
+                mark = _BE32.unpack_from(buf, s)[0]
+    except MALFORMED as exc:
+        raise malformed("conntrack entry", exc) from None
     if orig is None or reply is None:
         return None
     return Flow(orig, reply, ct_id, zone, mark, status)

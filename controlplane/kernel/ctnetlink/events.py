@@ -13,8 +13,8 @@ triggers a re-dump: a lost NEW would otherwise leave a flow the engine can
 never find.
 
 Decoding reuses the dump's codec (``conntrack.decode_entry``) over the shared
-framing in ``kernel/netlink.py``: ~20 µs per entry against pyroute2's ~250 µs
-(PLATFORM.md).
+framing in ``kernel/netlink.py`` (against pyroute2: docs/netlink.md,
+bench/bench_codec.py).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class Nft:
         """Ask the kernel to *check* (not commit) a throwaway table with a flowtable."""
         ref = nft.TableRef("inet", PROBE_TABLE)
         probe = nft.Flowtable("ft", 0, ("lo",))
-        txn = nft.Transaction(ref, (nft.AddTable(), nft.AddFlowtable(probe)))
+        txn = nft.Transaction(ref, (nft.CreateTable(), nft.AddFlowtable(probe)))
         try:
             self.run(txn, check=True)
         except KernelError as exc:

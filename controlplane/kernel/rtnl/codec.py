@@ -1,10 +1,13 @@
-"""Lean rtnetlink codec for the watcher: one notification → one typed change.
+"""The rtnetlink codec: one definition per message type, for dumps and events alike.
 
-Hand-written over :mod:`controlplane.kernel.netlink` rather than pyroute2's
-``IPRoute``: measured on these machines, ``IPRoute`` decodes an event in
-~130 µs and re-raises ENOBUFS forever after one overflow; walking the header
-and the few attributes we need costs ~10 µs (PLATFORM.md). The kernel emits
-40-50k FDB events/s in a storm: at 130 µs/event we would fall behind at 7.7k/s.
+Links, neighbours/FDB and routes are decoded here and nowhere else: the
+watcher's notifications, the dumps that rebuild its caches, the topology
+snapshot and the route lookups all go through :func:`decode` /
+:func:`decode_route_lookup`. Hand-written over :mod:`controlplane.kernel.netlink`
+rather than pyroute2's decoder, which is ~10x slower per message
+(``make bench-host``, bench/bench_codec.py; why it matters: docs/netlink.md).
+pyroute2 stays the oracle: tests/unit/test_rtnl_oracle.py decodes recorded
+kernel bytes with both and compares them field by field.
 """
 
 from __future__ import annotations
@@ -12,9 +15,19 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from controlplane.core.flowpath import ETH_P_8021Q, Link, Topology
-from controlplane.kernel.netlink import HDR, NLM_F_DUMP, NLM_F_REQUEST, attrs, message
+from controlplane.core.flowpath import ETH_P_8021Q, Link, Route, Topology
+from controlplane.kernel.netlink import (
+    HDR,
+    MALFORMED,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    attrs,
+    malformed,
+    message,
+    nla,
+)
 
 __all__ = [
     "DUMPS",
@@ -26,7 +39,10 @@ __all__ = [
     "RouteMsg",
     "RouteState",
     "decode",
+    "decode_route_lookup",
     "dump_request",
+    "link_request",
+    "route_request",
 ]
 
 # rtnetlink message types
@@ -68,25 +84,36 @@ NUD_FAILED = 0x20
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
+RTA_MULTIPATH = 9
 RTA_TABLE = 15
+RTA_VIA = 18  # next hop of another family (IPv4 via IPv6, RFC 5549): struct rtvia
 RT_TABLE_LOCAL = 255
+# Route types whose traffic is delivered locally or flooded, never unicast-forwarded.
+NOT_FORWARDED = frozenset({2, 3, 5})  # RTN_LOCAL, RTN_BROADCAST, RTN_MULTICAST
 
 _IFINFOMSG = struct.Struct("=BxHiII")
 _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
+_RTNEXTHOP = struct.Struct("=HBBi")  # struct rtnexthop: len, flags, hops, ifindex
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _BE16 = struct.Struct(">H")
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 FdbKey = tuple[int, int, str]  # (bridge ifindex, vlan, mac)
 NeighKey = tuple[int, str]  # (ifindex, ip)
 RouteKey = tuple[int, int, str]  # (table, family, prefix)
+
+
+NextHop = tuple[int, str | None]  # (ifindex, gateway) of one path of a multipath route
 
 
 @dataclass(frozen=True, slots=True)
 class RouteState:
     oif: int | None
     gateway: str | None
+    multipath: tuple[NextHop, ...] = ()  # RTA_MULTIPATH: every path, in the kernel's order
 
 
 @dataclass
@@ -107,6 +134,25 @@ class Caches:
         return Topology(
             links=dict(self.links), neighbours=dict(self.neighbours), fdb=dict(self.fdb)
         )
+
+    def add(self, change: Decoded) -> None:
+        """Record one message of a dump (events go through the watcher's ``apply``,
+        which also says what changed)."""
+        if isinstance(change, LinkMsg):
+            _put(self.links, change.ifindex, change.link)
+        elif isinstance(change, FdbMsg):
+            _put(self.fdb, change.key, change.port)
+        elif isinstance(change, NeighMsg):
+            _put(self.neighbours, change.key, change.mac)
+        else:
+            _put(self.routes, change.key, change.state)
+
+
+def _put(table: dict[_K, _V], key: _K, value: _V | None) -> None:
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,39 +270,119 @@ def _decode_neigh(kind: int, buf: bytes, start: int, end: int) -> FdbMsg | Neigh
     return NeighMsg((ifindex, ip), None if gone else mac)
 
 
-def _decode_route(kind: int, buf: bytes, start: int, end: int) -> RouteMsg | None:
-    family, dst_len, _src_len, _tos, table, _proto, _scope, _rtype, _flags = _RTMSG.unpack_from(
-        buf, start + HDR
+def _gateway(kind: int, family: int, buf: bytes, s: int, e: int) -> str:
+    """RTA_GATEWAY (an address of the route's family) or RTA_VIA (struct rtvia:
+    its own family, then the address)."""
+    if kind == RTA_VIA:
+        return socket.inet_ntop(_U16.unpack_from(buf, s)[0], buf[s + 2 : e])
+    return socket.inet_ntop(family, buf[s:e])
+
+
+def _multipath(family: int, buf: bytes, start: int, end: int) -> tuple[NextHop, ...]:
+    """RTA_MULTIPATH: struct rtnexthop after struct rtnexthop, each followed by
+    its own attributes (RTNH_ALIGN: 4 bytes)."""
+    hops: list[NextHop] = []
+    offset = start
+    while offset + _RTNEXTHOP.size <= end:
+        length, _flags, _hops, ifindex = _RTNEXTHOP.unpack_from(buf, offset)
+        if length < _RTNEXTHOP.size:
+            raise ValueError(f"rtnexthop of length {length}")
+        gateway = None
+        for a, s, e in attrs(buf, offset + _RTNEXTHOP.size, offset + length):
+            if a in (RTA_GATEWAY, RTA_VIA):
+                gateway = _gateway(a, family, buf, s, e)
+        hops.append((ifindex, gateway))
+        offset += (length + 3) & ~3
+    return tuple(hops)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rt:
+    """What a route message says that we use (header and attributes)."""
+
+    family: int
+    prefix: str
+    table: int
+    rtype: int
+    oif: int | None
+    gateway: str | None
+    multipath: tuple[NextHop, ...]
+
+
+def _route(buf: bytes, start: int, end: int) -> _Rt | None:
+    """rtmsg at ``start`` (after the netlink header) → _Rt; None for a family
+    other than IPv4/IPv6."""
+    family, dst_len, _src_len, _tos, table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(
+        buf, start
     )
     if family not in (socket.AF_INET, socket.AF_INET6):
         return None
     dst = b"\0" * (4 if family == socket.AF_INET else 16)
     oif: int | None = None
     gateway: str | None = None
-    for a, s, e in attrs(buf, start + HDR + _RTMSG.size, end):
+    multipath: tuple[NextHop, ...] = ()
+    for a, s, e in attrs(buf, start + _RTMSG.size, end):
         if a == RTA_DST:
             dst = buf[s:e]
         elif a == RTA_OIF:
             oif = _U32.unpack_from(buf, s)[0]
-        elif a == RTA_GATEWAY:
-            gateway = socket.inet_ntop(family, buf[s:e])
+        elif a in (RTA_GATEWAY, RTA_VIA):
+            gateway = _gateway(a, family, buf, s, e)
+        elif a == RTA_MULTIPATH:
+            multipath = _multipath(family, buf, s, e)
         elif a == RTA_TABLE:
             table = _U32.unpack_from(buf, s)[0]
-    if table == RT_TABLE_LOCAL:
-        return None  # the router's own addresses: never a forwarding path
     prefix = f"{socket.inet_ntop(family, dst)}/{dst_len}"
-    state = None if kind == RTM_DELROUTE else RouteState(oif, gateway)
-    return RouteMsg((table, family, prefix), state)
+    return _Rt(family, prefix, table, rtype, oif, gateway, multipath)
+
+
+def _decode_route(kind: int, buf: bytes, start: int, end: int) -> RouteMsg | None:
+    rt = _route(buf, start + HDR, end)
+    if rt is None or rt.table == RT_TABLE_LOCAL:
+        return None  # the local table: the router's own addresses, never a forwarding path
+    state = None if kind == RTM_DELROUTE else RouteState(rt.oif, rt.gateway, rt.multipath)
+    return RouteMsg((rt.table, rt.family, rt.prefix), state)
+
+
+def decode_route_lookup(buf: bytes, start: int, end: int) -> Route | None:
+    """The answer to RTM_GETROUTE for one address (header at ``start``): the path
+    the kernel's FIB lookup chose (one next hop, even for a multipath route);
+    KernelError for bytes the kernel would never send."""
+    try:
+        rt = _route(buf, start + HDR, end)
+    except MALFORMED as exc:  # inet_ntop: ValueError for an unknown family too
+        raise malformed("route lookup reply", exc) from None
+    if rt is None:
+        return None
+    if rt.rtype in NOT_FORWARDED:
+        return Route(oif=None, local=True)
+    return Route(oif=rt.oif, gateway=rt.gateway)
+
+
+def decode_own_address(buf: bytes, start: int, end: int) -> str | None:
+    """A route of the local table (header at ``start``) that delivers to this
+    host (local or broadcast) → its address; None for any other route."""
+    try:
+        rt = _route(buf, start + HDR, end)
+    except MALFORMED as exc:
+        raise malformed("route dump", exc) from None
+    if rt is None or rt.table != RT_TABLE_LOCAL or rt.rtype not in NOT_FORWARDED:
+        return None
+    return rt.prefix.partition("/")[0]
 
 
 def decode(kind: int, buf: bytes, start: int, end: int) -> Decoded | None:
-    """One rtnetlink message (header at ``start``) → a typed change, None if irrelevant."""
-    if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
-        return _decode_neigh(kind, buf, start, end)
-    if kind in (RTM_NEWLINK, RTM_DELLINK):
-        return _decode_link(kind, buf, start, end)
-    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-        return _decode_route(kind, buf, start, end)
+    """One rtnetlink message (header at ``start``) → a typed change, None if
+    irrelevant; KernelError for bytes the kernel would never send."""
+    try:
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            return _decode_neigh(kind, buf, start, end)
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            return _decode_link(kind, buf, start, end)
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            return _decode_route(kind, buf, start, end)
+    except MALFORMED as exc:
+        raise malformed(f"rtnetlink message type {kind}", exc) from None
     return None
 
 
@@ -274,6 +400,22 @@ _FAMILY_HEADER = {
 }
 
 
-def dump_request(kind: int, family: int, seq: int) -> bytes:
-    body = bytes([family]) + b"\0" * (_FAMILY_HEADER[kind] - 1)
+def dump_request(kind: int, family: int, seq: int, filters: bytes = b"") -> bytes:
+    """NLM_F_DUMP request; ``filters``: attributes the kernel filters the dump by
+    (e.g. IFLA_MASTER for a link dump)."""
+    body = bytes([family]) + b"\0" * (_FAMILY_HEADER[kind] - 1) + filters
     return message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+def route_request(family: int, dst_len: int, attributes: bytes, seq: int) -> bytes:
+    """RTM_GETROUTE for one destination (``ip route get``): ``attributes`` hold RTA_DST."""
+    body = _RTMSG.pack(family, dst_len, 0, 0, 0, 0, 0, 0, 0) + attributes
+    return message(RTM_GETROUTE, NLM_F_REQUEST, seq, body)
+
+
+def link_request(seq: int, *, index: int = 0, name: str | None = None) -> bytes:
+    """RTM_GETLINK for one link, by index or by name (answer: RTM_NEWLINK or ENODEV)."""
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+    if name is not None:
+        body += nla(IFLA_IFNAME, name.encode() + b"\0")
+    return message(RTM_GETLINK, NLM_F_REQUEST, seq, body)

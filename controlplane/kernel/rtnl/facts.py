@@ -3,42 +3,28 @@ under them and under listed devices (``core/devices.py`` decides what to hook).
 
 Reads only, never writes, and hands a plain :class:`~controlplane.core.render.Facts`
 to the pure core. Only the links that matter are decoded (the bridges' ports via
-a dump filtered by master, listed devices by name, then lower devices by index):
-decoding every link of a namespace with pyroute2 costs ~0.4 ms per link.
+a dump filtered by master, listed devices by name, then lower devices by index),
+each through the one rtnetlink decoder (:mod:`.codec`).
 """
 
 from __future__ import annotations
 
-import errno
+import socket
 from collections.abc import Iterable
-from typing import Any
 
 from controlplane.config import Config
 from controlplane.core.devices import unhooked_directions
 from controlplane.core.flowpath import Flow, Link, flow_egress_addresses, resolve_paths
 from controlplane.core.render import Facts
 from controlplane.errors import EnvironmentProblem, KernelError
+from controlplane.kernel.netlink import NetlinkSocket
 from controlplane.kernel.rtnl import topology
+from controlplane.kernel.rtnl.topology import get_link, ports_of
 
 __all__ = ["gather_facts", "half_offloaded_flows"]
 
 # Stacked devices followed down (QinQ is two; the kernel stops at five).
 _MAX_LOWER = 5
-
-
-def _get(ipr: Any, **kw: Any) -> Link | None:
-    # Imported here: pyroute2 costs ~170 ms to import, and a config without
-    # flowtables (gather_facts returns early) never needs it.
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        msgs = ipr.link("get", **kw)
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
-            return None
-        raise
-    # topology's decoder: one reading of IFLA_LINKINFO for the whole package.
-    return topology._link(msgs[0]) if msgs else None
 
 
 def gather_facts(cfg: Config, netns: str | None) -> Facts:
@@ -54,33 +40,32 @@ def gather_facts(cfg: Config, netns: str | None) -> Facts:
 def _gather(cfg: Config, netns: str | None) -> Facts:
     ports: dict[str, tuple[str, ...]] = {}
     links: dict[int, Link] = {}
-    with topology._iproute(netns, "read links") as ipr:
+    with NetlinkSocket(socket.NETLINK_ROUTE, netns, operation="read links") as nl:
         for ft in cfg.flowtables:
             for bridge in ft.bridges:
                 if bridge in ports:
                     continue
-                found = _get(ipr, ifname=bridge)
+                found = get_link(nl, name=bridge)
                 if found is None or found.kind != "bridge":
                     why = "no such device" if found is None else "not a bridge"
                     raise EnvironmentProblem(f"flowtable {ft.name}: bridge {bridge}: {why}")
-                # The kernel filters the dump by IFLA_MASTER: only ports are decoded.
-                members = [topology._link(m) for m in ipr.link("dump", master=found.ifindex)]
+                members = ports_of(nl, found.ifindex)
                 ports[bridge] = tuple(sorted(m.name for m in members))
                 links[found.ifindex] = found
                 links.update((m.ifindex, m) for m in members)
             known = {link.name for link in links.values()}
             for dev in ft.devices:
-                if dev not in known and (link := _get(ipr, ifname=dev)) is not None:
+                if dev not in known and (link := get_link(nl, name=dev)) is not None:
                     links[link.ifindex] = link
         # Masters of listed devices (a VLAN port's bridge, named in the note).
         masters = {x.master for x in links.values() if x.master is not None} - set(links)
-        links.update((m.ifindex, m) for i in sorted(masters) if (m := _get(ipr, index=i)))
+        links.update((m.ifindex, m) for i in sorted(masters) if (m := get_link(nl, index=i)))
         # VLAN devices' lower devices, down to the real one. A lower device in
         # another namespace is not found here: derivation reports it.
         todo = [link for link in links.values() if link.kind == "vlan"]
         for _ in range(_MAX_LOWER):
             lowers = {x.lower for x in todo if x.lower is not None and x.lower not in links}
-            found_links = [f for i in sorted(lowers) if (f := _get(ipr, index=i)) is not None]
+            found_links = [f for i in sorted(lowers) if (f := get_link(nl, index=i)) is not None]
             links.update((f.ifindex, f) for f in found_links)
             todo = [f for f in found_links if f.kind == "vlan"]
             if not todo:

@@ -3,13 +3,10 @@
 The watcher turns rtnetlink notifications into the frozen events of
 :mod:`controlplane.core.events` and keeps the caches that give them meaning:
 ``(bridge, vlan, mac) → port`` (a MAC move is ONE RTM_NEWNEIGH with a new
-port and no delete, PLATFORM.md), ``(ifindex, ip) → mac``, links and routes.
+port and no delete, docs/netlink.md), ``(ifindex, ip) → mac``, links and routes.
 
-Decoding is hand-written over :mod:`controlplane.kernel.netlink` rather than
-pyroute2's ``IPRoute``: measured here, ``IPRoute`` costs ~130 µs per event
-and re-raises ENOBUFS forever after one overflow, while header-and-attribute
-walking costs ~10 µs (PLATFORM.md). The kernel emits 40-50k FDB events/s in a
-storm; at 130 µs/event we would fall behind at 7.7k/s.
+Events and the dumps that rebuild the caches are decoded by the one rtnetlink
+codec (:mod:`.codec`; why not pyroute2's ``IPRoute``: docs/netlink.md).
 
 Losing events is expected and handled: on ENOBUFS the watcher drains the
 socket to EAGAIN, dumps the tables again, diffs the dump against its caches
@@ -27,22 +24,19 @@ import contextlib
 import errno
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
 from controlplane.core import events as ev
 from controlplane.errors import KernelError
 from controlplane.kernel.netlink import (
-    NLMSG_DONE,
-    NLMSG_ERROR,
     NetlinkSocket,
     drain,
-    error_code,
     messages,
 )
+from controlplane.kernel.rtnl import topology
 from controlplane.kernel.rtnl.codec import (
-    DUMPS,
     SOURCE_GROUPS,
     Caches,
     Decoded,
@@ -51,7 +45,6 @@ from controlplane.kernel.rtnl.codec import (
     NeighMsg,
     RouteMsg,
     decode,
-    dump_request,
 )
 
 __all__ = ["Watcher", "WatcherStats", "apply", "diff"]
@@ -301,31 +294,7 @@ class Watcher:
 
     # -- dumps ------------------------------------------------------------------
     def _dump(self) -> Caches:
-        caches = Caches()
         with NetlinkSocket(
             socket.NETLINK_ROUTE, self.netns, rcvbuf=4 << 20, operation="rtnetlink dump"
         ) as nl:
-            for source in ("link", *sorted(self.sources - {"link"})):
-                for kind, family in DUMPS[source]:
-                    for change in self._dump_one(nl, kind, family):
-                        apply(caches, change)
-        return caches
-
-    def _dump_one(self, nl: NetlinkSocket, kind: int, family: int) -> Iterator[Decoded]:
-        seq = nl.next_seq()
-        nl.send(dump_request(kind, family, seq), "rtnetlink dump")
-        while True:
-            buf = nl.recv("rtnetlink dump")
-            for mtype, _flags, mseq, start, end in messages(buf):
-                if mseq != seq:
-                    continue
-                if mtype == NLMSG_DONE:
-                    return
-                if mtype == NLMSG_ERROR:
-                    code = error_code(buf, start)
-                    if code:
-                        raise KernelError("rtnetlink dump", errno.errorcode.get(code, ""), code)
-                    continue
-                change = decode(mtype, buf, start, end)
-                if change is not None:
-                    yield change
+            return topology.dump(nl, {"link", *self.sources})
