@@ -24,7 +24,7 @@ class ExitCode(IntEnum):
     (the README's table is checked against this by tests/unit/test_cli_conventions.py)."""
 
     OK = 0
-    CHANGES = 1  # plan: changes pending; status --config: drift
+    CHANGES = 1  # plan: changes pending; status --config: drift; explain: not on the fast path
     USAGE = 2  # invalid config, unreadable config file, bad flag
     UNSUPPORTED = 3  # the kernel lacks a feature (probe: it cannot offload)
     ENVIRONMENT = 4  # root, namespace, device, bpffs, foreign table, another owner
@@ -37,7 +37,8 @@ class ExitCode(IntEnum):
 # What each exit code means, in the words --help and the README use.
 EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "ok",
-    ExitCode.CHANGES: "plan: changes pending; status --config: drift",
+    ExitCode.CHANGES: "plan: changes pending; status --config: drift; explain: not on the"
+    " fast path",
     ExitCode.USAGE: "invalid config, unreadable config file, or bad usage",
     ExitCode.UNSUPPORTED: "the kernel lacks a feature (probe: it cannot offload)",
     ExitCode.ENVIRONMENT: "environment: root, namespace, device, bpffs, a table that"

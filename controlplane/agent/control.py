@@ -347,15 +347,28 @@ def connect(path: Path, timeout: float = 5.0) -> Client | None:
         return None
     except PermissionError:
         sock.close()
-        raise EnvironmentProblem(
-            f"an agent's control socket {path} exists but is root only; run with sudo"
-        ) from None
+        raise EnvironmentProblem(_denied(path)) from None
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.ENOTSOCK, errno.ENOTDIR):
             return None
         raise AgentUnavailable(f"cannot connect to the agent on {path}: {exc.strerror}") from None
     return Client(sock, path)
+
+
+def _denied(path: Path) -> str:
+    """What is true when connecting to ``path`` was refused: the socket exists and
+    is root only, or its directory cannot be searched (then nobody can tell)."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return (
+            f"cannot tell whether an agent answers on {path}: {path.parent} is not"
+            f" accessible to uid {os.geteuid()}; run as root"
+        )
+    except OSError:
+        return f"no agent's control socket at {path}, and {path.parent} refused access; run as root"
+    return f"an agent's control socket {path} exists but is root only; run as root"
 
 
 def try_client(netns: str | None, path: Path | None = None) -> Client | None:

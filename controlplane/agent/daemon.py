@@ -507,13 +507,39 @@ class Agent:
 
     # -- control protocol ---------------------------------------------------
 
+    def _flows(self, args: dict[str, Any]) -> bytes:
+        """Kernel truth, read as the CLI reads it without an agent (kernel/flowstate)."""
+        from controlplane.core.flowselect import Selector
+
+        limit = args.get("limit", FLOWS_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            return protocol.error("bad_request", "'limit' must be a non-negative integer")
+        offloaded = args.get("offloaded", False)
+        if not isinstance(offloaded, bool):
+            return protocol.error("bad_request", "'offloaded' must be true or false")
+        selector = None
+        raw = args.get("selector")
+        if raw is not None:
+            if not isinstance(raw, dict) or raw.get("kind") not in ("mac", "ip", "prefix", "dev"):
+                return protocol.error("bad_request", "'selector' must be {kind, value}")
+            try:
+                selector = Selector.parse(raw["kind"], str(raw.get("value", "")))
+            except ValueError as exc:
+                return protocol.error("bad_request", str(exc))
+        if self.running is None:
+            return protocol.error("unavailable", "no config is running yet")
+        flows, truncated = self._observer.flows(
+            self.running, self.opts.netns, min(limit, FLOWS_LIMIT), selector, offloaded
+        )
+        return protocol.ok({"flows": flows, "truncated": truncated, "source": "conntrack"})
+
     def handle(self, req: protocol.Request) -> bytes:
         try:
             if req.op == "status":
                 # The table only (a few ms): a conntrack dump of a big table would
                 # hold the loop; its counts come from the periodic view instead.
                 self.refresh_table()
-                return protocol.ok(self._snap.to_json())
+                return protocol.ok(status_doc(self._snap))
             if req.op == "reload":
                 out = self.reload("control")
                 if out.ok:
@@ -532,24 +558,22 @@ class Agent:
                     exit_code=out.exit_code,
                 )
             if req.op == "flows":
-                limit = req.args.get("limit", FLOWS_LIMIT)
-                if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-                    return protocol.error("bad_request", "'limit' must be a non-negative integer")
-                limit = min(limit, FLOWS_LIMIT)
-                for sub in self.subsystems:
-                    indexed = getattr(sub, "flows", lambda _n: None)(limit)
-                    if indexed is not None:  # the engine's index: no dump
-                        return protocol.ok(
-                            {"flows": indexed[0], "truncated": indexed[1], "source": "index"}
-                        )
-                flows, truncated = self._observer.flows(self.opts.netns, limit)
-                return protocol.ok({"flows": flows, "truncated": truncated, "source": "conntrack"})
+                return self._flows(req.args)
         except ControlPlaneError as exc:
             return protocol.error("unavailable", _one_line(exc))
         except Exception as exc:  # a bug: answer and keep serving; the log says what
             self._log.error("control", f"internal error in {req.op}: {type(exc).__name__}: {exc}")
             return protocol.error("internal", f"{type(exc).__name__}: {exc}")
         return protocol.error("unknown_op", f"unknown op {req.op!r}")
+
+
+def status_doc(snap: Snapshot) -> dict[str, Any]:
+    """The ``status`` answer: the snapshot, opened by the verdict line the CLI prints."""
+    from controlplane.core.explain import status_line
+
+    doc = snap.to_json()
+    line = status_line(doc["kernel"]) if snap.kernel.at else "kernel not read yet"
+    return {"verdict": line, **doc}
 
 
 @dataclass

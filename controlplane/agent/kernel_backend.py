@@ -188,20 +188,6 @@ class KernelApplier:
         return done
 
 
-def _counters(text: str) -> dict[str, dict[str, int]]:
-    """Named counters' values from ``nft list table`` text (as kernel/status.py
-    reads them; the parsed listing keeps names only)."""
-    out: dict[str, dict[str, int]] = {}
-    lines = text.splitlines()
-    for i, line in enumerate(lines[:-1]):
-        head = line.strip()
-        if head.startswith("counter ") and head.endswith("{"):
-            value = lines[i + 1].split()
-            if len(value) >= 4 and value[0] == "packets":
-                out[head.split()[1]] = {"packets": int(value[1]), "bytes": int(value[3])}
-    return out
-
-
 def _reuseport(cfg: Config, netns: str | None) -> dict[str, dict[str, Any]]:
     """Each configured group's generations and program counters (BPF map reads)."""
     groups: dict[str, dict[str, Any]] = {}
@@ -236,6 +222,7 @@ def _reuseport(cfg: Config, netns: str | None) -> dict[str, dict[str, Any]]:
 class KernelObserver:
     def __init__(self) -> None:
         self._nft: Any = None
+        self._capable: tuple[bool, str] | None = None  # remembered once yes (see _SupportCached)
         # Forwarded totals by path; stepped only by observe() (one helper thread).
         self._paths = PathTally()
 
@@ -262,7 +249,11 @@ class KernelObserver:
     def observe(self, cfg: Config, netns: str | None) -> KernelView:
         from controlplane.kernel import status
 
-        info = status.collect(cfg.table.name, netns, family=cfg.table.family)
+        info = status.collect(
+            cfg.table.name, netns, family=cfg.table.family, capability=self._capable
+        )
+        if info["kernel"]["can_offload"]:
+            self._capable = (True, info["kernel"]["reason"])
         groups = _reuseport(cfg, netns)
         self._count_paths(cfg, netns, info["counters"])
         now = time.time()
@@ -274,6 +265,10 @@ class KernelObserver:
             counters=dict(info["counters"]),
             conntrack=int(info["conntrack"]),
             offloaded=int(info["offloaded"]),
+            kernel=dict(info["kernel"]),
+            forwarded_flows=int(info["forwarded_flows"]),
+            forwarded_offloaded=int(info["forwarded_offloaded"]),
+            hw_offloaded=int(info["hw_offloaded"]),
             reuseport=groups,
             forwarded=self._paths.totals(),
         )
@@ -283,6 +278,7 @@ class KernelObserver:
         groups): two nft list calls and BPF map reads, no conntrack dump, so the
         loop thread can afford it on every status request."""
         from controlplane.core import nft
+        from controlplane.kernel.flowstate import named_counters
         from controlplane.kernel.nft.libnft import Nft
 
         if self._nft is None:  # the loop thread's own context (bound to netns)
@@ -298,25 +294,15 @@ class KernelObserver:
             reuseport=groups,
             table_present=True,
             flowtables={n: tuple(sorted(f.devices)) for n, f in observed.flowtables.items()},
-            counters=_counters(self._nft.show(ref) or "") if observed.counters else {},
+            counters=named_counters(self._nft.show(ref) or "") if observed.counters else {},
         )
 
-    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        """A conntrack dump with each flow's path: only when the invalidation engine
-        (whose index answers otherwise) is disabled in the config."""
-        import os
+    def flows(
+        self, cfg: Config, netns: str | None, limit: int, selector: Any, offloaded: bool
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """``offloadctl flows``' answer, read from the kernel exactly as the CLI
+        reads it without an agent (kernel/flowstate.py). The invalidation index
+        is not consulted: it holds every TCP/UDP entry as *possibly* offloaded."""
+        from controlplane.kernel.flowstate import read_flow_docs
 
-        from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED, flow_doc
-        from controlplane.kernel.ctnetlink.teardown import flows_with_devices
-
-        only = os.environ.get(TESTING_ALL_OFFLOADED) != "1"
-        out: list[dict[str, Any]] = []
-        for flow, path, topo in flows_with_devices(netns, only_offloaded=only):
-            if len(out) == limit:
-                return out, True
-            doc = flow_doc(flow, None, None, {})
-            doc["orig_devices"] = [topo.name(i) for i in path.orig.devices]
-            doc["reply_devices"] = [topo.name(i) for i in path.reply.devices]
-            doc["ambiguous"] = path.ambiguous
-            out.append(doc)
-        return out, False
+        return read_flow_docs(netns, cfg.table.name, selector, offloaded, limit)

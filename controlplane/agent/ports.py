@@ -42,8 +42,11 @@ class Applier(Protocol):
 class Observer(Protocol):
     def observe(self, cfg: Config, netns: str | None) -> KernelView: ...
 
-    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        """Up to ``limit`` offloaded flows as JSON-able dicts, and whether more exist."""
+    def flows(
+        self, cfg: Config, netns: str | None, limit: int, selector: Any, offloaded: bool
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Up to ``limit`` forwarded flows (``selector``: a ``core.flowselect.Selector``
+        or None) as ``offloadctl flows --json`` prints them, and whether more exist."""
         ...
 
 

@@ -40,6 +40,12 @@ class KernelView:
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     conntrack: int = 0
     offloaded: int = 0
+    # Kernel truth for the verdict line (kernel/status.py): can it offload, and
+    # how many forwarded flows conntrack marks [OFFLOAD] (both directions hooked).
+    kernel: dict[str, Any] = field(default_factory=dict)  # {"can_offload", "reason"}
+    forwarded_flows: int = 0
+    forwarded_offloaded: int = 0
+    hw_offloaded: int = 0
     # group -> {"target_generation", "generations": [...], "counters": {...}}
     reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None

@@ -38,12 +38,21 @@ COMMANDS: dict[str, str] = {
     "probe": "ruleset_cmds",
     "flows": "flows",
     "watch": "flows",
+    "explain": "explain",
     "agent": "agent",
     "reload": "agent",
     "reuseport": "reuseport",
     "completion": "completion",
 }
-AREA_MODULES = ("config_cmds", "ruleset_cmds", "flows", "agent", "reuseport", "completion")
+AREA_MODULES = (
+    "config_cmds",
+    "ruleset_cmds",
+    "flows",
+    "explain",
+    "agent",
+    "reuseport",
+    "completion",
+)
 # Modules whose own typer ``app`` is mounted as a command group (they do not
 # register themselves on common.app): module -> (group name, help).
 SUBAPPS: dict[str, tuple[str, str]] = {

@@ -1,8 +1,8 @@
 """``offloadctl agent`` (the host daemon) and ``offloadctl reload`` (its client).
 
-``agent_status`` and ``agent_flows`` let ``offloadctl status`` / ``flows`` answer
-from a running agent: each prints and returns True when an agent answered,
-False when none runs in that namespace (then the caller reads the kernel).
+``agent_status`` and ``agent_answer`` let ``offloadctl status`` / ``flows`` answer
+from a running agent (None/False when none runs in that namespace: then the
+caller reads the kernel).
 """
 
 from __future__ import annotations
@@ -194,8 +194,9 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
 
     k = doc["kernel"]
     lines = [
+        f"verdict: {doc.get('verdict', 'unknown')}",
         f"agent pid {doc['pid']} ({doc['netns'] or 'host'}), config {doc['config_path']},"
-        f" table {doc['table']}: {'present' if k['table_present'] else 'absent'}"
+        f" table {doc['table']}: {'present' if k['table_present'] else 'absent'}",
     ]
     for name, devs in sorted(k["flowtables"].items()):
         lines.append(f"  flowtable {name}: devices {{ {', '.join(devs)} }}")
@@ -203,7 +204,11 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
     inv = doc.get("invalidation") or {}
     if inv.get("enabled"):
-        lines.append(f"  offloaded flows watched by the agent: {inv.get('indexed_flows', 0)}")
+        # The invalidation index: every TCP/UDP entry, as *possibly* offloaded
+        # (the kernel sets [OFFLOAD] without an event). Not a count of offloaded flows.
+        lines.append(
+            f"  flows indexed for invalidation (possibly offloaded): {inv.get('indexed_flows', 0)}"
+        )
     lines.append(
         f"  conntrack entries: {k['conntrack']} ({k['offloaded']} offloaded)"
         + (f" as of {when(k['at'])}" if k.get("at") else "")
@@ -243,7 +248,7 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
 
 def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
     """Print a running agent's status; False when no agent runs for ``netns``."""
-    result = _ask(netns, "status", 30.0, socket_path)
+    result = agent_answer(netns, "status", 30.0, socket_path)
     if result is None:
         return False
     if as_json:
@@ -254,44 +259,15 @@ def agent_status(netns: str | None, as_json: bool, socket_path: Path | None = No
     return True
 
 
-def agent_answer(netns: str | None, op: str, timeout: float, socket_path: Path | None) -> Any:
+def agent_answer(
+    netns: str | None, op: str, timeout: float, socket_path: Path | None, **args: Any
+) -> Any:
     """A running agent's answer to ``op``; None when no agent runs for ``netns``."""
     client = _client(netns, socket_path)
     if client is None:
         return None
     with client:
-        resp = client.call(op, timeout=timeout)
+        resp = client.call(op, timeout=timeout, **args)
     if not resp.ok:
         raise EnvironmentProblem(f"agent {op}: {resp.error_message}")
     return resp.result
-
-
-_ask = agent_answer
-
-
-def agent_flows(netns: str | None, as_json: bool, socket_path: Path | None = None) -> bool:
-    """Print a running agent's offloaded flows; False when no agent runs for ``netns``."""
-    result = _ask(netns, "flows", 60.0, socket_path)
-    if result is None:
-        return False
-    for f in result["flows"]:
-        if as_json:  # the same lines as without an agent (cli/flows.py)
-            typer.echo(json.dumps(f, sort_keys=True))
-        else:
-            typer.echo(flow_line(f))
-    if result.get("truncated"):
-        typer.echo("(truncated: more flows than the agent lists)", err=True)
-    return True
-
-
-def flow_line(f: dict[str, Any]) -> str:
-    """One flow as ``offloadctl flows`` prints it without an agent."""
-    proto = {6: "tcp", 17: "udp"}.get(f["proto"], str(f["proto"]))
-    zone = f" zone={f['zone']}" if f["zone"] else ""
-    out = ">".join(f.get("orig_devices", [])) or "-"
-    back = ">".join(f.get("reply_devices", [])) or "-"
-    note = " (ambiguous)" if f.get("ambiguous") else ""
-    return (
-        f"{proto} {f['src']}:{f['sport']} -> {f['dst']}:{f['dport']}{zone} id={f['id']}"
-        f" out={out} back={back}{note}"
-    )

@@ -33,6 +33,7 @@ VERB_EXITS: dict[str, tuple[ExitCode, ...]] = {
     "status": (E.OK, E.CHANGES, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT),
     "flush": (E.OK, E.USAGE, E.ENVIRONMENT, E.KERNEL),
     "flows": (E.OK, E.USAGE, E.ENVIRONMENT, E.KERNEL),
+    "explain": (E.OK, E.CHANGES, E.USAGE, E.ENVIRONMENT),
     "watch": (E.OK, E.USAGE, E.ENVIRONMENT),
     "agent": (E.OK, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT, E.KERNEL),
     "reload": (E.OK, E.USAGE, E.UNSUPPORTED, E.ENVIRONMENT, E.KERNEL, E.AFTER_COMMIT),

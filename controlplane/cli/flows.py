@@ -4,11 +4,16 @@ Every selector value passes the same parsers as the engine's events
 (``core/events.canonical_*``) before anything is read from the kernel: a bad
 one is one line naming it, exit 2, nothing torn down.
 
-Test-only: with ``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED=1`` every conntrack
-entry counts as offloaded. The host kernel of the test machines has no
-flowtables, so no entry ever carries IPS_OFFLOAD there; the switch lets the
-host netns tests drive the real teardown path. Never set it in production:
-it makes teardown touch flows that are on the classic path.
+``flows`` shows what conntrack holds (IPS_OFFLOAD and IPS_HW_OFFLOAD, TCP
+state, counters), never an inference; ``flows teardown`` acts on the offloaded
+flows of exactly the set ``flows`` lists for the same selector.
+
+Test-only: with ``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED=1`` ``flows teardown``
+and ``watch`` take every entry as offloaded (``flows`` still shows the bits).
+The host kernel of the test machines has no flowtables, so no entry ever
+carries IPS_OFFLOAD there; the switch lets the host netns tests drive the real
+teardown path. Never set it in production: it makes teardown touch flows that
+are on the classic path.
 """
 
 from __future__ import annotations
@@ -20,18 +25,23 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from controlplane.cli.agent import SocketOpt
 from controlplane.cli.common import NetnsOpt, app, load
 from controlplane.cli.errors import handles_errors
 from controlplane.errors import ConfigError, ConfigIssue
 
+if TYPE_CHECKING:
+    from controlplane.core.flowselect import Selector
+
 TESTING_ALL_OFFLOADED = "OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED"
 
 flows_app = typer.Typer(
-    help="Offloaded flows: list them, tear them down by MAC, IP, prefix or device.",
+    help="Forwarded flows as the kernel has them; tear offloaded ones down by MAC, IP,"
+    " prefix or device.",
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -45,11 +55,71 @@ def only_offloaded() -> bool:
     return os.environ.get(TESTING_ALL_OFFLOADED) != "1"
 
 
+MacOpt = Annotated[str | None, typer.Option("--mac", help="next-hop MAC")]
+IpOpt = Annotated[str | None, typer.Option("--ip", help="endpoint or next-hop IP")]
+PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="endpoint prefix")]
+DevOpt = Annotated[str | None, typer.Option("--dev", help="device on the path")]
+
+
+def parse_selector(
+    mac: str | None, ip: str | None, prefix: str | None, dev: str | None, *, required: bool
+) -> Selector | None:
+    """The one selector of ``flows`` and ``flows teardown`` (exit 2 naming the flag)."""
+    from controlplane.core.flowselect import Selector
+
+    given = [(k, v) for k, v in (("mac", mac), ("ip", ip), ("prefix", prefix), ("dev", dev)) if v]
+    if len(given) > 1 or (required and not given):
+        what = "exactly" if required else "at most"
+        raise ConfigError(
+            [ConfigIssue("flows", f"give {what} one of --mac, --ip, --prefix, --dev")]
+        )
+    if not given:
+        return None
+    kind, value = given[0]
+    try:
+        return Selector.parse(kind, value)  # type: ignore[arg-type]
+    except ValueError as exc:
+        flag, _, reason = str(exc).partition(": ")
+        raise ConfigError([ConfigIssue(flag, reason)]) from None
+
+
 def _flow_text(flow: Any) -> str:
     o = flow.orig
     proto = {6: "tcp", 17: "udp"}.get(o.proto, str(o.proto))
     zone = f" zone={flow.zone}" if flow.zone else ""
     return f"{proto} {o.src}:{o.sport} -> {o.dst}:{o.dport}{zone} id={flow.id}"
+
+
+def flow_line(f: dict[str, Any]) -> str:
+    """One flow of ``offloadctl flows`` (kernel truth: the offload bits as conntrack
+    has them; ``classic-in``: the per-device classic-path counters it enters by)."""
+    proto = {6: "tcp", 17: "udp"}.get(f["proto"], str(f["proto"]))
+    zone = f" zone={f['zone']}" if f["zone"] else ""
+    state = "[OFFLOAD]" if f["offloaded"] else "classic"
+    if f.get("hw_offloaded"):
+        state += " [HW_OFFLOAD]"
+    if f.get("tcp_state"):
+        state += f" {f['tcp_state']}"
+    packets = f" packets={f['packets'][0]}/{f['packets'][1]}" if f.get("packets") else ""
+    out = ">".join(f.get("orig_devices", [])) or "-"
+    back = ">".join(f.get("reply_devices", [])) or "-"
+    classic = ""
+    if f.get("classic_in"):
+        per = {c["ingress"]: c["packets"] for c in f["classic_in"].values()}
+        classic = " classic-in: " + ", ".join(f"{d} {n}" for d, n in sorted(per.items()))
+    note = " (ambiguous)" if f.get("ambiguous") else ""
+    return (
+        f"{proto} {f['src']}:{f['sport']} -> {f['dst']}:{f['dport']}{zone} id={f['id']}"
+        f" {state}{packets} out={out} back={back}{classic}{note}"
+    )
+
+
+def flows_summary(docs: list[dict[str, Any]]) -> str:
+    offloaded = sum(1 for d in docs if d["offloaded"])
+    hw = sum(1 for d in docs if d.get("hw_offloaded"))
+    return f"{offloaded} of {len(docs)} forwarded flow(s) offloaded" + (
+        f" ({hw} in hardware)" if hw else ""
+    )
 
 
 def _require_netns(netns: str | None) -> None:
@@ -62,56 +132,74 @@ def _require_netns(netns: str | None) -> None:
 
 @flows_app.callback()
 @handles_errors
-def flows(ctx: typer.Context, netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
-    """List the offloaded flows with the devices their path uses."""
+def flows(
+    ctx: typer.Context,
+    netns: NetnsOpt = None,
+    as_json: JsonOpt = False,
+    mac: MacOpt = None,
+    ip: IpOpt = None,
+    prefix: PrefixOpt = None,
+    dev: DevOpt = None,
+    offloaded: Annotated[
+        bool, typer.Option("--offloaded", help="only flows conntrack marks [OFFLOAD]")
+    ] = False,
+    table: Annotated[
+        str | None,
+        typer.Option(
+            "--table",
+            help="owned table whose counters to show (default: the agent's, else offloadctl)",
+        ),
+    ] = None,
+    socket_path: SocketOpt = None,
+) -> None:
+    """List forwarded flows as the kernel has them: offload bits, devices, classic-path counters.
+
+    The same selection as 'flows teardown' for the same selector. With a running
+    agent, the counters are those of the table it owns (unless --table)."""
     if ctx.invoked_subcommand is not None:
         return
-    from controlplane.cli.agent import agent_flows
+    selector = parse_selector(mac, ip, prefix, dev, required=False)
+    if table is None:
+        # A running agent only says which table it owns (its status, a few ms);
+        # the flows are read here, from the kernel, as the agent would read them,
+        # so a big conntrack table never holds the agent's loop.
+        from controlplane.cli.agent import agent_answer
 
-    if agent_flows(netns, as_json):  # a running agent answers from its flow index
-        return
-    from controlplane.kernel.ctnetlink.teardown import flows_with_devices
+        agent = agent_answer(netns, "status", 30.0, socket_path)
+        table = str(agent["table"]).split()[-1] if agent and agent.get("table") else "offloadctl"
+    from controlplane.kernel.flowstate import read_flow_docs
 
+    ref = _table_name(table)
     _require_netns(netns)
-    for flow, path, topology in flows_with_devices(netns, only_offloaded=only_offloaded()):
-        orig = [topology.name(i) for i in path.orig.devices]
-        reply = [topology.name(i) for i in path.reply.devices]
-        if as_json:
-            doc = flow.as_dict() | {"orig_devices": orig, "reply_devices": reply}
-            doc["ambiguous"] = path.ambiguous
-            typer.echo(json.dumps(doc, sort_keys=True))
-        else:
-            note = " (ambiguous)" if path.ambiguous else ""
-            out = ">".join(orig) or "-"
-            back = ">".join(reply) or "-"
-            typer.echo(f"{_flow_text(flow)} out={out} back={back}{note}")
+    docs, _ = read_flow_docs(netns, ref, selector, offloaded, None)
+    for doc in docs:
+        typer.echo(json.dumps(doc, sort_keys=True) if as_json else flow_line(doc))
+    if not as_json:
+        typer.echo(flows_summary(docs))
+
+
+def _table_name(name: str) -> str:
+    from controlplane.core import nft
+
+    if not nft.is_objname(name):
+        raise ConfigError([ConfigIssue("--table", f"invalid table name {name!r}")])
+    return name
 
 
 @flows_app.command("teardown")
 @handles_errors
 def flows_teardown(
-    mac: Annotated[str | None, typer.Option("--mac", help="next-hop MAC")] = None,
-    ip: Annotated[str | None, typer.Option("--ip", help="endpoint or next-hop IP")] = None,
-    prefix: Annotated[str | None, typer.Option("--prefix", help="endpoint prefix")] = None,
-    dev: Annotated[str | None, typer.Option("--dev", help="device on the path")] = None,
+    mac: MacOpt = None,
+    ip: IpOpt = None,
+    prefix: PrefixOpt = None,
+    dev: DevOpt = None,
     netns: NetnsOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tear down the offloaded flows matching exactly one selector; print what was done."""
-    from controlplane.core.flowselect import Selector
-
-    given = [(k, v) for k, v in (("mac", mac), ("ip", ip), ("prefix", prefix), ("dev", dev)) if v]
-    if len(given) != 1:
-        raise ConfigError(
-            [ConfigIssue("flows teardown", "give exactly one of --mac, --ip, --prefix, --dev")]
-        )
-    kind, value = given[0]
-    try:
-        selector = Selector.parse(kind, value)  # type: ignore[arg-type]
-    except ValueError as exc:
-        flag, _, reason = str(exc).partition(": ")
-        raise ConfigError([ConfigIssue(flag, reason)]) from None
+    """Tear down the offloaded flows among those 'flows' lists for one selector."""
+    selector = parse_selector(mac, ip, prefix, dev, required=True)
+    assert selector is not None
     _require_netns(netns)
     from controlplane.kernel.ctnetlink.teardown import teardown_selected
 
@@ -124,11 +212,12 @@ def flows_teardown(
         else:
             typer.echo(f"{verb} {_flow_text(flow)} via {','.join(devices) or '-'}")
     summary = (
-        f"{selector}: {len(report.selected)} of {report.examined} flow(s) selected"
+        f"{selector}: {report.matched} forwarded flow(s) selected (as 'flows' lists them),"
+        f" {len(report.selected)} offloaded"
         + (
             ""
             if dry_run
-            else f", {report.deleted} deleted, {report.recreated} re-created"
+            else f"; {report.deleted} deleted, {report.recreated} re-created"
             f" on the classic path, {report.already_gone} already gone"
         )
         + f" ({report.elapsed * 1000:.1f} ms)"

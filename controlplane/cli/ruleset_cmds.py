@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -180,20 +180,33 @@ def flush(
 @handles_errors
 def status(
     netns: NetnsOpt = None,
-    table: TableOpt = "offloadctl",
+    table: Annotated[
+        str | None,
+        typer.Option(
+            "--table",
+            help="owned table name (inet family; default offloadctl); read from the kernel"
+            " even when an agent runs",
+            show_default=False,
+            metavar="TABLE",
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="compare with this config: report drift", show_default=False),
+        typer.Option(
+            "--config", help="compare with this config: report drift (exit 1)", show_default=False
+        ),
     ] = None,
     as_json: JsonOpt = False,
+    socket_path: SocketOpt = None,
 ) -> None:
-    """Owned table, ownership, drift, flowtable devices, classic-path counter, flows.
+    """Verdict line, then table, ownership, flowtable devices, counters, flows, drift.
 
-    Answered by the namespace's agent when one runs (unless --config asks for drift)."""
-    if config is None:
+    Answered by the namespace's agent when one runs (unless --table or --config
+    asks another question). With --config: exit 1 when the kernel drifted from it."""
+    if config is None and table is None:
         from controlplane.cli.agent import agent_status
 
-        if agent_status(netns, as_json):
+        if agent_status(netns, as_json, socket_path):
             return
     from controlplane import service
     from controlplane.core import nft
@@ -205,36 +218,47 @@ def status(
         ref = nft.TableRef(cfg.table.family, cfg.table.name)
         the_plan = service.plan(cfg, netns)
     else:
-        parsed = _table_ref(table)
+        parsed = _table_ref(table or "offloadctl")
         assert isinstance(parsed, nft.TableRef)
         ref = parsed
     info = st.collect(ref, netns, the_plan)
+    drifted = bool(info["drift"]) or (the_plan is not None and not the_plan.empty)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-        return
+    else:
+        for line in _status_lines(ref.spec, info, the_plan is not None):
+            typer.echo(line)
+    if config is not None and drifted:
+        raise typer.Exit(ExitCode.CHANGES)
+
+
+def _status_lines(spec: str, info: dict[str, Any], drift_asked: bool) -> list[str]:
+    lines = [f"verdict: {info['verdict']}"]
     if not info["table"]:
-        typer.echo(f"table {ref.spec}: absent")
-        return
-    typer.echo(f"table {ref.spec}: present ({info['ownership']})")
+        lines.append(f"table {spec}: absent")
+        return lines + [f"  drift: {line}" for line in info["drift"]]
+    lines.append(f"table {spec}: present ({info['ownership']})")
     for ft in info["flowtables"]:
-        typer.echo(f"  flowtable {ft['name']}: devices {{ {', '.join(ft['devices'])} }}")
+        lines.append(f"  flowtable {ft['name']}: devices {{ {', '.join(ft['devices'])} }}")
     for name, c in info["counters"].items():
-        typer.echo(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
-    typer.echo(f"  conntrack entries: {info['conntrack']} ({info['offloaded']} offloaded)")
+        lines.append(f"  counter {name}: {c['packets']} packets, {c['bytes']} bytes")
+    lines.append(f"  conntrack entries: {info['conntrack']} ({info['offloaded']} offloaded)")
     # Issue 9 (H3): inputs whose direction is not offloaded although conntrack says so.
     for r in info.get("classic_path_by_input", []):
         if r["suspect"]:
-            typer.echo(
+            lines.append(
                 f"  not offloaded: input {r['ingress']}: {r['packets']} packets of offloaded"
                 " flows took the classic path (is its real device in the flowtable?)"
             )
     if info.get("offloaded_one_direction"):
-        typer.echo(
+        lines.append(
             f"  {info['offloaded_one_direction']} flow(s) [OFFLOAD] in conntrack with one"
             " direction on the classic path (not counted as offloaded)"
         )
-    for line in info["drift"]:
-        typer.echo(f"  drift: {line}")
+    lines += [f"  drift: {line}" for line in info["drift"]]
+    if drift_asked and not info["drift"]:
+        lines.append("  drift: none")
+    return lines
 
 
 @app.command(name="probe")

@@ -30,7 +30,7 @@ device (neighbour transmit). Hence:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -43,6 +43,7 @@ __all__ = [
     "LinkFacts",
     "Member",
     "classic_counter_names",
+    "classic_counter_of",
     "classic_path_report",
     "derive_devices",
     "explain",
@@ -78,10 +79,21 @@ def classic_counter_names(devices: Iterable[str]) -> dict[str, str]:
     taken: dict[str, int] = {}
     for name in plain.values():
         taken[name] = taken.get(name, 0) + 1
-    return {
-        d: name if taken[name] == 1 else f"{name}_{hashlib.sha256(d.encode()).hexdigest()[:6]}"
-        for d, name in plain.items()
-    }
+    return {d: name if taken[name] == 1 else _hashed(name, d) for d, name in plain.items()}
+
+
+def _hashed(plain: str, device: str) -> str:
+    return f"{plain}_{hashlib.sha256(device.encode()).hexdigest()[:6]}"
+
+
+def classic_counter_of(device: str, counters: Collection[str]) -> str:
+    """The ``classic_in_*`` counter (among ``counters``, a table's) that counts
+    packets entering through ``device``: its own, else the catch-all."""
+    plain = CLASSIC_IN_PREFIX + device.replace(".", "_")
+    for name in (_hashed(plain, device), plain):
+        if name in counters:
+            return name
+    return CLASSIC_IN_OTHER
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,15 @@ __all__ = [
     "EGRESS_NOWHERE",
     "ETH_P_8021AD",
     "ETH_P_8021Q",
+    "IPS_ASSURED",
+    "IPS_CONFIRMED",
+    "IPS_DST_NAT",
+    "IPS_HW_OFFLOAD",
+    "IPS_NAT_CLASH",
     "IPS_OFFLOAD",
+    "IPS_SEEN_REPLY",
+    "IPS_SEQ_ADJUST",
+    "IPS_SRC_NAT",
     "CtTuple",
     "Egress",
     "EgressPath",
@@ -64,8 +72,16 @@ __all__ = [
     "select_flows_through",
 ]
 
-# include/uapi/linux/netfilter/nf_conntrack_common.h: IPS_OFFLOAD_BIT = 14.
+# include/uapi/linux/netfilter/nf_conntrack_common.h (enum ip_conntrack_status).
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+IPS_SEQ_ADJUST = 1 << 6
+IPS_NAT_CLASH = 1 << 12  # = IPS_UNTRACKED
 IPS_OFFLOAD = 1 << 14
+IPS_HW_OFFLOAD = 1 << 15  # the flow is in a NIC too
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 

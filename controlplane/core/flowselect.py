@@ -83,15 +83,21 @@ def _matches(selector: Selector, address: str, out: Egress, ifindex: int | None)
 
 
 def select_flows(
-    flows: Iterable[Flow], topology: Topology, selector: Selector
+    flows: Iterable[Flow], topology: Topology, selector: Selector | None
 ) -> list[tuple[Flow, tuple[Egress, Egress]]]:
-    """The flows (input order) ``selector`` picks, each with its (orig, reply) egress.
+    """The flows (input order) ``selector`` picks, each with its (orig, reply) egress;
+    ``None`` picks every forwarded flow. ``offloadctl flows`` lists, and ``flows
+    teardown`` tears down the offloaded ones of, exactly this selection.
 
     Flows to or from the router itself are never selected: they are not
     forwarded, so nothing of theirs is cached on a fast path. For ``dev``, a
     name absent from ``topology`` selects nothing (the caller reports it).
     """
-    ifindex = topology.ifindex(selector.value) if selector.kind == "dev" else None
+    ifindex = (
+        topology.ifindex(selector.value)
+        if selector is not None and selector.kind == "dev"
+        else None
+    )
     cache: dict[str, Egress] = {}
 
     def egress_to(address: str) -> Egress:
@@ -106,8 +112,10 @@ def select_flows(
         orig, reply = egress_to(orig_addr), egress_to(reply_addr)
         if orig.local or reply.local:
             continue
-        if _matches(selector, orig_addr, orig, ifindex) or _matches(
-            selector, reply_addr, reply, ifindex
+        if (
+            selector is None
+            or _matches(selector, orig_addr, orig, ifindex)
+            or _matches(selector, reply_addr, reply, ifindex)
         ):
             picked.append((flow, (orig, reply)))
     return picked

@@ -476,50 +476,71 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_status_and_flows_answered_by_the_agent(
     lab: Lab, tmp_path: Path, rundir: Path, agents: list[AgentProc]
 ) -> None:
-    """``offloadctl status|flows`` read the kernel when no agent runs and ask the
-    agent (on the namespace's default socket) when one does: status with the
-    agent's counters, flows from the engine's index with the same lines."""
+    """Issue 14 items 1 and 5: with an agent running on a kernel that cannot
+    offload (its index holding every TCP flow as possibly offloaded), ``flows``
+    and ``status`` still say what the kernel holds, the same as without the
+    agent; ``--socket`` finds an agent on another socket, ``--table`` asks the
+    kernel about another table even then."""
     env = os.environ | {TESTING_ALL_OFFLOADED: "1"}
     direct = cli("status", "--netns", lab.router, "--json")
     assert direct.returncode == 0 and "ownership" in json.loads(direct.stdout)
-    flows_direct = cli("flows", "--netns", lab.router, env=env)
+    flows_direct = cli("flows", "--netns", lab.router)
     assert flows_direct.returncode == 0, flows_direct.stderr
     tcp_direct = sorted(x for x in flows_direct.stdout.splitlines() if x.startswith("tcp "))
-    assert len(tcp_direct) == 4  # (the test switch also lists an IGMP entry: not compared)
+    assert len(tcp_direct) == 4 and all(" classic " in x for x in tcp_direct)
 
     cfg = {"version": 1, "nat": {"masquerade": [{"oifname": "wan"}]}}
-    a = AgentProc(lab.router, tmp_path, rundir, cfg)
-    a.socket = control.default_socket_path(lab.router)  # where the CLI looks
-    a.args[a.args.index("--socket") + 1] = str(a.socket)
+    a = AgentProc(lab.router, tmp_path, rundir, cfg)  # on its own --socket
     a.env = env
     agents.append(a)
     a.start()
+    sock = ("--socket", str(a.socket))
     try:
-        res = cli("status", "--netns", lab.router, "--json")
-        assert res.returncode == 0, res.stderr
-        doc = json.loads(res.stdout)
+        # Not the default socket: without --socket the kernel answers.
+        assert "agent pid" not in cli("status", "--netns", lab.router).stdout
+
+        def read() -> dict[str, Any]:
+            res = cli("status", "--netns", lab.router, "--json", *sock)
+            assert res.returncode == 0, res.stderr
+            doc: dict[str, Any] = json.loads(res.stdout)
+            return doc
+
+        wait_for(lambda: read()["verdict"] != "kernel not read yet", "the first kernel view")
+        doc = read()
         assert doc["pid"] == a.proc.pid if a.proc else False
-        assert doc["kernel"]["table_present"] is True
-        assert doc["invalidation"]["indexed_flows"] >= 4
+        assert doc["verdict"].startswith("kernel CANNOT offload (kernel refused 'add flowtable'")
+        assert "; 0 of 4 forwarded flows offloaded;" in doc["verdict"]
+        assert doc["invalidation"]["indexed_flows"] >= 4  # the index: possibly offloaded
         assert {"events", "overflows", "resyncs", "by_cause"} <= doc["invalidation"].keys()
         assert doc["last_apply"]["ok"] is True
-        text = cli("status", "--netns", lab.router)
-        assert f"agent pid {doc['pid']}" in text.stdout
+        text = cli("status", "--netns", lab.router, *sock).stdout.splitlines()
+        assert text[0] == f"verdict: {doc['verdict']}"
+        assert f"agent pid {doc['pid']}" in text[1]
         watched = doc["invalidation"]["indexed_flows"]
-        assert f"offloaded flows watched by the agent: {watched}" in text.stdout
-        assert "last apply:" in text.stdout and "(start) ok" in text.stdout
+        assert f"  flows indexed for invalidation (possibly offloaded): {watched}" in text
+        assert not any("offloaded flows watched" in line for line in text)
+        assert any("last apply:" in x and "(start) ok" in x for x in text)
+        # --table: the kernel's answer about that table, not the agent's.
+        other = cli("status", "--netns", lab.router, "--table", "foreign", *sock).stdout
+        assert "table inet foreign: absent" in other and "agent pid" not in other
 
-        # Flows come from the index (no dump), as the same lines the kernel gives.
-        assert a.call("flows").result["source"] == "index"
-        via_agent = cli("flows", "--netns", lab.router)
+        # Flows: kernel truth from the agent too, the same lines as without it.
+        answer = a.call("flows").result
+        assert answer["source"] == "conntrack"
+        assert not any(d["offloaded"] for d in answer["flows"])
+        via_agent = cli("flows", "--netns", lab.router, *sock)
         assert via_agent.returncode == 0, via_agent.stderr
         assert (
             sorted(x for x in via_agent.stdout.splitlines() if x.startswith("tcp ")) == tcp_direct
         )
-        out = cli("flows", "--netns", lab.router, "--json").stdout
+        assert via_agent.stdout.splitlines()[-1].startswith("0 of ")
+        out = cli("flows", "--netns", lab.router, "--json", *sock).stdout
         lines = [d for d in map(json.loads, out.splitlines()) if d["proto"] == 6]
         assert {d["id"] for d in lines} == set(conntrack_ids(lab.router).values())
         assert all(d["orig_devices"] and d["reply_devices"] for d in lines), lines
+        # One selection: flows --ip and teardown --ip --dry-run agree.
+        one = cli("flows", "--netns", lab.router, "--ip", CLIENT["A"], *sock).stdout
+        assert one.splitlines()[-1] == "0 of 2 forwarded flow(s) offloaded"
     finally:
         a.signal(signal.SIGTERM)
         assert a.wait() == 0

@@ -62,20 +62,47 @@ def mac_of(netns: str, dev: str = "eth0") -> str:
     return sh("cat", f"/sys/class/net/{dev}/address", netns=netns).strip()
 
 
-def test_flows_lists_forwarded_flows_with_their_devices(lab: Lab) -> None:
-    code, out, err = run("flows", "--netns", lab.router, "--json", env=ON)
-    assert code == 0, err
-    docs = [json.loads(line) for line in out.splitlines()]
-    to_server = [d for d in docs if d["dst"] == SERVER and d["proto"] == 6]
-    assert len(to_server) == 4
-    by_client = {(d["src"], d["dport"]): d for d in to_server}
-    a = by_client[(CLIENT["A"], 5001)]
-    assert a["zone"] == 5
-    assert a["orig_devices"] == ["wan"]
-    assert a["back_devices" if "back_devices" in a else "reply_devices"] == ["br0", "p1"]
-    # Without the switch (a host kernel never offloads): nothing is listed.
+def test_flows_lists_forwarded_flows_as_the_kernel_has_them(lab: Lab) -> None:
+    """Issue 14 item 1: with no agent, ``flows`` reads conntrack and prints every
+    forwarded flow with the kernel's offload bits (none here: the host kernel
+    cannot offload), whatever the test switch says."""
+    for env in (ON, None):
+        code, out, err = run("flows", "--netns", lab.router, "--json", env=env)
+        assert code == 0, err
+        docs = [json.loads(line) for line in out.splitlines()]
+        to_server = [d for d in docs if d["dst"] == SERVER and d["proto"] == 6]
+        assert len(to_server) == 4
+        assert not any(d["offloaded"] or d["hw_offloaded"] for d in docs)
+        assert {d["tcp_state"] for d in to_server} == {"ESTABLISHED"}
+        by_client = {(d["src"], d["dport"]): d for d in to_server}
+        a = by_client[(CLIENT["A"], 5001)]
+        assert a["zone"] == 5
+        assert a["orig_devices"] == ["wan"]
+        assert a["reply_devices"] == ["br0", "p1"]
     code, out, _ = run("flows", "--netns", lab.router)
-    assert (code, out) == (0, "")
+    lines = out.splitlines()
+    assert code == 0 and len([x for x in lines if x.startswith("tcp ")]) == 4
+    assert all(" classic ESTABLISHED " in x for x in lines if x.startswith("tcp "))
+    assert lines[-1] == f"0 of {len(lines) - 1} forwarded flow(s) offloaded"
+
+
+def test_flows_and_teardown_select_the_same_set(lab: Lab) -> None:
+    """The same selector picks the same flows in ``flows`` and ``flows teardown``;
+    teardown then acts on the offloaded ones only (here: none)."""
+    code, out, err = run("flows", "--ip", CLIENT["B"], "--netns", lab.router, "--json")
+    assert code == 0, err
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert {(d["src"], d["dport"]) for d in listed} == {(CLIENT["B"], 5000), (CLIENT["B"], 5001)}
+    code, out, err = run(
+        "flows", "teardown", "--ip", CLIENT["B"], "--netns", lab.router, "--dry-run"
+    )
+    assert code == 0, err
+    assert "ip 10.0.1.3: 2 forwarded flow(s) selected (as 'flows' lists them), 0 offloaded" in out
+    assert "would tear down" not in out
+    code, out, _ = run("flows", "--offloaded", "--netns", lab.router)
+    assert (code, out) == (0, "0 of 0 forwarded flow(s) offloaded\n")
+    code, _, err = run("flows", "--ip", "10.0.1.2", "--dev", "p1", "--netns", lab.router)
+    assert code == 2 and "give at most one of --mac, --ip, --prefix, --dev" in err
 
 
 @pytest.mark.parametrize(
@@ -125,7 +152,8 @@ def test_dry_run_and_no_switch_change_nothing(lab: Lab) -> None:
     assert out.count("would tear down ") == 2
     code, out, err = run(*args)
     assert code == 0, err
-    assert "0 of 0 flow(s) selected" in out  # only offloaded entries are candidates
+    # Only offloaded entries are torn down: the host kernel has none.
+    assert "dev p1: 2 forwarded flow(s) selected (as 'flows' lists them), 0 offloaded" in out
     assert ids(lab.router) == before
 
 

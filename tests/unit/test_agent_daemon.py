@@ -52,6 +52,7 @@ class FakeApplier:
 class FakeObserver:
     def __init__(self) -> None:
         self.full = 0  # conntrack dumps (observe) taken
+        self.asked: tuple[Any, bool] | None = None
 
     def observe(self, cfg: Config, netns: str | None) -> KernelView:
         self.full += 1
@@ -60,7 +61,10 @@ class FakeObserver:
     def observe_table(self, cfg: Config, netns: str | None) -> KernelView:
         return KernelView(table_at=2.0, table_present=True, flowtables={"ft": ("lan0", "tap1")})
 
-    def flows(self, netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    def flows(
+        self, cfg: Config, netns: str | None, limit: int, selector: Any, offloaded: bool
+    ) -> tuple[list[dict[str, Any]], bool]:
+        self.asked = (selector, offloaded)
         flows = [{"id": i} for i in range(5)]
         return flows[:limit], len(flows) > limit
 
@@ -212,20 +216,44 @@ def test_flows_and_bad_limit(tmp_path: Path, logbuf: io.StringIO) -> None:
     agent, _, _ = make_agent(tmp_path, logbuf)
     agent.start()
     doc = answer(agent, "flows", limit=2)["result"]
-    # No subsystem indexes flows here: the observer's conntrack dump answers.
+    # Always the kernel (the observer's conntrack reading), never the invalidation index.
     assert doc == {"flows": [{"id": 0}, {"id": 1}], "truncated": True, "source": "conntrack"}
     for bad in (-1, "3", True):
         assert answer(agent, "flows", limit=bad)["error"]["code"] == "bad_request"
+    answer(agent, "flows", selector={"kind": "ip", "value": "10.0.0.1"}, offloaded=True)
+    observer = agent._observer
+    assert isinstance(observer, FakeObserver) and observer.asked is not None
+    assert (str(observer.asked[0]), observer.asked[1]) == ("ip 10.0.0.1", True)
+    for bad_args in (
+        {"selector": {"kind": "ip", "value": "10.0.0.300"}},
+        {"selector": {"kind": "zone", "value": "1"}},
+        {"selector": "ip"},
+        {"offloaded": "yes"},
+    ):
+        error = answer(agent, "flows", **bad_args)["error"]
+        assert error["code"] == "bad_request", bad_args
+
+
+def test_status_opens_with_the_verdict(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, _, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    agent.refresh_kernel()
+    doc = answer(agent, "status")["result"]
+    assert next(iter(doc)) == "verdict"
+    assert doc["verdict"].startswith(
+        "kernel capability unknown (not probed yet); flowtable ft { lan0, tap1 };"
+        " 0 of 0 forwarded flows offloaded"
+    )
 
 
 def test_handler_bug_is_answered_not_raised(tmp_path: Path, logbuf: io.StringIO) -> None:
     agent, _, _ = make_agent(tmp_path, logbuf)
     agent.start()
 
-    def broken(netns: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    def broken(*_args: Any) -> tuple[list[dict[str, Any]], bool]:
         raise ZeroDivisionError("oops")
 
-    agent._observer.flows = broken  # type: ignore[method-assign]
+    agent._observer.flows = broken  # type: ignore[method-assign,assignment]
     assert answer(agent, "flows")["error"]["code"] == "internal"
     assert any("ZeroDivisionError" in line["msg"] for line in log_lines(logbuf))
 

@@ -30,7 +30,18 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TypeVar
 
-from controlplane.core.flowpath import IPS_OFFLOAD, CtTuple, Family, Flow
+from controlplane.core.explain import CtInfo
+from controlplane.core.flowpath import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_DST_NAT,
+    IPS_OFFLOAD,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT,
+    CtTuple,
+    Family,
+    Flow,
+)
 from controlplane.core.reinject import CtTimeouts, reinject_plan
 from controlplane.errors import KernelError
 from controlplane.kernel import netlink
@@ -84,6 +95,11 @@ CTA_ID = 12
 CTA_ZONE = 18
 CTA_STATUS_MASK = 26
 CTA_PROTOINFO = 4
+CTA_HELP = 5
+CTA_HELP_NAME = 1
+CTA_COUNTERS_ORIG = 9
+CTA_COUNTERS_REPLY = 10
+CTA_COUNTERS_PACKETS = 1
 CTA_NAT_SRC = 6
 CTA_TIMEOUT = 7
 CTA_NAT_DST = 13
@@ -101,11 +117,6 @@ CTA_PROTONAT_PORT_MIN = 1
 CTA_PROTONAT_PORT_MAX = 2
 NLM_F_EXCL = netlink.NLM_F_EXCL
 NLM_F_CREATE = netlink.NLM_F_CREATE
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
-IPS_CONFIRMED = 1 << 3
-IPS_SRC_NAT = 1 << 4
-IPS_DST_NAT = 1 << 5
 TCP_CONNTRACK_ESTABLISHED = 3
 IPPROTO_TCP = 6
 CTA_TUPLE_IP = 1
@@ -430,6 +441,43 @@ def decode_entry(buf: bytes, start: int, end: int) -> Flow | None:
     return Flow(orig, reply, ct_id, zone, mark, status)
 
 
+# enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
+TCP_STATES = (
+    "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+    "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
+)  # fmt: skip
+_BE64 = struct.Struct(">Q")
+
+
+def decode_info(buf: bytes, start: int, end: int) -> CtInfo:
+    """What ``explain`` and ``flows`` show beyond tuples and status: the TCP
+    state, the packet counters (present with accounting), the helper's name."""
+    tcp_state: str | None = None
+    helper: str | None = None
+    counts: dict[int, int] = {}
+    for kind, s, e in attrs(buf, start + _HDR_LEN, end):
+        if kind == CTA_PROTOINFO:
+            for pkind, i, j in attrs(buf, s, e):
+                if pkind != CTA_PROTOINFO_TCP:
+                    continue
+                for tkind, k, _ in attrs(buf, i, j):
+                    if tkind == CTA_PROTOINFO_TCP_STATE:
+                        n = buf[k]
+                        tcp_state = TCP_STATES[n] if n < len(TCP_STATES) else str(n)
+        elif kind in (CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY):
+            for ckind, i, _ in attrs(buf, s, e):
+                if ckind == CTA_COUNTERS_PACKETS:
+                    counts[kind] = _BE64.unpack_from(buf, i)[0]
+        elif kind == CTA_HELP:
+            for hkind, i, j in attrs(buf, s, e):
+                if hkind == CTA_HELP_NAME:
+                    helper = bytes(buf[i:j]).rstrip(b"\0").decode(errors="replace")
+    packets = None
+    if counts:
+        packets = (counts.get(CTA_COUNTERS_ORIG, 0), counts.get(CTA_COUNTERS_REPLY, 0))
+    return CtInfo(tcp_state, packets, helper)
+
+
 def read_timeouts(netns: str | None = None) -> CtTimeouts:
     """The namespace's conntrack timeouts (net sysctls resolve in the reader's netns)."""
     values: dict[str, int] = {}
@@ -494,6 +542,24 @@ class ConntrackSocket:
     ) -> None:
         """As :meth:`dump`, handing each entry to ``on_flow`` as it is decoded
         (a 100,000-entry list never exists: it would stay in the RSS)."""
+        self._dump(lambda flow, *_: on_flow(flow), only_offloaded, family)
+
+    def dump_info(self, *, only_offloaded: bool = False) -> list[tuple[Flow, CtInfo]]:
+        """As :meth:`dump`, each entry with its :class:`CtInfo` (``flows``, ``explain``)."""
+        out: list[tuple[Flow, CtInfo]] = []
+        self._dump(
+            lambda flow, buf, start, end: out.append((flow, decode_info(buf, start, end))),
+            only_offloaded,
+            None,
+        )
+        return out
+
+    def _dump(
+        self,
+        on_entry: Callable[[Flow, bytes, int, int], None],
+        only_offloaded: bool,
+        family: Family | None,
+    ) -> None:
         filt = b""
         if only_offloaded:
             filt = nla(CTA_STATUS, _BE32.pack(IPS_OFFLOAD)) + nla(
@@ -508,7 +574,7 @@ class ConntrackSocket:
                 return
             flow = decode_entry(buf, start, end)
             if flow is not None and (not only_offloaded or flow.status & IPS_OFFLOAD):
-                on_flow(flow)
+                on_entry(flow, buf, start, end)
 
         self._nl.dump("conntrack dump", encode, on_message)
 

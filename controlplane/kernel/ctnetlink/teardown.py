@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 
 from controlplane.core.flowpath import (
     Flow,
-    FlowPath,
-    Topology,
     flow_egress_addresses,
     resolve_paths,
     select_flows_through,
@@ -32,7 +30,6 @@ from controlplane.kernel.rtnl.topology import snapshot
 __all__ = [
     "SelectedTeardown",
     "TeardownReport",
-    "flows_with_devices",
     "teardown_exact",
     "teardown_flows_via",
     "teardown_selected",
@@ -127,29 +124,20 @@ def teardown_flows_via(
 
 @dataclass(frozen=True)
 class SelectedTeardown:
-    """What ``offloadctl flows teardown`` did: the flows it picked (with the
-    devices of their path, by name) and the kernel's answers."""
+    """What ``offloadctl flows teardown`` did: ``matched`` flows are what
+    ``offloadctl flows`` lists for the same selector; ``selected`` are the
+    offloaded ones among them (with the devices of their path, by name), the
+    only ones torn down; then the kernel's answers."""
 
     selector: Selector
     examined: int
+    matched: int
     selected: tuple[tuple[Flow, tuple[str, ...]], ...]
     deleted: int
     recreated: int
     already_gone: int
     dry_run: bool
     elapsed: float
-
-
-def flows_with_devices(
-    netns: str | None = None, *, only_offloaded: bool = True
-) -> list[tuple[Flow, FlowPath, Topology]]:
-    """Every (offloaded) entry with its resolved path, for ``offloadctl flows``."""
-    with ConntrackSocket(netns) as ct:
-        flows = ct.dump(only_offloaded=only_offloaded)
-    addresses = {addr for flow in flows for addr in flow_egress_addresses(flow)}
-    topology = snapshot(addresses, netns)
-    paths = resolve_paths(topology, flows)
-    return [(flow, paths[flow], topology) for flow in flows]
 
 
 def teardown_selected(
@@ -167,13 +155,16 @@ def teardown_selected(
     """
     start = time.perf_counter()
     with ConntrackSocket(netns) as ct:
-        flows = ct.dump(only_offloaded=only_offloaded)
+        # Every entry, not only offloaded ones: the selection is the one
+        # ``offloadctl flows`` shows for the same selector (core/flowselect).
+        flows = ct.dump()
         addresses = {addr for flow in flows for addr in flow_egress_addresses(flow)}
         topology = snapshot(addresses, netns)
         if selector.kind == "dev" and topology.ifindex(selector.value) is None:
             where = f" in network namespace {netns!r}" if netns else ""
             raise EnvironmentProblem(f"--dev: no device {selector.value!r}{where}")
-        picked = select_flows(flows, topology, selector)
+        matched = select_flows(flows, topology, selector)
+        picked = [(f, e) for f, e in matched if f.offloaded or not only_offloaded]
         named = tuple(
             (
                 flow,
@@ -190,6 +181,7 @@ def teardown_selected(
     return SelectedTeardown(
         selector=selector,
         examined=len(flows),
+        matched=len(matched),
         selected=named,
         deleted=deleted,
         recreated=recreated,

@@ -359,6 +359,18 @@ def decode_route_lookup(buf: bytes, start: int, end: int) -> Route | None:
     return Route(oif=rt.oif, gateway=rt.gateway)
 
 
+def decode_own_address(buf: bytes, start: int, end: int) -> str | None:
+    """A route of the local table (header at ``start``) that delivers to this
+    host (local or broadcast) → its address; None for any other route."""
+    try:
+        rt = _route(buf, start + HDR, end)
+    except MALFORMED as exc:
+        raise malformed("route dump", exc) from None
+    if rt is None or rt.table != RT_TABLE_LOCAL or rt.rtype not in NOT_FORWARDED:
+        return None
+    return rt.prefix.partition("/")[0]
+
+
 def decode(kind: int, buf: bytes, start: int, end: int) -> Decoded | None:
     """One rtnetlink message (header at ``start``) → a typed change, None if
     irrelevant; KernelError for bytes the kernel would never send."""

@@ -15,6 +15,7 @@ docs/netlink.md).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -34,6 +35,7 @@ from controlplane.kernel.rtnl.codec import (
     Caches,
     LinkMsg,
     decode,
+    decode_own_address,
     decode_route_lookup,
     dump_request,
     link_request,
@@ -46,6 +48,7 @@ __all__ = [
     "encode_route_get",
     "get_link",
     "link_names",
+    "local_routes",
     "lookup_routes",
     "lookup_routes_on",
     "ports_of",
@@ -110,6 +113,26 @@ def encode_route_get(address: str, seq: int) -> bytes:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     raw = socket.inet_pton(family, address)
     return route_request(family, len(raw) * 8, nla(RTA_DST, raw), seq)
+
+
+def local_routes(addresses: Iterable[str], netns: str | None) -> dict[str, Route | None]:
+    """Which of ``addresses`` are the namespace's own (local or broadcast routes of
+    the local table; multicast): as :func:`lookup_routes` would mark them
+    ``local``, from one dump instead of a lookup per address. The others map to
+    None (not looked up): enough to tell forwarded flows from local ones."""
+    own: set[str] = set()
+
+    def on_message(kind: int, buf: bytes, start: int, end: int) -> None:
+        if kind == RTM_NEWROUTE and (address := decode_own_address(buf, start, end)):
+            own.add(address)
+
+    with NetlinkSocket(socket.NETLINK_ROUTE, netns, operation="route dump") as nl:
+        for kind, family in DUMPS["route"]:
+            nl.dump("route dump", partial(dump_request, kind, family), on_message)
+    local = Route(oif=None, local=True)
+    return {
+        a: local if a in own or ipaddress.ip_address(a).is_multicast else None for a in addresses
+    }
 
 
 def lookup_routes(addresses: Iterable[str], netns: str | None) -> dict[str, Route | None]:
