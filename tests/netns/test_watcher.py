@@ -193,7 +193,10 @@ def test_reconcile_catches_a_change_that_was_never_announced(
     finally:
         sock.close()
     assert ev.FdbEntryChanged(bridge=br0, vlan=0, mac=MAC, port=p2) in found
-    assert watcher.reconcile() == []  # nothing left to find
+    # The move is now in the cache: a second reconcile does not report it again. (It may
+    # find what the kernel added meanwhile unannounced, e.g. a multicast neighbour such
+    # as 224.0.0.22 as the links join groups: the socket left the group above.)
+    assert [e for e in watcher.reconcile() if getattr(e, "mac", None) == MAC] == []
 
 
 def test_a_lost_socket_is_reported_and_resynced(bridge_ns: str, watcher: Watcher) -> None:
