@@ -31,6 +31,7 @@ from typing import Any
 
 from controlplane.agent import notify
 from controlplane.agent.snapshot import Snapshot
+from controlplane.core.numbers import ascii_decimal
 
 STALE_AFTER = 30.0  # seconds without a loop iteration before /healthz fails
 PATHS = ("/healthz", "/readyz")
@@ -72,9 +73,10 @@ def readiness(live: Verdict, snap: Snapshot, wants_watcher: bool) -> Verdict:
 def watchdog_period(environ: Mapping[str, str], pid: int) -> float | None:
     """Seconds between WATCHDOG=1 pings systemd asks for (half its timeout), or None."""
     usec, owner = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (owner and owner != str(pid)):
+    period = ascii_decimal(usec)
+    if not period or (owner and owner != str(pid)):
         return None
-    return int(usec) / 2e6
+    return period / 2e6
 
 
 class Health:

@@ -24,6 +24,8 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any, Literal
 
+from controlplane.core.numbers import ascii_decimal
+
 LogFormat = Literal["plain", "json"]
 LOGGER_NAME = "offloadctl.agent"
 # Keys every line starts with, in this order; a field of the same name is not
@@ -44,7 +46,7 @@ def journald_is_sink(stream: IO[str] | None = None) -> bool:
     ``JOURNAL_STREAM`` is ``DEV:INODE`` of that very stream (systemd.exec(5))."""
     value = os.environ.get("JOURNAL_STREAM", "")
     dev, sep, ino = value.partition(":")
-    if not sep or not dev.isdigit() or not ino.isdigit():
+    if not sep or ascii_decimal(dev) is None or ascii_decimal(ino) is None:
         return False
     try:
         st = os.fstat((stream or sys.stderr).fileno())

@@ -16,6 +16,7 @@ import typer
 from controlplane.cli.agent import SocketOpt
 from controlplane.cli.common import NetnsOpt, app, load
 from controlplane.cli.errors import handles_errors
+from controlplane.core.numbers import ascii_decimal
 from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem, ExitCode
 
 if TYPE_CHECKING:
@@ -36,12 +37,13 @@ def parse_tuple(words: list[str]) -> tuple[int, str, int, str, int]:
         )
 
     def endpoint(text: str, field: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
+        host, sep, port_text = text.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        port = ascii_decimal(port_text)
+        if not sep or port is None or not 0 <= port <= 65535:
             raise ConfigError([ConfigIssue(field, f"{text!r} is not ADDRESS:PORT")])
         try:
-            return canonical_ip(host, field), int(port)
+            return canonical_ip(host, field), port
         except ValueError as exc:
             raise ConfigError([ConfigIssue(field, str(exc).partition(": ")[2])]) from None
 

@@ -14,6 +14,7 @@ import signal
 import typer
 
 from controlplane.cli.errors import handles_errors
+from controlplane.core.numbers import ascii_decimal
 from controlplane.errors import ConfigError, ConfigIssue
 from controlplane.kernel.bpf import loader as bpf_loader
 from controlplane.reuseport import COUNTER_NAMES, GroupStatus, ReuseportGroup
@@ -173,8 +174,9 @@ def unload(
 def _gid(group: str) -> int:
     import grp
 
-    if group.isdigit():
-        return int(group)
+    gid = ascii_decimal(group)
+    if gid is not None:
+        return gid
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -265,8 +267,9 @@ def receive(
 def _signal_number(text: str) -> int:
     name = text.upper()
     try:
-        if name.isdigit():
-            return int(signal.Signals(int(name)))
+        number = ascii_decimal(name)
+        if number is not None:
+            return int(signal.Signals(number))
         return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
     except (KeyError, ValueError):
         raise ConfigError(

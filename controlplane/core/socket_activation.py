@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from controlplane.core.numbers import ascii_decimal
 from controlplane.errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -65,9 +66,10 @@ class ListenSpec:
             raise bad(f"{host!r} is not an IP address") from None
         if rest.startswith("[") != (ip.version == 6):
             raise bad("write IPv6 addresses in brackets, IPv4 without")
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        port = ascii_decimal(port_text)
+        if port is None or not 1 <= port <= 65535:
             raise bad(f"port {port_text!r} is not in 1..65535")
-        return cls(str(ip), int(port_text), ip.version, name)
+        return cls(str(ip), port, ip.version, name)
 
     def __str__(self) -> str:
         addr = f"[{self.host}]" if self.family == 6 else self.host

@@ -13,6 +13,11 @@ import pytest
     ("args", "message"),
     [
         (["--listen", "1.2.3.4:99999", "--", "true"], "--listen: '1.2.3.4:99999': port"),
+        (["--listen", "1.2.3.4:\u00b9", "--", "true"], "--listen: '1.2.3.4:\u00b9': port"),
+        (
+            ["--listen", "127.0.0.1:80", "--stop-signal", "\u00b9", "--", "true"],
+            "--stop-signal: '\u00b9' is not a signal",
+        ),
         (["--listen", "127.0.0.1:80", "--", "/nonexistent/x"], "CMD: '/nonexistent/x' is not"),
         (
             ["--listen", "127.0.0.1:80", "--stop-signal", "FOO", "--", "true"],
