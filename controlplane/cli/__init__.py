@@ -5,6 +5,11 @@ Commands live in per-area modules (config_cmds, ruleset_cmds, reuseport, flows,
 agent) that register on ``common.app`` when imported (``@app.command()`` or
 ``app.add_typer(...)``). Only the module of the command being run is imported,
 so ``offloadctl validate`` does not pay for BPF, netlink or libnftables.
+
+This package itself imports nothing heavy: ``main`` runs ``reuseport exec``
+without typer or pydantic (cli/exec_cmd.py: a restart's start-up CPU competes
+with the server it restarts), and imports the typer app (cli/common.py, which
+also makes its group lazy-loading with the tables below) for everything else.
 """
 
 from __future__ import annotations
@@ -14,12 +19,6 @@ import importlib
 import os
 import sys
 from typing import Any
-
-import typer
-from typer.core import TyperGroup
-
-from controlplane.cli.common import app, conventional, exit_codes_epilog
-from controlplane.errors import ExitCode
 
 COMPLETE_VAR = "_OFFLOADCTL_COMPLETE"  # set by the script `offloadctl completion` prints
 
@@ -77,6 +76,9 @@ ONE_SHOT = frozenset(
         "completion",
     }
 )
+# Whether main() turned pydantic's plugins off (then the servers that
+# 'reuseport exec' starts must not inherit the setting: cli/exec_cmd.py).
+plugins_off_by_us = False
 
 
 def _import_area(module: str) -> None:
@@ -88,74 +90,36 @@ def _import_area(module: str) -> None:
             return
         raise
     if module in SUBAPPS:
+        from controlplane.cli.common import app
+
         group, help_text = SUBAPPS[module]
         if all(g.name != group for g in app.registered_groups):
             app.add_typer(mod.app, name=group, help=help_text)
 
 
-class _AreaCommands(TyperGroup):
-    """A click group that imports a command's module the first time it is asked for."""
-
-    def _refresh(self) -> None:
-        built = typer.main.get_group(app)
-        for name, cmd in built.commands.items():
-            self.commands.setdefault(name, cmd)
-        conventional(self)
-
-    def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name not in ONE_SHOT:
-            gc.enable()
-        if cmd_name not in self.commands:
-            module = COMMANDS.get(cmd_name)
-            for area in (module,) if module else AREA_MODULES:
-                _import_area(area)
-            self._refresh()
-        return super().get_command(ctx, cmd_name)
-
-    def list_commands(self, ctx: Any) -> list[str]:
-        for area in AREA_MODULES:
-            try:
-                _import_area(area)
-            except ImportError:  # e.g. reuseport without bcc: list what works
-                continue
-        self._refresh()
-        return super().list_commands(ctx)
-
-
-app.info.cls = _AreaCommands
-app.info.epilog = exit_codes_epilog()
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            typer.echo(f"offloadctl {version('controlplane')}")
-        except PackageNotFoundError:  # running from a source tree that is not installed
-            typer.echo("offloadctl (not installed: version unknown)")
-        raise typer.Exit(ExitCode.OK)
-
-
-@app.callback()
-def _root(
-    show_version: bool = typer.Option(
-        False, "--version", help="print the version and exit", is_eager=True, callback=_version
-    ),
-) -> None:
-    """Kernel-offload control plane: nftables flowtables, reuseport migration."""
-
-
 def main(argv: list[str] | None = None) -> Any:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:2] == ["reuseport", "exec"] and COMPLETE_VAR not in os.environ:
+        from controlplane.cli.exec_cmd import fast_main
+
+        code = fast_main(args[2:])
+        if code is not None:
+            sys.exit(code)
+        # else: --help, a usage error or a spelling the fast parser leaves to click
     # pydantic looks for plugins (the "pydantic" entry-point group of every
     # installed distribution) the first time a model builds its validator:
     # ~12 M instructions per command. offloadctl uses no pydantic plugin, so it
     # says so; an operator's own setting of the variable is kept.
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    global plugins_off_by_us
+    if "PYDANTIC_DISABLE_PLUGINS" not in os.environ:
+        os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+        plugins_off_by_us = True
     if COMPLETE_VAR in os.environ:  # the shell asks for completions (cli/completion.py)
         from controlplane.cli.completion import enable
 
         enable()
+    from controlplane.cli.common import app
+
     collecting = gc.isenabled()
     gc.disable()  # see ONE_SHOT
     try:

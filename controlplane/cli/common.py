@@ -3,16 +3,21 @@ and the command-line conventions every command follows (``conventional``).
 
 Kept light: a command module imports this at start-up, so the config models
 (pydantic) and the YAML parser are imported only by the commands that load a config.
+
+Importing it also makes ``app``'s group lazy-loading: a command's module (the
+tables in cli/__init__.py) is imported the first time the command is asked for.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperArgument
+from typer.core import TyperArgument, TyperGroup
 
+from controlplane import cli
 from controlplane.errors import EXIT_MEANINGS, ExitCode
 
 if TYPE_CHECKING:
@@ -126,3 +131,56 @@ def conventional(cmd: Any) -> None:
         if name in VERB_EXITS and not sub.epilog:
             sub.epilog = exit_codes_epilog(VERB_EXITS[name])
         conventional(sub)
+
+
+class _AreaCommands(TyperGroup):
+    """A click group that imports a command's module the first time it is asked for."""
+
+    def _refresh(self) -> None:
+        built = typer.main.get_group(app)
+        for name, cmd in built.commands.items():
+            self.commands.setdefault(name, cmd)
+        conventional(self)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in cli.ONE_SHOT:
+            gc.enable()
+        if cmd_name not in self.commands:
+            module = cli.COMMANDS.get(cmd_name)
+            for area in (module,) if module else cli.AREA_MODULES:
+                cli._import_area(area)
+            self._refresh()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        for area in cli.AREA_MODULES:
+            try:
+                cli._import_area(area)
+            except ImportError:  # e.g. reuseport without bcc: list what works
+                continue
+        self._refresh()
+        return super().list_commands(ctx)
+
+
+app.info.cls = _AreaCommands
+app.info.epilog = exit_codes_epilog()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"offloadctl {version('controlplane')}")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            typer.echo("offloadctl (not installed: version unknown)")
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", help="print the version and exit", is_eager=True, callback=_version
+    ),
+) -> None:
+    """Kernel-offload control plane: nftables flowtables, reuseport migration."""

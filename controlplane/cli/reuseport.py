@@ -8,11 +8,14 @@ error class's code; there is never a traceback.
 
 from __future__ import annotations
 
+import inspect
 import os
-import signal
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
+from controlplane.cli import exec_cmd
 from controlplane.cli.errors import handles_errors
 from controlplane.core.numbers import ascii_decimal
 from controlplane.errors import ConfigError, ConfigIssue
@@ -26,16 +29,28 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-NameOpt = typer.Option(..., "--name", "-n", help="group name")
-NetnsOpt = typer.Option(
-    None, "--netns", help="network namespace (default: the current one)", show_default=False
-)
-BpffsOpt = typer.Option(
-    bpf_loader.DEFAULT_BPFFS, "--bpffs", envvar="OFFLOADCTL_BPFFS", help="bpffs mount point"
-)
 GenerationOpt = typer.Option(
     ..., "--generation", "-g", min=1, max=2**32 - 1, help="generation number (1 and up)"
 )
+
+
+def _typer_param(p: exec_cmd.Param) -> Any:
+    """The typer declaration of a parameter that exec_cmd declares (typer-free)."""
+    if not p.flags:
+        return typer.Argument(p.default, help=p.help)
+    return typer.Option(
+        p.default,
+        *p.flags,
+        help=p.help,
+        min=p.min,
+        show_default=p.show_default,
+        envvar=p.envvar,
+    )
+
+
+NameOpt = _typer_param(exec_cmd.NAME)
+NetnsOpt = _typer_param(exec_cmd.NETNS)
+BpffsOpt = _typer_param(exec_cmd.BPFFS)
 
 
 def _open(name: str, netns: str | None, bpffs: str) -> ReuseportGroup:
@@ -264,77 +279,21 @@ def receive(
             served += 1
 
 
-def _signal_number(text: str) -> int:
-    name = text.upper()
-    try:
-        number = ascii_decimal(name)
-        if number is not None:
-            return int(signal.Signals(number))
-        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
-    except (KeyError, ValueError):
-        raise ConfigError(
-            [ConfigIssue("--stop-signal", f"{text!r} is not a signal name or number")]
-        ) from None
+def _exec_command() -> Callable[..., None]:
+    """The typer command of ``exec``, declared by exec_cmd.PARAMS (their one home)."""
 
+    def exec_(**values: Any) -> None:
+        raise typer.Exit(exec_cmd.run(values))
 
-@app.command(
-    "exec",
-    context_settings={"allow_interspersed_args": False},
-)
-@handles_errors
-def exec_(
-    name: str = NameOpt,
-    listen: list[str] = typer.Option(
-        ..., "--listen", "-l", help="[NAME=]ADDR:PORT, IPv6 as [ADDR]:PORT; repeatable"
-    ),
-    cmd: list[str] = typer.Argument(..., help="the server and its arguments, after '--'"),
-    ready_after: float | None = typer.Option(
-        None,
-        min=0,
-        help="activate after this many seconds even without READY=1 (servers without sd_notify)",
-        show_default=False,
-    ),
-    ready_timeout: float = typer.Option(
-        90.0, min=0, help="give up a start that is not ready by then (the old one keeps serving)"
-    ),
-    stop_signal: str = typer.Option("TERM", help="signal that asks the old CMD to stop"),
-    stop_timeout: float = typer.Option(
-        90.0, min=0, help="SIGKILL an old CMD still running this long after the stop signal"
-    ),
-    backlog: int = typer.Option(4096, min=1, help="listen() backlog"),
-    detach: bool = typer.Option(
-        False, help="return once the new generation is active and leave it running (ExecReload=)"
-    ),
-    netns: str | None = NetnsOpt,
-    bpffs: str = BpffsOpt,
-) -> None:
-    """Run CMD as the next generation of the group, with socket activation.
-
-    Opens the listeners, registers them as the group's next generation and
-    starts CMD with them (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). When CMD
-    sends READY=1 to the NOTIFY_SOCKET it is given (or --ready-after passed),
-    the generation is activated and the previous 'exec' of the group retires
-    its listeners, so its queued connections migrate here, and stops its CMD.
-    Exits with CMD's status.
-    """
-    from controlplane.agent import reuseport_exec
-    from controlplane.core.socket_activation import ListenSpec
-
-    opts = reuseport_exec.ExecOptions(
-        name=name,
-        listens=tuple(ListenSpec.parse(text) for text in listen),
-        argv=tuple(cmd),
-        netns=netns,
-        bpffs=bpffs,
-        backlog=backlog,
-        ready_after=ready_after,
-        ready_timeout=ready_timeout,
-        stop_signal=_signal_number(stop_signal),
-        stop_timeout=stop_timeout,
+    exec_.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(p.dest, inspect.Parameter.KEYWORD_ONLY, default=_typer_param(p))
+            for p in exec_cmd.PARAMS
+        ]
     )
-    if detach:
-        generation, code = reuseport_exec.run_detached(opts)
-        if generation:
-            typer.echo(f"generation {generation} of group {name!r} active")
-        raise typer.Exit(code)
-    raise typer.Exit(reuseport_exec.run(opts))
+    exec_.__annotations__ = {p.dest: p.annotation for p in exec_cmd.PARAMS}
+    exec_.__doc__ = exec_cmd.HELP
+    return handles_errors(exec_)
+
+
+app.command("exec", context_settings={"allow_interspersed_args": False})(_exec_command())
