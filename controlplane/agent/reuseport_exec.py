@@ -29,7 +29,6 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -211,7 +210,9 @@ class _Generation:
         gen = self.state.generation
         with contextlib.ExitStack() as stack:
             ctl = stack.enter_context(_dgram_socket(control_address(self.opts.name, gen)))
-            notify_name = f"{control_address(self.opts.name, gen)}/notify-{secrets.token_hex(6)}"
+            # os.urandom, not secrets: secrets imports OpenSSL (hmac), start-up CPU
+            # that competes with the server during a restart.
+            notify_name = f"{control_address(self.opts.name, gen)}/notify-{os.urandom(6).hex()}"
             nfy = stack.enter_context(_dgram_socket(notify_name))
             wake_r, wake_w = socket.socketpair()
             stack.enter_context(wake_r)
