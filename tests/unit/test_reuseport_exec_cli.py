@@ -148,8 +148,10 @@ def test_the_fast_parser_takes_the_plain_spellings() -> None:
     from controlplane.cli.exec_cmd import parse
 
     got = parse(
-        ["-n", "web", "--listen", "a=127.0.0.1:80", "-l", "[::1]:80", "--ready-timeout=5"]
-        + ["--backlog", "16", "--detach", "--netns", "ns1", "--bpffs=/b", "srv", "--x", "--"]
+        [
+            *("-n", "web", "--listen", "a=127.0.0.1:80", "-l", "[::1]:80", "--ready-timeout=5"),
+            *("--backlog", "16", "--detach", "--netns", "ns1", "--bpffs=/b", "srv", "--x", "--"),
+        ]
     )
     assert got == {
         "name": "web",
