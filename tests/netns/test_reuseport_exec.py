@@ -129,6 +129,31 @@ def test_ready_after_activates_a_server_that_never_says_ready(
         ex.kill()
 
 
+def test_exec_runs_without_importing_typer_or_pydantic(
+    netns: str, bpffs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restart's start-up CPU competes with the server it restarts (README,
+    # "Performance"): exec's own path imports no CLI framework. The import log
+    # (-X importtime, inherited by a CMD that is not Python) is exec's alone.
+    load_group(GROUP, netns=netns, bpffs=bpffs)
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    ex = Exec(netns, bpffs, tmp_path / "exec.log", ["sleep", "60"], "--ready-after", "0")
+    try:
+        wait_target(netns, bpffs, 1, ex)
+        ex.proc.send_signal(signal.SIGTERM)
+        assert ex.wait() == 128 + signal.SIGTERM
+        log = ex.log.read_text().splitlines()
+        imported = {
+            line.rsplit("|", 1)[1].strip().split(".")[0]
+            for line in log
+            if line.startswith("import time:") and "|" in line
+        }
+        assert {"controlplane", "socket", "selectors"} <= imported  # the log is there
+        assert not imported & {"typer", "click", "pydantic", "pydantic_core", "rich", "yaml"}
+    finally:
+        ex.kill()
+
+
 def test_a_cmd_that_never_gets_ready_leaves_the_old_generation_serving(
     netns: str, bpffs: str, tmp_path: Path
 ) -> None:
