@@ -9,8 +9,17 @@ server that first measures a quiet phase and then the restarts:
 
 - ``c-server``: bench/activated_server.c (accept, write, close; forked
   workers) at ``--exec-rate`` new connections/s (the production-load row);
+- ``c-server:typer``: the same, each ``exec`` started through the typer
+  command (what every start cost before the fast start of cli/exec_cmd.py:
+  typer and pydantic imported); the baseline of the row above;
 - ``gunicorn``: gunicorn from PyPI serving a WSGI app, unchanged (the
   real-server row), at ``--gunicorn-rate`` HTTP requests/s.
+
+Before them, the CPU one ``exec`` start costs (``-- /bin/true``: start, open
+the group, register, fork CMD, retire, exit), median of ``--startup-runs``,
+by each start. The package and the venv are byte-compiled first, as a
+deployed offloadctl is (packaging/deb/postinst): a source tree run with
+PYTHONDONTWRITEBYTECODE=1 would compile every module at every start.
 
 The load is bench/reuseport_load.c (open loop, one record per connection),
 run as ``--clients`` processes from their own namespace over a veth pair.
@@ -144,6 +153,7 @@ class ExecRun:
     handover_ms: list[float] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # clients, servers and exec processes together
+    load: float = 0.0  # the 1-minute load average as the run started (a shared machine)
 
     def failures(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -168,20 +178,32 @@ def read_records(path: Path) -> list[Record]:
     ]
 
 
-class ExecProc:
-    def __init__(self, srv: str, bpffs: str, cmd: list[str], log: Path) -> None:
-        offloadctl = shutil.which("offloadctl", path=os.path.dirname(sys.executable))
+# The typer command of 'reuseport exec', as offloadctl's main() ran it before
+# the fast start: pydantic's plugins off, then typer parses and runs it.
+TYPER_START = (
+    "import os; os.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', '__all__');"
+    " from controlplane.cli.common import app; app(prog_name='offloadctl')"
+)
+
+
+def exec_argv(start: str, srv: str, bpffs: str, cmd: list[str]) -> list[str]:
+    """``offloadctl reuseport exec`` of the group in ``srv``, by ``start``:
+    "fast" (the installed script) or "typer" (the typer command)."""
+    offloadctl = shutil.which("offloadctl", path=os.path.dirname(sys.executable))
+    if start == "typer":
+        argv = [sys.executable, "-c", TYPER_START]
+    else:
         argv = [offloadctl] if offloadctl else [sys.executable, "-m", "controlplane.cli"]
+    return [
+        *argv, "reuseport", "exec", "--name", GROUP, "--netns", srv, "--bpffs", bpffs,
+        "--listen", f"{SERVER_IP}:{PORT}", "--", *cmd,
+    ]  # fmt: skip
+
+
+class ExecProc:
+    def __init__(self, argv: list[str], log: Path) -> None:
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *argv, "reuseport", "exec", "--name", GROUP, "--netns", srv,
-                    "--bpffs", bpffs, "--listen", f"{SERVER_IP}:{PORT}", "--", *cmd,
-                ],
-                stdout=out,
-                stderr=out,
-                cwd=REPO,
-            )  # fmt: skip
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, cwd=REPO)
 
 
 def wait_generation(group: ReuseportGroup, gen: int, ex: ExecProc, timeout: float = 60) -> None:
@@ -197,6 +219,7 @@ def run_server(
     server: str,
     cmd: list[str],
     *,
+    start: str = "fast",
     rate: float,
     http: bool,
     clients: int,
@@ -205,11 +228,13 @@ def run_server(
     bins: dict[str, Path],
 ) -> ExecRun:
     """One server under load: ``quiet`` seconds, then ``restarts`` restarts, then a tail."""
+    load = os.getloadavg()[0]
     with veth_lab("rpx") as (srv, cli), _bpffs() as bpffs:
         tmp = Path(bpffs).parent
         load_group(GROUP, netns=srv, bpffs=bpffs)
         group = ReuseportGroup.open(GROUP, netns=srv, bpffs=bpffs)
-        execs = [ExecProc(srv, bpffs, cmd, tmp / f"{server}-exec.log")]
+        log = tmp / "exec.log"
+        execs = [ExecProc(exec_argv(start, srv, bpffs, cmd), log)]
         outs = [tmp / f"{server}-{i}.bin" for i in range(clients)]
         loads: list[subprocess.Popen[bytes]] = []
         try:
@@ -233,7 +258,7 @@ def run_server(
             handover = []
             for gen in range(2, restarts + 2):
                 t = time.monotonic()
-                execs.append(ExecProc(srv, bpffs, cmd, tmp / f"{server}-exec.log"))
+                execs.append(ExecProc(exec_argv(start, srv, bpffs, cmd), log))
                 wait_generation(group, gen, execs[-1])
                 handover.append((time.monotonic() - t) * 1000)
                 if execs[-2].proc.wait(60) != 0:
@@ -257,6 +282,7 @@ def run_server(
                 quiet_window=(1000.0, r0),  # the first second is warm-up
                 handover_ms=handover,
                 counters={k: getattr(c, k) for k in c.__dataclass_fields__},
+                load=load,
             )
         finally:
             for p in loads:
@@ -291,10 +317,11 @@ def print_rows(runs: list[ExecRun]) -> None:
     print(
         f"\nreuseport exec: {runs[0].restarts if runs else 0} restarts per server by running"
         f" 'offloadctl reuseport exec' again; load average {load[0]:.1f} on"
-        f" {os.cpu_count()} CPUs (shared machine)\n"
+        f" {os.cpu_count()} CPUs (shared machine; 'load': as the run started)\n"
     )
     head = (
-        f"{'server':<9} {'offered/s':>9} {'achieved/s':>10} {'conns':>7} {'failed':>6}"
+        f"{'server':<14} {'load':>4} {'offered/s':>9} {'achieved/s':>10} {'conns':>7}"
+        f" {'failed':>6}"
         f" {'quiet p50':>9} {'quiet p99':>9} {'restart p50':>11} {'restart p99':>11}"
         f" {'p99 ratio':>9} {'migrated':>8} {'handover p50':>12}"
     )
@@ -305,8 +332,8 @@ def print_rows(runs: list[ExecRun]) -> None:
         ratio = percentile(busy, 99) / percentile(quiet, 99)
         migrated = r.counters.get("migrated_established", 0) + r.counters.get("migrated_request", 0)
         print(
-            f"{r.server:<9} {r.offered_rate:>9.0f} {r.achieved_rate:>10.0f} {len(r.records):>7}"
-            f" {sum(r.failures().values()):>6}"
+            f"{r.server:<14} {r.load:>4.1f} {r.offered_rate:>9.0f} {r.achieved_rate:>10.0f}"
+            f" {len(r.records):>7} {sum(r.failures().values()):>6}"
             f" {percentile(quiet, 50):>7.2f}ms {percentile(quiet, 99):>7.2f}ms"
             f" {percentile(busy, 50):>9.2f}ms {percentile(busy, 99):>9.2f}ms"
             f" {ratio:>9.2f} {migrated:>8} {percentile(r.handover_ms, 50):>10.0f}ms"
@@ -333,8 +360,12 @@ def print_rows(runs: list[ExecRun]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--exec-servers",
-        default="c-server,gunicorn",
-        help="servers restarted by 'reuseport exec' ('' to skip)",
+        default="c-server,c-server:typer,gunicorn",
+        help="servers restarted by 'reuseport exec' ('' to skip); SERVER:typer starts each"
+        " exec through the typer command (the baseline of the fast start)",
+    )
+    p.add_argument(
+        "--startup-runs", type=int, default=10, help="exec start-up CPU samples (0 to skip)"
     )
     p.add_argument("--exec-rate", type=float, default=10000, help="c-server: connections/s")
     p.add_argument("--gunicorn-rate", type=float, default=300, help="gunicorn: requests/s")
@@ -364,17 +395,70 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def byte_compile() -> None:
+    """Byte-compile the package and the venv, as the Debian package's postinst does."""
+    import sysconfig
+
+    purelib = sysconfig.get_paths()["purelib"]
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j0", str(REPO / "controlplane"), purelib],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def startup_cpu(starts: tuple[str, ...], runs: int) -> dict[str, float]:
+    """Median CPU (ms, user + system) of one ``exec ... -- /bin/true`` by each start."""
+    import statistics
+
+    out: dict[str, list[float]] = {start: [] for start in starts}
+    with veth_lab("rps") as (srv, _cli), _bpffs() as bpffs:
+        load_group(GROUP, netns=srv, bpffs=bpffs)
+        try:
+            for _ in range(runs):
+                for start in starts:  # interleaved: both see the same machine
+                    proc = subprocess.Popen(
+                        exec_argv(start, srv, bpffs, ["/bin/true"]),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        cwd=REPO,
+                    )
+                    _pid, status, ru = os.wait4(proc.pid, 0)
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"exec ({start}) -- /bin/true exited {proc.returncode}")
+                    out[start].append((ru.ru_utime + ru.ru_stime) * 1000)
+        finally:
+            unload_group(GROUP, netns=srv, bpffs=bpffs)
+    return {start: statistics.median(ms) for start, ms in out.items()}
+
+
+def print_startup(cpu: dict[str, float], runs: int) -> None:
+    load = os.getloadavg()[0]
+    print(f"\nreuseport exec start-up CPU (-- /bin/true; median of {runs}; load {load:.1f})")
+    for start, ms in cpu.items():
+        ratio = f"  ({ms / cpu['typer']:.2f} of typer)" if "typer" in cpu else ""
+        print(f"  {start + ' start':<12} {ms:7.1f} ms{ratio}")
+
+
 def run_all(args: argparse.Namespace) -> list[ExecRun]:
     import tempfile
 
     servers = [s for s in args.exec_servers.split(",") if s]
     runs: list[ExecRun] = []
+    if servers or args.startup_runs:
+        byte_compile()
+    if args.startup_runs:
+        print("measuring exec start-up CPU...", file=sys.stderr, flush=True)
+        print_startup(startup_cpu(("fast", "typer"), args.startup_runs), args.startup_runs)
     with tempfile.TemporaryDirectory(prefix="bench-rpx-bin-") as tmp:
         bins = build(Path(tmp)) if servers else {}
-        for server in servers:
-            print(f"running reuseport exec with {server}...", file=sys.stderr, flush=True)
+        for label in servers:
+            server, _, start = label.partition(":")
+            print(f"running reuseport exec with {label}...", file=sys.stderr, flush=True)
             cpu0 = _children_cpu()
             common = {
+                "start": start or "fast",
                 "clients": args.clients,
                 "restarts": args.exec_restarts,
                 "quiet": args.quiet,
@@ -382,10 +466,10 @@ def run_all(args: argparse.Namespace) -> list[ExecRun]:
             }
             if server == "c-server":
                 cmd = [str(bins["activated_server"]), str(args.server_workers)]
-                runs.append(run_server(server, cmd, rate=args.exec_rate, http=False, **common))
+                runs.append(run_server(label, cmd, rate=args.exec_rate, http=False, **common))
             elif server == "gunicorn":
                 runs.append(
-                    run_server(server, gunicorn_cmd(), rate=args.gunicorn_rate, http=True, **common)
+                    run_server(label, gunicorn_cmd(), rate=args.gunicorn_rate, http=True, **common)
                 )
             else:
                 raise SystemExit(f"--exec-servers: unknown server {server!r}")
