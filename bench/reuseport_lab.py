@@ -5,7 +5,7 @@ rows of ``make bench``; imported by bench/bench_reuseport.py and the demo.
 
 Two servers, each restarted ``--exec-restarts`` times by running ``exec`` again
 (what ``systemctl reload`` does with the documented unit), in one run per
-server that first measures a quiet phase and then the restarts:
+server: a quiet phase, then the restarts ``--exec-gap`` seconds apart:
 
 - ``c-server``: bench/activated_server.c (accept, write, close; forked
   workers) at ``--exec-rate`` new connections/s (the production-load row);
@@ -23,10 +23,13 @@ PYTHONDONTWRITEBYTECODE=1 would compile every module at every start.
 
 The load is bench/reuseport_load.c (open loop, one record per connection),
 run as ``--clients`` processes from their own namespace over a veth pair.
-Both C programs are built here with the system's gcc. Connect latency of the
-quiet phase and of the restart phase come from the same client processes, so
-their ratio compares like with like; a failed connection is one refused,
-reset, closed without an answer or unanswered within 3 s.
+Both C programs are built here with the system's gcc. A connection counts for
+the restarts if it started while one was under way (from the new exec's start
+to the old exec's exit), for the quiet phase if it started before, between or
+after them: the same client processes, interleaved windows, so the ratio of
+their connect latencies compares like with like even while other work comes
+and goes on a shared machine. A failed connection is one refused, reset, closed
+without an answer or unanswered within 3 s.
 """
 
 from __future__ import annotations
@@ -148,8 +151,10 @@ class ExecRun:
     seconds: float
     records: list[Record]
     restarts: int
-    restart_window: tuple[float, float]  # ms since the clients started
-    quiet_window: tuple[float, float]
+    # (from, to) in ms since the clients started: each restart from the new exec's
+    # start to the old exec's exit; quiet: before the first, between and after them.
+    restart_windows: list[tuple[float, float]]
+    quiet_windows: list[tuple[float, float]]
     handover_ms: list[float] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # clients, servers and exec processes together
@@ -162,9 +167,12 @@ class ExecRun:
                 out[r.outcome] = out.get(r.outcome, 0) + 1
         return out
 
-    def connect_ms(self, window: tuple[float, float]) -> list[float]:
-        lo, hi = window
-        return [r.connect_ms for r in self.records if r.outcome == "ok" and lo <= r.start_ms < hi]
+    def connect_ms(self, windows: list[tuple[float, float]]) -> list[float]:
+        return [
+            r.connect_ms
+            for r in self.records
+            if r.outcome == "ok" and any(lo <= r.start_ms < hi for lo, hi in windows)
+        ]
 
     @property
     def achieved_rate(self) -> float:
@@ -225,9 +233,12 @@ def run_server(
     clients: int,
     restarts: int,
     quiet: float,
+    gap: float = 0.0,
     bins: dict[str, Path],
 ) -> ExecRun:
-    """One server under load: ``quiet`` seconds, then ``restarts`` restarts, then a tail."""
+    """One server under load: ``quiet`` seconds, then ``restarts`` restarts ``gap``
+    seconds apart, then a second's tail. Quiet and restart windows interleave, so
+    that a shared machine's other load falls on both alike."""
     load = os.getloadavg()[0]
     with veth_lab("rpx") as (srv, cli), _bpffs() as bpffs:
         tmp = Path(bpffs).parent
@@ -254,17 +265,28 @@ def run_server(
                     )
                 )  # fmt: skip
             time.sleep(quiet)
-            r0 = (time.monotonic() - t0) * 1000
+
+            def ms() -> float:
+                return (time.monotonic() - t0) * 1000
+
+            quiet_windows: list[tuple[float, float]] = []
+            restart_windows: list[tuple[float, float]] = []
             handover = []
+            calm = 1000.0  # the first second is warm-up
             for gen in range(2, restarts + 2):
+                if gen > 2:
+                    time.sleep(gap)
                 t = time.monotonic()
+                quiet_windows.append((calm, ms()))
                 execs.append(ExecProc(exec_argv(start, srv, bpffs, cmd), log))
                 wait_generation(group, gen, execs[-1])
                 handover.append((time.monotonic() - t) * 1000)
                 if execs[-2].proc.wait(60) != 0:
                     raise RuntimeError(f"exec of generation {gen - 1} exited non-zero")
-            r1 = (time.monotonic() - t0) * 1000
+                calm = ms()
+                restart_windows.append(((t - t0) * 1000, calm))
             time.sleep(1.0)  # let the last handover's stragglers finish inside the run
+            quiet_windows.append((calm, calm + 500))
             for p in loads:
                 p.send_signal(signal.SIGINT)
             for p in loads:
@@ -278,8 +300,8 @@ def run_server(
                 seconds=elapsed,
                 records=records,
                 restarts=restarts,
-                restart_window=(r0, r1),
-                quiet_window=(1000.0, r0),  # the first second is warm-up
+                restart_windows=restart_windows,
+                quiet_windows=quiet_windows,
                 handover_ms=handover,
                 counters={k: getattr(c, k) for k in c.__dataclass_fields__},
                 load=load,
@@ -328,7 +350,7 @@ def print_rows(runs: list[ExecRun]) -> None:
     print(head)
     print("-" * len(head))
     for r in runs:
-        quiet, busy = r.connect_ms(r.quiet_window), r.connect_ms(r.restart_window)
+        quiet, busy = r.connect_ms(r.quiet_windows), r.connect_ms(r.restart_windows)
         ratio = percentile(busy, 99) / percentile(quiet, 99)
         migrated = r.counters.get("migrated_established", 0) + r.counters.get("migrated_request", 0)
         print(
@@ -372,7 +394,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exec-restarts", type=int, default=20)
     p.add_argument("--clients", type=int, default=4, help="load generator processes")
     p.add_argument("--server-workers", type=int, default=2, help="c-server worker processes")
-    p.add_argument("--quiet", type=float, default=5.0, help="seconds before the first restart")
+    p.add_argument("--quiet", type=float, default=3.0, help="seconds before the first restart")
+    p.add_argument(
+        "--exec-gap", type=float, default=0.5, help="quiet seconds between two restarts"
+    )
 
 
 def gunicorn_cmd(delay_ms: int = 0) -> list[str]:
@@ -462,6 +487,7 @@ def run_all(args: argparse.Namespace) -> list[ExecRun]:
                 "clients": args.clients,
                 "restarts": args.exec_restarts,
                 "quiet": args.quiet,
+                "gap": args.exec_gap,
                 "bins": bins,
             }
             if server == "c-server":

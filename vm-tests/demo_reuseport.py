@@ -223,7 +223,7 @@ def run_exec(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         quiet=2.0,
         bins=build(tmp),
     )
-    quiet, busy = run.connect_ms(run.quiet_window), run.connect_ms(run.restart_window)
+    quiet, busy = run.connect_ms(run.quiet_windows), run.connect_ms(run.restart_windows)
     return {
         "mode": "exec",
         "server": "gunicorn",
