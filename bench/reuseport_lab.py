@@ -395,9 +395,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=4, help="load generator processes")
     p.add_argument("--server-workers", type=int, default=2, help="c-server worker processes")
     p.add_argument("--quiet", type=float, default=3.0, help="seconds before the first restart")
-    p.add_argument(
-        "--exec-gap", type=float, default=0.5, help="quiet seconds between two restarts"
-    )
+    p.add_argument("--exec-gap", type=float, default=0.5, help="quiet seconds between two restarts")
 
 
 def gunicorn_cmd(delay_ms: int = 0) -> list[str]:
