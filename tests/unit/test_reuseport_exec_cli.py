@@ -3,6 +3,7 @@ exit 2, before it opens anything (no root needed to see it)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Any
@@ -47,12 +48,13 @@ HEAVY = ("typer", "click", "pydantic", "pydantic_core", "rich", "yaml", "pyroute
 # main() up to the point where exec would open its group: the stand-in for
 # reuseport_exec.run records what is imported by then, and the options.
 FAST_PROBE = """
-import sys
+import os, sys
 import controlplane.agent.reuseport_exec as rx
 def run(opts, on_active=None):
     heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1].split(",")))
     print("heavy", *heavy)
     print("argv", *opts.argv, "backlog", opts.backlog, "ready_after", opts.ready_after)
+    print("CMD's PYDANTIC_DISABLE_PLUGINS:", os.environ.get("PYDANTIC_DISABLE_PLUGINS"))
     return 0
 rx.run = run
 from controlplane.cli import main
@@ -61,13 +63,17 @@ main(sys.argv[2:])
 
 
 def _fast_probe(*args: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
     res = subprocess.run(
         [sys.executable, "-c", FAST_PROBE, ",".join(HEAVY), "reuseport", "exec", *args],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     assert res.returncode == 0, res.stderr
+    # offloadctl's own pydantic setting (cli.main) is not passed on to the server.
+    assert res.stdout.splitlines()[2] == "CMD's PYDANTIC_DISABLE_PLUGINS: None", res.stdout
     return res.stdout.splitlines()
 
 
