@@ -51,6 +51,12 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
 }
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one line (a log field, a control answer, the CLI's stderr):
+    its non-blank lines joined by "; "."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 class ControlPlaneError(Exception):
     # An error without a more precise class is our bug: never 1, which means
     # "changes pending" to a script running `plan`.

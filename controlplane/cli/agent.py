@@ -88,9 +88,10 @@ def agent(
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
     from controlplane import __version__
     from controlplane.agent import daemon, logs
-    from controlplane.agent.kernel_backend import KernelApplier, KernelObserver
     from controlplane.errors import ConfigError, ConfigIssue
     from controlplane.kernel.netns import entered, require_root
+    from controlplane.service.apply import KernelApplier
+    from controlplane.service.kernel_view import KernelObserver
 
     if log_format not in ("plain", "json"):
         raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])

@@ -551,8 +551,8 @@ def test_status_and_flows_answered_by_the_agent(
 def test_link_cache_facts_render_like_the_kernels(netns: str) -> None:
     """A port join is planned from the watcher's link cache: the flowtable devices
     rendered from it equal those rendered from gather_facts (the kernel's)."""
-    from controlplane.agent.linkfacts import facts_from_links
     from controlplane.config import Config
+    from controlplane.core.linkfacts import facts_from_links
     from controlplane.core.render import render
     from controlplane.kernel.rtnl import topology
     from controlplane.kernel.rtnl.facts import gather_facts
