@@ -427,3 +427,58 @@ def test_the_cli_default_drift_interval_is_the_daemons() -> None:
 
     default = inspect.signature(agent_cmd).parameters["drift_interval"].default
     assert default == daemon.DRIFT_CHECK
+
+
+def test_a_group_whose_removal_failed_stays_in_the_state(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    """The applier could not remove a group we own (no bpffs, permission denied):
+    the saved state keeps it (retried on the next apply) and the log says why."""
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    problem = "reuseport group old not removed, kept as ours: no bpffs mounted at /sys/fs/bpf"
+
+    def keeps(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        return ApplyOutcome(True, ("~ x",), kept_groups=("old",), problems=(problem,))
+
+    applier.apply = keeps  # type: ignore[method-assign]
+    assert agent.reload("sighup").ok
+    saved = state_mod.load(tmp_path / "state.json")
+    assert saved is not None and saved.reuseport_groups == ("old",)
+    errors = [line for line in log_lines(logbuf) if line["level"] == "error"]
+    assert [e["msg"] for e in errors] == [problem]
+
+
+class ClosingSub(LinkSub):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def close(self) -> None:
+        raise self.error
+
+
+def test_stop_reports_a_subsystem_that_fails_to_close_but_not_a_bug(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    agent, _, _ = make_agent(tmp_path, logbuf)
+    agent.subsystems = (ClosingSub(OSError(9, "Bad file descriptor")),)
+    agent.start()
+    agent.stop()
+    assert any("Bad file descriptor" in d["msg"] for d in log_lines(logbuf) if d["event"] == "stop")
+    agent.subsystems = (ClosingSub(ZeroDivisionError("oops")),)
+    with pytest.raises(ZeroDivisionError):  # our bug: exit 70 through the CLI, not swallowed
+        agent.stop()
+
+
+def test_a_failed_cleanup_keeps_the_state(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf, cleanup_on_exit=True)
+    agent.start()
+
+    def fails(cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
+        raise EnvironmentProblem("reuseport group web left in place: permission denied")
+
+    applier.cleanup = fails  # type: ignore[method-assign]
+    agent.stop()
+    assert (tmp_path / "state.json").exists()
+    assert any("left in place" in d["msg"] for d in log_lines(logbuf) if d["level"] == "error")
