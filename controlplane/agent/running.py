@@ -162,7 +162,10 @@ class RunningConfig:
             table_name=cfg.table.name,
             applied_at=out.at,
             reuseport_groups=tuple(sorted(set(res.reuseport) | set(res.kept_groups))),
-            reuseport_bpffs=cfg.reuseport.bpffs,
+            # A group kept because its removal failed is looked for where it was
+            # pinned (the state has one bpffs: a changed bpffs with kept groups
+            # records the old one until they are gone).
+            reuseport_bpffs=res.kept_bpffs or cfg.reuseport.bpffs,
         )
         if before is None or replace(before, applied_at=out.at) != self.owned:
             state_mod.save(self.where.state_path, self.owned)

@@ -48,6 +48,7 @@ class ApplyOutcome:
     # Groups no longer declared that are still ours: their removal failed or
     # could not be checked (``problems`` says why). The state keeps them.
     kept_groups: tuple[str, ...] = ()
+    kept_bpffs: str = ""  # where the kept groups are pinned (the earlier run's bpffs)
     problems: tuple[str, ...] = ()
 
 
@@ -175,6 +176,7 @@ class KernelApplier:
             self._links_hint = None  # for this apply only, whether or not it got that far
         groups = self._reuseport(netns).reconcile(cfg.reuseport, owned)
         summary += groups.summary
+        kept = tuple(g for g in groups.owned if g not in groups.facts)
         return ApplyOutcome(
             changed=bool(summary),
             summary=tuple(summary),
@@ -182,7 +184,8 @@ class KernelApplier:
             reuseport=groups.facts,
             phases=phases,
             flows_torn_down=torn,
-            kept_groups=tuple(g for g in groups.owned if g not in groups.facts),
+            kept_groups=kept,
+            kept_bpffs=owned.reuseport_bpffs if kept and owned else "",
             problems=groups.problems,
         )
 
