@@ -51,10 +51,10 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
 }
 
 
-def one_line(exc: BaseException) -> str:
-    """An error as one line (a log field, a control answer, the CLI's stderr):
-    its non-blank lines joined by "; "."""
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+def one_line(what: BaseException | str) -> str:
+    """An error (or a message) as one line (a log line, a control answer, the
+    CLI's stderr): its non-blank lines joined by "; "."""
+    return "; ".join(line.strip() for line in str(what).splitlines() if line.strip())
 
 
 class ControlPlaneError(Exception):

@@ -16,7 +16,7 @@ import typer
 from controlplane.agent.health import STALE_AFTER
 from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
-from controlplane.errors import EnvironmentProblem, ExitCode
+from controlplane.errors import EnvironmentProblem, ExitCode, one_line
 
 SocketOpt = Annotated[
     Path | None,
@@ -138,7 +138,7 @@ def agent(
         )
     except Exception as exc:
         # Also on the agent's own log stream, so a journal/JSON pipeline sees why it stopped.
-        log.error("start", f"cannot run: {'; '.join(str(exc).splitlines())}")
+        log.error("start", f"cannot run: {one_line(exc)}")
         raise
 
 
