@@ -56,8 +56,8 @@ from controlplane.agent.topology import (
 from controlplane.agent.views import KernelViews
 from controlplane.config import Config
 
-KERNEL_REFRESH = 10.0  # seconds between kernel views for status/metrics
 __all__ = [
+    "DRIFT_CHECK",
     "TOPOLOGY_ATTEMPTS",
     "TOPOLOGY_MIN_GAP",
     "Agent",
@@ -65,6 +65,8 @@ __all__ = [
     "Loop",
     "run",
 ]
+
+KERNEL_REFRESH = 10.0  # seconds between kernel views for status/metrics
 # Seconds between drift checks: a change another writer made to our table
 # (``apply --force``, a hand edit) is undone within this bound. A check with
 # nothing changed costs one ruleset-generation read (the verified-stamp path).
