@@ -126,9 +126,9 @@ class Agent:
         )
         where = Where(opts.config_path, self.state_path, opts.netns, opts.cleanup_on_exit)
         subs = self._subs
-        self.config = RunningConfig(where, applier, log, self.published, subs, clock)
+        self.running_config = RunningConfig(where, applier, log, self.published, subs, clock)
         self.topology = TopologyReplan(
-            self.config, applier, subs, log, clock=clock, monotonic=monotonic
+            self.running_config, applier, subs, log, clock=clock, monotonic=monotonic
         )
         self.views = KernelViews(observer, opts.netns, self.published, self._running, clock)
         self.control = ControlDispatch(
@@ -146,7 +146,7 @@ class Agent:
         return self.subsystems
 
     def _running(self) -> Config | None:
-        return self.config.config
+        return self.running_config.config
 
     def _subsystem_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {}
@@ -156,32 +156,32 @@ class Agent:
 
     @property
     def running(self) -> Config | None:
-        return self.config.config
+        return self._running()
 
     @property
     def running_sha(self) -> str:
-        return self.config.sha
+        return self.running_config.sha
 
     def start(self) -> None:
         """Refuse unusable state, parse the config, apply it. Raises on failure."""
-        self.config.start()
+        self.running_config.start()
         self.views.refresh()
 
     def stop(self) -> None:
-        self.config.stop()
+        self.running_config.stop()
 
     def reload(self, source: str) -> Outcome:
-        return self.config.reload(source)
+        return self.running_config.reload(source)
 
     def config_file_changed(self) -> Outcome | None:
-        return self.config.file_changed()
+        return self.running_config.file_changed()
 
     def check_drift(self) -> None:
         """Periodic: restore what another writer changed, planned from the
         watcher's link cache (no netlink facts dump per check)."""
-        if self.config.config is not None:
+        if self.running_config.config is not None:
             hint_links(self._applier, self.subsystems)
-        self.config.check_drift()
+        self.running_config.check_drift()
 
     def topology_changed(self) -> None:
         self.topology.changed()

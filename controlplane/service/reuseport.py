@@ -101,7 +101,9 @@ class ReuseportGroups:
         changes = plan_groups(declared, was, held)
         summary: list[str] = []
         facts: dict[str, dict[str, Any]] = {}
-        for group in cfg.groups:
+        by_name = {g.name: g for g in cfg.groups}
+        for name in changes.load:
+            group = by_name[name]
             res = self._port.load(group, cfg.bpffs)
             if not res.already_loaded:
                 summary.append(f"+ reuseport group {group.name} (prog id {res.prog_id})")
