@@ -439,12 +439,15 @@ def test_a_group_whose_removal_failed_stays_in_the_state(
     problem = "reuseport group old not removed, kept as ours: no bpffs mounted at /sys/fs/bpf"
 
     def keeps(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
-        return ApplyOutcome(True, ("~ x",), kept_groups=("old",), problems=(problem,))
+        return ApplyOutcome(
+            True, ("~ x",), kept_groups=("old",), kept_bpffs="/old/bpf", problems=(problem,)
+        )
 
     applier.apply = keeps  # type: ignore[method-assign]
     assert agent.reload("sighup").ok
     saved = state_mod.load(tmp_path / "state.json")
     assert saved is not None and saved.reuseport_groups == ("old",)
+    assert saved.reuseport_bpffs == "/old/bpf"  # looked for where it is pinned next time
     errors = [line for line in log_lines(logbuf) if line["level"] == "error"]
     assert [e["msg"] for e in errors] == [problem]
 
