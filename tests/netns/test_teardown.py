@@ -10,6 +10,7 @@ forwarded flows stand in for offloaded ones.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from controlplane.core.flowpath import CtTuple, Family, Flow
+from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, delete_flows, dump_flows
 from controlplane.kernel.ctnetlink.events import CtChange, CtEvents
 from controlplane.kernel.ctnetlink.teardown import teardown_flows_via
@@ -407,6 +409,29 @@ def test_conntrack_event_loss_is_reported_not_silent(netns: str) -> None:
         assert lost
         assert events.lost >= 1
         assert len(events.dump()) == 3000  # what the caller re-reads after a loss
+
+
+def test_conntrack_events_open_on_entry_close_once_and_reopen(netns: str) -> None:
+    events = CtEvents(netns)
+    with pytest.raises(KernelError) as before:
+        events.poll()  # built, not opened
+    assert before.value.errno == errno.EBADF
+    with events:
+        fd = events.fileno()
+        os.fstat(fd)
+    with pytest.raises(KernelError) as after:
+        events.fileno()
+    assert after.value.errno == errno.EBADF
+    reused = os.open(os.devnull, os.O_RDONLY)  # may take the freed number
+    try:
+        events.close()  # a second close leaves it alone
+        os.fstat(reused)
+    finally:
+        os.close(reused)
+    with events, ConntrackSocket(netns) as ct:  # opens again, subscribed again
+        ct.create((f, 60) for f in _udp_flows(1))
+        created, lost = _poll_until(events, 1)
+        assert [c.new for c in created] == [True] and not lost
 
 
 def test_reinjected_entry_carries_a_window_scaled_bulk_stream(lab: Lab) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
+from controlplane.kernel.handles import OwnedFd
 
 __all__ = [
     "BPF_ANY",
@@ -198,28 +199,12 @@ class ProgInfo:
     name: str
 
 
-class _Fd:
-    """Owns one file descriptor; closed explicitly or by the context manager."""
+class _Fd(OwnedFd):
+    """A pinned object's descriptor (``path``: where it was opened from)."""
 
     def __init__(self, fd: int, path: str | None = None) -> None:
-        self._fd = fd
+        super().__init__(fd)
         self.path = path
-
-    def fileno(self) -> int:
-        if self._fd < 0:
-            raise ValueError("file descriptor already closed")
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @classmethod
     def open_pinned(cls, path: str) -> Self:
