@@ -245,6 +245,23 @@ class NetlinkSocket(Closing):
         """One datagram; errors (BlockingIOError, ENOBUFS) are the caller's to handle."""
         return self._rx.recv(self.sock)
 
+    def queued(self, limit: int) -> Iterator[bytes | None]:
+        """What a non-blocking socket holds, at most ``limit`` datagrams, never
+        waiting. ``None`` stands where the kernel dropped datagrams (ENOBUFS:
+        the caller resyncs); any other error raises KernelError."""
+        recv, sock = self._rx.recv, self.sock
+        for _ in range(limit):
+            try:
+                buf = recv(sock)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != _errno.ENOBUFS:
+                    raise self._fail(self.operation, exc) from exc
+                yield None
+                continue
+            yield buf
+
     def recv(self, operation: str | None = None) -> bytes:
         try:
             return self._rx.recv(self.sock)

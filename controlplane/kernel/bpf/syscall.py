@@ -16,7 +16,7 @@ import errno as _errno
 import os
 import platform
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, TypeVar
 
 from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
 from controlplane.kernel.handles import OwnedFd
@@ -162,6 +162,19 @@ def _fail(operation: str, err: int, payload: object = None) -> KernelError:
     return KernelError(operation, os.strerror(err), errno=err, payload=payload)
 
 
+_Info = TypeVar("_Info", bound=ct.Structure)
+
+
+def _obj_info(fd: int, raw: _Info, operation: str) -> _Info:
+    """BPF_OBJ_GET_INFO_BY_FD into ``raw`` (a prefix of the kernel's struct:
+    the kernel copies what both sizes have in common)."""
+    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(raw), info=ct.addressof(raw))
+    err = _bpf(_OBJ_GET_INFO_BY_FD, attr)
+    if err < 0:
+        raise _fail(operation, -err)
+    return raw
+
+
 def obj_get(path: str) -> int:
     """Open a pinned object; raises KernelError (errno ENOENT if missing)."""
     raw = os.fsencode(path)
@@ -216,11 +229,7 @@ class BpfProg(_Fd):
         attach_reuseport_prog(sock_fd, self.fileno())
 
     def info(self) -> ProgInfo:
-        raw = _ProgInfo()
-        attr = _InfoAttr(bpf_fd=self.fileno(), info_len=ct.sizeof(raw), info=ct.addressof(raw))
-        err = _bpf(_OBJ_GET_INFO_BY_FD, attr)
-        if err < 0:
-            raise _fail("read program info", -err)
+        raw = _obj_info(self.fileno(), _ProgInfo(), "read program info")
         return ProgInfo(raw.type, raw.id, raw.name.decode(errors="replace"))
 
 
@@ -234,11 +243,7 @@ class BpfMap(_Fd):
     @property
     def info(self) -> MapInfo:
         if self._info is None:
-            raw = _MapInfo()
-            attr = _InfoAttr(bpf_fd=self.fileno(), info_len=ct.sizeof(raw), info=ct.addressof(raw))
-            err = _bpf(_OBJ_GET_INFO_BY_FD, attr)
-            if err < 0:
-                raise _fail("read map info", -err)
+            raw = _obj_info(self.fileno(), _MapInfo(), "read map info")
             self._info = MapInfo(
                 raw.type,
                 raw.id,

@@ -19,14 +19,12 @@ bench/bench_codec.py).
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane.core.flowpath import Flow
-from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import (
     CT_DELETE,
     CT_NEW,
@@ -128,16 +126,8 @@ class CtEvents(Subscription):
         nl = self.opened()
         out: list[CtChange] = []
         lost = False
-        for _ in range(limit):
-            try:
-                buf = nl.recv_raw()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise KernelError(
-                        "watch conntrack", exc.strerror or str(exc), exc.errno
-                    ) from exc
+        for buf in nl.queued(limit):
+            if buf is None:
                 lost = True
                 continue
             for kind, flags, _seq, start, end in messages(buf):
