@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+from pathlib import Path
 
 import pytest
 
+from controlplane.kernel.bpf.fd_handover import HandoverServer
 from controlplane.kernel.handles import Opening, OwnedFd
 
 
@@ -69,3 +72,14 @@ def test_an_opening_handle_is_opened_by_entering_and_closed_by_leaving() -> None
         fds = [end.fileno() for end in pipe.ends]
         assert all(_is_open(fd) for fd in fds)
     assert not any(_is_open(fd) for fd in fds)
+
+
+def test_a_handover_server_closed_twice_leaves_its_successors_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "handover.sock")
+    old = HandoverServer(path)
+    old.close()
+    assert not os.path.exists(path)
+    with HandoverServer(path):  # the next agent listens on the same path
+        old.close()
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert not os.path.exists(path)
