@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Any
 
+from controlplane.errors import ExitCode
+
 COMPLETE_VAR = "_OFFLOADCTL_COMPLETE"  # set by the script `offloadctl completion` prints
 
 # command -> the module under controlplane.cli that registers it. A command
