@@ -1,0 +1,224 @@
+"""The match table: every way a config entry picks traffic, declared once.
+
+One :class:`Match` per config field that becomes an nft match: the entry kinds
+that have it (``policies`` and ``forward.accept``), the parser's checks of its
+values (functions of ``config.py``) and the statement it renders (built by a
+``core/nft.py`` builder, which makes the nft JSON, the nft text and the form
+``nft list`` prints back together). ``config.py`` validates, ``render.py``
+renders and the plan compares rules through this table alone.
+
+Adding a match: one entry in :data:`MATCHES` (in the order its statement
+stands in a rule), its typed field on the models of ``on`` (pydantic and mypy
+read fields from the class), and an example with its golden under ``nft/``.
+``tests/unit/test_matches.py`` fails until the field and a golden exist.
+
+The relations between matches live here too (:data:`RELATIONS`): a rule is
+rendered once per IP family its address matches allow, and ports are read from
+the one protocol's header (``tcp dport``) or, with several, from ``th``.
+
+Imported by ``config.py`` only while validating (config is loaded by then);
+``core/nft.py`` is imported when a statement is first built, so ``validate``
+never pays for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+from typing import TYPE_CHECKING, Any, Literal
+
+from controlplane.config import (
+    ForwardAccept,
+    Loc,
+    OffloadPolicy,
+    duplicate_issues,
+    family_issues,
+    icmp_family_issues,
+    port_issues,
+    prefix_issues,
+)
+
+if TYPE_CHECKING:
+    from controlplane.core.nft import Stmt
+
+__all__ = ["MATCHES", "RELATIONS", "Entry", "Kind", "Match", "families", "issues", "statements"]
+
+Kind = Literal["policy", "accept"]
+Entry = OffloadPolicy | ForwardAccept
+Net = IPv4Network | IPv6Network
+Issue = tuple[Loc, str]
+
+KINDS: dict[type[Entry], Kind] = {OffloadPolicy: "policy", ForwardAccept: "accept"}
+BOTH: frozenset[Kind] = frozenset({"policy", "accept"})
+
+# nft lists a protocol by its /etc/protocols name (ICMPv6 as "ipv6-icmp").
+NFT_PROTOCOL = {"icmpv6": "ipv6-icmp"}
+
+
+@dataclass(frozen=True)
+class Where:
+    """What a statement depends on beyond its own values."""
+
+    version: int | None  # the rule's IP family (None: no address match, any family)
+    header: str  # the header ports are read from: "tcp"/"udp" (one protocol) or "th"
+
+
+@dataclass(frozen=True)
+class Match:
+    """One config field that becomes one nft match statement."""
+
+    field: str  # the config key, the same on every kind in ``on``
+    on: frozenset[Kind]
+    stmt: Callable[[Any, Where], Stmt | None]  # None: nothing to match (empty, other family)
+    check: Callable[[Any, str], list[Issue]] | None = None  # the values' issues; None: typed only
+    address: bool = False  # a prefix list: one rule per IP family it allows
+
+
+def _meta(key: str) -> Callable[[list[str], Where], Stmt | None]:
+    def build(names: list[str], where: Where) -> Stmt | None:
+        from controlplane.core import nft
+
+        return nft.match_meta(key, names) if names else None
+
+    return build
+
+
+def _prefixes(key: str) -> Callable[[list[Net], Where], Stmt | None]:
+    def build(nets: list[Net], where: Where) -> Stmt | None:
+        from controlplane.core import nft
+
+        mine = [n for n in nets if n.version == where.version]
+        return nft.match_prefixes(key, mine) if mine else None  # type: ignore[arg-type]
+
+    return build
+
+
+def _ports(key: str) -> Callable[[list[tuple[int, int]], Where], Stmt | None]:
+    def build(ranges: list[tuple[int, int]], where: Where) -> Stmt | None:
+        from controlplane.core import nft
+
+        return nft.match_ports(where.header, key, ranges) if ranges else None
+
+    return build
+
+
+def _protocols(protocols: list[str], where: Where) -> Stmt | None:
+    from controlplane.core import nft
+
+    # "tcp dport 80" implies "meta l4proto tcp" (nft drops it when listing)
+    if not protocols or where.header != "th":
+        return None
+    return nft.match_l4proto([NFT_PROTOCOL.get(p, p) for p in protocols])
+
+
+def _packets_over(n: int, where: Where) -> Stmt | None:
+    from controlplane.core import nft
+
+    return nft.match_ct_packets_over(n) if n else None
+
+
+def _dups(what: str) -> Callable[[list[str], str], list[Issue]]:
+    return lambda values, field: duplicate_issues(list(values), field, what)
+
+
+# In the order the statements stand in a rule (drift is judged on the listed
+# rule, so a new order would replace every existing rule once).
+MATCHES: tuple[Match, ...] = (
+    Match("iifnames", BOTH, _meta("iifname"), _dups("interface")),
+    Match("oifnames", BOTH, _meta("oifname"), _dups("interface")),
+    Match("saddr", BOTH, _prefixes("saddr"), prefix_issues, address=True),
+    Match("daddr", BOTH, _prefixes("daddr"), prefix_issues, address=True),
+    Match("protocols", BOTH, _protocols, _dups("protocol")),
+    Match("dport", BOTH, _ports("dport"), port_issues),
+    Match("sport", BOTH, _ports("sport"), port_issues),
+    Match("min_packets", frozenset({"policy"}), _packets_over),
+)
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A check across several matches of one entry."""
+
+    on: frozenset[Kind]
+    check: Callable[[Any], list[Issue]]
+
+
+def _ports_need_l4(acc: ForwardAccept) -> list[Issue]:
+    if not acc.protocols or set(acc.protocols) - {"tcp", "udp"}:
+        return [
+            ((key,), "ports need protocols limited to tcp and/or udp") for key in _set(acc, _PORTS)
+        ]
+    return []
+
+
+_PORTS = ("dport", "sport")
+
+
+def _set(entry: Entry, fields: Sequence[str]) -> list[str]:
+    return [f for f in fields if getattr(entry, f)]
+
+
+RELATIONS: tuple[Relation, ...] = (
+    # a rule is rendered once per family: a prefix the other list cannot match is lost
+    Relation(BOTH, lambda e: family_issues(e.saddr, e.daddr)),
+    Relation(
+        frozenset({"accept"}), lambda e: icmp_family_issues(list(e.protocols), e.saddr, e.daddr)
+    ),
+    # (a policy's protocols are tcp/udp by type)
+    Relation(frozenset({"accept"}), _ports_need_l4),
+)
+
+
+def of(kind: Kind) -> tuple[Match, ...]:
+    return _OF[kind]
+
+
+_OF: dict[Kind, tuple[Match, ...]] = {k: tuple(m for m in MATCHES if k in m.on) for k in BOTH}
+
+
+def issues(entry: Entry) -> list[Issue]:
+    """Every problem of ``entry``'s matches (each with its path below the entry)."""
+    kind = KINDS[type(entry)]
+    out: list[Issue] = []
+    for m in _OF[kind]:
+        if m.check is not None:
+            out += m.check(getattr(entry, m.field), m.field)
+    for r in RELATIONS:
+        if kind in r.on:
+            out += r.check(entry)
+    return out
+
+
+def families(entry: Entry) -> list[int | None]:
+    """The IP families ``entry`` is rendered for: every family its address
+    matches allow (a list that is set but lacks a family excludes it); None,
+    any family, when it has none."""
+    lists = [getattr(entry, m.field) for m in _OF[KINDS[type(entry)]] if m.address]
+    lists = [nets for nets in lists if nets]
+    if not lists:
+        return [None]
+    return [v for v in (4, 6) if all(any(n.version == v for n in nets) for nets in lists)]
+
+
+def header(entry: Entry) -> str:
+    """Where port matches read ports: one protocol's own header (``tcp dport``,
+    as nft lists it), else the transport header after ``meta l4proto``."""
+    protocols = entry.protocols
+    return protocols[0] if len(protocols) == 1 and _set(entry, _PORTS) else "th"
+
+
+def statements(entry: Entry, version: int | None) -> list[Stmt]:
+    """``entry``'s match statements for one family (see :func:`families`)."""
+    kind = KINDS[type(entry)]
+    where = Where(version, header(entry))
+    out: list[tuple[Match, Stmt]] = []
+    for m in _OF[kind]:
+        stmt = m.stmt(getattr(entry, m.field), where)
+        if stmt is not None:
+            out.append((m, stmt))
+    if kind == "policy" and not _set(entry, _PORTS):
+        # A policy without ports has led with its protocols since before ports
+        # existed (issue 9): kept, so existing rules keep their tags.
+        out.sort(key=lambda ms: ms[0].field != "protocols")
+    return [s for _, s in out]
