@@ -55,11 +55,20 @@ class Stmt:
     """One nft expression/statement: its JSON object and its text, made together.
 
     Identity is the text (canonical: one builder per statement kind); the JSON
-    object rides along and is never mutated.
+    object rides along and is never mutated. ``shown`` is how ``nft list``
+    prints the statement back when that differs from the text beyond the order
+    of set elements (see :attr:`listed`); the builder that writes a statement
+    is the one place that knows.
     """
 
     text: str
     json: JSON = field(compare=False, hash=False, repr=False)
+    shown: str | None = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def listed(self) -> str:
+        """This statement as ``nft list`` prints it (anonymous set elements sorted)."""
+        return _sorted_sets(self.text if self.shown is None else self.shown)
 
 
 def _stmt(obj: JSON, text: str) -> Stmt:
@@ -168,7 +177,8 @@ def match_ct_state_new() -> Stmt:
 
 def match_tcp_not_syn() -> Stmt:
     flags = ["fin", "syn", "rst", "ack"]
-    return _stmt(
+    return Stmt(
+        "tcp flags & (fin | syn | rst | ack) != syn",
         {
             "match": {
                 "op": "!=",
@@ -176,7 +186,8 @@ def match_tcp_not_syn() -> Stmt:
                 "right": "syn",
             }
         },
-        "tcp flags & (fin | syn | rst | ack) != syn",
+        # nft lists it in its own short form; ours is the readable one (goldens)
+        "tcp flags != syn / fin,syn,rst,ack",
     )
 
 
@@ -262,8 +273,12 @@ def masquerade() -> Stmt:
 def snat(addr: IPv4Address | IPv6Address) -> Stmt:
     fam = "ip" if addr.version == 4 else "ip6"
     text = str(addr)  # once: ipaddress formats on every str()
-    shown = text if addr.version == 4 else f"[{text}]"
-    return _stmt({"snat": {"family": fam, "addr": text}}, f"snat {fam} to {shown}")
+    if addr.version == 4:
+        return _stmt({"snat": {"family": fam, "addr": text}}, f"snat {fam} to {text}")
+    # an IPv6 address without a port is listed without brackets
+    return Stmt(
+        f"snat {fam} to [{text}]", {"snat": {"family": fam, "addr": text}}, f"snat {fam} to {text}"
+    )
 
 
 def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
@@ -274,6 +289,8 @@ def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
     if port is not None:
         obj["port"] = port
         shown += f":{port}"
+    elif addr.version == 6:  # listed without brackets when there is no port
+        return Stmt(f"dnat {fam} to {shown}", {"dnat": obj}, f"dnat {fam} to {text}")
     return Stmt(f"dnat {fam} to {shown}", {"dnat": obj})
 
 
@@ -343,14 +360,7 @@ def next_serial(serial: int) -> int:
 
 # --- canonical text: how nft lists what we send ----------------------------------
 
-# nft prints some statements differently from how they can be written; our
-# builders keep the readable form (goldens), the comparison uses nft's.
-_LISTED_AS = {
-    "tcp flags & (fin | syn | rst | ack) != syn": "tcp flags != syn / fin,syn,rst,ack",
-}
 _ANON_SET = re.compile(r"\{ ([^{}]*) \}")
-# an IPv6 NAT address without a port is listed without brackets
-_NAT6_NO_PORT = re.compile(r"^([sd]nat ip6 to )\[([0-9a-fA-F:.]+)\]$")
 
 
 def sort_set_elements(text: str) -> str:
@@ -359,22 +369,22 @@ def sort_set_elements(text: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _listed_stmt(text: str) -> str:
+def _sorted_sets(text: str) -> str:
     # Statements repeat across rules (interfaces, verdicts): canonicalise each once.
-    t = _NAT6_NO_PORT.sub(r"\1\2", _LISTED_AS.get(text, text))
-    return sort_set_elements(t) if "{ " in t else t
+    return sort_set_elements(text) if "{ " in text else text
 
 
-def canonical_body(texts: tuple[str, ...]) -> str:
+def canonical_body(stmts: tuple[Stmt, ...]) -> str:
     """The rule body as ``nft list`` shows it (stateless), set elements sorted."""
     out: list[str] = []
-    for i, t in enumerate(texts):
+    for i, s in enumerate(stmts):
+        t = s.text
         if t in ("meta nfproto ipv4", "meta nfproto ipv6"):
             proto = "ip " if t.endswith("4") else "ip6 "
             # nft drops a protocol dependency that a later match implies
-            if any(later.startswith(proto) for later in texts[i + 1 :]):
+            if any(later.text.startswith(proto) for later in stmts[i + 1 :]):
                 continue
-        out.append(_listed_stmt(t))
+        out.append(s.listed)
     return " ".join(out)
 
 
@@ -442,9 +452,7 @@ class Rule:
     @_once
     def listed(self) -> str:
         """This rule as ``nft -s list`` prints it: what drift detection compares."""
-        return canonical_body(tuple(s.text for s in self.stmts)) + (
-            f" comment {_quote(self.comment)}"
-        )
+        return canonical_body(self.stmts) + (f" comment {_quote(self.comment)}")
 
     @property
     def flowtable_ref(self) -> str | None:
