@@ -135,6 +135,11 @@ def match_prefixes(fieldname: str, nets: list[IPv4Network] | list[IPv6Network]) 
         else:
             values.append({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
         texts.append(str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net))
+    return _match_payload(proto, fieldname, values, texts)
+
+
+def _match_payload(proto: str, fieldname: str, values: list[JSON], texts: list[str]) -> Stmt:
+    """``PROTO FIELD VALUE`` or ``PROTO FIELD { VALUE, ... }``."""
     rhs, text = _rhs(values, texts)
     return _stmt(
         {
@@ -199,17 +204,7 @@ def match_ports(proto: str, fieldname: str, ranges: list[tuple[int, int]]) -> St
     for low, high in ranges:
         values.append(low if low == high else {"range": [low, high]})
         texts.append(str(low) if low == high else f"{low}-{high}")
-    rhs, text = _rhs(values, texts)
-    return _stmt(
-        {
-            "match": {
-                "op": "==",
-                "left": {"payload": {"protocol": proto, "field": fieldname}},
-                "right": rhs,
-            }
-        },
-        f"{proto} {fieldname} {text}",
-    )
+    return _match_payload(proto, fieldname, values, texts)
 
 
 def match_ct_state(states: list[str]) -> Stmt:
@@ -388,8 +383,22 @@ def canonical_body(stmts: tuple[Stmt, ...]) -> str:
     return " ".join(out)
 
 
+class FlowtableDefinition:
+    """What of a flowtable cannot change in place (a change means delete and
+    recreate): the same for the one we want (:class:`Flowtable`) and the one
+    listed (``plan.ObservedFlowtable``)."""
+
+    priority: int
+    hw_offload: bool
+    counter: bool
+
+    @property
+    def definition(self) -> tuple[int, bool, bool]:
+        return (self.priority, self.hw_offload, self.counter)
+
+
 @dataclass(frozen=True)
-class Flowtable:
+class Flowtable(FlowtableDefinition):
     name: str
     priority: int
     devices: tuple[str, ...]  # sorted
@@ -400,11 +409,6 @@ class Flowtable:
         _require(is_objname(self.name), "flowtable name", self.name)
         for dev in self.devices:
             _require(is_ifname(dev), "device name", dev)
-
-    @property
-    def definition(self) -> tuple[int, bool, bool]:
-        """What cannot change in place: a change here means delete and recreate."""
-        return (self.priority, self.hw_offload, self.counter)
 
 
 @dataclass(frozen=True)
@@ -565,11 +569,6 @@ def _named_json(op: Any) -> dict[str, JSON]:
     return {"name": op.name}
 
 
-def _named(verb: str, obj: str) -> Form:
-    """A named object of the table: ``VERB OBJ FAMILY TABLE NAME``, both grammars."""
-    return Form(verb, obj, _name, json=_named_json, names=(("name", f"{obj} name"),))
-
-
 @dataclass(frozen=True)
 class Op:
     """Base of transaction operations (knftables-style verbs): a subclass
@@ -600,6 +599,20 @@ class Op:
         """True when libnftables' JSON grammar cannot express this operation."""
         needs = self.FORM.needs_text
         return needs if isinstance(needs, bool) else needs(self)
+
+
+@dataclass(frozen=True)
+class NamedOp(Op):
+    """An operation on one named object of the table, the same in both grammars:
+    ``VERB OBJ FAMILY TABLE NAME`` and ``{VERB: {OBJ: {family, table, name}}}``;
+    a subclass names its verb and object (``class AddCounter(NamedOp,
+    verb="add", obj="counter")``)."""
+
+    name: str
+
+    def __init_subclass__(cls, *, verb: str, obj: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.FORM = Form(verb, obj, _name, json=_named_json, names=(("name", f"{obj} name"),))
 
 
 def _ft_devices_text(devices: tuple[str, ...]) -> str:
@@ -785,25 +798,16 @@ class DeleteFlowtableDevices(Op):
     )
 
 
-@dataclass(frozen=True)
-class DeleteFlowtable(Op):
-    name: str
-
-    FORM = _named("delete", "flowtable")
+class DeleteFlowtable(NamedOp, verb="delete", obj="flowtable"):
+    """``delete flowtable FAMILY TABLE NAME``."""
 
 
-@dataclass(frozen=True)
-class AddCounter(Op):
-    name: str
-
-    FORM = _named("add", "counter")
+class AddCounter(NamedOp, verb="add", obj="counter"):
+    """``add counter FAMILY TABLE NAME``."""
 
 
-@dataclass(frozen=True)
-class DeleteCounter(Op):
-    name: str
-
-    FORM = _named("delete", "counter")
+class DeleteCounter(NamedOp, verb="delete", obj="counter"):
+    """``delete counter FAMILY TABLE NAME``."""
 
 
 def _chain_body(op: AddChain) -> str:
@@ -829,18 +833,12 @@ class AddChain(Op):
     FORM = Form("add", "chain", lambda op: op.chain.name, _chain_body, _chain_json)
 
 
-@dataclass(frozen=True)
-class FlushChain(Op):
-    name: str
-
-    FORM = _named("flush", "chain")
+class FlushChain(NamedOp, verb="flush", obj="chain"):
+    """``flush chain FAMILY TABLE NAME``."""
 
 
-@dataclass(frozen=True)
-class DeleteChain(Op):
-    name: str
-
-    FORM = _named("delete", "chain")
+class DeleteChain(NamedOp, verb="delete", obj="chain"):
+    """``delete chain FAMILY TABLE NAME``."""
 
 
 def _rule_json(op: AddRule) -> dict[str, JSON]:
