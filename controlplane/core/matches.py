@@ -23,10 +23,10 @@ never pays for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from controlplane.config import (
     ForwardAccept,
@@ -42,7 +42,18 @@ from controlplane.config import (
 if TYPE_CHECKING:
     from controlplane.core.nft import Stmt
 
-__all__ = ["MATCHES", "RELATIONS", "Entry", "Kind", "Match", "families", "issues", "statements"]
+__all__ = [
+    "MATCHES",
+    "RELATIONS",
+    "Entry",
+    "Kind",
+    "Match",
+    "Where",
+    "families",
+    "issues",
+    "rules",
+    "statement",
+]
 
 Kind = Literal["policy", "accept"]
 Entry = OffloadPolicy | ForwardAccept
@@ -56,8 +67,7 @@ BOTH: frozenset[Kind] = frozenset({"policy", "accept"})
 NFT_PROTOCOL = {"icmpv6": "ipv6-icmp"}
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     """What a statement depends on beyond its own values."""
 
     version: int | None  # the rule's IP family (None: no address match, any family)
@@ -66,28 +76,38 @@ class Where:
 
 @dataclass(frozen=True)
 class Match:
-    """One config field that becomes one nft match statement."""
+    """One config field that becomes one nft match statement. An empty or zero
+    value matches anything: no statement (``stmt`` only sees other values)."""
 
     field: str  # the config key, the same on every kind in ``on``
     on: frozenset[Kind]
-    stmt: Callable[[Any, Where], Stmt | None]  # None: nothing to match (empty, other family)
+    stmt: Callable[[Any, Where], Stmt | None]  # None: nothing of this family to match
     check: Callable[[Any, str], list[Issue]] | None = None  # the values' issues; None: typed only
     address: bool = False  # a prefix list: one rule per IP family it allows
 
 
-def _meta(key: str) -> Callable[[list[str], Where], Stmt | None]:
-    def build(names: list[str], where: Where) -> Stmt | None:
-        from controlplane.core import nft
+# core/nft.py (and hashlib with it) is bound on the first rendering, not at the
+# top: config.py validates through this table, and `validate` never loads nft.
+if TYPE_CHECKING:
+    from controlplane.core import nft
+else:
+    nft = None
 
-        return nft.match_meta(key, names) if names else None
+
+def _bind_nft() -> None:
+    global nft
+    from controlplane.core import nft
+
+
+def _meta(key: str) -> Callable[[list[str], Where], Stmt | None]:
+    def build(names: list[str], where: Where) -> Stmt:
+        return nft.match_meta(key, names)
 
     return build
 
 
 def _prefixes(key: str) -> Callable[[list[Net], Where], Stmt | None]:
     def build(nets: list[Net], where: Where) -> Stmt | None:
-        from controlplane.core import nft
-
         mine = [n for n in nets if n.version == where.version]
         return nft.match_prefixes(key, mine) if mine else None  # type: ignore[arg-type]
 
@@ -95,27 +115,20 @@ def _prefixes(key: str) -> Callable[[list[Net], Where], Stmt | None]:
 
 
 def _ports(key: str) -> Callable[[list[tuple[int, int]], Where], Stmt | None]:
-    def build(ranges: list[tuple[int, int]], where: Where) -> Stmt | None:
-        from controlplane.core import nft
-
-        return nft.match_ports(where.header, key, ranges) if ranges else None
+    def build(ranges: list[tuple[int, int]], where: Where) -> Stmt:
+        return nft.match_ports(where.header, key, ranges)
 
     return build
 
 
 def _protocols(protocols: list[str], where: Where) -> Stmt | None:
-    from controlplane.core import nft
-
-    # "tcp dport 80" implies "meta l4proto tcp" (nft drops it when listing)
-    if not protocols or where.header != "th":
+    if where.header != "th":  # "tcp dport 80" implies "meta l4proto tcp" (nft drops it)
         return None
     return nft.match_l4proto([NFT_PROTOCOL.get(p, p) for p in protocols])
 
 
-def _packets_over(n: int, where: Where) -> Stmt | None:
-    from controlplane.core import nft
-
-    return nft.match_ct_packets_over(n) if n else None
+def _packets_over(n: int, where: Where) -> Stmt:
+    return nft.match_ct_packets_over(n)
 
 
 def _dups(what: str) -> Callable[[list[str], str], list[Issue]]:
@@ -145,18 +158,13 @@ class Relation:
 
 
 def _ports_need_l4(acc: ForwardAccept) -> list[Issue]:
-    if not acc.protocols or set(acc.protocols) - {"tcp", "udp"}:
-        return [
-            ((key,), "ports need protocols limited to tcp and/or udp") for key in _set(acc, _PORTS)
-        ]
-    return []
-
-
-_PORTS = ("dport", "sport")
-
-
-def _set(entry: Entry, fields: Sequence[str]) -> list[str]:
-    return [f for f in fields if getattr(entry, f)]
+    if acc.protocols and not set(acc.protocols) - {"tcp", "udp"}:
+        return []
+    return [
+        ((key,), "ports need protocols limited to tcp and/or udp")
+        for key in ("dport", "sport")
+        if getattr(acc, key)
+    ]
 
 
 RELATIONS: tuple[Relation, ...] = (
@@ -194,31 +202,60 @@ def families(entry: Entry) -> list[int | None]:
     """The IP families ``entry`` is rendered for: every family its address
     matches allow (a list that is set but lacks a family excludes it); None,
     any family, when it has none."""
-    lists = [getattr(entry, m.field) for m in _OF[KINDS[type(entry)]] if m.address]
-    lists = [nets for nets in lists if nets]
-    if not lists:
-        return [None]
-    return [v for v in (4, 6) if all(any(n.version == v for n in nets) for nets in lists)]
+    allowed: set[int] | None = None
+    for m in _ADDRESSES[KINDS[type(entry)]]:
+        if nets := getattr(entry, m.field):
+            mine = {n.version for n in nets}
+            allowed = mine if allowed is None else allowed & mine
+    return [None] if allowed is None else sorted(allowed)  # type: ignore[return-value]
+
+
+_ADDRESSES: dict[Kind, tuple[Match, ...]] = {k: tuple(m for m in _OF[k] if m.address) for k in BOTH}
 
 
 def header(entry: Entry) -> str:
     """Where port matches read ports: one protocol's own header (``tcp dport``,
     as nft lists it), else the transport header after ``meta l4proto``."""
     protocols = entry.protocols
-    return protocols[0] if len(protocols) == 1 and _set(entry, _PORTS) else "th"
+    return protocols[0] if len(protocols) == 1 and (entry.dport or entry.sport) else "th"
 
 
-def statements(entry: Entry, version: int | None) -> list[Stmt]:
-    """``entry``'s match statements for one family (see :func:`families`)."""
+def rules(entry: Entry) -> list[tuple[int | None, list[Stmt]]]:
+    """``entry``'s match statements, one list per IP family it is rendered for
+    (:func:`families`), in the table's order."""
+    if nft is None:
+        _bind_nft()
     kind = KINDS[type(entry)]
-    where = Where(version, header(entry))
-    out: list[tuple[Match, Stmt]] = []
+    head = header(entry)
+    # A policy without ports has led with its protocols since before ports
+    # existed (issue 9): kept, so existing rules keep their tags.
+    lead = kind == "policy" and not (entry.dport or entry.sport)
+    # Built once: every statement but the address matches' (built per family).
+    slots: list[Stmt | tuple[Match, Any]] = []
+    anywhere = Where(None, head)
     for m in _OF[kind]:
-        stmt = m.stmt(getattr(entry, m.field), where)
-        if stmt is not None:
-            out.append((m, stmt))
-    if kind == "policy" and not _set(entry, _PORTS):
-        # A policy without ports has led with its protocols since before ports
-        # existed (issue 9): kept, so existing rules keep their tags.
-        out.sort(key=lambda ms: ms[0].field != "protocols")
-    return [s for _, s in out]
+        value = getattr(entry, m.field)
+        if not value:
+            continue
+        if m.address:
+            slots.append((m, value))
+        elif (stmt := m.stmt(value, anywhere)) is None:
+            continue
+        elif lead and m.field == "protocols":
+            slots.insert(0, stmt)
+        else:
+            slots.append(stmt)
+    out: list[tuple[int | None, list[Stmt]]] = []
+    for version in families(entry):
+        where = Where(version, head)
+        stmts = [s if not isinstance(s, tuple) else s[0].stmt(s[1], where) for s in slots]
+        out.append((version, [s for s in stmts if s is not None]))
+    return out
+
+
+def statement(m: Match, entry: Entry, version: int | None) -> Stmt | None:
+    """The one statement ``m`` renders for ``entry`` in one IP family (None: none)."""
+    if nft is None:
+        _bind_nft()
+    value = getattr(entry, m.field)
+    return m.stmt(value, Where(version, header(entry))) if value else None

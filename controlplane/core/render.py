@@ -57,12 +57,8 @@ def _entry_rules(
     """One rule per IP family the entry's prefixes allow: its matches (the
     table in core/matches.py), then ``tail``."""
     return [
-        nft.Rule(
-            "forward",
-            (*matches.statements(entry, version), *tail),
-            label + (f" ipv{version}" if version else ""),
-        )
-        for version in matches.families(entry)
+        nft.Rule("forward", (*stmts, *tail), label + (f" ipv{version}" if version else ""))
+        for version, stmts in matches.rules(entry)
     ]
 
 
