@@ -649,10 +649,11 @@ class ForwardAccept(_Model):
 
 def _match_issues(entry: OffloadPolicy | ForwardAccept) -> list[tuple[Loc, str]]:
     # The match table (core/matches.py) declares each match's checks; it imports
-    # this module, so it is imported here, by when both are loaded.
-    from controlplane.core.matches import issues
+    # this module, so it is imported here, by when both are loaded (this form of
+    # import skips importlib's Python-level fromlist handling: once per entry).
+    import controlplane.core.matches as matches
 
-    return issues(entry)
+    return matches.issues(entry)
 
 
 class ForwardConfig(_Model):

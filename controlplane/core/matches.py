@@ -24,7 +24,6 @@ never pays for it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -74,8 +73,7 @@ class Where(NamedTuple):
     header: str  # the header ports are read from: "tcp"/"udp" (one protocol) or "th"
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):
     """One config field that becomes one nft match statement. An empty or zero
     value matches anything: no statement (``stmt`` only sees other values)."""
 
@@ -132,7 +130,7 @@ def _packets_over(n: int, where: Where) -> Stmt:
 
 
 def _dups(what: str) -> Callable[[list[str], str], list[Issue]]:
-    return lambda values, field: duplicate_issues(list(values), field, what)
+    return lambda values, field: duplicate_issues(values, field, what)
 
 
 # In the order the statements stand in a rule (drift is judged on the listed
@@ -149,8 +147,7 @@ MATCHES: tuple[Match, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Relation:
+class Relation(NamedTuple):
     """A check across several matches of one entry."""
 
     on: frozenset[Kind]
@@ -189,13 +186,16 @@ def issues(entry: Entry) -> list[Issue]:
     """Every problem of ``entry``'s matches (each with its path below the entry)."""
     kind = KINDS[type(entry)]
     out: list[Issue] = []
-    for m in _OF[kind]:
-        if m.check is not None:
-            out += m.check(getattr(entry, m.field), m.field)
-    for r in RELATIONS:
-        if kind in r.on:
-            out += r.check(entry)
+    for check, field in _CHECKS[kind]:
+        if value := getattr(entry, field):  # an empty value has nothing to check
+            out += check(value, field)
+    for related in _RELATED[kind]:
+        out += related(entry)
     return out
+
+
+_CHECKS = {k: tuple((m.check, m.field) for m in _OF[k] if m.check is not None) for k in BOTH}
+_RELATED = {k: tuple(r.check for r in RELATIONS if k in r.on) for k in BOTH}
 
 
 def families(entry: Entry) -> list[int | None]:
