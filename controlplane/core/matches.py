@@ -4,8 +4,9 @@ One :class:`Match` per config field that becomes an nft match: the entry kinds
 that have it (``policies`` and ``forward.accept``), the parser's checks of its
 values (functions of ``config.py``) and the statement it renders (built by a
 ``core/nft.py`` builder, which makes the nft JSON, the nft text and the form
-``nft list`` prints back together). ``config.py`` validates, ``render.py``
-renders and the plan compares rules through this table alone.
+``nft list`` prints back together). ``config.py`` validates and ``render.py``
+renders through this table alone; the plan compares the listed forms the
+statements carry.
 
 Adding a match: one entry in :data:`MATCHES` (in the order its statement
 stands in a rule), its typed field on the models of ``on`` (pydantic and mypy
@@ -175,11 +176,12 @@ RELATIONS: tuple[Relation, ...] = (
 )
 
 
-def of(kind: Kind) -> tuple[Match, ...]:
-    return _OF[kind]
-
-
 _OF: dict[Kind, tuple[Match, ...]] = {k: tuple(m for m in MATCHES if k in m.on) for k in BOTH}
+
+
+def of(kind: Kind) -> tuple[Match, ...]:
+    """The matches entries of ``kind`` have, in the table's order."""
+    return _OF[kind]
 
 
 def issues(entry: Entry) -> list[Issue]:
@@ -207,7 +209,9 @@ def families(entry: Entry) -> list[int | None]:
         if nets := getattr(entry, m.field):
             mine = {n.version for n in nets}
             allowed = mine if allowed is None else allowed & mine
-    return [None] if allowed is None else sorted(allowed)  # type: ignore[return-value]
+    if allowed is None:
+        return [None]
+    return [v for v in (4, 6) if v in allowed]
 
 
 _ADDRESSES: dict[Kind, tuple[Match, ...]] = {k: tuple(m for m in _OF[k] if m.address) for k in BOTH}
