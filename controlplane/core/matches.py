@@ -48,7 +48,6 @@ __all__ = [
     "Entry",
     "Kind",
     "Match",
-    "Where",
     "families",
     "issues",
     "rules",
@@ -67,20 +66,15 @@ BOTH: frozenset[Kind] = frozenset({"policy", "accept"})
 NFT_PROTOCOL = {"icmpv6": "ipv6-icmp"}
 
 
-class Where(NamedTuple):
-    """What a statement depends on beyond its own values."""
-
-    version: int | None  # the rule's IP family (None: no address match, any family)
-    header: str  # the header ports are read from: "tcp"/"udp" (one protocol) or "th"
-
-
 class Match(NamedTuple):
     """One config field that becomes one nft match statement. An empty or zero
     value matches anything: no statement (``stmt`` only sees other values)."""
 
     field: str  # the config key, the same on every kind in ``on``
     on: frozenset[Kind]
-    stmt: Callable[[Any, Where], Stmt | None]  # None: nothing of this family to match
+    # (value, the rule's IP family or None, the header ports are read from:
+    # "tcp"/"udp" or "th", see header()) -> the statement; None: none here
+    stmt: Callable[[Any, int | None, str], Stmt | None]
     check: Callable[[Any, str], list[Issue]] | None = None  # the values' issues; None: typed only
     address: bool = False  # a prefix list: one rule per IP family it allows
 
@@ -98,35 +92,35 @@ def _bind_nft() -> None:
     from controlplane.core import nft
 
 
-def _meta(key: str) -> Callable[[list[str], Where], Stmt | None]:
-    def build(names: list[str], where: Where) -> Stmt:
+def _meta(key: str) -> Callable[[list[str], int | None, str], Stmt | None]:
+    def build(names: list[str], version: int | None, header: str) -> Stmt:
         return nft.match_meta(key, names)
 
     return build
 
 
-def _prefixes(key: str) -> Callable[[list[Net], Where], Stmt | None]:
-    def build(nets: list[Net], where: Where) -> Stmt | None:
-        mine = [n for n in nets if n.version == where.version]
+def _prefixes(key: str) -> Callable[[list[Net], int | None, str], Stmt | None]:
+    def build(nets: list[Net], version: int | None, header: str) -> Stmt | None:
+        mine = [n for n in nets if n.version == version]
         return nft.match_prefixes(key, mine) if mine else None  # type: ignore[arg-type]
 
     return build
 
 
-def _ports(key: str) -> Callable[[list[tuple[int, int]], Where], Stmt | None]:
-    def build(ranges: list[tuple[int, int]], where: Where) -> Stmt:
-        return nft.match_ports(where.header, key, ranges)
+def _ports(key: str) -> Callable[[list[tuple[int, int]], int | None, str], Stmt | None]:
+    def build(ranges: list[tuple[int, int]], version: int | None, header: str) -> Stmt:
+        return nft.match_ports(header, key, ranges)
 
     return build
 
 
-def _protocols(protocols: list[str], where: Where) -> Stmt | None:
-    if where.header != "th":  # "tcp dport 80" implies "meta l4proto tcp" (nft drops it)
+def _protocols(protocols: list[str], version: int | None, header: str) -> Stmt | None:
+    if header != "th":  # "tcp dport 80" implies "meta l4proto tcp" (nft drops it)
         return None
     return nft.match_l4proto([NFT_PROTOCOL.get(p, p) for p in protocols])
 
 
-def _packets_over(n: int, where: Where) -> Stmt:
+def _packets_over(n: int, version: int | None, header: str) -> Stmt:
     return nft.match_ct_packets_over(n)
 
 
@@ -204,14 +198,16 @@ def families(entry: Entry) -> list[int | None]:
     """The IP families ``entry`` is rendered for: every family its address
     matches allow (a list that is set but lacks a family excludes it); None,
     any family, when it has none."""
-    allowed: set[int] | None = None
+    v4 = v6 = True
+    found = False
     for m in _ADDRESSES[KINDS[type(entry)]]:
         if nets := getattr(entry, m.field):
-            mine = {n.version for n in nets}
-            allowed = mine if allowed is None else allowed & mine
-    if allowed is None:
+            found = True
+            versions = {n.version for n in nets}
+            v4, v6 = v4 and 4 in versions, v6 and 6 in versions
+    if not found:
         return [None]
-    return [v for v in (4, 6) if v in allowed]
+    return [4, 6] if v4 and v6 else [4] if v4 else [6] if v6 else []
 
 
 _ADDRESSES: dict[Kind, tuple[Match, ...]] = {k: tuple(m for m in _OF[k] if m.address) for k in BOTH}
@@ -235,25 +231,29 @@ def rules(entry: Entry) -> list[tuple[int | None, list[Stmt]]]:
     # existed (issue 9): kept, so existing rules keep their tags.
     lead = kind == "policy" and not (entry.dport or entry.sport)
     # Built once: every statement but the address matches' (built per family).
-    slots: list[Stmt | tuple[Match, Any]] = []
-    anywhere = Where(None, head)
+    # (None, statement) or, for an address match, (the match, its value)
+    slots: list[tuple[Match | None, Any]] = []
     for m in _OF[kind]:
         value = getattr(entry, m.field)
         if not value:
             continue
         if m.address:
             slots.append((m, value))
-        elif (stmt := m.stmt(value, anywhere)) is None:
+        elif (stmt := m.stmt(value, None, head)) is None:
             continue
         elif lead and m.field == "protocols":
-            slots.insert(0, stmt)
+            slots.insert(0, (None, stmt))
         else:
-            slots.append(stmt)
+            slots.append((None, stmt))
     out: list[tuple[int | None, list[Stmt]]] = []
     for version in families(entry):
-        where = Where(version, head)
-        stmts = [s if not isinstance(s, tuple) else s[0].stmt(s[1], where) for s in slots]
-        out.append((version, [s for s in stmts if s is not None]))
+        stmts: list[Stmt] = []
+        for address, value in slots:
+            if address is None:
+                stmts.append(value)
+            elif (built := address.stmt(value, version, head)) is not None:
+                stmts.append(built)
+        out.append((version, stmts))
     return out
 
 
@@ -262,4 +262,4 @@ def statement(m: Match, entry: Entry, version: int | None) -> Stmt | None:
     if nft is None:
         _bind_nft()
     value = getattr(entry, m.field)
-    return m.stmt(value, Where(version, header(entry))) if value else None
+    return m.stmt(value, version, header(entry)) if value else None
