@@ -36,9 +36,11 @@ from controlplane.core.reinject import IPPROTO_TCP, IPPROTO_UDP
 from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
 from controlplane.kernel.ctnetlink.events import CtEvents
+from controlplane.kernel.ctnetlink.lookup import entries_of
 from controlplane.kernel.netlink import NetlinkSocket
 from controlplane.kernel.rtnl.topology import lookup_routes_on
 from controlplane.kernel.rtnl.watcher import Watcher
+from controlplane.service.startup import index_while_watching
 
 __all__ = ["Engine", "InvalidationService", "ServiceStats"]
 
@@ -223,9 +225,21 @@ class InvalidationService:
         self._handle(self.watcher.snapshot())
         # The index is empty: streaming the dump as FlowSeen is the same as one
         # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
-        handle, offloaded = self._handle, self._indexed
-        self.conntrack.dump_each(lambda flow: handle(ev.FlowSeen(flow=offloaded(flow))))
+        # Topology events are acted on during it (service/startup.py, core/startup.py).
+        held = index_while_watching(
+            dump=self._dump,
+            events=self.watcher,
+            see=self._see_dumped,
+            act_on=self._act_during_startup,
+            look_up=lambda addresses: entries_of(addresses, self.netns),
+            neighbours=lambda: self.watcher.caches.neighbours,
+            gateways=self.watcher.caches.gateways,
+            limit=self.settings.queue_size,
+        )
         self._emit({"event": "FlowsDumped", "flows": len(self._engine)})
+        self._flush()
+        for event in held:
+            self._handle(event)
         self._flush()
         if self.freeze_gc:
             # The index is long-lived (100,000 records at 100,000 flows): without
@@ -235,6 +249,18 @@ class InvalidationService:
         period = self.settings.reconcile_seconds
         self._next_reconcile = self._clock() + period if period > 0 else float("inf")
         self._schedule_prune()
+
+    def _see_dumped(self, flow: Flow) -> None:
+        if flow.orig.proto in self.conntrack.protocols:
+            self._handle(ev.FlowSeen(flow=self._indexed(flow)))
+
+    def _act_during_startup(self, event: ev.Event) -> None:
+        # Routes of what is indexed so far first (egress under the caches before
+        # the event), then the event, then its teardown: at once.
+        self._flush()
+        self._event_time = self._clock()
+        self._handle(event)
+        self._flush()
 
     def stop(self) -> None:
         self.watcher.close()
