@@ -6,7 +6,7 @@ offloaded in one direction only) depends on a flow's two egress addresses
 folded, entry by entry, into one sample flow and a count per distinct (addresses, bits):
 a table of 100,000 entries between 1,000 hosts and a server is ~1,000 samples, not
 100,000 ``Flow`` objects. Those objects were the agent's RSS peak (+75 MB at 100,000
-entries, every kernel view: docs/agent.md, "Memory"); under TCG a view's dump outlasts its
+entries, every kernel view: docs/agent.md, *Design notes*); under TCG a view's dump outlasts its
 10 s period, so they never left the VM's RSS.
 """
 
