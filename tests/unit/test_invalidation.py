@@ -32,6 +32,7 @@ from controlplane.core.events import (
     RoutesResolved,
     Snapshot,
     TearDownFlows,
+    TopologyChanged,
 )
 from controlplane.core.flowpath import (
     IPS_OFFLOAD,
@@ -89,6 +90,11 @@ class World:
                 self.links[link.ifindex] = link
             case LinkRemoved(ifindex=ifindex):
                 self.links.pop(ifindex, None)
+                # The kernel flushes the device's FDB and neighbour entries with it.
+                for key in [k for k, p in self.fdb.items() if ifindex in (p, k[0])]:
+                    del self.fdb[key]
+                for nkey in [k for k in self.neighbours if k[0] == ifindex]:
+                    del self.neighbours[nkey]
             case FdbEntryChanged(bridge=b, vlan=v, mac=m, port=p):
                 self.fdb[(b, v, m)] = p
             case FdbEntryRemoved(bridge=b, vlan=v, mac=m):
@@ -164,6 +170,7 @@ class Driver:
         self.engine = Engine(policy)
         self.notices: list[FlowsMarkedStale] = []
         self.resyncs: list[Resync] = []
+        self.topology: list[TopologyChanged] = []
         self.awaits: list[AwaitNeighbour] = []
         self.causes: list[str] = []  # of every flow torn down, in order
         self.send(Snapshot(topology=world.topology()))
@@ -195,6 +202,8 @@ class Driver:
                 self.notices.append(action)
             elif isinstance(action, Resync):
                 self.resyncs.append(action)
+            elif isinstance(action, TopologyChanged):
+                self.topology.append(action)
             else:
                 raise AssertionError(f"handle() returned {action!r}")
 
