@@ -261,14 +261,10 @@ class Engine:
         return actions
 
     def flush(self) -> list[Action]:
-        """The kernel work for everything handled since the last flush."""
+        """The kernel work for everything handled since the last flush, teardowns first
+        (they are what the event -> gone latency measures; route answers may mark
+        more flows stale, for the next flush)."""
         actions: list[Action] = []
-        wanted = [a for a in self._routes_wanted if self._index.knows(a)]
-        self._routes_wanted.clear()
-        if wanted:
-            actions.append(ResolveRoutes(addresses=tuple(wanted)))
-        actions += (AwaitNeighbour(ifindex=i, ip=ip) for i, ip in self._await)
-        self._await.clear()
         stale = list(self._stale.values())
         self._stale.clear()
         for first in range(0, len(stale), self.policy.batch):
@@ -276,6 +272,12 @@ class Engine:
             actions.append(
                 TearDownFlows(flows=tuple(f for f, _ in chunk), causes=tuple(c for _, c in chunk))
             )
+        wanted = [a for a in self._routes_wanted if self._index.knows(a)]
+        self._routes_wanted.clear()
+        if wanted:
+            actions.append(ResolveRoutes(addresses=tuple(wanted)))
+        actions += (AwaitNeighbour(ifindex=i, ip=ip) for i, ip in self._await)
+        self._await.clear()
         self._epoch += 1
         return actions
 

@@ -420,9 +420,7 @@ class InvalidationService:
             actions = engine.flush()
             if not actions:
                 return
-            # Deletions first: they are what the event -> gone latency measures.
-            actions = sorted(actions, key=lambda a: not isinstance(a, ev.TearDownFlows))
-            for action in actions:
+            for action in actions:  # teardowns first (the engine's order)
                 follow_up = self._act(action)
                 if follow_up is not None:
                     self._handle(follow_up)

@@ -872,3 +872,31 @@ def test_torn_down_connections_remembered_are_bounded() -> None:
     back = [replace(f, id=f.id + 1) for f in torn]
     rechecked = [f for f in back if driver.send(FlowSeen(flow=f))]
     assert len(rechecked) == 1 and rechecked[0].orig == torn[-1].orig
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_topology_changed_is_noticed_exactly_when_the_links_change(data: st.DataObject) -> None:
+    driver = started()
+    assert len(driver.topology) == 1  # the first snapshot filled the link cache
+    assert driver.topology[0].links == driver.engine.topology().links
+    for _ in range(data.draw(st.integers(1, 25))):
+        event = data.draw(world_event(driver.world, list(ALL)))
+        if isinstance(event, tuple):
+            event = route_event(driver.world, *event[1:])
+        before = dict(driver.engine.topology().links)
+        noticed = len(driver.topology)
+        driver.send(event)
+        after = dict(driver.engine.topology().links)
+        assert len(driver.topology) == noticed + (before != after)
+        if before != after:
+            assert driver.topology[-1].links == after
+
+
+def test_flush_hands_out_teardowns_before_route_lookups() -> None:
+    driver = started()
+    driver.world.apply(NeighbourRemoved(ifindex=BR0, ip="10.0.0.3"))
+    driver.engine.handle(NeighbourRemoved(ifindex=BR0, ip="10.0.0.3"))
+    driver.engine.handle(route_event(driver.world, "0.0.0.0/0", Route(oif=WAN, gateway=GATEWAY)))
+    kinds = [type(a) for a in driver.engine.flush()]
+    assert kinds == [TearDownFlows, ResolveRoutes]
