@@ -22,6 +22,7 @@ resync: never silent loss.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import time
@@ -220,11 +221,12 @@ class InvalidationService:
             # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
             handle, indexed = self._handle, self.book.indexed
             ports.changes.dump_each(lambda flow: handle(ev.FlowSeen(flow=indexed(flow))))
+            self._emit({"event": "FlowsDumped", "flows": len(engine)})
+            self._flush()
         except BaseException:
-            self.stop()
+            with contextlib.suppress(OSError):  # the start's own failure is the one to report
+                self.stop()
             raise
-        self._emit({"event": "FlowsDumped", "flows": len(engine)})
-        self._flush()
         if self.freeze_gc:
             # The index is long-lived (100,000 records at 100,000 flows): without
             # this, each gen-2 collection walks all of it in the middle of an event
