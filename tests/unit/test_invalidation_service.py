@@ -13,15 +13,17 @@ import pytest
 
 from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
-from controlplane.core.flowpath import CtTuple, Flow, Link
+from controlplane.core.flowpath import CtTuple, Flow, Link, Route
+from controlplane.core.schedule import NEXT_HOP_WAIT
 from controlplane.errors import KernelError
 from controlplane.service.invalidation import InvalidationService
 from tests.unit.fake_invalidation import FakeConntrack, FakeDump, FakeKernel
-from tests.unit.test_invalidation import BR0, MACS, P1, P2, base_world, tcp_flow
+from tests.unit.test_invalidation import BR0, MACS, P1, P2, base_world, route_event, tcp_flow
 
 CLIENT, OTHER, SERVER = "10.0.0.2", "10.0.0.3", "198.51.100.7"
 MOVE_AWAY = ev.FdbEntryChanged(bridge=BR0, vlan=0, mac=MACS[1], port=P2)
 MOVE_BACK = ev.FdbEntryChanged(bridge=BR0, vlan=0, mac=MACS[1], port=P1)
+NEW_HOP = Route(oif=BR0, gateway="10.0.0.9")  # a next hop the router never talked to
 
 
 class Run:
@@ -244,3 +246,38 @@ def test_a_start_that_fails_closes_what_it_opened() -> None:
     with pytest.raises(KernelError):
         run.service.start()
     assert run.kernel.sockets == {}
+
+
+def test_a_flow_waits_for_its_new_next_hop_then_is_torn_down_anyway() -> None:
+    run = Run()
+    live = run.flow(CLIENT, 40001)
+    run.service.start()
+    # The route back to the client moves to a next hop the router never talked to.
+    run.kernel.change(
+        route_event(run.kernel.world, "10.0.0.0/24", Route(oif=BR0, gateway="10.0.0.9"))
+    )
+    run.service.step()
+    [wait] = run.decisions("waiting for next hop")
+    assert wait["ip"] == "10.0.0.9" and wait["dev"] == "br0"
+    assert run.kernel.entry(live) == live  # keeps its cached path meanwhile
+    started = run.kernel.clock.now
+    run.service.step(timeout=60)  # sleeps until the wait is over, not 60 s
+    assert run.kernel.clock.now == started + NEXT_HOP_WAIT
+    entry = run.kernel.entry(live)
+    assert entry is not None and not entry.offloaded  # torn down once the wait was over
+    assert run.service.next_deadline() == float("inf")
+
+
+def test_a_next_hop_that_resolves_ends_the_wait_at_once() -> None:
+    run = Run()
+    live = run.flow(CLIENT, 40001)
+    run.service.start()
+    run.kernel.change(
+        route_event(run.kernel.world, "10.0.0.0/24", Route(oif=BR0, gateway="10.0.0.9"))
+    )
+    run.service.step()
+    run.kernel.change(ev.NeighbourChanged(ifindex=BR0, ip="10.0.0.9", mac=MACS[5]))
+    run.service.step()
+    entry = run.kernel.entry(live)
+    assert entry is not None and not entry.offloaded
+    assert run.kernel.clock.now == 1000.0  # no waiting
