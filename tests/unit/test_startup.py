@@ -9,12 +9,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controlplane.core import events as ev
-from controlplane.core.flowpath import CtTuple, Family, Flow
+from controlplane.core.flowpath import CtTuple, Family, Flow, Link, Topology
 from controlplane.core.startup import StartupGate, addresses_of
 from controlplane.service.startup import STARTUP_STEP_ENTRIES, index_while_watching
 
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 NEIGHBOURS = {(2, "10.0.1.2"): MAC_A, (5, "10.0.1.2"): MAC_A, (2, "10.0.1.9"): MAC_B}
+# The engine's caches: A behind port 3, B behind port 5.
+CACHES = Topology(
+    links={4: Link(ifindex=4, name="p4", master=2)},
+    neighbours=NEIGHBOURS,
+    fdb={(2, 0, MAC_A): 3, (2, 0, MAC_B): 5},
+)
 
 
 def fdb(mac: str, port: int = 4) -> ev.FdbEntryChanged:
@@ -22,31 +28,58 @@ def fdb(mac: str, port: int = 4) -> ev.FdbEntryChanged:
 
 
 def test_fdb_move_names_the_addresses_with_that_mac() -> None:
-    assert addresses_of(fdb(MAC_A), NEIGHBOURS, ()) == ("10.0.1.2",)
+    assert addresses_of(fdb(MAC_A), CACHES, ()) == ("10.0.1.2",)
     removed = ev.FdbEntryRemoved(bridge=2, vlan=0, mac=MAC_B)
-    assert addresses_of(removed, NEIGHBOURS, ()) == ("10.0.1.9",)
-    assert addresses_of(fdb("02:00:00:00:00:0c"), NEIGHBOURS, ()) == ()
+    assert addresses_of(removed, CACHES, ()) == ("10.0.1.9",)
+    assert addresses_of(fdb("02:00:00:00:00:0c"), CACHES, ()) == ()
+
+
+def test_repeats_change_nothing_and_need_no_look_up() -> None:
+    # The kernel re-announces entries (the engine drops repeats): nothing to look up.
+    assert addresses_of(fdb(MAC_A, 3), CACHES, ()) == ()
+    assert addresses_of(ev.NeighbourChanged(ifindex=2, ip="10.0.1.9", mac=MAC_B), CACHES, ()) == ()
+    assert addresses_of(ev.NeighbourRemoved(ifindex=2, ip="10.0.1.7"), CACHES, ()) == ()
+    assert (
+        addresses_of(ev.FdbEntryRemoved(bridge=2, vlan=0, mac="02:00:00:00:00:0c"), CACHES, ())
+        == ()
+    )
+    assert addresses_of(ev.LinkChanged(link=CACHES.links[4]), CACHES, ()) == ()
 
 
 def test_neighbour_change_names_its_address() -> None:
     event = ev.NeighbourChanged(ifindex=2, ip="10.0.1.7", mac=MAC_B)
-    assert addresses_of(event, NEIGHBOURS, ()) == ("10.0.1.7",)
-    assert addresses_of(ev.NeighbourRemoved(ifindex=2, ip="10.0.1.7"), {}, ()) == ("10.0.1.7",)
+    assert addresses_of(event, CACHES, ()) == ("10.0.1.7",)
+    gone = ev.NeighbourRemoved(ifindex=2, ip="10.0.1.9")
+    assert addresses_of(gone, CACHES, ()) == ("10.0.1.9",)
 
 
 def test_next_hops_and_other_events_are_not_narrowed() -> None:
     # The flows behind a gateway are keyed by their destinations: not named by the event.
-    assert addresses_of(fdb(MAC_A), NEIGHBOURS, {"10.0.1.2"}) is None
-    assert addresses_of(ev.NeighbourRemoved(ifindex=2, ip="10.0.1.9"), {}, {"10.0.1.9"}) is None
-    assert addresses_of(ev.LinkRemoved(ifindex=4), NEIGHBOURS, ()) is None
-    assert addresses_of(ev.RouteChanged(prefix="10.0.0.0/8"), NEIGHBOURS, ()) is None
-    assert addresses_of(ev.EventsLost(source="rtnl"), NEIGHBOURS, ()) is None
+    assert addresses_of(fdb(MAC_A), CACHES, {"10.0.1.2"}) is None
+    gone = ev.NeighbourRemoved(ifindex=2, ip="10.0.1.9")
+    assert addresses_of(gone, CACHES, {"10.0.1.9"}) is None
+    assert addresses_of(ev.LinkRemoved(ifindex=4), CACHES, ()) is None
+    changed = Link(ifindex=4, name="p4", master=None)
+    assert addresses_of(ev.LinkChanged(link=changed), CACHES, ()) is None
+    assert addresses_of(ev.RouteChanged(prefix="10.0.0.0/8"), CACHES, ()) is None
+    assert addresses_of(ev.EventsLost(source="rtnl"), CACHES, ()) is None
+
+
+def test_a_named_address_without_entries_is_held() -> None:
+    """A gateway's own address has no entry: its flows are keyed by other addresses."""
+    gate = StartupGate()
+    move, other = fdb(MAC_A), fdb(MAC_B, 6)
+    assert gate.admit(move, CACHES, ()) == ("10.0.1.2",)
+    assert not gate.looked_up(move, ("10.0.1.2",), 0)
+    assert gate.holding and gate.admit(other, CACHES, ()) is None
+    assert gate.finish() == [move, other]
+    assert gate.looked_up(other, ("10.0.1.9",), 3) and gate.looked_up(other, (), 0)
 
 
 EVENTS = st.sampled_from(
     [
         fdb(MAC_A),
-        fdb(MAC_B, 5),
+        fdb(MAC_B, 6),
         ev.NeighbourChanged(ifindex=2, ip="10.0.1.7", mac=MAC_B),
         ev.LinkRemoved(ifindex=4),
         ev.RouteChanged(prefix="10.0.0.0/8"),
@@ -60,10 +93,10 @@ def test_gate_acts_on_a_prefix_and_keeps_the_rest_in_order(events: list[ev.Event
     """Every event is acted on or handed back exactly once, in arrival order: the acted-on
     ones are exactly the narrowable prefix (nothing overtakes a held event)."""
     gate = StartupGate()
-    acted = [e for e in events if gate.admit(e, NEIGHBOURS, ()) is not None]
+    acted = [e for e in events if gate.admit(e, CACHES, ()) is not None]
     held = gate.finish()
     assert acted + held == events
-    cut = next((i for i, e in enumerate(events) if addresses_of(e, NEIGHBOURS, ()) is None), None)
+    cut = next((i for i, e in enumerate(events) if addresses_of(e, CACHES, ()) is None), None)
     assert acted == events[:cut] if cut is not None else acted == events
     assert not gate.holding and gate.finish() == []
 
@@ -83,7 +116,7 @@ class FakeDump:
         self.flows, self.on_read, self.reads = flows, on_read, 0
 
     def fileno(self) -> int:
-        return 0  # stdin: select() only waits on it (a second at most, never here)
+        return 10
 
     def begin(self) -> None:
         self.at = 0
@@ -100,7 +133,7 @@ class FakeEvents:
         self.queued: list[ev.Event] = []
 
     def fileno(self) -> int:
-        return 0
+        return 11
 
     def poll(self, limit: int = 65_536) -> list[ev.Event]:
         out, self.queued = self.queued[:limit], self.queued[limit:]
@@ -128,11 +161,12 @@ def run(dumped: list[Flow], arrivals: dict[int, list[ev.Event]], held_reads: boo
     held = index_while_watching(
         dump=dump,
         events=events,
+        wait=lambda fds, timeout: fds,
         see=lambda f: log.append(("see", f.orig.src)),
         act_on=lambda e: log.append(("act", e)),
         look_up=look_up,
-        neighbours=lambda: NEIGHBOURS,
-        gateways=set,
+        caches=lambda: CACHES,
+        next_hops=set,
         limit=64,
     )
     # Events arriving after the last read wait in the socket for the service's loop.
@@ -155,7 +189,7 @@ def test_a_move_mid_dump_is_acted_on_after_its_entries_are_indexed() -> None:
 def test_events_that_cannot_be_narrowed_wait_with_everything_after_them() -> None:
     dumped = [flow(f"10.9.{i // 250}.{i % 250}", 1) for i in range(4 * STARTUP_STEP_ENTRIES)]
     link, move = ev.LinkRemoved(ifindex=4), fdb(MAC_A)
-    log, held, left = run(dumped, {1: [link, move], 2: [fdb(MAC_B, 5)]})
+    log, held, left = run(dumped, {1: [link, move], 2: [fdb(MAC_B, 6)]})
     assert held == [link, move]
-    assert left == [fdb(MAC_B, 5)]  # not read while holding: still in the socket
+    assert left == [fdb(MAC_B, 6)]  # not read while holding: still in the socket
     assert not any(x[0] in ("act", "look_up") for x in log)

@@ -36,7 +36,7 @@ from controlplane.kernel.ctnetlink.conntrack import (
 )
 from controlplane.kernel.netlink import NLM_F_DUMP, NLM_F_REQUEST, nest, nla
 
-__all__ = ["encode_address_dump", "entries_of"]
+__all__ = ["CtLookup", "encode_address_dump", "entries_of"]
 
 CTA_FILTER = 25
 CTA_FILTER_ORIG_FLAGS = 1
@@ -101,3 +101,14 @@ def entries_of(addresses: Iterable[str], netns: str | None = None) -> list[Flow]
     finally:
         sock.close()
     return list(found.values())
+
+
+class CtLookup:
+    """:func:`entries_of` for one namespace (``kernel/ports.CtLookupPort``); a socket
+    per look-up: they are rare (a MAC move during the start-up dump)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+
+    def entries_of(self, addresses: Iterable[str]) -> list[Flow]:
+        return entries_of(addresses, self.netns)

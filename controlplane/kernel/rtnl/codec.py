@@ -135,12 +135,6 @@ class Caches:
             links=dict(self.links), neighbours=dict(self.neighbours), fdb=dict(self.fdb)
         )
 
-    def gateways(self) -> set[str]:
-        """Every next hop a cached route names (multipath paths included)."""
-        out = {s.gateway for s in self.routes.values() if s.gateway}
-        out.update(gw for s in self.routes.values() for _, gw in s.multipath if gw)
-        return out
-
     def add(self, change: Decoded) -> None:
         """Record one message of a dump (events go through the watcher's ``apply``,
         which also says what changed)."""
