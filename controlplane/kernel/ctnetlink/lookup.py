@@ -2,7 +2,7 @@
 
 The start-up dump of 100,000 entries takes seconds (80 s under TCG); a MAC move
 that arrives meanwhile must not wait for it (``core/startup.py``). The kernel
-filters a dump by address (``CTA_FILTER``, Linux >= 5.9): it still walks the
+filters a dump by address (``CTA_FILTER``, in 6.1 and later): it still walks the
 whole table, in C, but sends only the matching entries (docs/kernel-facts.md,
 "Filtered conntrack dumps"). Two filters per IPv4 address: the original
 source and the reply source, the two addresses the flow index keys a flow by
