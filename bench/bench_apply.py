@@ -29,6 +29,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import nftables
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import port_forwards  # bench/ is the script's directory
@@ -37,6 +39,7 @@ from controlplane import service
 from controlplane.core import nft
 from controlplane.core.plan import make_plan
 from controlplane.core.render import render
+from controlplane.kernel.netns import entered
 from controlplane.kernel.nft.genid import ruleset_generation
 from controlplane.kernel.nft.libnft import Nft
 from controlplane.loader import parse_config
@@ -100,6 +103,14 @@ class Sample(list[tuple[float, float]]):
         return [c for _, c in self]
 
 
+def _has_json(op: nft.Op, ref: nft.TableRef) -> bool:
+    try:
+        op.json(ref)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def timed(fn: Any) -> tuple[float, float]:
     c, t = _cpu(), time.perf_counter()
     fn()
@@ -121,9 +132,21 @@ def main() -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as f:
             f.write(text)
         ours, raw, noop, noop_gen, lib_text = Sample(), Sample(), Sample(), Sample(), Sample()
+        sub_text, sub_json = Sample(), Sample()
         rs = render(cfg)
         txn = make_plan(rs, None).transaction
         ctx = Nft(ns)
+        # Why the adapter sends text (kernel/nft/libnft.py): the operations JSON
+        # can express (not the serial), sent once as text and once as JSON.
+        sub = nft.Transaction(txn.ref, tuple(op for op in txn.ops if _has_json(op, txn.ref)))
+        with entered(ns):
+            json_ctx = nftables.Nftables()
+
+        def json_apply() -> None:
+            rc, _out, err = json_ctx.json_cmd(sub.to_json())
+            if rc != 0:
+                raise SystemExit(f"libnftables JSON apply failed: {err}")
+
         drop = nft.Transaction(rs.ref, (nft.DeleteTable(),))
 
         def clear() -> None:
@@ -145,6 +168,10 @@ def main() -> int:
             clear()
             # The libnftables floor: the same transaction, already rendered.
             lib_text.append(timed(lambda: ctx.run(txn)))
+            clear()
+            sub_text.append(timed(lambda: ctx.run(sub)))
+            clear()
+            sub_json.append(timed(json_apply))
             clear()
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
@@ -168,6 +195,8 @@ def main() -> int:
         ("apply, unchanged: full listing + drift check", noop, ""),
         ("apply, unchanged: generation id verified", noop_gen, f"<= {GOAL_UNCHANGED}x"),
         ("  floor: libnftables text, pre-rendered", lib_text, ""),
+        ("  text, without the serial", sub_text, ""),
+        ("  the same as JSON (libnftables json_cmd)", sub_json, ""),
     ]
     for name, xs, goal in rows:
         ms = [x * 1000 for x in xs.wall()]

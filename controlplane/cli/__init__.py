@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> Any:
             args=argv, standalone_mode=True, prog_name="offloadctl", complete_var=COMPLETE_VAR
         )
     except SystemExit as exc:
-        if exc.code not in (0, None) and isinstance(exc.code, int):
+        if exc.code not in (ExitCode.OK, None) and isinstance(exc.code, int):
             sys.exit(exc.code)
         raise
     finally:

@@ -87,6 +87,18 @@ def load(path: Path) -> Config:
     return load_config(path)
 
 
+def table_name(value: str, flag: str = "--table") -> str:
+    """``--table`` parsed by the config's own name parser (ObjName): a bad one is
+    a usage error naming the flag and saying why, before anything reaches nft."""
+    from controlplane.config import check_objname
+    from controlplane.errors import ConfigError, ConfigIssue
+
+    try:
+        return check_objname(value)
+    except ValueError as exc:
+        raise ConfigError([ConfigIssue(flag, str(exc))]) from None
+
+
 def wants_json(ctx: Any, as_json: bool = False) -> bool:
     """``--json`` given to this command or to a group above it (``flows --json
     teardown`` prints JSON as ``flows teardown --json`` does)."""

@@ -7,9 +7,10 @@ package build runs this against the packaged CLI::
     python -m controlplane.cli.docgen man  > offloadctl.8
     python -m controlplane.cli.docgen bash > offloadctl   # bash-completion file
 
-Exit codes come from the error classes (``controlplane.errors``), so the
-man page's EXIT STATUS and the systemd units' ``RestartPreventExitStatus=``
-(checked by a unit test) read the numbers the CLI exits with.
+Exit codes come from ``controlplane.errors`` (``EXIT_MEANINGS``, the error
+classes), so the man page's EXIT STATUS and the systemd units'
+``RestartPreventExitStatus=`` (checked by a unit test) read the numbers and
+words the CLI exits and ``--help`` speaks with.
 """
 
 from __future__ import annotations
@@ -21,37 +22,17 @@ from typing import Any
 
 from controlplane import __version__
 from controlplane.errors import (
-    AfterCommitError,
+    EXIT_MEANINGS,
     ConfigError,
     EnvironmentProblem,
-    KernelError,
-    PlanError,
+    ExitCode,
     UnsupportedError,
 )
 
 PROG = "offloadctl"
 
-# Exit status -> meaning; each error class's own exit_code gives the number.
-EXIT_STATUS: tuple[tuple[int, str], ...] = (
-    (0, "success"),
-    (1, "plan: changes are pending"),
-    (ConfigError.exit_code, "invalid config or usage"),
-    (UnsupportedError.exit_code, "the running kernel lacks a feature the config needs"),
-    (
-        EnvironmentProblem.exit_code,
-        "environment: not root, a missing namespace, device or bpffs, a table that is not ours",
-    ),
-    (
-        KernelError.exit_code,
-        "the kernel refused the transaction, or the table changed since it was read;"
-        " nothing was committed and the previous state is kept",
-    ),
-    (
-        AfterCommitError.exit_code,
-        "committed, but a follow-up step (tearing down the flows of removed devices) failed",
-    ),
-    (PlanError.exit_code, "internal error (a bug: please report it)"),
-)
+# Exit status -> meaning, in the words of --help and the README (one table: errors.EXIT_MEANINGS).
+EXIT_STATUS: tuple[tuple[int, str], ...] = tuple((int(c), m) for c, m in EXIT_MEANINGS.items())
 # Exits a restart cannot cure: a unit must not retry them (RestartPreventExitStatus=).
 PERMANENT_EXITS = (ConfigError.exit_code, UnsupportedError.exit_code, EnvironmentProblem.exit_code)
 
@@ -274,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     makers = {"man": man_page, "bash": bash_completion}
     if len(args) != 1 or args[0] not in makers:
         print(f"usage: python -m controlplane.cli.docgen {{{'|'.join(makers)}}}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     sys.stdout.write(makers[args[0]](command_tree()))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

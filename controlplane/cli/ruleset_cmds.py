@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from controlplane.cli.agent import SocketOpt
-from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app, load
+from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app, load, table_name
 from controlplane.cli.errors import handles_errors
-from controlplane.errors import ConfigError, ConfigIssue, EnvironmentProblem, ExitCode
+from controlplane.errors import EnvironmentProblem, ExitCode
 
 TableOpt = Annotated[
     str, typer.Option("--table", help="owned table name (inet family)", metavar="TABLE")
@@ -34,17 +34,7 @@ ForceOpt = Annotated[
 def _table_ref(name: str) -> object:
     from controlplane.core import nft
 
-    if not nft.is_objname(name):
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    "--table",
-                    f"invalid table name {name!r}: start with a letter, then up to 62 of"
-                    " A-Z a-z 0-9 _ - (not an nft keyword)",
-                )
-            ]
-        )
-    return nft.TableRef("inet", name)
+    return nft.TableRef("inet", table_name(name))
 
 
 @app.command()

@@ -34,6 +34,7 @@ lower-case ``aa:bb:cc:dd:ee:ff``: the adapters produce exactly these.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -285,7 +286,7 @@ class Egress:
     chosen when the device chain passes a bridge (``nft_dev_path_info``:
     DEV_PATH_BRIDGE), so only ``bridged`` egresses can go stale: a routed
     port uses *neighbour transmit*, a per-packet neighbour lookup plus a dst
-    check, and heals by itself (PLATFORM.md, "Which flows go stale").
+    check, and heals by itself (docs/kernel-facts.md, "How a flow caches its path").
 
     ``devices``: as :func:`egress_path` (a superset when ``complete`` is
     false); ``mac``: the next hop's MAC (``None``: no neighbour entry);
@@ -418,14 +419,7 @@ def resolve_flow_path(topology: Topology, flow: Flow) -> FlowPath:
 
 def resolve_paths(topology: Topology, flows: Iterable[Flow]) -> dict[Flow, FlowPath]:
     """Paths of many flows; each address is resolved once (flows share few endpoints)."""
-    cache: dict[str, EgressPath] = {}
-
-    def path_to(address: str) -> EgressPath:
-        found = cache.get(address)
-        if found is None:
-            found = cache[address] = egress_path(topology, address)
-        return found
-
+    path_to = functools.cache(functools.partial(egress_path, topology))
     result: dict[Flow, FlowPath] = {}
     for flow in flows:
         orig_addr, reply_addr = flow_egress_addresses(flow)

@@ -12,6 +12,7 @@ either direction's cached egress (``flowpath.egress``) depends on the value:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,14 +99,7 @@ def select_flows(
         if selector is not None and selector.kind == "dev"
         else None
     )
-    cache: dict[str, Egress] = {}
-
-    def egress_to(address: str) -> Egress:
-        found = cache.get(address)
-        if found is None:
-            found = cache[address] = egress(topology, address)
-        return found
-
+    egress_to = functools.cache(functools.partial(egress, topology))  # flows share endpoints
     picked: list[tuple[Flow, tuple[Egress, Egress]]] = []
     for flow in flows:
         orig_addr, reply_addr = flow_egress_addresses(flow)

@@ -14,6 +14,7 @@ message bodies with :func:`nla`/:func:`nest` and read them with :func:`attrs`.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import mmap
 import os
@@ -21,10 +22,10 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Generic, TypeVar
 
 from controlplane.errors import KernelError
+from controlplane.kernel.handles import Closing, Opening
 from controlplane.kernel.netns import entered
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "NetlinkSocket",
     "RecvBuffer",
     "Reply",
+    "Subscription",
     "attrs",
     "error_code",
     "malformed",
@@ -169,7 +171,7 @@ class RecvBuffer:
         return self._view[:n].tobytes()
 
 
-class NetlinkSocket:
+class NetlinkSocket(Closing):
     """A netlink socket opened in namespace ``netns`` (the current one for None).
 
     ``groups``: multicast bitmask (groups 1..32) to subscribe at bind;
@@ -224,18 +226,7 @@ class NetlinkSocket:
         return self.sock.fileno()
 
     def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> NetlinkSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self.sock.close()  # idempotent (socket.close is)
 
     def next_seq(self) -> int:
         self._seq = (self._seq % 0xFFFFFFFF) + 1  # never 0: events carry seq 0
@@ -253,6 +244,23 @@ class NetlinkSocket:
     def recv_raw(self) -> bytes:
         """One datagram; errors (BlockingIOError, ENOBUFS) are the caller's to handle."""
         return self._rx.recv(self.sock)
+
+    def queued(self, limit: int) -> Iterator[bytes | None]:
+        """What a non-blocking socket holds, at most ``limit`` datagrams, never
+        waiting. ``None`` stands where the kernel dropped datagrams (ENOBUFS:
+        the caller resyncs); any other error raises KernelError."""
+        recv, sock = self._rx.recv, self.sock
+        for _ in range(limit):
+            try:
+                buf = recv(sock)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != _errno.ENOBUFS:
+                    raise self._fail(self.operation, exc) from exc
+                yield None
+                continue
+            yield buf
 
     def recv(self, operation: str | None = None) -> bytes:
         try:
@@ -330,6 +338,49 @@ class NetlinkSocket:
                     yield Reply(item, error_code(buf, start))
                 else:
                     yield Reply(item, 0, buf[start:end])
+
+
+class Subscription(Opening):
+    """A multicast subscription (conntrack or rtnetlink events) of one namespace,
+    opened by :meth:`open` and closed idempotently.
+
+    Subclasses set ``operation`` (the name errors carry) and open with
+    :meth:`_subscribe`; readers take the socket from :meth:`opened`, which
+    fails with EBADF while the subscription is closed.
+    """
+
+    operation = "netlink watch"
+    _sock: NetlinkSocket | None = None
+
+    def _subscribe(
+        self, protocol: int, netns: str | None, groups: int, rcvbuf: int
+    ) -> NetlinkSocket:
+        """Open the non-blocking event socket (closing one left open)."""
+        self.close()
+        self._sock = NetlinkSocket(
+            protocol,
+            netns,
+            groups=groups,
+            rcvbuf=rcvbuf,
+            operation=self.operation,
+            nonblocking=True,
+        )
+        return self._sock
+
+    def opened(self) -> NetlinkSocket:
+        if self._sock is None:
+            raise KernelError(self.operation, "not open", _errno.EBADF)
+        return self._sock
+
+    def fileno(self) -> int:
+        return self.opened().fileno()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            # the descriptor may already be gone (that may be why we close)
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def drain(sock: socket.socket) -> int:

@@ -4,10 +4,10 @@ identity (nsfs device + inode), so two names for one namespace share a lock."""
 from __future__ import annotations
 
 import os
-from types import TracebackType
 
 from controlplane.errors import EnvironmentProblem
 from controlplane.kernel.flock import lock_exclusive
+from controlplane.kernel.handles import Opening, OwnedFd
 from controlplane.kernel.netns import netns_path
 
 __all__ = ["LOCK_DIR", "NetnsLock", "netns_identity"]
@@ -28,41 +28,35 @@ def netns_identity(netns: str | None) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-class NetnsLock:
+class NetnsLock(Opening):
+    """Held from :meth:`open` (entering a ``with`` block) to :meth:`close`."""
+
     def __init__(self, netns: str | None, wait: float = WAIT_SECONDS) -> None:
         self.netns = netns
         self.wait = wait
-        self._fd: int | None = None
+        self._fd = OwnedFd()
 
     @property
     def path(self) -> str:
         dev, ino = netns_identity(self.netns)
         return os.path.join(LOCK_DIR, f"netns-{dev}-{ino}.lock")
 
-    def __enter__(self) -> NetnsLock:
+    def open(self) -> None:
         path = self.path
         try:
             os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = OwnedFd(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise EnvironmentProblem(f"cannot open lock {path}: {exc.strerror}") from None
         try:
-            lock_exclusive(fd, self.wait, path)
-        except EnvironmentProblem:
-            os.close(fd)
+            lock_exclusive(fd.fileno(), self.wait, path)
+        except BaseException:
+            fd.close()
             raise
         self._fd = fd
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+    def close(self) -> None:
+        self._fd.close()  # closing releases the flock
 
 
 class VerifiedStamp:

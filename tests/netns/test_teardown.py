@@ -10,6 +10,7 @@ forwarded flows stand in for offloaded ones.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -22,9 +23,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from controlplane.core.flowpath import CtTuple, Family, Flow
-from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, delete_flows, dump_flows
-from controlplane.kernel.ctnetlink.events import CtChange, CtEvents
+from controlplane.errors import KernelError
+from controlplane.kernel.ctnetlink.conntrack import (
+    NETLINK_NETFILTER,
+    ConntrackSocket,
+    delete_flows,
+    dump_flows,
+)
+from controlplane.kernel.ctnetlink.events import NFNLGRP_CONNTRACK_NEW, CtChange, CtEvents
 from controlplane.kernel.ctnetlink.teardown import teardown_flows_via
+from controlplane.kernel.netlink import NetlinkSocket
 from controlplane.kernel.netns import entered
 from controlplane.kernel.rtnl.topology import bridge_ports, link_names, snapshot
 from controlplane.testing import Bridge, NetLab, Netns, Route, Topology, Veth, sh
@@ -407,6 +415,51 @@ def test_conntrack_event_loss_is_reported_not_silent(netns: str) -> None:
         assert lost
         assert events.lost >= 1
         assert len(events.dump()) == 3000  # what the caller re-reads after a loss
+
+
+def test_conntrack_events_open_on_entry_close_once_and_reopen(netns: str) -> None:
+    events = CtEvents(netns)
+    with pytest.raises(KernelError) as before:
+        events.poll()  # built, not opened
+    assert before.value.errno == errno.EBADF
+    with events:
+        fd = events.fileno()
+        os.fstat(fd)
+    with pytest.raises(KernelError) as after:
+        events.fileno()
+    assert after.value.errno == errno.EBADF
+    reused = os.open(os.devnull, os.O_RDONLY)  # may take the freed number
+    try:
+        events.close()  # a second close leaves it alone
+        os.fstat(reused)
+    finally:
+        os.close(reused)
+    with events, ConntrackSocket(netns) as ct:  # opens again, subscribed again
+        ct.create((f, 60) for f in _udp_flows(1))
+        created, lost = _poll_until(events, 1)
+        assert [c.new for c in created] == [True] and not lost
+
+
+def test_a_queue_read_marks_the_overflow_and_never_waits(netns: str) -> None:
+    # No NETLINK_NO_ENOBUFS here: the kernel reports the overflow on the next read.
+    new_entries = 1 << (NFNLGRP_CONNTRACK_NEW - 1)
+    nl = NetlinkSocket(
+        NETLINK_NETFILTER,
+        netns,
+        groups=new_entries,
+        rcvbuf=65_536,
+        operation="watch ct",
+        nonblocking=True,
+    )
+    with nl, ConntrackSocket(netns) as ct:
+        ct.create((f, 60) for f in _udp_flows(3000))  # events are queued as it runs
+        got = list(nl.queued(100_000))
+        assert None in got
+        assert 0 < sum(buf is not None for buf in got) < 3000
+        assert list(nl.queued(10)) == []  # empty: returns at once
+    with pytest.raises(KernelError) as info:
+        list(nl.queued(1))
+    assert (info.value.operation, info.value.errno) == ("watch ct", errno.EBADF)
 
 
 def test_reinjected_entry_carries_a_window_scaled_bulk_stream(lab: Lab) -> None:

@@ -286,6 +286,17 @@ def test_two_names_for_one_netns_share_the_lock(router: str) -> None:
         Path(f"/run/netns/{alias}").unlink()
 
 
+def test_closing_the_lock_releases_it_once(router: str) -> None:
+    lock = NetnsLock(router)
+    with lock, pytest.raises(EnvironmentProblem, match="another process has held"):
+        NetnsLock(router, wait=0.2).open()
+    with NetnsLock(router, wait=0.2) as again:  # released by leaving the block
+        lock.close()  # a second close must not release (close) anyone else's descriptor
+        with pytest.raises(EnvironmentProblem, match="another process has held"):
+            NetnsLock(router, wait=0.2).open()
+    again.close()
+
+
 def _normalised(text: str) -> str:
     # the serial counts commits; everything else must equal one config's table
     return "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("elements = {"))

@@ -15,8 +15,8 @@ import pytest
 import typer
 
 import controlplane.cli as cli
-from controlplane.cli.common import VERB_EXITS, app
-from controlplane.errors import EXIT_MEANINGS, ExitCode
+from controlplane.cli.common import VERB_EXITS, app, table_name
+from controlplane.errors import EXIT_MEANINGS, ConfigError, ExitCode
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TYPER_METAVAR = re.compile(r"<(bool|str|int|float|path|text|file)>")
@@ -195,3 +195,23 @@ def test_wants_json_sees_a_groups_json_flag() -> None:
     assert wants_json(sub) is True
     assert wants_json(SimpleNamespace(params={}, parent=None)) is False
     assert wants_json(SimpleNamespace(params={}, parent=None), as_json=True) is True
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("a;b", "start with a letter, then up to 62 of"),
+        ("1abc", "start with a letter, then up to 62 of"),
+        ("table", "is an nft keyword"),
+    ],
+)
+def test_table_flag_is_parsed_by_the_configs_name_parser(value: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        table_name(value)
+    assert info.value.exit_code == ExitCode.USAGE
+    [issue] = info.value.issues
+    assert issue.path == "--table" and reason in issue.message and repr(value) in issue.message
+
+
+def test_table_flag_keeps_a_valid_name() -> None:
+    assert table_name("offloadctl") == "offloadctl"

@@ -29,10 +29,10 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Self
 
 from controlplane.errors import ControlPlaneError, EnvironmentProblem, KernelError
 from controlplane.kernel.bpf.syscall import pidfd_getfd
+from controlplane.kernel.handles import Closing
 
 __all__ = [
     "HandoverResult",
@@ -120,7 +120,7 @@ class HandoverResult:
 Handler = Callable[[int, int], int]  # (fd, generation) -> slot
 
 
-class HandoverServer:
+class HandoverServer(Closing):
     """Unix SOCK_SEQPACKET server that registers listeners sent to it."""
 
     def __init__(self, path: str, mode: int = 0o600, group: int | None = None) -> None:
@@ -149,15 +149,11 @@ class HandoverServer:
         return self._sock.fileno()
 
     def close(self) -> None:
+        if self._sock.fileno() < 0:
+            return  # closed already: the path may be another server's by now
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def serve_one(self, handler: Handler, timeout: float | None = None) -> list[HandoverResult]:
         """Accept one client and serve its requests until it hangs up."""

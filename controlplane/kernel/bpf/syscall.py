@@ -16,9 +16,10 @@ import errno as _errno
 import os
 import platform
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, TypeVar
 
 from controlplane.errors import EnvironmentProblem, KernelError, UnsupportedError
+from controlplane.kernel.handles import OwnedFd
 
 __all__ = [
     "BPF_ANY",
@@ -161,6 +162,19 @@ def _fail(operation: str, err: int, payload: object = None) -> KernelError:
     return KernelError(operation, os.strerror(err), errno=err, payload=payload)
 
 
+_Info = TypeVar("_Info", bound=ct.Structure)
+
+
+def _obj_info(fd: int, raw: _Info, operation: str) -> _Info:
+    """BPF_OBJ_GET_INFO_BY_FD into ``raw`` (a prefix of the kernel's struct:
+    the kernel copies what both sizes have in common)."""
+    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(raw), info=ct.addressof(raw))
+    err = _bpf(_OBJ_GET_INFO_BY_FD, attr)
+    if err < 0:
+        raise _fail(operation, -err)
+    return raw
+
+
 def obj_get(path: str) -> int:
     """Open a pinned object; raises KernelError (errno ENOENT if missing)."""
     raw = os.fsencode(path)
@@ -198,28 +212,12 @@ class ProgInfo:
     name: str
 
 
-class _Fd:
-    """Owns one file descriptor; closed explicitly or by the context manager."""
+class _Fd(OwnedFd):
+    """A pinned object's descriptor (``path``: where it was opened from)."""
 
     def __init__(self, fd: int, path: str | None = None) -> None:
-        self._fd = fd
+        super().__init__(fd)
         self.path = path
-
-    def fileno(self) -> int:
-        if self._fd < 0:
-            raise ValueError("file descriptor already closed")
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @classmethod
     def open_pinned(cls, path: str) -> Self:
@@ -231,11 +229,7 @@ class BpfProg(_Fd):
         attach_reuseport_prog(sock_fd, self.fileno())
 
     def info(self) -> ProgInfo:
-        raw = _ProgInfo()
-        attr = _InfoAttr(bpf_fd=self.fileno(), info_len=ct.sizeof(raw), info=ct.addressof(raw))
-        err = _bpf(_OBJ_GET_INFO_BY_FD, attr)
-        if err < 0:
-            raise _fail("read program info", -err)
+        raw = _obj_info(self.fileno(), _ProgInfo(), "read program info")
         return ProgInfo(raw.type, raw.id, raw.name.decode(errors="replace"))
 
 
@@ -249,11 +243,7 @@ class BpfMap(_Fd):
     @property
     def info(self) -> MapInfo:
         if self._info is None:
-            raw = _MapInfo()
-            attr = _InfoAttr(bpf_fd=self.fileno(), info_len=ct.sizeof(raw), info=ct.addressof(raw))
-            err = _bpf(_OBJ_GET_INFO_BY_FD, attr)
-            if err < 0:
-                raise _fail("read map info", -err)
+            raw = _obj_info(self.fileno(), _MapInfo(), "read map info")
             self._info = MapInfo(
                 raw.type,
                 raw.id,

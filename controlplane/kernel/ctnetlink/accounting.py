@@ -72,11 +72,8 @@ def entry_counters(netns: str | None = None, *, only_offloaded: bool = True) -> 
             if not only_offloaded or status & IPS_OFFLOAD:
                 found[ct_id] = counts
 
-    sock = netlink.NetlinkSocket(
+    with netlink.NetlinkSocket(
         NETLINK_NETFILTER, netns, rcvbuf=_RCVBUF, operation="conntrack counters"
-    )
-    try:
+    ) as sock:
         sock.dump("conntrack counters", encode, on_message)
-    finally:
-        sock.close()
     return found

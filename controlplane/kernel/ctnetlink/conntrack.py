@@ -27,7 +27,6 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from types import TracebackType
 from typing import TypeVar
 
 from controlplane.core.explain import CtInfo
@@ -45,6 +44,7 @@ from controlplane.core.flowpath import (
 from controlplane.core.reinject import CtTimeouts, reinject_plan
 from controlplane.errors import KernelError
 from controlplane.kernel import netlink
+from controlplane.kernel.handles import Closing
 from controlplane.kernel.netlink import (
     HDR,
     MALFORMED,
@@ -491,7 +491,7 @@ def read_timeouts(netns: str | None = None) -> CtTimeouts:
     return CtTimeouts(**values)
 
 
-class ConntrackSocket:
+class ConntrackSocket(Closing):
     """A ctnetlink socket bound to the network namespace current when it is opened."""
 
     def __init__(self, netns: str | None = None) -> None:
@@ -504,17 +504,6 @@ class ConntrackSocket:
 
     def close(self) -> None:
         self._nl.close()
-
-    def __enter__(self) -> ConntrackSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def timeouts(self) -> CtTimeouts:
@@ -644,7 +633,7 @@ class ConntrackSocket:
         return done, skipped
 
 
-class DumpStream:
+class DumpStream(Closing):
     """A full conntrack dump read in bounded steps from a non-blocking socket.
 
     A dump of 100,000 entries takes ~1-2 s to decode; an event loop that read

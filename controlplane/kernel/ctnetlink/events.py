@@ -19,15 +19,12 @@ bench/bench_codec.py).
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 from controlplane.core.flowpath import Flow
-from controlplane.errors import KernelError
 from controlplane.kernel.ctnetlink.conntrack import (
     CT_DELETE,
     CT_NEW,
@@ -41,6 +38,7 @@ from controlplane.kernel.netlink import (
     NLM_F_CREATE,
     NLM_F_EXCL,
     NetlinkSocket,
+    Subscription,
     drain,
     messages,
 )
@@ -66,12 +64,14 @@ class CtChange:
     new: bool = False
 
 
-class CtEvents:
+class CtEvents(Subscription):
     """A subscription to one namespace's conntrack events; explicit open/poll/close.
 
     ``protocols``: only entries of these L4 protocols are reported (flowtables
     offload TCP and UDP only; the rest would only grow the index).
     """
+
+    operation = "watch conntrack"
 
     def __init__(
         self,
@@ -85,7 +85,6 @@ class CtEvents:
         self.rcvbuf = rcvbuf
         self.protocols = protocols
         self.updates = updates
-        self._sock: NetlinkSocket | None = None
         self._drops = 0
         self.lost = 0  # times a drop forced a re-dump
         self.received = 0
@@ -94,39 +93,10 @@ class CtEvents:
         groups = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
         if self.updates:
             groups |= 1 << (NFNLGRP_CONNTRACK_UPDATE - 1)
-        self._sock = NetlinkSocket(
-            NETLINK_NETFILTER,
-            self.netns,
-            groups=groups,
-            rcvbuf=self.rcvbuf,
-            operation="watch conntrack",
-            nonblocking=True,
-        )
-        self._sock.setopt(NETLINK_BROADCAST_ERROR)
-        self._sock.setopt(NETLINK_NO_ENOBUFS)
-        self._drops = self._dropped()
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def __enter__(self) -> CtEvents:
-        self.open()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def fileno(self) -> int:
-        if self._sock is None:
-            raise KernelError("watch conntrack", "not open", errno.EBADF)
-        return self._sock.fileno()
+        sock = self._subscribe(NETLINK_NETFILTER, self.netns, groups, self.rcvbuf)
+        sock.setopt(NETLINK_BROADCAST_ERROR)
+        sock.setopt(NETLINK_NO_ENOBUFS)
+        self._drops = self._dropped(sock)
 
     def dump(self) -> list[Flow]:
         """The resync dump, same filter as the events."""
@@ -145,29 +115,19 @@ class CtEvents:
         with ConntrackSocket(self.netns) as ct:
             ct.dump_each(keep)
 
-    def _dropped(self) -> int:
-        assert self._sock is not None
-        raw = self._sock.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    @staticmethod
+    def _dropped(nl: NetlinkSocket) -> int:
+        raw = nl.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
         return int(_MEMINFO.unpack(raw)[SK_MEMINFO_DROPS])
 
     def poll(self, limit: int = 65_536) -> tuple[list[CtChange], bool]:
         """Queued notifications (never blocks, at most ``limit`` datagrams) and
         whether some were lost (then the caller re-dumps: :meth:`dump`)."""
-        if self._sock is None:
-            raise KernelError("watch conntrack", "not open", errno.EBADF)
-        nl = self._sock
+        nl = self.opened()
         out: list[CtChange] = []
         lost = False
-        for _ in range(limit):
-            try:
-                buf = nl.recv_raw()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise KernelError(
-                        "watch conntrack", exc.strerror or str(exc), exc.errno
-                    ) from exc
+        for buf in nl.queued(limit):
+            if buf is None:
                 lost = True
                 continue
             for kind, flags, _seq, start, end in messages(buf):
@@ -180,7 +140,7 @@ class CtEvents:
                 gone = kind == CT_DELETE
                 new = not gone and flags & (NLM_F_CREATE | NLM_F_EXCL) != 0
                 out.append(CtChange(flow, gone, bool(new)))
-        drops = self._dropped()
+        drops = self._dropped(nl)
         if drops != self._drops:
             self._drops = drops
             lost = True
