@@ -20,19 +20,17 @@ The watcher never tears anything down itself: it reports.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 
 from controlplane.core import events as ev
 from controlplane.core.flowpath import Topology
 from controlplane.errors import KernelError
 from controlplane.kernel.netlink import (
     NetlinkSocket,
+    Subscription,
     drain,
     messages,
 )
@@ -78,7 +76,7 @@ class WatcherStats:
     last_snapshot_seconds: float = 0.0
 
 
-class Watcher:
+class Watcher(Subscription):
     """One namespace's rtnetlink watcher: explicit :meth:`open`, :meth:`poll`,
     :meth:`snapshot`, :meth:`close`; no threads, no timers (the caller owns those).
     Implements :class:`controlplane.kernel.ports.RtnlEventsPort`.
@@ -86,6 +84,8 @@ class Watcher:
     ``sources``: any of ``link``, ``fdb``, ``neigh``, ``route``. Link events are
     always decoded (names and bridge membership give the other events meaning).
     """
+
+    operation = "watch rtnetlink"
 
     def __init__(
         self,
@@ -111,7 +111,6 @@ class Watcher:
         # looked up per address, never cached).
         self._dumped = self.sources & {"link", "fdb", "neigh"}
         self.stats = WatcherStats()
-        self._events: NetlinkSocket | None = None
         self._clock = clock
 
     # -- life cycle -------------------------------------------------------
@@ -122,38 +121,7 @@ class Watcher:
         mask = 0
         for group in groups:
             mask |= 1 << (group - 1)
-        self._events = NetlinkSocket(
-            socket.NETLINK_ROUTE,
-            self.netns,
-            groups=mask,
-            rcvbuf=self.rcvbuf,
-            operation="watch rtnetlink",
-            nonblocking=True,
-        )
-
-    def close(self) -> None:
-        if self._events is not None:
-            # the descriptor may already be gone (that may be why we close)
-            with contextlib.suppress(OSError):
-                self._events.close()
-            self._events = None
-
-    def __enter__(self) -> Watcher:
-        self.open()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def fileno(self) -> int:
-        if self._events is None:
-            raise KernelError("watch rtnetlink", "watcher is not open", errno.EBADF)
-        return self._events.fileno()
+        self._subscribe(socket.NETLINK_ROUTE, self.netns, mask, self.rcvbuf)
 
     # -- reading ------------------------------------------------------------
     def poll(self, limit: int = 65_536) -> list[ev.Event]:
@@ -163,36 +131,30 @@ class Watcher:
         What is left stays in the socket's receive buffer (the bounded queue); if
         that overflows, the socket is drained and ``EventsLost`` reported.
         """
-        if self._events is None:
-            raise KernelError("watch rtnetlink", "watcher is not open", errno.EBADF)
-        events = self._events
+        nl = self.opened()
         out: list[ev.Event] = []
         ignored = self._ignored
-        for _ in range(limit):
-            try:
-                buf = events.recv_raw()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
+        try:
+            for buf in nl.queued(limit):
+                if buf is None:
                     # What is queued is a mix from before and after the overflow:
                     # the snapshot the engine asks for supersedes it.
                     self.stats.overflows += 1
-                    drain(events.sock)
+                    drain(nl.sock)
                     out.append(ev.EventsLost(source="rtnl"))
                     break
-                out += self._socket_lost(exc)
-                break
-            for kind, _flags, _seq, start, end in messages(buf):
-                change = decode(kind, buf, start, end)
-                if change is None or type(change) in ignored:
-                    continue
-                self.stats.messages += 1
-                out.append(translate(change))
+                for kind, _flags, _seq, start, end in messages(buf):
+                    change = decode(kind, buf, start, end)
+                    if change is None or type(change) in ignored:
+                        continue
+                    self.stats.messages += 1
+                    out.append(translate(change))
+        except KernelError as exc:
+            out += self._socket_lost(exc)
         self.stats.events += len(out)
         return out
 
-    def _socket_lost(self, exc: OSError) -> list[ev.Event]:
+    def _socket_lost(self, exc: KernelError) -> list[ev.Event]:
         """Report and reopen: never die silently, never guess (the engine's resync
         dumps what was missed)."""
         self.stats.socket_errors += 1
