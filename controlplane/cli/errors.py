@@ -11,7 +11,13 @@ from typing import ParamSpec, TypeVar
 
 import typer
 
-from controlplane.errors import ConfigError, ControlPlaneError, ExitCode, UnreadableConfig
+from controlplane.errors import (
+    ConfigError,
+    ControlPlaneError,
+    ExitCode,
+    UnreadableConfig,
+    one_line,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -19,10 +25,6 @@ R = TypeVar("R")
 
 def err(message: str) -> None:
     typer.echo(f"offloadctl: {message}", err=True)
-
-
-def one_line(exc: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
