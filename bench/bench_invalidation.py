@@ -25,7 +25,7 @@ Rows (each with its baseline from the same run):
    over their own rtnetlink sockets, batched, no ACK per message) paced to
    50,000/s for 10 s; the rate the kernel actually took (the kernel applies a
    batch inside ``send``), events seen + found by resyncs, overflows, and
-   whether the watcher's and the engine's FDB caches equal a fresh
+   whether the engine's FDB cache (the one topology cache) equals a fresh
    ``bridge fdb show`` once it is over (missed must be 0); RSS bounded.
 4. **steady-state RSS** of ``offloadctl watch`` with 100,000 indexed flows,
    against Python's own baseline and the same imports without flows.
@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controlplane.config import InvalidationConfig
 from controlplane.core.flowpath import CtTuple, Family, Flow
+from controlplane.core.invalidation import Engine
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.kernel.netlink import (
     NLM_F_ACK,
@@ -75,6 +76,7 @@ from controlplane.kernel.netlink import (
     nla,
 )
 from controlplane.kernel.netns import NETNS_DIR, setns
+from controlplane.kernel.rtnl.watcher import Watcher
 from controlplane.service.invalidation import InvalidationService
 
 PORTS = 4
@@ -223,6 +225,20 @@ def settings(rcvbuf: int = 32 << 20) -> InvalidationConfig:
     return InvalidationConfig(rcvbuf_bytes=rcvbuf, reconcile_seconds=0)
 
 
+def watcher_of(service: InvalidationService) -> Watcher:
+    """The service's rtnetlink port: the real watcher (its counters)."""
+    assert service.ports is not None
+    watcher = service.ports.rtnl
+    assert isinstance(watcher, Watcher)
+    return watcher
+
+
+def engine_of(service: InvalidationService) -> Engine:
+    engine = service.engine
+    assert isinstance(engine, Engine)
+    return engine
+
+
 def step_until(service: InvalidationService, done: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -307,7 +323,8 @@ def row_burst(
     # each client MAC moves once (to a port other than its current one),
     # interleaved with churn of unrelated MACs
     name = {ifindex: n for n, ifindex in ports.items()}
-    current = {mac: port for (_br, _vlan, mac), port in service.watcher.caches.fdb.items()}
+    fdb = engine_of(service).topology().fdb
+    current = {mac: port for (_br, _vlan, mac), port in fdb.items()}
     order = list(ports.values())
     moves = []
     for i in range(clients):
@@ -329,7 +346,8 @@ def row_burst(
         path.write("\n".join(lines) + "\n")
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    msgs0 = service.watcher.stats.messages
+    stats = watcher_of(service).stats
+    msgs0, snaps0 = stats.messages, stats.snapshots
     proc = subprocess.Popen(["ip", "netns", "exec", ns, "bridge", "-batch", path.name])
     quiet = 0
     while quiet < 3:
@@ -339,17 +357,16 @@ def row_burst(
     elapsed = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     os.unlink(path.name)
-    stats = service.watcher.stats
     service.stop()
     moved = {client_ip(i) for i in range(clients)}
     missed = sum(1 for src in originals(ns) if src in moved)
     return {
         "rcvbuf": rcvbuf,
         "lines": len(lines),
-        "events": stats.messages - msgs0 + stats.resync_events,
+        "events": stats.messages - msgs0,
         "decoded": stats.messages - msgs0,
         "overflows": stats.overflows,
-        "resyncs": stats.resyncs,
+        "resyncs": stats.snapshots - snaps0,
         "torn": service.stats.flows_torn_down,
         "missed": missed,
         "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
@@ -424,8 +441,8 @@ def row_sustained(
 ) -> dict[str, Any]:
     service = InvalidationService(ns, settings(), only_offloaded=False)
     service.start()
-    msgs0 = service.watcher.stats.messages
-    resync0 = service.watcher.stats.resync_events
+    stats = watcher_of(service).stats
+    msgs0, snaps0 = stats.messages, stats.snapshots
     start_at = time.time() + 1.0  # every producer started and ready
     per_macs = macs // producers
     procs = [
@@ -452,11 +469,8 @@ def row_sustained(
         quiet = 0 if (handled or running) else quiet + 1
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     results = [json.loads(p.communicate()[0]) for p in procs]
-    stats = service.watcher.stats
     kernel = kernel_fdb(ns)
-    engine = getattr(service._engine, "topology", None)
-    engine_fdb = engine().fdb if engine is not None else {}
-    watcher_fdb = dict(service.watcher.caches.fdb)
+    engine_fdb = dict(engine_of(service).topology().fdb)  # the one topology cache
     service.stop()
 
     def missed(cache: dict[Any, int]) -> int:
@@ -471,11 +485,9 @@ def row_sustained(
         "rate": sent / max(r["elapsed"] for r in results),
         "errors": sum(r["errors"] for r in results),
         "seen": stats.messages - msgs0,
-        "resync_found": stats.resync_events - resync0,
         "overflows": stats.overflows,
-        "resyncs": stats.resyncs,
+        "resyncs": stats.snapshots - snaps0,
         "fdb": len(kernel),
-        "missed_watcher": missed(watcher_fdb),
         "missed_engine": missed(engine_fdb),
         "rss_first": rss[0] if rss else 0.0,
         "rss_max": max(rss) if rss else 0.0,
@@ -499,14 +511,14 @@ def row_prune(ns: str, clients: int, per: int) -> dict[str, Any]:
     service.start()
     build = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    indexed = len(service._engine or ())
+    indexed = len(service.engine)
     with ConntrackSocket(ns) as ct:  # they end, silently
         live = {(f.orig.src, f.orig.sport): f for f in ct.dump() if f.orig.proto == 6}
         ended = [live[(f.orig.src, f.orig.sport)] for f in doomed]
         ct.delete(ended)
     while service.step(timeout=0.1):  # events, if any came
         pass
-    before = len(service._engine or ())
+    before = len(service.engine)
     # Each step of the round, timed: wall (what an event waits behind it) and
     # CPU (the same without the other processes on these 2 shared cores).
     steps: list[tuple[float, float]] = []
@@ -519,14 +531,14 @@ def row_prune(ns: str, clients: int, per: int) -> dict[str, Any]:
         return n
 
     service._prune_step = timed_step  # type: ignore[method-assign]
-    service._next_prune = 0.0  # due now
+    service.schedule.prune_now()
     r2 = resource.getrusage(resource.RUSAGE_SELF)
     t2 = time.perf_counter()
     step_until(service, lambda: service.stats.prunes >= 1, timeout=120)
     wall = time.perf_counter() - t2
     r3 = resource.getrusage(resource.RUSAGE_SELF)
     st = service.stats
-    after = len(service._engine or ())
+    after = len(service.engine)
     service.stop()
     with ConntrackSocket(ns) as ct:  # the lab as it was, for the next rows
         ct.create((f, ORIGINAL_TIMEOUT) for f in doomed)
@@ -691,20 +703,20 @@ def main() -> int:
             print(
                 f"sustained FDB churn, {args.producers} producers asked for"
                 f" {s['asked']}/s x {args.seconds:.0f} s"
-                f"{'offered/s':>11}{'seen':>9}{'+resync':>8}{'ovfl':>6}{'resync':>7}"
+                f"{'offered/s':>11}{'seen':>9}{'ovfl':>6}{'resync':>7}"
                 f"{'missed':>7}{'RSS first/max':>15}"
             )
             print(
                 f"{'  FDB moves (RTM_NEWNEIGH, batched, no ACK each)':<62}{s['rate']:>11.0f}"
-                f"{s['seen']:>9}{s['resync_found']:>8}{s['overflows']:>6}{s['resyncs']:>7}"
-                f"{s['missed_watcher'] + s['missed_engine']:>7}"
+                f"{s['seen']:>9}{s['overflows']:>6}{s['resyncs']:>7}"
+                f"{s['missed_engine']:>7}"
                 f"{s['rss_first']:>8.0f}/{s['rss_max']:.0f} MB"
             )
             print(
                 f"  offered {s['sent']} moves ({s['errors']} kernel errors);"
                 f" goal rate {'reached' if s['rate'] >= 0.98 * s['asked'] else 'NOT reached'};"
-                f" final FDB ({s['fdb']} entries) vs bridge fdb show: watcher cache"
-                f" {s['missed_watcher']} wrong, engine cache {s['missed_engine']} wrong;"
+                f" final FDB ({s['fdb']} entries) vs bridge fdb show: the engine's cache"
+                f" (the one topology cache) {s['missed_engine']} wrong;"
                 f" kept up: {'yes' if not s['overflows'] else 'no, resynced'};"
                 f" service CPU {s['cpu']:.1f} s"
                 f" ({s['cpu'] / max(1, s['seen']) * 1e6:.0f} us per decoded event)"

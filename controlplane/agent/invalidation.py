@@ -1,34 +1,27 @@
 """The watcher + invalidation engine as a :class:`~controlplane.agent.ports.Subsystem`.
 
-``controlplane.service.invalidation.InvalidationService`` owns the netlink
-sockets and carries events to the pure engine; this adapter lets the agent's
-selector drive it (``fds`` + ``step(0)``), turns its decision records into
-the agent's log lines and status counters, and notices link changes (ports
-joining or leaving a bridge, devices appearing or vanishing) so the agent can
-re-plan the flowtable devices. It does that by wrapping the engine: every
-event passes through :class:`_Observing` anyway, so spotting a link event
-costs one isinstance check, not a record per FDB event.
+``controlplane.service.invalidation.InvalidationService`` pumps kernel events to
+the pure engine over its ports; this adapter lets the agent's selector drive it
+(``fds`` + ``step(0)``), turns its decision records into the agent's log lines
+and status counters, and passes the engine's ``TopologyChanged`` notices on
+(ports joining or leaving a bridge, devices appearing or vanishing) so the agent
+can re-plan the flowtable devices from the links they carry.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 from controlplane.agent.logs import DecisionLog
 from controlplane.config import Config, InvalidationConfig
 from controlplane.core import events as ev
-from controlplane.core.flowpath import Flow
+from controlplane.core.flowbook import only_offloaded
+from controlplane.core.flowdoc import flow_json
+from controlplane.core.flowpath import Egress, Flow, Link
 from controlplane.errors import ControlPlaneError
-
-# Same switch as ``offloadctl watch`` (cli/flows.py): test-only, lets the host
-# netns tests (no flowtables) drive the real teardown path through the agent.
-TESTING_ALL_OFFLOADED = "OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED"
-
-_LINK_EVENTS = (ev.LinkChanged, ev.LinkRemoved, ev.Snapshot)
 
 # What made flows stale, as a bounded set (a metric label, status' by_cause):
 # the engine's causes are prose naming MACs and addresses (the log keeps those).
@@ -42,46 +35,48 @@ def cause_kind(cause: str) -> str:
     return first if first in CAUSE_KINDS else "fdb"
 
 
-class _Observing:
-    """Delegates to the engine; tells the agent when the link set may have changed."""
+class IndexView(Protocol):
+    """What the subsystem reads of the engine (``core/invalidation.Engine``)."""
 
-    def __init__(self, inner: Any, on_links: Callable[[], None], on_lost: Callable[[], None]):
-        self._inner = inner
-        self._on_links = on_links
-        self._on_lost = on_lost
+    def __len__(self) -> int: ...
 
-    def handle(self, event: ev.Event) -> Sequence[ev.Action]:
-        if isinstance(event, _LINK_EVENTS):
-            self._on_links()
-        elif isinstance(event, ev.EventsLost):
-            self._on_lost()
-        actions: Sequence[ev.Action] = self._inner.handle(event)
-        return actions
+    def name(self, ifindex: int) -> str: ...
 
-    def flush(self) -> Sequence[ev.Action]:
-        actions: Sequence[ev.Action] = self._inner.flush()
-        return actions
-
-    def __len__(self) -> int:  # the service reports the indexed flow count after its dump
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything else the service asks of its engine is the engine's own.
-        return getattr(self._inner, name)
+    def flows(self) -> Iterator[tuple[Flow, Egress | None, Egress | None]]: ...
 
 
-def flow_doc(flow: Flow, orig: Any, reply: Any, names: dict[int, str]) -> dict[str, Any]:
-    """One flow as ``offloadctl flows --json`` prints it (same keys), from the index."""
+class Stats(Protocol):
+    """The service's counters the subsystem reports (``ServiceStats``)."""
 
-    def devices(egress: Any) -> list[str]:
-        return [names.get(i, str(i)) for i in egress.devices] if egress is not None else []
+    events: int
+    events_lost: int
+    resyncs: int
+    reconciles: int
+    prunes: int
+    pruned: int
+    prune_added: int
+    flows_torn_down: int
+    errors: int
 
-    return {
-        **flow.as_dict(),
-        "orig_devices": devices(orig),
-        "reply_devices": devices(reply),
-        "ambiguous": any(e is not None and not e.complete for e in (orig, reply)),
-    }
+
+class Service(Protocol):
+    """What the subsystem calls on ``InvalidationService`` (a fake in unit tests)."""
+
+    @property
+    def stats(self) -> Stats: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def fds(self) -> list[int]: ...
+
+    def step(self, timeout: float | None = 0.0) -> int: ...
+
+    def next_deadline(self) -> float: ...
+
+
+MakeService = Callable[..., Service]
 
 
 class InvalidationSubsystem:
@@ -93,20 +88,20 @@ class InvalidationSubsystem:
         log: DecisionLog,
         on_links: Callable[[], None],
         *,
-        make_service: Callable[..., Any] | None = None,  # a fake, in unit tests
+        make_service: MakeService | None = None,  # unit tests: the service over fake ports
     ) -> None:
         self.netns = netns
         self._make_service = make_service
         self._log = log
         self._on_links = on_links
-        self._service: Any = None
-        self._engine: _Observing | None = None
+        self._service: Service | None = None
+        self._engine: IndexView | None = None
+        self._links: Mapping[int, Link] | None = None  # from the last TopologyChanged
         self._settings: InvalidationConfig | None = None
         self.by_cause: dict[str, int] = dict.fromkeys(CAUSE_KINDS, 0)
-        self.overflows = 0
+        self._lost_before = 0  # EventsLost of the services before a restart
         self.restarts = 0
         self.epoch = 0
-        self._next_reconcile = float("inf")
         self.woke_at = 0.0  # wall clock of the last read of the sockets (join latency)
 
     # -- Subsystem ----------------------------------------------------------
@@ -127,21 +122,12 @@ class InvalidationSubsystem:
             self._restart()
 
     def tick(self) -> None:
-        """Periodic: lets the service run its FDB/neighbour reconciliation or start
-        its flow-index prune when due (events themselves, and the prune's dump,
-        arrive through fds(), not through this)."""
-        if self._service is None:
-            return
-        next_deadline = getattr(self._service, "next_deadline", None)
-        due = next_deadline() if next_deadline is not None else self._next_reconcile
-        if time.monotonic() < due:
+        """Periodic: lets the service run its FDB/neighbour reconciliation, a next
+        hop's wait or its flow-index prune when due (events themselves, and the
+        prune's dump, arrive through fds(), not through this)."""
+        if self._service is None or time.monotonic() < self._service.next_deadline():
             return
         self.on_readable()
-        self._next_reconcile = time.monotonic() + self._period()
-
-    def _period(self) -> float:
-        period = self._settings.reconcile_seconds if self._settings else 0.0
-        return period if period > 0 else float("inf")
 
     def reconfigure(self, cfg: Config) -> None:
         settings = cfg.invalidation
@@ -151,6 +137,12 @@ class InvalidationSubsystem:
         self._settings = settings
         if settings.enabled:
             self._start()
+
+    @property
+    def overflows(self) -> int:
+        """Event losses (socket overflows, lost sockets) since the agent started."""
+        now = self._service.stats.events_lost if self._service is not None else 0
+        return self._lost_before + now
 
     def stats(self) -> dict[str, Any]:
         if self._service is None:
@@ -164,9 +156,9 @@ class InvalidationSubsystem:
             "reconciles": st.reconciles,
             # Flow-index prunes (periodic conntrack re-dump): rounds, flows dropped
             # because their entry was gone, missed ones added.
-            "prunes": getattr(st, "prunes", 0),
-            "pruned": getattr(st, "pruned", 0),
-            "prune_added": getattr(st, "prune_added", 0),
+            "prunes": st.prunes,
+            "pruned": st.pruned,
+            "prune_added": st.prune_added,
             "flows_torn_down": st.flows_torn_down,
             "by_cause": dict(self.by_cause),
             "restarts": self.restarts,
@@ -175,16 +167,11 @@ class InvalidationSubsystem:
             "indexed_flows": len(self._engine) if self._engine is not None else 0,
         }
 
-    def links(self) -> Mapping[int, Any] | None:
-        """The engine's link cache (ifindex -> Link), once its first snapshot has
-        filled it; None when the engine does not run or is not ready."""
-        engine = self._engine
-        if engine is None or not getattr(engine, "ready", False):
-            return None
-        # The engine's own map, copied: topology() would copy the FDB as well
-        # (100,000 entries on a busy bridge) on every port join.
-        links: Mapping[int, Any] = dict(engine._links)
-        return links
+    def links(self) -> Mapping[int, Link] | None:
+        """The engine's links (ifindex -> Link) as its last ``TopologyChanged`` notice
+        carried them (read-only); None when the engine does not run or has not had
+        its first snapshot yet."""
+        return self._links if self._service is not None else None
 
     def flows(self, limit: int) -> tuple[list[dict[str, Any]], bool] | None:
         """Up to ``limit`` offloaded flows from the engine's index with the devices
@@ -193,42 +180,53 @@ class InvalidationSubsystem:
         engine = self._engine
         if engine is None:
             return None
-        names = {i: link.name for i, link in engine.topology().links.items()}
         out: list[dict[str, Any]] = []
         for flow, orig, reply in engine.flows():
             if len(out) == limit:
                 return out, True
-            out.append(flow_doc(flow, orig, reply, names))
+            out.append(flow_json(flow, orig, reply, engine.name))
         return out, False
 
     def close(self) -> None:
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                self._service.stop()
-            self._service = None
-            self._engine = None
-            self.epoch += 1
+        service, self._service = self._service, None
+        if service is None:
+            return
+        self._lost_before += service.stats.events_lost
+        self._engine = None
+        self._links = None
+        self.epoch += 1
+        try:
+            service.stop()
+        except (ControlPlaneError, OSError) as exc:
+            # Closing what may already be broken (why we restart): said, not raised.
+            self._log.error("invalidation", f"closing the watcher: {exc}")
 
     # -- internals ----------------------------------------------------------
 
     def _start(self) -> None:
-        from controlplane.service.invalidation import InvalidationService, _default_engine
+        from controlplane.core.invalidation import Engine, Policy
+        from controlplane.service.invalidation import InvalidationService
 
         assert self._settings is not None
-        engine = _Observing(_default_engine(), self._on_links, self._lost)
-        service = (self._make_service or InvalidationService)(
+        engine = Engine(Policy())
+        make: MakeService = self._make_service or InvalidationService
+        service = make(
             self.netns,
             self._settings,
-            only_offloaded=os.environ.get(TESTING_ALL_OFFLOADED) != "1",
+            only_offloaded=only_offloaded(os.environ),
             report=self._record,
             engine=engine,
             report_events=False,
+            on_topology=self._topology_changed,
         )
-        service.start()
-        self._service = service
-        self._engine = engine
+        # Set before start(): its snapshot already notices the links.
+        self._service, self._engine = service, engine
+        try:
+            service.start()
+        except BaseException:
+            self._service = self._engine = self._links = None
+            raise
         self.epoch += 1
-        self._next_reconcile = time.monotonic() + self._period()
         self._log.info("invalidation", "watching", sources=",".join(self._settings.watch))
 
     def _restart(self) -> None:
@@ -239,8 +237,9 @@ class InvalidationSubsystem:
         except (ControlPlaneError, OSError) as exc:
             self._log.error("invalidation", f"cannot restart the watcher: {exc}")
 
-    def _lost(self) -> None:
-        self.overflows += 1
+    def _topology_changed(self, notice: ev.TopologyChanged) -> None:
+        self._links = notice.links
+        self._on_links()
 
     def _record(self, record: dict[str, Any]) -> None:
         decision = record.get("decision")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import traceback
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -57,7 +58,10 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(ExitCode.ENVIRONMENT) from None
         except Exception as exc:
             if os.environ.get("OFFLOADCTL_DEBUG"):
-                raise
+                # The traceback, and still exit 70: a bare re-raise would exit 1,
+                # which scripts read as "plan: changes pending".
+                traceback.print_exc()
+                raise typer.Exit(ExitCode.INTERNAL) from None
             err(f"internal error: {type(exc).__name__}: {exc} (OFFLOADCTL_DEBUG=1 shows more)")
             raise typer.Exit(ExitCode.INTERNAL) from None
 

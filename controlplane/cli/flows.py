@@ -37,8 +37,6 @@ from controlplane.errors import ConfigError, ConfigIssue
 if TYPE_CHECKING:
     from controlplane.core.flowselect import Selector
 
-TESTING_ALL_OFFLOADED = "OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED"
-
 flows_app = typer.Typer(
     help="Forwarded flows as the kernel has them; tear offloaded ones down by MAC, IP,"
     " prefix or device.",
@@ -52,7 +50,10 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print decisions, cha
 
 
 def only_offloaded() -> bool:
-    return os.environ.get(TESTING_ALL_OFFLOADED) != "1"
+    """False under the test-only switch (core/flowbook.py: TESTING_ALL_OFFLOADED)."""
+    from controlplane.core.flowbook import only_offloaded
+
+    return only_offloaded(os.environ)
 
 
 MacOpt = Annotated[str | None, typer.Option("--mac", help="next-hop MAC")]

@@ -15,6 +15,9 @@ The vocabulary between the kernel adapters (``kernel/rtnl/watcher.py``,
   ``FlowsDumped``).
 - ``FlowsMarkedStale`` is a notice: what one event decided (for logs and
   ``offloadctl watch``); the kernel work comes batched from ``flush()``.
+  ``TopologyChanged`` is a notice too: the engine's link cache changed (a device
+  appeared, went, or joined or left a bridge), with the links as they are now,
+  so the agent can re-plan the flowtable devices without reading the engine.
 
 Constructors are keyword-only and normalise their inputs: addresses become
 canonical text (as ``inet_ntop`` prints them), prefixes canonical networks
@@ -78,6 +81,7 @@ __all__ = [
     "Snapshot",
     "Source",
     "TearDownFlows",
+    "TopologyChanged",
     "canonical_ip",
     "canonical_mac",
     "canonical_prefix",
@@ -315,9 +319,15 @@ class Snapshot:
     ``RoutesResolved``, and the engine asks ``ResolveRoutes`` for every
     indexed address (route events may have been lost as well). Also the
     first event the engine needs: until then it only indexes flows.
+
+    ``lost`` False (a periodic reconcile, no event known lost): only the
+    differences count, no route is looked up again (routes, rules and addresses
+    are always announced; what a reconcile looks for is FDB entries the kernel
+    learned without saying so).
     """
 
     topology: Topology
+    lost: bool = True
 
 
 # -- actions (engine → adapter) and notices ----------------------------------------
@@ -371,6 +381,18 @@ class FlowsMarkedStale:
     flows: tuple[Flow, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopologyChanged:
+    """Notice: the engine's links changed (added, removed, up/down, bridge membership),
+    at most once per handled event; ``links`` is the engine's link cache as it is now
+    (ifindex -> Link, a read-only copy)."""
+
+    links: Mapping[int, Link]
+
+    def __post_init__(self) -> None:
+        _set(self, "links", MappingProxyType(dict(self.links)))
+
+
 Event = (
     LinkChanged
     | LinkRemoved
@@ -387,4 +409,6 @@ Event = (
     | EventsLost
     | Snapshot
 )
-Action = TearDownFlows | ResolveRoutes | AwaitNeighbour | Resync | FlowsMarkedStale
+Action = (
+    TearDownFlows | ResolveRoutes | AwaitNeighbour | Resync | FlowsMarkedStale | TopologyChanged
+)

@@ -23,7 +23,9 @@ re-offload arrives as a new ``FlowSeen``).
 flow caches an :class:`~controlplane.core.flowpath.Egress`, taken when the
 flow is indexed. A direction whose egress is *bridged* uses direct transmit:
 the kernel cached the output port and the next hop's MAC and never looks
-again, so the flow stalls if either changes (PLATFORM.md: 7 of 7 stalled).
+again, so the flow stalls if either changes (docs/kernel-facts.md, "How a flow
+caches its path": "Direct transmit goes stale; neighbour transmit heals", 7 of 7
+bridged transfers stalled).
 It is stale when a device on its cached chain is gone or down, when the
 neighbour entry is gone, or when the egress now resolves differently (moved
 port, new MAC, new route). One exception: an FDB entry that aged out (the
@@ -51,6 +53,12 @@ neighbour appears (``NeighbourChanged``) or the wait is over
 (``NeighbourWaitExpired``). And a connection torn down earlier that comes back
 (re-created, or picked up by a packet, :func:`conn_key`) after a neighbour entry
 of its egress appeared or changed is torn down once more (``Engine._recheck``).
+
+**Links**: whenever an event changes the link cache (a device added, removed,
+up or down, joining or leaving a bridge), the event's actions end with one
+``TopologyChanged`` notice carrying the links as they are now: the agent re-plans
+the flowtable devices from it. The engine's caches (links, neighbours, FDB) are
+the only topology cache: the watcher only decodes (``kernel/rtnl/watcher.py``).
 
 **Transitions** live in one table, :data:`TRANSITIONS` (event type →
 handler), as h11 keeps its state machine: everything that changes the
@@ -93,6 +101,7 @@ from controlplane.core.events import (
     RoutesResolved,
     Snapshot,
     TearDownFlows,
+    TopologyChanged,
 )
 from controlplane.core.flowindex import DepKey, FlowIndex, FlowRecord, Group
 from controlplane.core.flowpath import (
@@ -236,6 +245,7 @@ class Engine:
         self._neighbour_epoch: dict[NeighbourKey, int] = {}
         self._torn: dict[ConnKey, int] = {}
         self._await: dict[NeighbourKey, None] = {}  # next hops to announce (AwaitNeighbour)
+        self._links_changed = False  # by the event being handled (TopologyChanged)
 
     # -- public API -------------------------------------------------------------
 
@@ -244,17 +254,17 @@ class Engine:
         handler = TRANSITIONS.get(type(event))
         if handler is None:
             raise TypeError(f"not an invalidation event: {type(event).__name__}")
-        return handler(self, event)
+        actions = handler(self, event)
+        if self._links_changed:
+            self._links_changed = False
+            actions.append(TopologyChanged(links=self._links))
+        return actions
 
     def flush(self) -> list[Action]:
-        """The kernel work for everything handled since the last flush."""
+        """The kernel work for everything handled since the last flush, teardowns first
+        (they are what the event -> gone latency measures; route answers may mark
+        more flows stale, for the next flush)."""
         actions: list[Action] = []
-        wanted = [a for a in self._routes_wanted if self._index.knows(a)]
-        self._routes_wanted.clear()
-        if wanted:
-            actions.append(ResolveRoutes(addresses=tuple(wanted)))
-        actions += (AwaitNeighbour(ifindex=i, ip=ip) for i, ip in self._await)
-        self._await.clear()
         stale = list(self._stale.values())
         self._stale.clear()
         for first in range(0, len(stale), self.policy.batch):
@@ -262,6 +272,12 @@ class Engine:
             actions.append(
                 TearDownFlows(flows=tuple(f for f, _ in chunk), causes=tuple(c for _, c in chunk))
             )
+        wanted = [a for a in self._routes_wanted if self._index.knows(a)]
+        self._routes_wanted.clear()
+        if wanted:
+            actions.append(ResolveRoutes(addresses=tuple(wanted)))
+        actions += (AwaitNeighbour(ifindex=i, ip=ip) for i, ip in self._await)
+        self._await.clear()
         self._epoch += 1
         return actions
 
@@ -282,6 +298,16 @@ class Engine:
     def pending(self) -> int:
         """Flows marked stale, to be returned by the next :meth:`flush`."""
         return len(self._stale)
+
+    def name(self, ifindex: int) -> str:
+        """A device's name as the link cache has it (``if7`` when unknown)."""
+        return self._topology.name(ifindex)
+
+    @property
+    def caches(self) -> Topology:
+        """The caches themselves (links, neighbours, FDB), to read without a copy (the
+        start-up gate, core/startup.py); change them through events."""
+        return self._topology
 
     def topology(self) -> Topology:
         """A copy of the caches (links, neighbours, FDB)."""
@@ -456,6 +482,7 @@ class Engine:
         if old == link:
             return []
         self._links[link.ifindex] = link
+        self._links_changed = True
         keys: list[DepKey] = [link.ifindex]
         if old is None:
             cause = f"link {link.name} added"
@@ -478,10 +505,21 @@ class Engine:
         old = self._links.pop(event.ifindex, None)
         if old is None:
             return []
+        self._links_changed = True
         keys: list[DepKey] = [event.ifindex]
         if old.master is not None:
             keys.append(old.master)
+        self._forget_device(event.ifindex)
         return self._refresh_keys(keys, f"link {old.name} removed")
+
+    def _forget_device(self, ifindex: int) -> None:
+        """The kernel flushes the FDB and neighbour entries of an unregistered device
+        without a notification per entry: mirror it."""
+        for key in [k for k, port in self._fdb.items() if port == ifindex or k[0] == ifindex]:
+            del self._fdb[key]
+        for nkey in [k for k in self._neighbours if k[0] == ifindex]:
+            del self._neighbours[nkey]
+            self._neighbour_epoch.pop(nkey, None)
 
     def _on_fdb_changed(self, event: FdbEntryChanged) -> list[Action]:
         key = (event.bridge, event.vlan, event.mac)
@@ -555,6 +593,7 @@ class Engine:
             self._fdb.clear()
             self._fdb.update(topology.fdb)
             self._ready = True
+            self._links_changed = True
             for group in self._index.groups():
                 self._index.set_egress(group, self._resolve(group))
             for record in self._index:
@@ -567,8 +606,9 @@ class Engine:
             actions = self._diff(topology)
         if topology.routes:
             actions += self._on_routes_resolved(RoutesResolved(routes=topology.routes))
-        for address in self._index.addresses():  # route events may have been lost too
-            self._routes_wanted[address] = None
+        if event.lost:
+            for address in self._index.addresses():  # route events may have been lost too
+                self._routes_wanted[address] = None
         return actions
 
     def _diff(self, topology: Topology) -> list[Action]:

@@ -15,6 +15,7 @@ from typing import Any
 from controlplane.core import nft
 from controlplane.core.devices import classic_counter_of
 from controlplane.core.explain import CtInfo, TableFacts
+from controlplane.core.flowdoc import flow_json
 from controlplane.core.flowpath import IPS_HW_OFFLOAD, Egress, Flow, Topology, flow_egress_addresses
 from controlplane.core.flowselect import Selector, select_flows
 from controlplane.errors import EnvironmentProblem
@@ -104,18 +105,11 @@ def flow_doc(
     counted there on the classic path (a per-device counter, not per flow;
     absent when the table counts nothing)."""
     out, back = paths
-
-    def names(e: Egress) -> list[str]:
-        return [topology.name(i) for i in e.devices]
-
-    doc: dict[str, Any] = flow.as_dict() | {
+    doc = flow_json(flow, out, back, topology.name) | {
         "hw_offloaded": bool(flow.status & IPS_HW_OFFLOAD),
         "status": flow.status,
         "tcp_state": ct.tcp_state,
         "packets": list(ct.packets) if ct.packets is not None else None,
-        "orig_devices": names(out),
-        "reply_devices": names(back),
-        "ambiguous": not (out.complete and back.complete),
     }
     if table.counters:
         doc["classic_in"] = {}

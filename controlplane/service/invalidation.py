@@ -1,13 +1,17 @@
 """The invalidation loop: kernel events in, the engine's decisions out, stale flows torn down.
 
-One :class:`InvalidationService` per network namespace. It owns the sockets
-(rtnetlink watcher, conntrack events, a conntrack request socket) and no
-policy: every decision is the pure engine's (``core/invalidation.py``); this
-module only carries events to it and its actions to the kernel. Explicit
+One :class:`InvalidationService` per network namespace: a pump over injected
+ports (``kernel/ports.py``, :class:`~controlplane.kernel.ports.InvalidationPorts`;
+the real ones from ``kernel/invalidation.py``, in-memory fakes in unit tests). It
+carries events to the pure engine (``core/invalidation.py``) and its actions to
+the ports; the decisions around the engine are pure as well: which entries count
+as offloaded and in what order teardowns check them (``core/flowbook.py``), when
+reconcile, prune and next-hop waits are due (``core/schedule.py``), what a prune
+decides (``core/flowindex.PruneRound``). Explicit
 :meth:`~InvalidationService.start` / :meth:`~InvalidationService.step` /
-:meth:`~InvalidationService.stop`, no threads, no globals: ``offloadctl
-watch`` runs it in the foreground and the agent embeds it in its own loop
-(``fds()`` + ``step(timeout=0)``).
+:meth:`~InvalidationService.stop`, no threads, no globals: ``offloadctl watch``
+runs it in the foreground and the agent embeds it in its own loop (``fds()`` +
+``step(timeout=0)``).
 
 Bounded: the queues are the kernels' socket buffers (``rcvbuf_bytes``); each
 step takes at most ``queue_size`` datagrams from each socket. What does not
@@ -19,47 +23,40 @@ resync: never silent loss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
-import os
-import select
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
-from controlplane.core.flowindex import PruneRound
-from controlplane.core.flowpath import IPS_OFFLOAD, Flow
-from controlplane.core.reinject import IPPROTO_TCP, IPPROTO_UDP
+from controlplane.core.flowbook import FlowBook
+from controlplane.core.flowindex import FlowIndex, PruneRound
+from controlplane.core.flowpath import Flow, Topology
+from controlplane.core.schedule import NEXT_HOP_WAIT, PRUNE_STEP_ENTRIES, Schedule
+from controlplane.core.startup import next_hops
 from controlplane.errors import KernelError
-from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
-from controlplane.kernel.ctnetlink.events import CtEvents
-from controlplane.kernel.netlink import NetlinkSocket
-from controlplane.kernel.rtnl.topology import lookup_routes_on
-from controlplane.kernel.rtnl.watcher import Watcher
+from controlplane.service.startup import index_while_watching
 
-__all__ = ["Engine", "InvalidationService", "ServiceStats"]
+if TYPE_CHECKING:
+    from controlplane.kernel.ports import InvalidationPorts
+
+__all__ = [
+    "NEXT_HOP_WAIT",
+    "Engine",
+    "InvalidationService",
+    "OpenPorts",
+    "ServiceStats",
+    "default_engine",
+]
 
 Report = Callable[[dict[str, Any]], None]
-CT_MIN_RCVBUF = 32 << 20
-# Dump entries a prune handles per step (whole datagrams: ~150 entries each):
-# ~5-8 ms of decoding and lookups, so events wait at most that long behind a
-# prune (bench_invalidation.py measures the longest step at 100,000 entries).
-PRUNE_STEP_ENTRIES = 256
-
-# How long flows wait for their new next hop to resolve before they are torn down
-# anyway (``AwaitNeighbour``; the engine decides which flows wait and why). The next
-# hop resolves when traffic starts using it (its first ARP/ND exchange with the router:
-# milliseconds), which after a route change can take a while: other routers and hosts
-# change their routes too (in the VM under load, 0.3-0.6 s after ours). A 0.25 s wait
-# expired first and brought the early teardown back (docs/kernel-facts.md). The wait
-# only bounds a next hop nothing talks to; the flow keeps its cached path meanwhile.
-NEXT_HOP_WAIT = 1.0
-
-# What flowtables offload; both may be offloaded without an event (``_indexed``).
-_PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)
+OpenPorts = Callable[[str | None, InvalidationConfig], "InvalidationPorts"]
+# Route answers can mark more flows stale: flush until the engine is quiet, at most
+# this many rounds (each resolves only addresses not yet answered).
+_FLUSH_ROUNDS = 8
 
 
 class Engine(Protocol):
@@ -71,10 +68,25 @@ class Engine(Protocol):
 
     def __len__(self) -> int: ...
 
+    @property
+    def index(self) -> FlowIndex:
+        """The flow index (a prune diffs it against a dump)."""
+        ...
+
+    def name(self, ifindex: int) -> str:
+        """A device's name as the engine's link cache has it."""
+        ...
+
+    @property
+    def caches(self) -> Topology:
+        """The engine's topology caches, to read (the start-up gate)."""
+        ...
+
 
 @dataclass
 class ServiceStats:
     events: int = 0
+    events_lost: int = 0  # EventsLost seen (socket overflows, lost sockets)
     teardowns: int = 0  # kernel batches
     flows_torn_down: int = 0
     already_gone: int = 0
@@ -94,11 +106,17 @@ class ServiceStats:
     errors: int = 0
 
 
-def _default_engine() -> Engine:
+def default_engine() -> Engine:
     from controlplane.core.invalidation import Engine as InvalidationEngine
     from controlplane.core.invalidation import Policy
 
     return InvalidationEngine(Policy())
+
+
+def _real_ports(netns: str | None, settings: InvalidationConfig) -> InvalidationPorts:
+    from controlplane.kernel.invalidation import open_ports
+
+    return open_ports(netns, settings)
 
 
 # Event fields that hold an ifindex: reported by name, the index as an extra field.
@@ -122,10 +140,8 @@ def _describe(item: object, name_of: Callable[[int], str]) -> dict[str, Any]:
             record["links"] = len(value.links)
             record["fdb"] = len(value.fdb)
             record["neighbours"] = len(value.neighbours)
-        elif name == "routes":
-            record["routes"] = len(value)
-        elif name == "addresses":
-            record["addresses"] = len(value)
+        elif name in ("routes", "addresses"):
+            record[name] = len(value)
         elif name == "link":
             record |= {"dev": value.name, "dev_ifindex": value.ifindex, "up": value.up}
             if value.master is not None:
@@ -141,15 +157,13 @@ def _describe(item: object, name_of: Callable[[int], str]) -> dict[str, Any]:
 class InvalidationService:
     """Watcher + conntrack events + engine + teardown for one namespace.
 
-    ``dry_run``: decisions are reported, nothing is deleted. Offloaded entries
-    are indexed, and so are the entries the kernel may offload without telling
-    (``_indexed``); a teardown asks the kernel which of its flows are offloaded
-    now and leaves the others alone (``_on_fast_path``). ``only_offloaded``
-    False is the test-only switch (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``):
-    every TCP/UDP entry is indexed and torn down as if it carried IPS_OFFLOAD,
-    because the host kernel has no flowtables.
-    ``report`` receives one record per event and per decision (``offloadctl
-    watch`` prints them); ``None`` reports nothing.
+    ``dry_run``: decisions are reported, nothing is deleted. ``only_offloaded``
+    False is the test-only switch (``OFFLOADCTL_TESTING_ALL_FLOWS_OFFLOADED``,
+    ``core/flowbook.py``). ``report`` receives one record per event and per
+    decision (``offloadctl watch`` prints them); ``None`` reports nothing.
+    ``on_topology`` receives the engine's ``TopologyChanged`` notices (the agent
+    re-plans the flowtable devices from them). ``ports`` opens the kernel ports
+    at :meth:`start` (default: the real ones, ``kernel/invalidation.py``).
     """
 
     def __init__(
@@ -164,6 +178,8 @@ class InvalidationService:
         clock: Callable[[], float] = time.monotonic,
         report_events: bool = True,
         freeze_gc: bool = True,
+        ports: OpenPorts | None = None,
+        on_topology: Callable[[ev.TopologyChanged], None] | None = None,
     ) -> None:
         self.netns = netns
         self.settings = settings
@@ -174,194 +190,206 @@ class InvalidationService:
         self._report_events = report_events and report is not None
         self._engine = engine
         self._clock = clock
+        self._open_ports = ports or _real_ports
+        self._on_topology = on_topology
         self.stats = ServiceStats()
-        self.watcher = Watcher(
-            netns,
-            sources=settings.watch,
-            rcvbuf=settings.rcvbuf_bytes,
+        self.ports: InvalidationPorts | None = None
+        self.book = FlowBook(only_offloaded=only_offloaded, bound=settings.queue_size)
+        self.schedule = Schedule(
+            reconcile_seconds=settings.reconcile_seconds, prune_seconds=settings.prune_seconds
         )
-        # Our own teardowns echo two conntrack events per flow (DESTROY, then
-        # NEW of the re-created entry): a buffer smaller than that echo would
-        # turn every teardown into a full re-dump, so it never goes below
-        # CT_MIN_RCVBUF whatever rcvbuf_bytes (sized for rtnetlink bursts) says.
-        ct_rcvbuf = max(settings.rcvbuf_bytes, CT_MIN_RCVBUF)
-        self.conntrack = CtEvents(netns, rcvbuf=ct_rcvbuf, updates=True)
-        self._ct: ConntrackSocket | None = None
-        self._rt: NetlinkSocket | None = None
-        self._wake_r = self._wake_w = -1
-        self._next_reconcile = float("inf")
-        self._waits: dict[tuple[int, str], float] = {}  # next hop -> when its wait is over
-        self._dump: DumpStream | None = None
         self._prune: PruneRound | None = None
         self._prune_started = 0.0
         self._prune_step_max = 0.0
-        self._next_prune = float("inf")
         self._event_time = 0.0
-        # Entries this service re-created, by (zone, original tuple). The kernel
-        # re-offloads such an entry on its next forwarded packet and sends NO
-        # event for it (setting IPS_OFFLOAD is silent; the entry is already
-        # ASSURED), so its NEW event is the last news we get: index it as
-        # possibly offloaded, or the next move of that flow is missed (VM).
-        self._recreated: dict[tuple[int, object], None] = {}
-        # Indexed entries a teardown found NOT offloaded (by zone, orig tuple): the
-        # next teardown checks them after the others, so a host's idle UDP
-        # entries (dozens: DNS...) do not delay the repair of its live flows.
-        self._idle: dict[tuple[int, object], None] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = default_engine()
+        return self._engine
+
+    def _ports(self) -> InvalidationPorts:
+        if self.ports is None:
+            raise KernelError("invalidation", "the service is not started", errno.EBADF)
+        return self.ports
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
-        """Subscribe first, then dump: nothing falls between the two."""
-        if self._engine is None:
-            self._engine = _default_engine()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.conntrack.open()
-        self.watcher.open()
-        self._ct = ConntrackSocket(self.netns)
-        self._rt = NetlinkSocket(socket.NETLINK_ROUTE, self.netns, operation="route lookup")
-        self._dump = DumpStream(self.netns)
-        self._event_time = self._clock()
-        self._handle(self.watcher.snapshot())
-        # The index is empty: streaming the dump as FlowSeen is the same as one
-        # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
-        handle, offloaded = self._handle, self._indexed
-        self.conntrack.dump_each(lambda flow: handle(ev.FlowSeen(flow=offloaded(flow))))
-        self._emit({"event": "FlowsDumped", "flows": len(self._engine)})
-        self._flush()
+        """Subscribe first, then snapshot and dump: nothing falls between them."""
+        engine = self.engine
+        ports = self.ports = self._open_ports(self.netns, self.settings)
+        try:
+            ports.changes.open()
+            ports.rtnl.open()
+            self._event_time = self._clock()
+            self._handle(ports.rtnl.snapshot())
+            # The index is empty: streaming the dump as FlowSeen is the same as one
+            # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
+            held = self._index_at_start(ports)
+            self._emit({"event": "FlowsDumped", "flows": len(engine)})
+            self._flush()
+            for event in held:
+                self._handle(event)
+            self._flush()
+        except BaseException:
+            with contextlib.suppress(OSError):  # the start's own failure is the one to report
+                self.stop()
+            raise
         if self.freeze_gc:
             # The index is long-lived (100,000 records at 100,000 flows): without
             # this, each gen-2 collection walks all of it in the middle of an event
             # (tens of ms). Process-wide, hence a constructor flag.
             gc.freeze()
-        period = self.settings.reconcile_seconds
-        self._next_reconcile = self._clock() + period if period > 0 else float("inf")
-        self._schedule_prune()
+        self.schedule.start(self._clock())
+
+    def _index_at_start(self, ports: InvalidationPorts) -> list[ev.Event]:
+        """The start-up dump into the index; topology events queued meanwhile acted on
+        during it (service/startup.py, core/startup.py) when the ports can look
+        entries up, else all handled after it. Returns the events held till then."""
+        handle, indexed, protocols = self._handle, self.book.indexed, ports.changes.protocols
+        if ports.lookup is None:
+            ports.changes.dump_each(lambda flow: handle(ev.FlowSeen(flow=indexed(flow))))
+            return []
+
+        def see(flow: Flow) -> None:
+            if flow.orig.proto in protocols:
+                handle(ev.FlowSeen(flow=indexed(flow)))
+
+        def act_on(event: ev.Event) -> None:
+            # Routes of what is indexed so far first (egress under the caches before
+            # the event), then the event, then its teardown: at once.
+            self._flush()
+            self._event_time = self._clock()
+            handle(event)
+            self._flush()
+
+        engine = self.engine
+        return index_while_watching(
+            dump=ports.dump,
+            events=ports.rtnl,
+            wait=ports.waiter.wait,
+            see=see,
+            act_on=act_on,
+            look_up=ports.lookup.entries_of,
+            caches=lambda: engine.caches,
+            next_hops=lambda: next_hops(engine.index),
+            limit=self.settings.queue_size,
+        )
 
     def stop(self) -> None:
-        self.watcher.close()
-        self.conntrack.close()
-        if self._ct is not None:
-            self._ct.close()
-            self._ct = None
-        if self._rt is not None:
-            self._rt.close()
-            self._rt = None
-        if self._dump is not None:
-            self._dump.close()
-            self._dump = None
+        ports, self.ports = self.ports, None
         self._prune = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake_r = self._wake_w = -1
+        if ports is None:
+            return
+        # Each closed even if an earlier close failed (the first failure is raised).
+        failure: OSError | None = None
+        for close in (
+            ports.rtnl.close,
+            ports.changes.close,
+            ports.conntrack.close,
+            ports.routes.close,
+            ports.dump.close,
+            ports.waiter.close,
+        ):
+            try:
+                close()
+            except OSError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def wake(self) -> None:
         """Make a blocked :meth:`step` return (signal handlers call this)."""
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"\0")
+        if self.ports is not None:
+            self.ports.waiter.wake()
 
     def fds(self) -> list[int]:
-        # The dump socket is readable only while a prune reads its dump.
-        fds = [self.watcher.fileno(), self.conntrack.fileno(), self._wake_r]
-        return fds + ([self._dump.fileno()] if self._dump is not None else [])
+        ports = self._ports()
+        return [
+            ports.rtnl.fileno(),
+            ports.changes.fileno(),
+            ports.waiter.fileno(),
+            ports.dump.fileno(),
+        ]
 
     def next_deadline(self) -> float:
         """When (on the service's clock) a job is due: reconcile, prune, a next hop's wait."""
-        waits = min(self._waits.values(), default=float("inf"))
-        return min(self._next_reconcile, self._next_prune, waits)
+        return self.schedule.next_deadline()
 
     # -- one iteration -------------------------------------------------------------
     def step(self, timeout: float | None = 0.0) -> int:
         """Wait up to ``timeout`` for events, handle what is queued, tear down
         what the engine decided; returns the number of events handled."""
-        now = self._clock()
-        if timeout is not None:
-            timeout = max(0.0, min(timeout, self.next_deadline() - now))
-        readable, _, _ = select.select(self.fds(), [], [], timeout)
+        ports = self._ports()
+        rtnl, changes = ports.rtnl, ports.changes
+        timeout = self.schedule.timeout(timeout, self._clock())
+        # The dump socket is readable only while a prune reads its dump.
+        fds = [rtnl.fileno(), changes.fileno(), ports.dump.fileno()]
+        readable = ports.waiter.wait(fds, timeout)
         self._event_time = self._clock()
         handled = 0
-        if self._wake_r in readable:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 4096)
         limit = self.settings.queue_size
         # Topology first: it is what makes flows stale; conntrack events only
         # keep the index current.
-        if self.watcher.fileno() in readable:
-            events = self.watcher.poll(limit)
+        if rtnl.fileno() in readable:
+            events = rtnl.poll(limit)
             for event in events:
                 self._handle(event)
             handled += len(events)
             # Act on what the topology made stale before conntrack events can
             # trigger a re-dump (FlowsDumped re-indexes from the current caches).
             self._flush()
-        if self.conntrack.fileno() in readable:
-            changes, lost = self.conntrack.poll(limit)
-            prune = self._prune
-            for change in changes:
-                flow = self._offloaded(change.flow)
-                self._idle.pop((flow.zone, flow.orig), None)  # news: check it first again
-                if change.new and self._recreated.pop((flow.zone, flow.orig), 0) is None:
-                    flow = replace(flow, status=flow.status | IPS_OFFLOAD)
-                elif not change.gone:
-                    flow = self._indexed(flow)
+        if changes.fileno() in readable:
+            found, lost = changes.poll(limit)
+            prune, changed = self._prune, self.book.changed
+            for change in found:
+                flow = changed(change.flow, new=change.new, gone=change.gone)
                 if prune is not None:
                     prune.touch(flow)
                 self._handle(ev.FlowGone(flow=flow) if change.gone else ev.FlowSeen(flow=flow))
-            handled += len(changes)
+            handled += len(found)
             if lost:
                 self._handle(ev.EventsLost(source="conntrack"))
-        if self._clock() >= self._next_reconcile:
-            found = self.watcher.reconcile()
+        schedule = self.schedule
+        if schedule.reconcile_due(self._clock()):
             self.stats.reconciles += 1
-            for event in found:
-                self._handle(event)
-            handled += len(found)
-            period = self.settings.reconcile_seconds
-            self._next_reconcile = self._clock() + period
-        if self._waits:
-            now = self._clock()
-            for key, due in list(self._waits.items()):
-                if due <= now:
-                    del self._waits[key]
-                    self._handle(ev.NeighbourWaitExpired(ifindex=key[0], ip=key[1]))
+            self._handle(rtnl.snapshot(lost=False))
+            handled += 1
+            schedule.reconciled(self._clock())
+        for ifindex, ip in schedule.expired(self._clock()):
+            self._handle(ev.NeighbourWaitExpired(ifindex=ifindex, ip=ip))
         if self._prune is not None:
             handled += self._prune_step()
-        elif self._clock() >= self._next_prune:
+        elif schedule.prune_due(self._clock()):
             self._begin_prune()
         self._flush()
         self.stats.events += handled
         return handled
 
     # -- prune: the index against a fresh dump ---------------------------------------
-    def _schedule_prune(self) -> None:
-        period = self.settings.prune_seconds
-        self._next_prune = self._clock() + period if period > 0 else float("inf")
-
     def _begin_prune(self) -> None:
-        index = getattr(self._engine, "index", None)
-        if index is None or self._dump is None:  # an engine without an index to prune
-            self._next_prune = float("inf")
-            return
         rounds = self.stats.prunes + self.stats.prunes_abandoned
+        index = self.engine.index
         self._prune = PruneRound(index, touched_limit=self.settings.queue_size, salt=rounds)
         self._prune_started = self._clock()
         self._prune_step_max = 0.0
-        self._next_prune = float("inf")
-        self._dump.begin()
+        self.schedule.prune_started()
+        self._ports().dump.begin()
 
     def _prune_step(self) -> int:
         """Feed the round at most PRUNE_STEP_ENTRIES dumped entries, then apply at
         most PRUNE_STEP_ENTRIES of its decisions (a round that drops a whole
         start-up population hands them out over many steps). Returns the flows
         it dropped or added."""
-        assert self._dump is not None and self._prune is not None
+        ports = self._ports()
+        assert self._prune is not None
         started = self._clock()
         # The dumped entries as the start-up dump indexes them (same view).
-        prune, protocols, offloaded = self._prune, self.conntrack.protocols, self._indexed
+        prune, protocols, indexed = self._prune, ports.changes.protocols, self.book.indexed
         if not prune.finished:
             try:
-                flows, complete = self._dump.read(PRUNE_STEP_ENTRIES)
+                flows, complete = ports.dump.read(PRUNE_STEP_ENTRIES)
             except KernelError as exc:
                 # Only the round is lost (the index is as good as before it): say
                 # so, and try again next period.
@@ -371,7 +399,7 @@ class InvalidationService:
                 flows, complete = [], True
             for flow in flows:
                 if flow.orig.proto in protocols:
-                    prune.dumped(offloaded(flow))
+                    prune.dumped(indexed(flow))
             if complete:
                 prune.finish()
         gone, seen = prune.take(PRUNE_STEP_ENTRIES)
@@ -382,12 +410,12 @@ class InvalidationService:
         now = self._clock()
         self._prune_step_max = max(self._prune_step_max, now - started)
         if prune.finished and not prune.done:
-            # Decisions left and the dump socket drained: the wake pipe makes the
+            # Decisions left and the dump socket drained: the wake-up makes the
             # next select (ours or the agent's) return at once for the next batch.
-            self.wake()
+            ports.waiter.wake()
         if prune.done:
             self._prune = None
-            self._schedule_prune()
+            self.schedule.prune_ended(now)
             st = self.stats
             if prune.overflowed:
                 st.prunes_abandoned += 1
@@ -406,7 +434,7 @@ class InvalidationService:
                     "gone": prune.gone,
                     "added": prune.added,
                     "changed": prune.changed,
-                    "indexed": len(self._engine) if self._engine is not None else 0,
+                    "indexed": len(self.engine),
                     "seconds": round(st.last_prune_seconds, 3),
                     "longest_step_ms": round(self._prune_step_max * 1000, 1),
                 }
@@ -414,156 +442,103 @@ class InvalidationService:
         return len(gone) + len(seen)
 
     # -- engine <-> kernel ---------------------------------------------------------
-    def _offloaded(self, flow: Flow) -> Flow:
-        if self.only_offloaded:
-            return flow
-        return replace(flow, status=flow.status | IPS_OFFLOAD)
-
-    def _indexed(self, flow: Flow) -> Flow:
-        """``flow`` as the index takes it: a TCP or UDP entry counts as possibly offloaded.
-
-        The kernel sets IPS_OFFLOAD WITHOUT an event when the packet that offloads
-        an entry changes nothing else in it. UDP needs no reply to be offloaded:
-        a flow whose second packet comes before any reply is offloaded silently,
-        its replies then take the fast path and never reach conntrack, so no event
-        ever says so (seen in the VM: ``[UNREPLIED] [OFFLOAD]``, its host's move
-        never repaired). TCP under a policy's ``min_packets`` is offloaded on a
-        later packet of an established entry, just as silently; entries we
-        re-created are handled in ``step``. A teardown asks the kernel first
-        (``_on_fast_path``), so entries still on the classic path are left alone.
-        """
-        flow = self._offloaded(flow)
-        if flow.orig.proto in _PORT_PROTOCOLS and not flow.status & IPS_OFFLOAD:
-            return replace(flow, status=flow.status | IPS_OFFLOAD)
-        return flow
-
-    def _name_of(self, ifindex: int) -> str:
-        link = self.watcher.caches.links.get(ifindex)
-        return link.name if link is not None else str(ifindex)
-
     def _emit(self, record: dict[str, Any]) -> None:
         if self._report is not None:
             self._report(record)
 
     def _handle(self, event: ev.Event) -> None:
-        assert self._engine is not None
+        engine = self.engine
+        if isinstance(event, ev.EventsLost):
+            self.stats.events_lost += 1
         if self._report_events and not isinstance(event, ev.FlowSeen | ev.FlowGone):
-            self._emit({"event": type(event).__name__} | _describe(event, self._name_of))
+            self._emit({"event": type(event).__name__} | _describe(event, engine.name))
         pending: list[ev.Event] = [event]
         while pending:
-            for action in self._engine.handle(pending.pop(0)):
+            for action in engine.handle(pending.pop(0)):
                 follow_up = self._act(action)
                 if follow_up is not None:
                     pending.append(follow_up)
 
     def _flush(self) -> None:
-        # Route answers can mark more flows stale: flush until the engine is quiet
-        # (bounded: each round resolves only addresses not yet answered).
-        assert self._engine is not None
-        for _ in range(8):
-            actions = self._engine.flush()
+        engine = self.engine
+        for _ in range(_FLUSH_ROUNDS):
+            actions = engine.flush()
             if not actions:
                 return
-            # Deletions first: they are what the event -> gone latency measures.
-            actions = sorted(actions, key=lambda a: not isinstance(a, ev.TearDownFlows))
-            for action in actions:
+            for action in actions:  # teardowns first (the engine's order)
                 follow_up = self._act(action)
                 if follow_up is not None:
                     self._handle(follow_up)
 
     def _act(self, action: ev.Action) -> ev.Event | None:
+        ports = self._ports()
         if isinstance(action, ev.ResolveRoutes):
-            assert self._rt is not None
-            routes = lookup_routes_on(self._rt, action.addresses)
-            return ev.RoutesResolved(routes=routes)
+            return ev.RoutesResolved(routes=ports.routes.lookup(action.addresses))
         if isinstance(action, ev.Resync):
             self.stats.resyncs += 1
             self._emit({"decision": "resync", "source": action.source})
             if action.source == "rtnl":
-                # The watcher dumped and diffed when it saw the overflow; its
-                # caches are the fresh dump.
-                return self.watcher.snapshot()
+                return ports.rtnl.snapshot()
             if self._prune is not None:
                 # The re-dump below does the round's job; its records would look
                 # unconfirmed to the round. The round reads its dump to the end
                 # (the only way to stop the kernel's) and decides nothing.
                 self._prune.abandon()
-            return ev.FlowsDumped(flows=tuple(map(self._indexed, self.conntrack.dump())))
+            return ev.FlowsDumped(flows=tuple(map(self.book.indexed, ports.changes.dump())))
         if isinstance(action, ev.AwaitNeighbour):
-            self._waits.setdefault((action.ifindex, action.ip), self._clock() + NEXT_HOP_WAIT)
-            dev = {"dev": self._name_of(action.ifindex), "dev_ifindex": action.ifindex}
-            self._emit({"decision": "waiting for next hop", "ip": action.ip} | dev)
+            if self.schedule.wait(action.ifindex, action.ip, self._clock()):
+                dev = {"dev": self.engine.name(action.ifindex), "dev_ifindex": action.ifindex}
+                self._emit({"decision": "waiting for next hop", "ip": action.ip} | dev)
             return None
         if isinstance(action, ev.FlowsMarkedStale):
             self._emit({"decision": "stale", "cause": action.cause, "flows": len(action.flows)})
             return None
-        if isinstance(action, ev.TearDownFlows):
-            self._teardown(action)
+        if isinstance(action, ev.TopologyChanged):
+            if self._on_topology is not None:
+                self._on_topology(action)
+            return None
+        self._teardown(action)
         return None
 
-    def _on_fast_path(self, flows: tuple[Flow, ...]) -> tuple[list[Flow], list[Flow]]:
-        """(offloaded, still there but not offloaded) as the kernel says now (one
-        batched CT_GET): the index holds entries that may be offloaded
-        (``_indexed``, re-created ones); the others are left alone."""
-        if not self.only_offloaded:  # the test-only switch: all are offloaded
-            return list(flows), []
-        assert self._ct is not None
-        offloaded: list[Flow] = []
-        idle: list[Flow] = []
-        for flow, status in self._ct.statuses(flows):
-            if status is not None:
-                (offloaded if status & IPS_OFFLOAD else idle).append(flow)
-        return offloaded, idle
-
     def _teardown(self, action: ev.TearDownFlows) -> None:
+        """Live flows first, then those found idle last time (``FlowBook.order``);
+        per group, the kernel says which are offloaded now (one batched CT_GET) and
+        only those are torn down; the others stay indexed."""
         if not action.flows:
             return
-        judged = len(action.flows)
-        idle_before = self._idle
-        # Entries found idle last time go second: each check costs a round of
-        # CT_GET decoding, and what users wait for is the live flows' repair.
-        groups = (
-            [f for f in action.flows if (f.zone, f.orig) not in idle_before],
-            [f for f in action.flows if (f.zone, f.orig) in idle_before],
-        )
-        torn = 0
-        for group in groups:
+        book, torn = self.book, 0
+        for group in self.book.order(action.flows):
             if not group:
                 continue
-            flows, idle = self._on_fast_path(tuple(group))
+            if book.asks_kernel:
+                flows, idle = book.checked(self._ports().conntrack.statuses(group))
+            else:
+                flows, idle = group, []
             self.stats.not_offloaded += len(idle)
-            for flow in flows:
-                idle_before.pop((flow.zone, flow.orig), None)
             if flows:
                 torn += len(flows)
                 self._tear_down(flows, action.causes, len(group))
-            # Still indexed: the kernel may offload them later, silently (after
-            # the teardown line: what it costs is not on the repair's path).
+            # Still indexed (after the teardown line: what it costs is not on the
+            # repair's path): the kernel may offload them later, silently.
             for flow in idle:
-                self._idle[(flow.zone, flow.orig)] = None
-                self._handle(ev.FlowSeen(flow=replace(flow, status=flow.status | IPS_OFFLOAD)))
-        while len(self._idle) > self.settings.queue_size:  # bounded: oldest first out
-            del self._idle[next(iter(self._idle))]
+                self._handle(ev.FlowSeen(flow=flow))
         if not torn:
-            self._emit({"decision": "left alone: not offloaded", "flows": judged})
+            self._emit({"decision": "left alone: not offloaded", "flows": len(action.flows)})
 
     def _tear_down(self, flows: list[Flow], causes: tuple[str, ...], judged: int) -> None:
         deleted = gone = recreated = by_traffic = 0
         if not self.dry_run:
-            assert self._ct is not None
+            ct = self._ports().conntrack
             # Deleted = off the fast path (the kernel tears the offloaded flow
             # down with its entry); re-creating keeps NATed connections alive.
-            result = self._ct.delete(flows)
+            result = ct.delete(flows)
             deleted, gone = result.deleted, result.already_gone
             self.stats.last_event_to_deleted = self._clock() - self._event_time
-            if self._ct.last_deleted:
-                for flow in self._ct.last_deleted:
-                    self._recreated[(flow.zone, flow.orig)] = None
-                while len(self._recreated) > self.settings.queue_size:  # bounded
-                    del self._recreated[next(iter(self._recreated))]
+            if ct.last_deleted:
+                self.book.torn_down(ct.last_deleted)
                 # EEXIST: a packet reached conntrack between the delete and the
                 # re-create and the kernel made the entry itself (mid-stream pickup).
-                recreated, by_traffic = self._ct.reinject(self._ct.last_deleted)
+                recreated, by_traffic = ct.reinject(ct.last_deleted)
             self.stats.teardowns += 1
             self.stats.flows_torn_down += deleted
             self.stats.already_gone += gone

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from controlplane.agent import control, protocol
-from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED
+from controlplane.core.flowbook import TESTING_ALL_OFFLOADED
 from controlplane.errors import EnvironmentProblem
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from controlplane.kernel.ctnetlink.events import CtEvents

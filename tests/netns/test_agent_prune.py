@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from controlplane.agent.invalidation import TESTING_ALL_OFFLOADED
+from controlplane.core.flowbook import TESTING_ALL_OFFLOADED
 from controlplane.core.flowpath import CtTuple, Family, Flow
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from tests.netns.conftest import create_without_events

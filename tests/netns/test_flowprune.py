@@ -145,7 +145,7 @@ def test_events_keep_flowing_while_a_prune_reads_its_dump(make_netns: Callable[[
         ct.create((tcp(i, "10.0.1.1"), TIMEOUT) for i in range(many))
     service = start(netns, prune_seconds=3600, more=many)
     try:
-        service._next_prune = 0.0  # due now
+        service.schedule.prune_now()
         service.step(timeout=0)  # starts the round: the dump request is sent
         assert service._prune is not None
         with ConntrackSocket(netns) as ct:
@@ -202,9 +202,10 @@ def test_entries_that_begin_or_end_after_the_dump_are_left_to_their_events(
         with ConntrackSocket(netns) as ct:  # made with a listener: they report their end
             assert ct.create((tcp(i, "10.0.3.1"), TIMEOUT) for i in range(20)) == (20, 0)
         settle(service)
-        held = HeldDump(service._dump)
-        service._dump = held  # type: ignore[assignment]
-        service._next_prune = 0.0
+        assert service.ports is not None
+        held = HeldDump(service.ports.dump)
+        service.ports.dump = held
+        service.schedule.prune_now()
         service.step(timeout=0)
         assert service._prune is not None and held.flows  # the dump is taken, not yet handed
         with ConntrackSocket(netns) as ct:

@@ -27,7 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from controlplane.cli.common import app
-from controlplane.cli.flows import TESTING_ALL_OFFLOADED
+from controlplane.core.flowbook import TESTING_ALL_OFFLOADED
 from controlplane.core.flowpath import Flow
 from controlplane.kernel.ctnetlink.conntrack import dump_flows
 from controlplane.kernel.ctnetlink.events import CtEvents

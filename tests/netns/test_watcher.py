@@ -4,7 +4,8 @@ Lab: one namespace with bridge br0 and two veth ports p1, p2 (peers q1, q2 in
 the same namespace). Every assertion here holds on the host kernel; nothing
 needs the VM (the watcher only reads rtnetlink, which has no flowtable part).
 The VM suite proves the other half: that the flows these events point at
-stall without a teardown.
+stall without a teardown. The watcher keeps no cache: what it decodes is fed to
+the engine here, whose caches are the one topology cache (as the service does).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from controlplane.core import events as ev
+from controlplane.core.invalidation import Engine
 from controlplane.kernel.netlink import SOL_NETLINK
 from controlplane.kernel.rtnl.watcher import Watcher
 from controlplane.testing import Bridge, NetLab, Netns, Topology, Veth
@@ -67,30 +69,48 @@ def wait_for(
     raise AssertionError(f"no matching event within {timeout}s; saw {seen}")
 
 
-def test_start_up_dump_fills_the_caches(bridge_ns: str, watcher: Watcher) -> None:
-    names = {link.name for link in watcher.caches.links.values()}
+def engine_of(w: Watcher) -> Engine:
+    """An engine whose caches start from the watcher's snapshot."""
+    engine = Engine()
+    engine.handle(w.snapshot())
+    return engine
+
+
+def feed(engine: Engine, w: Watcher, events: list[ev.Event]) -> None:
+    """Events into the engine; a resync it asks for answered with a fresh snapshot."""
+    for event in events:
+        for action in engine.handle(event):
+            if isinstance(action, ev.Resync):
+                engine.handle(w.snapshot())
+
+
+def test_the_snapshot_dumps_links_fdb_and_neighbours(bridge_ns: str, watcher: Watcher) -> None:
+    sh("bridge", "fdb", "add", MAC, "dev", "p1", "master", "static", netns=bridge_ns)
+    topology = watcher.snapshot().topology
+    names = {link.name for link in topology.links.values()}
     assert {"br0", "p1", "p2", "q1", "q2", "lo"} <= names
-    br0 = _ifindex(bridge_ns, "br0")
-    assert watcher.caches.links[_ifindex(bridge_ns, "p1")].master == br0
-    assert watcher.caches.links[br0].kind == "bridge"
+    br0, p1 = _ifindex(bridge_ns, "br0"), _ifindex(bridge_ns, "p1")
+    assert topology.links[p1].master == br0
+    assert topology.links[br0].kind == "bridge"
+    assert topology.fdb[(br0, 0, MAC)] == p1
 
 
 def test_fdb_move_is_one_upsert_with_the_new_port(bridge_ns: str, watcher: Watcher) -> None:
     br0, p1, p2 = (_ifindex(bridge_ns, n) for n in ("br0", "p1", "p2"))
     sh("bridge", "fdb", "add", MAC, "dev", "p1", "master", "static", netns=bridge_ns)
-    wait_for(watcher, lambda e: isinstance(e, ev.FdbEntryChanged) and e.mac == MAC)
-    assert watcher.caches.fdb[(br0, 0, MAC)] == p1
+    seen = wait_for(watcher, lambda e: isinstance(e, ev.FdbEntryChanged) and e.mac == MAC)
+    assert ev.FdbEntryChanged(bridge=br0, vlan=0, mac=MAC, port=p1) in seen
 
     # The move: one RTM_NEWNEIGH with the new port, no delete.
     sh("bridge", "fdb", "replace", MAC, "dev", "p2", "master", "static", netns=bridge_ns)
     seen = wait_for(watcher, lambda e: isinstance(e, ev.FdbEntryChanged) and e.port == p2)
     assert ev.FdbEntryChanged(bridge=br0, vlan=0, mac=MAC, port=p2) in seen
     assert not any(isinstance(e, ev.FdbEntryRemoved) for e in seen)
-    assert watcher.caches.fdb[(br0, 0, MAC)] == p2
+    assert watcher.snapshot().topology.fdb[(br0, 0, MAC)] == p2
 
     sh("bridge", "fdb", "del", MAC, "dev", "p2", "master", netns=bridge_ns)
     wait_for(watcher, lambda e: e == ev.FdbEntryRemoved(bridge=br0, vlan=0, mac=MAC))
-    assert (br0, 0, MAC) not in watcher.caches.fdb
+    assert (br0, 0, MAC) not in watcher.snapshot().topology.fdb
 
 
 def test_neighbour_route_and_link_events(bridge_ns: str, watcher: Watcher) -> None:
@@ -121,7 +141,7 @@ def test_neighbour_route_and_link_events(bridge_ns: str, watcher: Watcher) -> No
     )
     sh("ip", "-n", ns, "link", "del", "p2")
     wait_for(watcher, lambda e: e == ev.LinkRemoved(ifindex=p2))
-    assert p2 not in watcher.caches.links
+    assert p2 not in watcher.snapshot().topology.links
 
 
 def _batch(netns: str, lines: list[str]) -> None:
@@ -156,23 +176,24 @@ def test_burst_overflows_and_the_resync_finds_every_change(bridge_ns: str) -> No
     macs = _macs(BURST)
     # 64 KiB (the smallest config value; the kernel doubles it) holds ~150 events.
     with Watcher(ns, rcvbuf=65_536) as w:
+        engine = engine_of(w)
         _batch(ns, [f"fdb add {m} dev p1 master static" for m in macs])
         first = w.poll()
         assert w.stats.overflows >= 1, "a 20,000-event burst must overflow a 128 KiB buffer"
-        assert any(isinstance(e, ev.EventsLost) for e in first)
-        learned = {e.mac for e in first if isinstance(e, ev.FdbEntryChanged) and e.port == p1}
-        assert learned >= set(macs)
+        assert first[-1] == ev.EventsLost(source="rtnl")  # the rest was drained
+        snapshots = w.stats.snapshots
+        feed(engine, w, first)
+        assert w.stats.snapshots == snapshots + 1  # the engine's resync
+        assert all(engine.topology().fdb[(br0, 0, m)] == p1 for m in macs)
 
         # Every MAC moves to p2 in one burst: each move must reach the engine.
         overflows = w.stats.overflows
         _batch(ns, [f"fdb replace {m} dev p2 master static" for m in macs])
         second = w.poll()
         assert w.stats.overflows > overflows
-        moved = {e.mac for e in second if isinstance(e, ev.FdbEntryChanged) and e.port == p2}
-        assert moved == set(macs)
-        assert all(w.caches.fdb[(br0, 0, m)] == p2 for m in macs)
+        feed(engine, w, second)
+        assert all(engine.topology().fdb[(br0, 0, m)] == p2 for m in macs)
         assert _fdb_ports(ns, "br0") == dict.fromkeys(macs, "p2")  # the kernel agrees
-        assert w.stats.resync_events > 0
 
 
 def test_reconcile_catches_a_change_that_was_never_announced(
@@ -180,8 +201,9 @@ def test_reconcile_catches_a_change_that_was_never_announced(
 ) -> None:
     ns = bridge_ns
     br0, p2 = _ifindex(ns, "br0"), _ifindex(ns, "p2")
+    engine = engine_of(watcher)
     sh("bridge", "fdb", "add", MAC, "dev", "p1", "master", "static", netns=ns)
-    wait_for(watcher, lambda e: isinstance(e, ev.FdbEntryChanged) and e.mac == MAC)
+    feed(engine, watcher, wait_for(watcher, lambda e: isinstance(e, ev.FdbEntryChanged)))
     # Leave the group: the move below produces no notification for this
     # socket, as with hardware-learned entries.
     sock = socket.socket(fileno=os.dup(watcher.fileno()))
@@ -189,14 +211,12 @@ def test_reconcile_catches_a_change_that_was_never_announced(
         sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, RTNLGRP_NEIGH)
         sh("bridge", "fdb", "replace", MAC, "dev", "p2", "master", "static", netns=ns)
         assert not any(isinstance(e, ev.FdbEntryChanged) for e in watcher.poll())
-        found = watcher.reconcile()
+        assert engine.topology().fdb[(br0, 0, MAC)] != p2
+        reconcile = watcher.snapshot(lost=False)
     finally:
         sock.close()
-    assert ev.FdbEntryChanged(bridge=br0, vlan=0, mac=MAC, port=p2) in found
-    # The move is now in the cache: a second reconcile does not report it again. (It may
-    # find what the kernel added meanwhile unannounced, e.g. a multicast neighbour such
-    # as 224.0.0.22 as the links join groups: the socket left the group above.)
-    assert [e for e in watcher.reconcile() if getattr(e, "mac", None) == MAC] == []
+    engine.handle(reconcile)  # the engine diffs it against its caches
+    assert engine.topology().fdb[(br0, 0, MAC)] == p2
 
 
 def test_a_lost_socket_is_reported_and_resynced(bridge_ns: str, watcher: Watcher) -> None:
@@ -205,8 +225,8 @@ def test_a_lost_socket_is_reported_and_resynced(bridge_ns: str, watcher: Watcher
     os.close(watcher.fileno())  # the socket dies under the watcher
     sh("bridge", "fdb", "add", MAC, "dev", "p1", "master", "static", netns=ns)
     got = watcher.poll()
-    assert got[0] == ev.EventsLost(source="rtnl")
-    assert ev.FdbEntryChanged(bridge=br0, vlan=0, mac=MAC, port=p1) in got
+    assert got == [ev.EventsLost(source="rtnl")]  # the engine's resync dumps what was missed
+    assert watcher.snapshot().topology.fdb[(br0, 0, MAC)] == p1
     assert watcher.stats.socket_errors == 1
     # and it keeps working on its new socket
     sh("bridge", "fdb", "del", MAC, "dev", "p1", "master", netns=ns)

@@ -32,6 +32,7 @@ from controlplane.core.events import (
     RoutesResolved,
     Snapshot,
     TearDownFlows,
+    TopologyChanged,
 )
 from controlplane.core.flowpath import (
     IPS_OFFLOAD,
@@ -89,6 +90,11 @@ class World:
                 self.links[link.ifindex] = link
             case LinkRemoved(ifindex=ifindex):
                 self.links.pop(ifindex, None)
+                # The kernel flushes the device's FDB and neighbour entries with it.
+                for key in [k for k, p in self.fdb.items() if ifindex in (p, k[0])]:
+                    del self.fdb[key]
+                for nkey in [k for k in self.neighbours if k[0] == ifindex]:
+                    del self.neighbours[nkey]
             case FdbEntryChanged(bridge=b, vlan=v, mac=m, port=p):
                 self.fdb[(b, v, m)] = p
             case FdbEntryRemoved(bridge=b, vlan=v, mac=m):
@@ -164,6 +170,7 @@ class Driver:
         self.engine = Engine(policy)
         self.notices: list[FlowsMarkedStale] = []
         self.resyncs: list[Resync] = []
+        self.topology: list[TopologyChanged] = []
         self.awaits: list[AwaitNeighbour] = []
         self.causes: list[str] = []  # of every flow torn down, in order
         self.send(Snapshot(topology=world.topology()))
@@ -195,6 +202,8 @@ class Driver:
                 self.notices.append(action)
             elif isinstance(action, Resync):
                 self.resyncs.append(action)
+            elif isinstance(action, TopologyChanged):
+                self.topology.append(action)
             else:
                 raise AssertionError(f"handle() returned {action!r}")
 
@@ -863,3 +872,31 @@ def test_torn_down_connections_remembered_are_bounded() -> None:
     back = [replace(f, id=f.id + 1) for f in torn]
     rechecked = [f for f in back if driver.send(FlowSeen(flow=f))]
     assert len(rechecked) == 1 and rechecked[0].orig == torn[-1].orig
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_topology_changed_is_noticed_exactly_when_the_links_change(data: st.DataObject) -> None:
+    driver = started()
+    assert len(driver.topology) == 1  # the first snapshot filled the link cache
+    assert driver.topology[0].links == driver.engine.topology().links
+    for _ in range(data.draw(st.integers(1, 25))):
+        event = data.draw(world_event(driver.world, list(ALL)))
+        if isinstance(event, tuple):
+            event = route_event(driver.world, *event[1:])
+        before = dict(driver.engine.topology().links)
+        noticed = len(driver.topology)
+        driver.send(event)
+        after = dict(driver.engine.topology().links)
+        assert len(driver.topology) == noticed + (before != after)
+        if before != after:
+            assert driver.topology[-1].links == after
+
+
+def test_flush_hands_out_teardowns_before_route_lookups() -> None:
+    driver = started()
+    driver.world.apply(NeighbourRemoved(ifindex=BR0, ip="10.0.0.3"))
+    driver.engine.handle(NeighbourRemoved(ifindex=BR0, ip="10.0.0.3"))
+    driver.engine.handle(route_event(driver.world, "0.0.0.0/0", Route(oif=WAN, gateway=GATEWAY)))
+    kinds = [type(a) for a in driver.engine.flush()]
+    assert kinds == [TearDownFlows, ResolveRoutes]
