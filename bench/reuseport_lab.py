@@ -15,6 +15,10 @@ server: a quiet phase, then the restarts ``--exec-gap`` seconds apart:
 - ``gunicorn``: gunicorn from PyPI serving a WSGI app, unchanged (the
   real-server row), at ``--gunicorn-rate`` HTTP requests/s.
 
+Two controls put something else where each restart would be, with no
+handover (the server keeps its first generation): ``SERVER:imports`` runs
+exec's own imports in a fresh interpreter; ``SERVER:idle`` waits 150 ms.
+
 Before them, the CPU one ``exec`` start costs (``-- /bin/true``: start, open
 the group, register, fork CMD, retire, exit), median of ``--startup-runs``,
 by each start. The package and the venv are byte-compiled first, as a
@@ -186,6 +190,11 @@ def read_records(path: Path) -> list[Record]:
     ]
 
 
+# What runs in each restart window of a control row instead of a restart.
+CONTROLS = {
+    "imports": [sys.executable, "-c", "import controlplane.agent.reuseport_exec"],
+    "idle": ["sleep", "0.15"],
+}
 # The typer command of 'reuseport exec', as offloadctl's main() ran it before
 # the fast start: pydantic's plugins off, then typer parses and runs it.
 TYPER_START = (
@@ -278,11 +287,15 @@ def run_server(
                     time.sleep(gap)
                 t = time.monotonic()
                 quiet_windows.append((calm, ms()))
-                execs.append(ExecProc(exec_argv(start, srv, bpffs, cmd), log))
-                wait_generation(group, gen, execs[-1])
-                handover.append((time.monotonic() - t) * 1000)
-                if execs[-2].proc.wait(60) != 0:
-                    raise RuntimeError(f"exec of generation {gen - 1} exited non-zero")
+                if start in CONTROLS:
+                    subprocess.run(CONTROLS[start], check=True, cwd=REPO)
+                    handover.append((time.monotonic() - t) * 1000)
+                else:
+                    execs.append(ExecProc(exec_argv(start, srv, bpffs, cmd), log))
+                    wait_generation(group, gen, execs[-1])
+                    handover.append((time.monotonic() - t) * 1000)
+                    if execs[-2].proc.wait(60) != 0:
+                        raise RuntimeError(f"exec of generation {gen - 1} exited non-zero")
                 calm = ms()
                 restart_windows.append(((t - t0) * 1000, calm))
             time.sleep(1.0)  # let the last handover's stragglers finish inside the run
@@ -384,7 +397,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--exec-servers",
         default="c-server,c-server:typer,gunicorn",
         help="servers restarted by 'reuseport exec' ('' to skip); SERVER:typer starts each"
-        " exec through the typer command (the baseline of the fast start)",
+        " exec through the typer command (the baseline of the fast start); SERVER:imports"
+        " and SERVER:idle are controls without restarts",
     )
     p.add_argument(
         "--startup-runs", type=int, default=10, help="exec start-up CPU samples (0 to skip)"
