@@ -78,6 +78,7 @@ bench-host: setup
 	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_invalidation.py
 	$(PY) bench/bench_agent.py
+	$(PY) bench/bench_startup.py
 	$(PY) bench/bench_reuseport.py
 
 bench-vm: setup
@@ -86,6 +87,8 @@ bench-vm: setup
 	    $(CURDIR)/$(PY) vm-tests/bench_invalidation_vm.py --runs 5
 	$(PY) vm-tests/run --results build/vm-bench-agent -- \
 	    $(CURDIR)/$(PY) bench/bench_agent.py --join-latency 100
+	$(PY) vm-tests/run --results build/vm-bench-startup -- \
+	    $(CURDIR)/$(PY) bench/bench_startup.py
 
 .PHONY: deb package-check
 

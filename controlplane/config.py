@@ -384,7 +384,7 @@ def _raise(issues: list[tuple[Loc, str]]) -> None:
         raise FieldErrors(issues)
 
 
-def _duplicates(items: list[str], field: str, what: str) -> list[tuple[Loc, str]]:
+def duplicate_issues(items: list[str], field: str, what: str) -> list[tuple[Loc, str]]:
     seen: dict[str, int] = {}
     issues: list[tuple[Loc, str]] = []
     for i, item in enumerate(items):
@@ -398,7 +398,7 @@ def _duplicates(items: list[str], field: str, what: str) -> list[tuple[Loc, str]
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _prefix_issues(nets: list[Net], field: str) -> list[tuple[Loc, str]]:
+def prefix_issues(nets: list[Net], field: str) -> list[tuple[Loc, str]]:
     """Duplicates and prefixes inside another of the same list: nft merges such a
     set into its covering prefix, so the rule it lists back differs from ours."""
     order = sorted(
@@ -423,7 +423,7 @@ def _show_ports(r: tuple[int, int]) -> str:
     return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
 
 
-def _port_issues(ranges: list[tuple[int, int]], field: str) -> list[tuple[Loc, str]]:
+def port_issues(ranges: list[tuple[int, int]], field: str) -> list[tuple[Loc, str]]:
     """Ports that repeat, overlap, or (in a list with a range) touch: nft stores
     such a set merged (``{ 22, 20-30 }`` lists as ``{ 20-30 }``, ``{ 22, 23,
     100-200 }`` as ``{ 22-23, 100-200 }``), so the rule it lists back would
@@ -458,7 +458,7 @@ def _families(nets: list[Net]) -> set[int]:
     return {n.version for n in nets}
 
 
-def _icmp_family_issues(
+def icmp_family_issues(
     protocols: list[str], saddr: list[Net], daddr: list[Net]
 ) -> list[tuple[Loc, str]]:
     """ICMP is IPv4's and ICMPv6 IPv6's: with prefixes of the other family only,
@@ -474,7 +474,7 @@ def _icmp_family_issues(
     ]
 
 
-def _family_issues(saddr: list[Net], daddr: list[Net]) -> list[tuple[Loc, str]]:
+def family_issues(saddr: list[Net], daddr: list[Net]) -> list[tuple[Loc, str]]:
     """A rule is rendered once per IP family; with both lists set, a prefix whose
     family the other list lacks would be left out of every rule."""
     if not saddr or not daddr:
@@ -522,8 +522,8 @@ class Flowtable(_Model):
 
     @model_validator(mode="after")
     def _devices(self) -> Flowtable:
-        issues = _duplicates(self.devices, "devices", "device")
-        issues += _duplicates(self.bridges, "bridges", "bridge")
+        issues = duplicate_issues(self.devices, "devices", "device")
+        issues += duplicate_issues(self.bridges, "bridges", "bridge")
         if not self.devices and not self.bridges:
             issues.append((("devices",), "a flowtable needs at least one device or bridge"))
         if len(self.devices) > FLOWTABLE_MAX_DEVICES:
@@ -556,17 +556,8 @@ class OffloadPolicy(_Model):
     )
 
     @model_validator(mode="after")
-    def _lists(self) -> OffloadPolicy:
-        _raise(
-            _duplicates(list(self.protocols), "protocols", "protocol")
-            + _duplicates(self.iifnames, "iifnames", "interface")
-            + _duplicates(self.oifnames, "oifnames", "interface")
-            + _prefix_issues(self.saddr, "saddr")
-            + _prefix_issues(self.daddr, "daddr")
-            + _family_issues(self.saddr, self.daddr)
-            + _port_issues(self.dport, "dport")
-            + _port_issues(self.sport, "sport")
-        )
+    def _matches(self) -> OffloadPolicy:
+        _raise(_match_issues(self))
         return self
 
 
@@ -576,7 +567,7 @@ class Masquerade(_Model):
 
     @model_validator(mode="after")
     def _prefixes(self) -> Masquerade:
-        _raise(_prefix_issues(self.saddr, "saddr"))
+        _raise(prefix_issues(self.saddr, "saddr"))
         return self
 
 
@@ -589,7 +580,7 @@ class SnatRule(_Model):
     def _prefixes(self) -> SnatRule:
         # The rule matches the family of `to`: a prefix of the other family
         # would never be translated (write one SNAT rule per family).
-        issues = _prefix_issues(self.saddr, "saddr")
+        issues = prefix_issues(self.saddr, "saddr")
         issues += [
             (
                 ("saddr", i),
@@ -651,23 +642,18 @@ class ForwardAccept(_Model):
     sport: list[PortRange] = Field(default_factory=_empty)
 
     @model_validator(mode="after")
-    def _check(self) -> ForwardAccept:
-        issues = (
-            _duplicates(list(self.protocols), "protocols", "protocol")
-            + _duplicates(self.iifnames, "iifnames", "interface")
-            + _duplicates(self.oifnames, "oifnames", "interface")
-            + _prefix_issues(self.saddr, "saddr")
-            + _prefix_issues(self.daddr, "daddr")
-            + _family_issues(self.saddr, self.daddr)
-            + _icmp_family_issues(list(self.protocols), self.saddr, self.daddr)
-            + _port_issues(self.dport, "dport")
-            + _port_issues(self.sport, "sport")
-        )
-        for key in ("dport", "sport"):
-            if getattr(self, key) and (not self.protocols or set(self.protocols) - {"tcp", "udp"}):
-                issues.append(((key,), "ports need protocols limited to tcp and/or udp"))
-        _raise(issues)
+    def _matches(self) -> ForwardAccept:
+        _raise(_match_issues(self))
         return self
+
+
+def _match_issues(entry: OffloadPolicy | ForwardAccept) -> list[tuple[Loc, str]]:
+    # The match table (core/matches.py) declares each match's checks; it imports
+    # this module, so it is imported here, by when both are loaded (this form of
+    # import skips importlib's Python-level fromlist handling: once per entry).
+    import controlplane.core.matches as matches
+
+    return matches.issues(entry)
 
 
 class ForwardConfig(_Model):
@@ -683,7 +669,7 @@ class ForwardConfig(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> ForwardConfig:
-        issues = _duplicates([a.name for a in self.accept], "accept", "name")
+        issues = duplicate_issues([a.name for a in self.accept], "accept", "name")
         if self.accept and self.policy == "accept":
             issues.append(
                 (("accept",), "accept entries need policy: drop (with accept, all is accepted)")
@@ -707,7 +693,7 @@ class NatConfig(_Model):
     @model_validator(mode="after")
     def _dnat_unique(self) -> NatConfig:
         keys = [d.key for d in self.dnat]
-        _raise(_duplicates(keys, "dnat", "port forward"))
+        _raise(duplicate_issues(keys, "dnat", "port forward"))
         return self
 
     def outside_interfaces(self) -> list[str]:
@@ -739,7 +725,7 @@ class ReuseportConfig(_Model):
 
     @model_validator(mode="after")
     def _names(self) -> ReuseportConfig:
-        issues = _duplicates([g.name for g in self.groups], "groups", "group")
+        issues = duplicate_issues([g.name for g in self.groups], "groups", "group")
         if not self.bpffs.startswith("/"):
             issues.append((("bpffs",), "must be an absolute path"))
         _raise(issues)
@@ -763,7 +749,7 @@ class InvalidationConfig(_Model):
 
     @model_validator(mode="after")
     def _watch(self) -> InvalidationConfig:
-        _raise(_duplicates(list(self.watch), "watch", "watch kind"))
+        _raise(duplicate_issues(list(self.watch), "watch", "watch kind"))
         return self
 
 
@@ -780,9 +766,9 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        issues = _duplicates([f.name for f in self.flowtables], "flowtables", "flowtable name")
-        issues += _duplicates([p.name for p in self.policies], "policies", "policy name")
-        issues += _duplicates([v.name for v in self.vlans], "vlans", "vlan name")
+        issues = duplicate_issues([f.name for f in self.flowtables], "flowtables", "flowtable name")
+        issues += duplicate_issues([p.name for p in self.policies], "policies", "policy name")
+        issues += duplicate_issues([v.name for v in self.vlans], "vlans", "vlan name")
         owner: dict[str, str] = {}
         for i, ft in enumerate(self.flowtables):
             for j, dev in enumerate(ft.devices):
@@ -847,7 +833,8 @@ class Config(_Model):
                     )
         keys = [f"{v.parent} {v.protocol} id {v.id}" for v in self.vlans]
         issues += [
-            (("vlans", loc[1]), msg) for loc, msg in _duplicates(keys, "vlans", "VLAN on parent")
+            (("vlans", loc[1]), msg)
+            for loc, msg in duplicate_issues(keys, "vlans", "VLAN on parent")
         ]
         return issues
 

@@ -51,6 +51,12 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
 }
 
 
+def one_line(what: BaseException | str) -> str:
+    """An error (or a message) as one line (a log line, a control answer, the
+    CLI's stderr): its non-blank lines joined by "; "."""
+    return "; ".join(line.strip() for line in str(what).splitlines() if line.strip())
+
+
 class ControlPlaneError(Exception):
     # An error without a more precise class is our bug: never 1, which means
     # "changes pending" to a script running `plan`.

@@ -298,11 +298,14 @@ def _json_lines(text: str) -> _Lines | None:
     """Line numbers for a JSON text, only needed when reporting a problem.
 
     JSON is YAML 1.2, so the YAML composer finds them (and the path and line
-    of a duplicate key); best effort: None if that fails."""
+    of a duplicate key); best effort: None if the text is beyond it (not a bug
+    of ours: that is raised)."""
     try:
         return _compose_yaml(text)[1]
-    except Exception:
-        return None
+    except Exception as exc:
+        if isinstance(exc, _YamlProblem) or _parser_issue(exc) is not None:
+            return None
+        raise
 
 
 def _json_depth_ok(data: Any) -> None:
@@ -421,24 +424,29 @@ def load_text(text: str, source: str | None = None, *, json_syntax: bool = False
             data, lines = _compose_yaml(text)
     except _YamlProblem as exc:
         raise ConfigError([ConfigIssue(exc.path, exc.message, exc.line)], source) from None
-    except Exception as exc:  # any parser failure is the input's fault: one line, exit 2
-        raise ConfigError([_parser_issue(exc)], source) from None
+    except Exception as exc:
+        issue = _parser_issue(exc)
+        if issue is None:  # not the input's fault but ours: exit 70 (cli/errors.py)
+            raise
+        raise ConfigError([issue], source) from None
     return parse_config(data, (lambda: _json_lines(text)) if json_syntax else lines, source)
 
 
-def _parser_issue(exc: BaseException) -> ConfigIssue:
-    import yaml
-
-    if isinstance(exc, yaml.YAMLError):
+def _parser_issue(exc: BaseException) -> ConfigIssue | None:
+    """What a parser's failure says about the input, in one line; None when it
+    says nothing about the input (a bug of ours, which must not be blamed on
+    the config)."""
+    yaml = sys.modules.get("yaml")  # loaded if the YAML parser ran
+    if yaml is not None and isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         return ConfigIssue(FILE, f"invalid YAML: {problem}", line)
-    if isinstance(exc, RecursionError):
+    if isinstance(exc, RecursionError):  # json.loads of a deeply nested text
         return ConfigIssue(FILE, "nested too deeply")
     if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
         return ConfigIssue(FILE, "a number longer than 4,300 digits")
-    return ConfigIssue(FILE, f"cannot parse: {type(exc).__name__}: {exc}")
+    return None
 
 
 def _read(stream: BinaryIO, source: str) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import IO, Any, Literal
 
 from controlplane.core.numbers import ascii_decimal
+from controlplane.errors import one_line
 
 LogFormat = Literal["plain", "json"]
 LOGGER_NAME = "offloadctl.agent"
@@ -100,7 +101,7 @@ class LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         if self._fmt_name == "plain":  # one line per decision, even for a multi-line message
-            msg = "; ".join(part.strip() for part in msg.splitlines() if part.strip())
+            msg = one_line(msg)
         doc: dict[str, Any] = {
             "level": record.levelname.lower(),
             "event": getattr(record, "event", "-"),

@@ -1,30 +1,27 @@
-"""The seams between the agent's loop and the kernel, as small Protocols.
+"""The seams between the agent's loop and what it drives, as small Protocols.
 
-The loop only ever calls these; :mod:`controlplane.agent.kernel_backend` holds
-the real implementations and unit tests inject fakes (tests/unit/test_agent_*).
+Every method the agent calls is declared here, so ``mypy --strict`` checks each
+call: ``controlplane.service.apply.KernelApplier`` and
+``controlplane.service.kernel_view.KernelObserver`` are the real Applier and
+Observer, ``controlplane.agent.invalidation.InvalidationSubsystem`` the real
+Subsystem; unit tests inject fakes (tests/unit/test_agent_*).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-from controlplane.agent.snapshot import KernelView
 from controlplane.agent.state import AppliedState
 from controlplane.config import Config
+from controlplane.core.flowpath import Link
+from controlplane.service.apply import ApplyOutcome
+from controlplane.service.kernel_view import KernelView
 
+if TYPE_CHECKING:
+    from controlplane.core.flowselect import Selector
 
-@dataclass(frozen=True)
-class ApplyOutcome:
-    changed: bool
-    summary: tuple[str, ...] = ()
-    seconds: float = 0.0
-    # reuseport group -> facts (prog id, pin dir, already loaded...)
-    reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Milliseconds per apply phase (lock, prepare, list+plan or plan, commit...):
-    # logged with a topology commit so a join's latency can be broken down.
-    phases: dict[str, float] = field(default_factory=dict)
-    flows_torn_down: int = 0  # offloaded flows of devices that left a flowtable
+__all__ = ["Applier", "ApplyOutcome", "Observer", "Subsystem"]
 
 
 class Applier(Protocol):
@@ -35,18 +32,34 @@ class Applier(Protocol):
         ...
 
     def cleanup(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
-        """Remove what we own (the table, our reuseport groups); one line per action."""
+        """Remove what we own (the table, our reuseport groups); one line per action.
+        Raises a ControlPlaneError naming what could not be removed."""
+        ...
+
+    def settle(self) -> None:
+        """Idle-time work after a commit is logged (what lets the next join skip
+        the listing)."""
+        ...
+
+    def plan_next_from(self, links: Mapping[int, Link]) -> None:
+        """Take the next apply's facts from this link cache instead of the kernel."""
         ...
 
 
 class Observer(Protocol):
-    def observe(self, cfg: Config, netns: str | None) -> KernelView: ...
+    def observe(self, cfg: Config, netns: str | None) -> KernelView:
+        """The whole view, conntrack counts included (off the loop thread)."""
+        ...
+
+    def observe_table(self, cfg: Config, netns: str | None) -> KernelView:
+        """The table part only (no conntrack dump): cheap enough for the loop."""
+        ...
 
     def flows(
-        self, cfg: Config, netns: str | None, limit: int, selector: Any, offloaded: bool
+        self, cfg: Config, netns: str | None, limit: int, selector: Selector | None, offloaded: bool
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Up to ``limit`` forwarded flows (``selector``: a ``core.flowselect.Selector``
-        or None) as ``offloadctl flows --json`` prints them, and whether more exist."""
+        """Up to ``limit`` forwarded flows as ``offloadctl flows --json`` prints
+        them, and whether more exist."""
         ...
 
 
@@ -56,6 +69,7 @@ class Subsystem(Protocol):
 
     name: str
     epoch: int  # bumped whenever fds() may have changed
+    woke_at: float  # wall clock of the last read of its sockets (join latency)
 
     def fds(self) -> list[int]:
         """Descriptors to wait on (may change after :meth:`reconfigure`)."""
@@ -73,6 +87,10 @@ class Subsystem(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Merged into the status' ``invalidation``: events, overflows, resyncs, by_cause."""
+        ...
+
+    def links(self) -> Mapping[int, Link] | None:
+        """Its link cache (ifindex -> Link) once filled; None when it has none."""
         ...
 
     def close(self) -> None: ...

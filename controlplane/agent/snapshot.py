@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from controlplane.service.kernel_view import KernelView
+
+__all__ = ["KernelView", "Outcome", "Snapshot"]
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -26,32 +30,6 @@ class Outcome:
     error: str | None = None
     issues: tuple[dict[str, Any], ...] = ()
     exit_code: int = 0  # the CLI's exit code for this error (controlplane.errors)
-
-
-@dataclass(frozen=True)
-class KernelView:
-    """Refreshed periodically from the kernel (off the loop thread); the table
-    part (``table_*``, flowtables, counters) also on every ``status`` request."""
-
-    at: float = 0.0  # the whole view, conntrack counts included
-    table_at: float = 0.0  # the table part alone
-    table_present: bool = False
-    flowtables: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    counters: dict[str, dict[str, int]] = field(default_factory=dict)
-    conntrack: int = 0
-    offloaded: int = 0
-    # Kernel truth for the verdict line (kernel/status.py): can it offload, and
-    # how many forwarded flows conntrack marks [OFFLOAD] (both directions hooked).
-    kernel: dict[str, Any] = field(default_factory=dict)  # {"can_offload", "reason"}
-    forwarded_flows: int = 0
-    forwarded_offloaded: int = 0
-    hw_offloaded: int = 0
-    # group -> {"target_generation", "generations": [...], "counters": {...}}
-    reuseport: dict[str, dict[str, Any]] = field(default_factory=dict)
-    error: str | None = None
-    # Forwarded packets/bytes by path ("fast", "classic"): monotonic totals
-    # (core/accounting.py), taken with the conntrack counts.
-    forwarded: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import typer
 from controlplane.agent.health import STALE_AFTER
 from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
-from controlplane.errors import EnvironmentProblem, ExitCode
+from controlplane.errors import EnvironmentProblem, ExitCode, one_line
 
 SocketOpt = Annotated[
     Path | None,
@@ -88,9 +88,10 @@ def agent(
     """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
     from controlplane import __version__
     from controlplane.agent import daemon, logs
-    from controlplane.agent.kernel_backend import KernelApplier, KernelObserver
     from controlplane.errors import ConfigError, ConfigIssue
     from controlplane.kernel.netns import entered, require_root
+    from controlplane.service.apply import KernelApplier
+    from controlplane.service.kernel_view import KernelObserver
 
     if log_format not in ("plain", "json"):
         raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
@@ -137,7 +138,7 @@ def agent(
         )
     except Exception as exc:
         # Also on the agent's own log stream, so a journal/JSON pipeline sees why it stopped.
-        log.error("start", f"cannot run: {'; '.join(str(exc).splitlines())}")
+        log.error("start", f"cannot run: {one_line(exc)}")
         raise
 
 

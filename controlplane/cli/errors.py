@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import functools
 import os
+import traceback
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import typer
 
-from controlplane.errors import ConfigError, ControlPlaneError, ExitCode, UnreadableConfig
+from controlplane.errors import (
+    ConfigError,
+    ControlPlaneError,
+    ExitCode,
+    UnreadableConfig,
+    one_line,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -19,10 +26,6 @@ R = TypeVar("R")
 
 def err(message: str) -> None:
     typer.echo(f"offloadctl: {message}", err=True)
-
-
-def one_line(exc: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -55,7 +58,10 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(ExitCode.ENVIRONMENT) from None
         except Exception as exc:
             if os.environ.get("OFFLOADCTL_DEBUG"):
-                raise
+                # The traceback, and still exit 70: a bare re-raise would exit 1,
+                # which scripts read as "plan: changes pending".
+                traceback.print_exc()
+                raise typer.Exit(ExitCode.INTERNAL) from None
             err(f"internal error: {type(exc).__name__}: {exc} (OFFLOADCTL_DEBUG=1 shows more)")
             raise typer.Exit(ExitCode.INTERNAL) from None
 

@@ -303,6 +303,12 @@ class Engine:
         """A device's name as the link cache has it (``if7`` when unknown)."""
         return self._topology.name(ifindex)
 
+    @property
+    def caches(self) -> Topology:
+        """The caches themselves (links, neighbours, FDB), to read without a copy (the
+        start-up gate, core/startup.py); change them through events."""
+        return self._topology
+
     def topology(self) -> Topology:
         """A copy of the caches (links, neighbours, FDB)."""
         return Topology(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from controlplane.config import check_ifname, check_objname
 from controlplane.errors import PlanError
@@ -55,11 +55,20 @@ class Stmt:
     """One nft expression/statement: its JSON object and its text, made together.
 
     Identity is the text (canonical: one builder per statement kind); the JSON
-    object rides along and is never mutated.
+    object rides along and is never mutated. ``shown`` is how ``nft list``
+    prints the statement back when that differs from the text beyond the order
+    of set elements (see :attr:`listed`); the builder that writes a statement
+    is the one place that knows.
     """
 
     text: str
     json: JSON = field(compare=False, hash=False, repr=False)
+    shown: str | None = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def listed(self) -> str:
+        """This statement as ``nft list`` prints it (anonymous set elements sorted)."""
+        return _sorted_sets(self.text if self.shown is None else self.shown)
 
 
 def _stmt(obj: JSON, text: str) -> Stmt:
@@ -126,6 +135,11 @@ def match_prefixes(fieldname: str, nets: list[IPv4Network] | list[IPv6Network]) 
         else:
             values.append({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
         texts.append(str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net))
+    return _match_payload(proto, fieldname, values, texts)
+
+
+def _match_payload(proto: str, fieldname: str, values: list[JSON], texts: list[str]) -> Stmt:
+    """``PROTO FIELD VALUE`` or ``PROTO FIELD { VALUE, ... }``."""
     rhs, text = _rhs(values, texts)
     return _stmt(
         {
@@ -168,7 +182,8 @@ def match_ct_state_new() -> Stmt:
 
 def match_tcp_not_syn() -> Stmt:
     flags = ["fin", "syn", "rst", "ack"]
-    return _stmt(
+    return Stmt(
+        "tcp flags & (fin | syn | rst | ack) != syn",
         {
             "match": {
                 "op": "!=",
@@ -176,7 +191,8 @@ def match_tcp_not_syn() -> Stmt:
                 "right": "syn",
             }
         },
-        "tcp flags & (fin | syn | rst | ack) != syn",
+        # nft lists it in its own short form; ours is the readable one (goldens)
+        "tcp flags != syn / fin,syn,rst,ack",
     )
 
 
@@ -188,17 +204,7 @@ def match_ports(proto: str, fieldname: str, ranges: list[tuple[int, int]]) -> St
     for low, high in ranges:
         values.append(low if low == high else {"range": [low, high]})
         texts.append(str(low) if low == high else f"{low}-{high}")
-    rhs, text = _rhs(values, texts)
-    return _stmt(
-        {
-            "match": {
-                "op": "==",
-                "left": {"payload": {"protocol": proto, "field": fieldname}},
-                "right": rhs,
-            }
-        },
-        f"{proto} {fieldname} {text}",
-    )
+    return _match_payload(proto, fieldname, values, texts)
 
 
 def match_ct_state(states: list[str]) -> Stmt:
@@ -262,8 +268,12 @@ def masquerade() -> Stmt:
 def snat(addr: IPv4Address | IPv6Address) -> Stmt:
     fam = "ip" if addr.version == 4 else "ip6"
     text = str(addr)  # once: ipaddress formats on every str()
-    shown = text if addr.version == 4 else f"[{text}]"
-    return _stmt({"snat": {"family": fam, "addr": text}}, f"snat {fam} to {shown}")
+    if addr.version == 4:
+        return _stmt({"snat": {"family": fam, "addr": text}}, f"snat {fam} to {text}")
+    # an IPv6 address without a port is listed without brackets
+    return Stmt(
+        f"snat {fam} to [{text}]", {"snat": {"family": fam, "addr": text}}, f"snat {fam} to {text}"
+    )
 
 
 def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
@@ -274,6 +284,8 @@ def dnat(addr: IPv4Address | IPv6Address, port: int | None) -> Stmt:
     if port is not None:
         obj["port"] = port
         shown += f":{port}"
+    elif addr.version == 6:  # listed without brackets when there is no port
+        return Stmt(f"dnat {fam} to {shown}", {"dnat": obj}, f"dnat {fam} to {text}")
     return Stmt(f"dnat {fam} to {shown}", {"dnat": obj})
 
 
@@ -343,14 +355,7 @@ def next_serial(serial: int) -> int:
 
 # --- canonical text: how nft lists what we send ----------------------------------
 
-# nft prints some statements differently from how they can be written; our
-# builders keep the readable form (goldens), the comparison uses nft's.
-_LISTED_AS = {
-    "tcp flags & (fin | syn | rst | ack) != syn": "tcp flags != syn / fin,syn,rst,ack",
-}
 _ANON_SET = re.compile(r"\{ ([^{}]*) \}")
-# an IPv6 NAT address without a port is listed without brackets
-_NAT6_NO_PORT = re.compile(r"^([sd]nat ip6 to )\[([0-9a-fA-F:.]+)\]$")
 
 
 def sort_set_elements(text: str) -> str:
@@ -359,27 +364,41 @@ def sort_set_elements(text: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _listed_stmt(text: str) -> str:
+def _sorted_sets(text: str) -> str:
     # Statements repeat across rules (interfaces, verdicts): canonicalise each once.
-    t = _NAT6_NO_PORT.sub(r"\1\2", _LISTED_AS.get(text, text))
-    return sort_set_elements(t) if "{ " in t else t
+    return sort_set_elements(text) if "{ " in text else text
 
 
-def canonical_body(texts: tuple[str, ...]) -> str:
+def canonical_body(stmts: tuple[Stmt, ...]) -> str:
     """The rule body as ``nft list`` shows it (stateless), set elements sorted."""
     out: list[str] = []
-    for i, t in enumerate(texts):
+    for i, s in enumerate(stmts):
+        t = s.text
         if t in ("meta nfproto ipv4", "meta nfproto ipv6"):
             proto = "ip " if t.endswith("4") else "ip6 "
             # nft drops a protocol dependency that a later match implies
-            if any(later.startswith(proto) for later in texts[i + 1 :]):
+            if any(later.text.startswith(proto) for later in stmts[i + 1 :]):
                 continue
-        out.append(_listed_stmt(t))
+        out.append(s.listed)
     return " ".join(out)
 
 
+class FlowtableDefinition:
+    """What of a flowtable cannot change in place (a change means delete and
+    recreate): the same for the one we want (:class:`Flowtable`) and the one
+    listed (``plan.ObservedFlowtable``)."""
+
+    priority: int
+    hw_offload: bool
+    counter: bool
+
+    @property
+    def definition(self) -> tuple[int, bool, bool]:
+        return (self.priority, self.hw_offload, self.counter)
+
+
 @dataclass(frozen=True)
-class Flowtable:
+class Flowtable(FlowtableDefinition):
     name: str
     priority: int
     devices: tuple[str, ...]  # sorted
@@ -390,11 +409,6 @@ class Flowtable:
         _require(is_objname(self.name), "flowtable name", self.name)
         for dev in self.devices:
             _require(is_ifname(dev), "device name", dev)
-
-    @property
-    def definition(self) -> tuple[int, bool, bool]:
-        """What cannot change in place: a change here means delete and recreate."""
-        return (self.priority, self.hw_offload, self.counter)
 
 
 @dataclass(frozen=True)
@@ -442,9 +456,7 @@ class Rule:
     @_once
     def listed(self) -> str:
         """This rule as ``nft -s list`` prints it: what drift detection compares."""
-        return canonical_body(tuple(s.text for s in self.stmts)) + (
-            f" comment {_quote(self.comment)}"
-        )
+        return canonical_body(self.stmts) + (f" comment {_quote(self.comment)}")
 
     @property
     def flowtable_ref(self) -> str | None:
@@ -491,22 +503,10 @@ class Ruleset:
 # does not, and libnftables parses it ~2x faster than JSON. Injection-proof by
 # construction: every name in it passed the config's parsers (see above),
 # numbers are ints, comments are checked for quotes.
-
-
-@dataclass(frozen=True)
-class Op:
-    """Base of transaction operations (knftables-style verbs)."""
-
-    def json(self, rs: TableRef) -> JSON:
-        raise NotImplementedError(f"{type(self).__name__} has no libnftables JSON form")
-
-    def text(self, rs: TableRef) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @property
-    def needs_text(self) -> bool:
-        """True when libnftables' JSON grammar cannot express this operation."""
-        return False
+#
+# Each operation is declared, not written: its fields, and a :class:`Form`
+# saying how nft spells it. One function writes every command's text and one
+# its JSON, so the two grammars are built side by side for every operation.
 
 
 @dataclass(frozen=True)
@@ -527,6 +527,94 @@ class TableRef:
         return f"{self.family} {self.table}"
 
 
+@dataclass(frozen=True)
+class Form:
+    """How nft spells one kind of operation.
+
+    Text: ``VERB OBJ FAMILY TABLE [REF] [{ BODY }]`` (a table is its own
+    object: ``VERB table FAMILY REF``, REF its name unless given), then the
+    command of ``then`` on the next line. JSON, when libnftables' JSON grammar
+    can say it: ``{VERB: {OBJ: {family, table, **json}}}``.
+    """
+
+    verb: str
+    obj: str | Callable[[Any], str]
+    ref: Callable[[Any], str | None] | None = None  # a name, "handle N"
+    body: Callable[[Any], str] | None = None
+    json: Callable[[Any], dict[str, JSON]] | None = None  # None: no JSON form
+    json_verb: str | None = None  # where JSON spells the verb otherwise
+    then: Form | None = None
+    needs_text: bool | Callable[[Any], bool] = False  # JSON cannot express it
+    names: tuple[tuple[str, str], ...] = ()  # (field, what): must pass ObjName
+    devices: str | None = None  # a field of device names: must pass IfName
+
+
+def _command(form: Form, op: Any, rs: TableRef) -> str:
+    obj = form.obj if isinstance(form.obj, str) else form.obj(op)
+    ref = form.ref(op) if form.ref is not None else None
+    if obj == "table":
+        line = f"{form.verb} table {rs.family} {ref or rs.table}"
+    else:
+        line = f"{form.verb} {obj} {rs.spec}" + (f" {ref}" if ref else "")
+    if form.body is not None:
+        line += f" {{ {form.body(op)} }}"
+    return line if form.then is None else line + "\n" + _command(form.then, op, rs)
+
+
+def _name(op: Any) -> str:
+    return str(op.name)
+
+
+def _named_json(op: Any) -> dict[str, JSON]:
+    return {"name": op.name}
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of transaction operations (knftables-style verbs): a subclass
+    declares its fields and its ``FORM``."""
+
+    FORM: ClassVar[Form]
+
+    def __post_init__(self) -> None:
+        form = self.FORM
+        for attr, what in form.names:
+            _require(is_objname(getattr(self, attr)), what, getattr(self, attr))
+        for dev in getattr(self, form.devices) if form.devices else ():
+            _require(is_ifname(dev), "device name", dev)
+
+    def json(self, rs: TableRef) -> JSON:
+        form = self.FORM
+        if form.json is None:
+            raise NotImplementedError(f"{type(self).__name__} has no libnftables JSON form")
+        obj = form.obj if isinstance(form.obj, str) else form.obj(self)
+        where = {"family": rs.family, "name": rs.table} if obj == "table" else rs.base
+        return {form.json_verb or form.verb: {obj: {**where, **form.json(self)}}}
+
+    def text(self, rs: TableRef) -> str:
+        return _command(self.FORM, self, rs)
+
+    @property
+    def needs_text(self) -> bool:
+        """True when libnftables' JSON grammar cannot express this operation."""
+        needs = self.FORM.needs_text
+        return needs if isinstance(needs, bool) else needs(self)
+
+
+@dataclass(frozen=True)
+class NamedOp(Op):
+    """An operation on one named object of the table, the same in both grammars:
+    ``VERB OBJ FAMILY TABLE NAME`` and ``{VERB: {OBJ: {family, table, name}}}``;
+    a subclass names its verb and object (``class AddCounter(NamedOp,
+    verb="add", obj="counter")``)."""
+
+    name: str
+
+    def __init_subclass__(cls, *, verb: str, obj: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.FORM = Form(verb, obj, _name, json=_named_json, names=(("name", f"{obj} name"),))
+
+
 def _ft_devices_text(devices: tuple[str, ...]) -> str:
     return "devices = { " + ", ".join(_quote(d) for d in devices) + " };"
 
@@ -538,11 +626,13 @@ class CreateTable(Op):
     exists, so a table someone made after we listed it absent is never written.
     The marker is a comment, which the kernel only takes at creation."""
 
-    def json(self, rs: TableRef) -> JSON:
-        return {"add": {"table": {"family": rs.family, "name": rs.table}}}
-
-    def text(self, rs: TableRef) -> str:
-        return f"create table {rs.spec} {{ comment {_quote(TABLE_MARKER)}; }}"
+    FORM = Form(
+        "create",
+        "table",
+        body=lambda op: f"comment {_quote(TABLE_MARKER)};",
+        json=lambda op: {},
+        json_verb="add",
+    )
 
 
 @dataclass(frozen=True)
@@ -552,8 +642,7 @@ class ResetTableFlags(Op):
     Only ever after the serial swap, so it cannot create a table that vanished
     meanwhile."""
 
-    def text(self, rs: TableRef) -> str:
-        return f"add table {rs.spec}"
+    FORM = Form("add", "table")
 
 
 @dataclass(frozen=True)
@@ -563,13 +652,18 @@ class DeleteTable(Op):
 
     handle: int = 0
 
-    def json(self, rs: TableRef) -> JSON:
-        return {"delete": {"table": {"family": rs.family, "name": rs.table}}}
+    FORM = Form(
+        "delete",
+        "table",
+        lambda op: f"handle {int(op.handle)}" if op.handle else None,
+        json=lambda op: {},
+    )
 
-    def text(self, rs: TableRef) -> str:
-        if self.handle:
-            return f"delete table {rs.family} handle {int(self.handle)}"
-        return f"delete table {rs.spec}"
+
+def _serial(verb: str, field: str, then: Form | None = None) -> Form:
+    return Form(
+        verb, "element", lambda op: SERIAL_SET, lambda op: str(int(getattr(op, field))), then=then
+    )
 
 
 @dataclass(frozen=True)
@@ -580,11 +674,13 @@ class AddSerial(Op):
 
     value: int
 
-    def text(self, rs: TableRef) -> str:
-        return (
-            f"create set {rs.spec} {SERIAL_SET} {{ type inet_service; }}\n"
-            f"add element {rs.spec} {SERIAL_SET} {{ {int(self.value)} }}"
-        )
+    FORM = Form(
+        "create",
+        "set",
+        lambda op: SERIAL_SET,
+        lambda op: "type inet_service;",
+        then=_serial("add", "value"),
+    )
 
 
 @dataclass(frozen=True)
@@ -594,11 +690,7 @@ class SwapSerial(Op):
     old: int
     new: int
 
-    def text(self, rs: TableRef) -> str:
-        return (
-            f"delete element {rs.spec} {SERIAL_SET} {{ {int(self.old)} }}\n"
-            f"add element {rs.spec} {SERIAL_SET} {{ {int(self.new)} }}"
-        )
+    FORM = _serial("delete", "old", then=_serial("add", "new"))
 
 
 class ObjKind(StrEnum):
@@ -625,6 +717,16 @@ class ObjKind(StrEnum):
 BY_NAME_ONLY = frozenset({ObjKind.CT_HELPER, ObjKind.CT_TIMEOUT, ObjKind.CT_EXPECTATION})
 
 
+def _by_handle_obj(op: DeleteByHandle) -> str:
+    kind = ObjKind(op.kind)
+    # A map is a set to the kernel; "delete map ... handle" is not in the grammar.
+    return "set" if kind is ObjKind.MAP else kind.value
+
+
+def _by_handle_ref(op: DeleteByHandle) -> str:
+    return op.name if op.kind in BY_NAME_ONLY else f"handle {int(op.handle)}"
+
+
 @dataclass(frozen=True)
 class DeleteByHandle(Op):
     """Delete an object found in the listing (hand-added): by its kernel handle,
@@ -634,17 +736,31 @@ class DeleteByHandle(Op):
     handle: int
     name: str  # for people, and the command for BY_NAME_ONLY kinds
 
+    FORM = Form("delete", _by_handle_obj, _by_handle_ref)
+
     def __post_init__(self) -> None:
         if self.kind in BY_NAME_ONLY:
             _require(is_objname(self.name), f"{ObjKind(self.kind).value} name", self.name)
 
-    def text(self, rs: TableRef) -> str:
-        kind = ObjKind(self.kind)
-        if kind in BY_NAME_ONLY:
-            return f"delete {kind.value} {rs.spec} {self.name}"
-        # A map is a set to the kernel; "delete map ... handle" is not in the grammar.
-        verb = "set" if kind is ObjKind.MAP else kind.value
-        return f"delete {verb} {rs.spec} handle {int(self.handle)}"
+
+def _flowtable_body(op: AddFlowtable) -> str:
+    ft = op.ft
+    body = f"hook ingress priority {int(ft.priority)};"
+    if ft.devices:
+        body += " " + _ft_devices_text(ft.devices)
+    if ft.hw_offload:
+        body += " flags offload;"
+    if ft.counter:
+        body += " counter;"
+    return body
+
+
+def _flowtable_json(op: AddFlowtable) -> dict[str, JSON]:
+    ft = op.ft
+    obj: dict[str, JSON] = {"name": ft.name, "hook": "ingress", "prio": ft.priority}
+    if ft.devices:
+        obj["dev"] = list(ft.devices)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -653,31 +769,15 @@ class AddFlowtable(Op):
 
     ft: Flowtable
 
-    @property
-    def needs_text(self) -> bool:
+    FORM = Form(
+        "add",
+        "flowtable",
+        lambda op: op.ft.name,
+        _flowtable_body,
+        _flowtable_json,
         # libnftables-json(5) of nft 1.0.x has no flowtable flags.
-        return self.ft.hw_offload or self.ft.counter
-
-    def json(self, rs: TableRef) -> JSON:
-        obj: dict[str, JSON] = {
-            **rs.base,
-            "name": self.ft.name,
-            "hook": "ingress",
-            "prio": self.ft.priority,
-        }
-        if self.ft.devices:
-            obj["dev"] = list(self.ft.devices)
-        return {"add": {"flowtable": obj}}
-
-    def text(self, rs: TableRef) -> str:
-        body = f"hook ingress priority {int(self.ft.priority)};"
-        if self.ft.devices:
-            body += " " + _ft_devices_text(self.ft.devices)
-        if self.ft.hw_offload:
-            body += " flags offload;"
-        if self.ft.counter:
-            body += " counter;"
-        return f"add flowtable {rs.spec} {self.ft.name} {{ {body} }}"
+        needs_text=lambda op: op.ft.hw_offload or op.ft.counter,
+    )
 
 
 @dataclass(frozen=True)
@@ -685,136 +785,72 @@ class DeleteFlowtableDevices(Op):
     name: str
     devices: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        _require(is_objname(self.name), "flowtable name", self.name)
-        for dev in self.devices:
-            _require(is_ifname(dev), "device name", dev)
-
-    @property
-    def needs_text(self) -> bool:
-        return True
-
-    def text(self, rs: TableRef) -> str:
-        # nft 1.0.x's JSON parser ignores "dev" on delete and would delete the
-        # whole flowtable: this operation only exists in the text grammar.
-        return f"delete flowtable {rs.spec} {self.name} {{ {_ft_devices_text(self.devices)} }}"
+    # nft 1.0.x's JSON parser ignores "dev" on delete and would delete the
+    # whole flowtable: this operation only exists in the text grammar.
+    FORM = Form(
+        "delete",
+        "flowtable",
+        _name,
+        lambda op: _ft_devices_text(op.devices),
+        needs_text=True,
+        names=(("name", "flowtable name"),),
+        devices="devices",
+    )
 
 
-@dataclass(frozen=True)
-class DeleteFlowtable(Op):
-    name: str
-
-    def __post_init__(self) -> None:
-        _require(is_objname(self.name), "flowtable name", self.name)
-
-    def json(self, rs: TableRef) -> JSON:
-        return {"delete": {"flowtable": {**rs.base, "name": self.name}}}
-
-    def text(self, rs: TableRef) -> str:
-        return f"delete flowtable {rs.spec} {self.name}"
+class DeleteFlowtable(NamedOp, verb="delete", obj="flowtable"):
+    """``delete flowtable FAMILY TABLE NAME``."""
 
 
-@dataclass(frozen=True)
-class AddCounter(Op):
-    name: str
-
-    def __post_init__(self) -> None:
-        _require(is_objname(self.name), "counter name", self.name)
-
-    def json(self, rs: TableRef) -> JSON:
-        return {"add": {"counter": {**rs.base, "name": self.name}}}
-
-    def text(self, rs: TableRef) -> str:
-        return f"add counter {rs.spec} {self.name}"
+class AddCounter(NamedOp, verb="add", obj="counter"):
+    """``add counter FAMILY TABLE NAME``."""
 
 
-@dataclass(frozen=True)
-class DeleteCounter(Op):
-    name: str
+class DeleteCounter(NamedOp, verb="delete", obj="counter"):
+    """``delete counter FAMILY TABLE NAME``."""
 
-    def __post_init__(self) -> None:
-        _require(is_objname(self.name), "counter name", self.name)
 
-    def json(self, rs: TableRef) -> JSON:
-        return {"delete": {"counter": {**rs.base, "name": self.name}}}
+def _chain_body(op: AddChain) -> str:
+    c = op.chain
+    return f"type {c.type} hook {Hook(c.hook).value} priority {int(c.priority)}; policy {c.policy};"
 
-    def text(self, rs: TableRef) -> str:
-        return f"delete counter {rs.spec} {self.name}"
+
+def _chain_json(op: AddChain) -> dict[str, JSON]:
+    c = op.chain
+    return {
+        "name": c.name,
+        "type": c.type,
+        "hook": c.hook.value,
+        "prio": c.priority,
+        "policy": c.policy,
+    }
 
 
 @dataclass(frozen=True)
 class AddChain(Op):
     chain: Chain
 
-    def json(self, rs: TableRef) -> JSON:
-        c = self.chain
-        return {
-            "add": {
-                "chain": {
-                    **rs.base,
-                    "name": c.name,
-                    "type": c.type,
-                    "hook": c.hook.value,
-                    "prio": c.priority,
-                    "policy": c.policy,
-                }
-            }
-        }
-
-    def text(self, rs: TableRef) -> str:
-        c = self.chain
-        return (
-            f"add chain {rs.spec} {c.name} {{ type {c.type} hook {Hook(c.hook).value}"
-            f" priority {int(c.priority)}; policy {c.policy}; }}"
-        )
+    FORM = Form("add", "chain", lambda op: op.chain.name, _chain_body, _chain_json)
 
 
-@dataclass(frozen=True)
-class FlushChain(Op):
-    name: str
-
-    def __post_init__(self) -> None:
-        _require(is_objname(self.name), "chain name", self.name)
-
-    def json(self, rs: TableRef) -> JSON:
-        return {"flush": {"chain": {**rs.base, "name": self.name}}}
-
-    def text(self, rs: TableRef) -> str:
-        return f"flush chain {rs.spec} {self.name}"
+class FlushChain(NamedOp, verb="flush", obj="chain"):
+    """``flush chain FAMILY TABLE NAME``."""
 
 
-@dataclass(frozen=True)
-class DeleteChain(Op):
-    name: str
+class DeleteChain(NamedOp, verb="delete", obj="chain"):
+    """``delete chain FAMILY TABLE NAME``."""
 
-    def __post_init__(self) -> None:
-        _require(is_objname(self.name), "chain name", self.name)
 
-    def json(self, rs: TableRef) -> JSON:
-        return {"delete": {"chain": {**rs.base, "name": self.name}}}
-
-    def text(self, rs: TableRef) -> str:
-        return f"delete chain {rs.spec} {self.name}"
+def _rule_json(op: AddRule) -> dict[str, JSON]:
+    r = op.rule
+    return {"chain": r.chain, "expr": [s.json for s in r.stmts], "comment": r.comment}
 
 
 @dataclass(frozen=True)
 class AddRule(Op):
     rule: Rule
 
-    def json(self, rs: TableRef) -> JSON:
-        return {
-            "add": {
-                "rule": {
-                    **rs.base,
-                    "chain": self.rule.chain,
-                    "expr": [s.json for s in self.rule.stmts],
-                    "comment": self.rule.comment,
-                }
-            }
-        }
-
-    def text(self, rs: TableRef) -> str:
-        return f"add rule {rs.spec} {self.rule.chain} {self.rule.text}"
+    FORM = Form("add", "rule", lambda op: f"{op.rule.chain} {op.rule.text}", json=_rule_json)
 
 
 @dataclass(frozen=True)

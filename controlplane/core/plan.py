@@ -55,17 +55,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ObservedFlowtable:
+class ObservedFlowtable(nft.FlowtableDefinition):
     name: str
     priority: int
     devices: frozenset[str]
     hw_offload: bool = False
     counter: bool = False
     handle: int = 0
-
-    @property
-    def definition(self) -> tuple[int, bool, bool]:
-        return (self.priority, self.hw_offload, self.counter)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from controlplane.config import Config, ForwardAccept, OffloadPolicy
-from controlplane.core import nft
+from controlplane.core import matches, nft
 from controlplane.core.devices import (
     CLASSIC_IN_OTHER,
     DeviceSet,
@@ -51,83 +51,23 @@ def _split(nets: list[IPv4Network | IPv6Network], version: int) -> list[IPv4Netw
     return [n for n in nets if n.version == version]
 
 
-def _l4(
-    protocols: list[str], dport: list[tuple[int, int]], sport: list[tuple[int, int]]
-) -> list[nft.Stmt]:
-    """Protocol and port matches, written the way nft lists them back: with ports
-    and one protocol, ``tcp dport 80`` (it implies ``meta l4proto tcp``)."""
-    out: list[nft.Stmt] = []
-    ports = dport or sport
-    if ports and len(protocols) == 1:
-        proto = protocols[0]
-    else:
-        if protocols:
-            out.append(nft.match_l4proto(protocols))
-        proto = "th"
-    if dport:
-        out.append(nft.match_ports(proto, "dport", dport))
-    if sport:
-        out.append(nft.match_ports(proto, "sport", sport))
-    return out
-
-
-def _by_family(
-    saddr: list[IPv4Network | IPv6Network], daddr: list[IPv4Network | IPv6Network]
-) -> list[tuple[int | None, list[nft.Stmt]]]:
-    """One entry per address family the prefixes allow (None: no prefix, any family)."""
-    if not saddr and not daddr:
-        return [(None, [])]
-    out: list[tuple[int | None, list[nft.Stmt]]] = []
-    for version in (4, 6):
-        s, d = _split(saddr, version), _split(daddr, version)
-        # A list that is set but has nothing of this family excludes the family.
-        if (saddr and not s) or (daddr and not d):
-            continue
-        stmts = []
-        if s:
-            stmts.append(nft.match_prefixes("saddr", s))  # type: ignore[arg-type]
-        if d:
-            stmts.append(nft.match_prefixes("daddr", d))  # type: ignore[arg-type]
-        out.append((version, stmts))
-    return out
+def _entry_rules(
+    entry: OffloadPolicy | ForwardAccept, label: str, tail: tuple[nft.Stmt, ...]
+) -> list[nft.Rule]:
+    """One rule per IP family the entry's prefixes allow: its matches (the
+    table in core/matches.py), then ``tail``."""
+    return [
+        nft.Rule("forward", (*stmts, *tail), label + (f" ipv{version}" if version else ""))
+        for version, stmts in matches.rules(entry)
+    ]
 
 
 def _policy_rules(pol: OffloadPolicy) -> list[nft.Rule]:
-    base: list[nft.Stmt] = []
-    if pol.iifnames:
-        base.append(nft.match_meta("iifname", pol.iifnames))
-    if pol.oifnames:
-        base.append(nft.match_meta("oifname", pol.oifnames))
-    l4 = _l4(list(pol.protocols), pol.dport, pol.sport)
-    if not pol.dport and not pol.sport:
-        # Kept first, as before issue 9, so existing rules keep their tags.
-        base.insert(0, l4.pop(0))
-    tail: list[nft.Stmt] = []
-    if pol.min_packets:
-        tail.append(nft.match_ct_packets_over(pol.min_packets))
-    tail += [nft.counter(), nft.flow_add(pol.flowtable)]
-    rules = []
-    for version, addrs in _by_family(pol.saddr, pol.daddr):
-        label = f"policy {pol.name}" + (f" ipv{version}" if version else "")
-        rules.append(nft.Rule("forward", (*base, *addrs, *l4, *tail), label))
-    return rules
+    return _entry_rules(pol, f"policy {pol.name}", (nft.counter(), nft.flow_add(pol.flowtable)))
 
 
 def _accept_rules(acc: ForwardAccept) -> list[nft.Rule]:
-    base: list[nft.Stmt] = []
-    if acc.iifnames:
-        base.append(nft.match_meta("iifname", acc.iifnames))
-    if acc.oifnames:
-        base.append(nft.match_meta("oifname", acc.oifnames))
-    # nft lists ICMPv6 by its /etc/protocols name.
-    protocols = ["ipv6-icmp" if p == "icmpv6" else p for p in acc.protocols]
-    l4 = _l4(protocols, acc.dport, acc.sport)
-    rules = []
-    for version, addrs in _by_family(acc.saddr, acc.daddr):
-        label = f"accept {acc.name}" + (f" ipv{version}" if version else "")
-        stmts = (*base, *addrs, *l4, nft.counter(), nft.verdict("accept"))
-        rules.append(nft.Rule("forward", stmts, label))
-    return rules
+    return _entry_rules(acc, f"accept {acc.name}", (nft.counter(), nft.verdict("accept")))
 
 
 def _default_deny_rules(cfg: Config) -> list[nft.Rule]:

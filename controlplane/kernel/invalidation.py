@@ -18,6 +18,7 @@ from controlplane.config import InvalidationConfig
 from controlplane.core.flowpath import Route
 from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket, DumpStream
 from controlplane.kernel.ctnetlink.events import CtEvents
+from controlplane.kernel.ctnetlink.lookup import CtLookup
 from controlplane.kernel.netlink import NetlinkSocket
 from controlplane.kernel.ports import InvalidationPorts
 from controlplane.kernel.rtnl.topology import lookup_routes_on
@@ -93,6 +94,7 @@ def open_ports(netns: str | None, settings: InvalidationConfig) -> InvalidationP
             dump=dump,
             routes=routes,
             waiter=waiter,
+            lookup=CtLookup(netns),
         )
         undo.pop_all()
     return ports

@@ -36,6 +36,7 @@ __all__ = [
     "BpfProgPort",
     "CtChangesPort",
     "CtDumpPort",
+    "CtLookupPort",
     "CtPort",
     "CtRequestPort",
     "DeleteOutcome",
@@ -280,9 +281,21 @@ class WaitPort(Protocol):
     def close(self) -> None: ...
 
 
+class CtLookupPort(Protocol):
+    """The conntrack entries of a few addresses without a full dump
+    (:class:`controlplane.kernel.ctnetlink.lookup.CtLookup`: kernel-filtered dumps)."""
+
+    def entries_of(self, addresses: Iterable[str]) -> list[Flow]:
+        """Every entry whose original or reply source is one of ``addresses``."""
+        ...
+
+
 @dataclass
 class InvalidationPorts:
-    """Everything the invalidation service touches in the kernel, for one namespace."""
+    """Everything the invalidation service touches in the kernel, for one namespace.
+
+    ``lookup`` None: topology events wait for the end of the start-up dump
+    (``service/startup.py`` acts on them during it when it can look entries up)."""
 
     rtnl: RtnlEventsPort
     changes: CtChangesPort
@@ -290,3 +303,4 @@ class InvalidationPorts:
     dump: CtDumpPort
     routes: RouteLookupPort
     waiter: WaitPort
+    lookup: CtLookupPort | None = None

@@ -8,10 +8,11 @@ from typing import Any
 from controlplane.core import nft, ownership
 from controlplane.core.devices import classic_path_report
 from controlplane.core.explain import status_line
-from controlplane.core.flowpath import IPS_HW_OFFLOAD, Topology, flow_egress_addresses
+from controlplane.core.flowpath import IPS_HW_OFFLOAD, Topology
 from controlplane.core.flowselect import select_flows
+from controlplane.core.flowtally import FlowTally
 from controlplane.core.plan import Plan
-from controlplane.kernel.ctnetlink.conntrack import dump_flows
+from controlplane.kernel.ctnetlink.conntrack import ConntrackSocket
 from controlplane.kernel.flowstate import named_counters
 from controlplane.kernel.netns import require_root
 from controlplane.kernel.nft.libnft import Nft
@@ -34,11 +35,16 @@ def collect(
     ctx = Nft(netns)
     can, why = capability or ctx.flowtables_supported()
     observed = ctx.list_table(ref)
-    flows = dump_flows(netns)
+    # Counted as the dump streams, never kept (core/flowtally.py: 100,000 entries
+    # were +75 MB of Flow objects per view); the answers below read the samples.
+    tally = FlowTally()
+    with ConntrackSocket(netns) as ct:
+        ct.dump_each(tally.add)
+    flows = tally.samples()
     # Forwarded = what ``offloadctl flows`` lists (core/flowselect): not to or from
     # us. Which addresses are ours is all it needs: one dump of the local table,
     # not a route lookup per address (3x a conntrack dump at 20k flows).
-    own = local_routes({a for f in flows for a in flow_egress_addresses(f)}, netns)
+    own = local_routes(tally.addresses(), netns)
     forwarded = [f for f, _ in select_flows(flows, Topology(routes=own), None)]
     decided = ownership.decide(observed)
     info: dict[str, Any] = {
@@ -47,11 +53,11 @@ def collect(
         "ownership": decided.ownership.value,
         "flowtables": [],
         "counters": {},
-        "conntrack": len(flows),
-        "offloaded": sum(1 for f in flows if f.offloaded),
-        "forwarded_flows": len(forwarded),
-        "forwarded_offloaded": sum(1 for f in forwarded if f.offloaded),
-        "hw_offloaded": sum(1 for f in forwarded if f.status & IPS_HW_OFFLOAD),
+        "conntrack": tally.total,
+        "offloaded": tally.weight(f for f in flows if f.offloaded),
+        "forwarded_flows": tally.weight(forwarded),
+        "forwarded_offloaded": tally.weight(f for f in forwarded if f.offloaded),
+        "hw_offloaded": tally.weight(f for f in forwarded if f.status & IPS_HW_OFFLOAD),
         "drift": [],
     }
     if observed is None:
@@ -79,9 +85,10 @@ def collect(
     )
     info["classic_path_by_input"] = [asdict(r) for r in report]
     half = half_offloaded_flows(flows, [r.ingress for r in report if r.suspect], netns)
-    info["offloaded"] -= len(half)
-    info["forwarded_offloaded"] -= len(half)
-    info["offloaded_one_direction"] = len(half)
+    halves = tally.weight(half)
+    info["offloaded"] -= halves
+    info["forwarded_offloaded"] -= halves
+    info["offloaded_one_direction"] = halves
     drift = [
         f"rule handle {r.handle} in chain {r.chain} is not ours" for r in observed.untagged_rules
     ]

@@ -34,9 +34,11 @@ from controlplane.config import InvalidationConfig
 from controlplane.core import events as ev
 from controlplane.core.flowbook import FlowBook
 from controlplane.core.flowindex import FlowIndex, PruneRound
-from controlplane.core.flowpath import Flow
+from controlplane.core.flowpath import Flow, Topology
 from controlplane.core.schedule import NEXT_HOP_WAIT, PRUNE_STEP_ENTRIES, Schedule
+from controlplane.core.startup import next_hops
 from controlplane.errors import KernelError
+from controlplane.service.startup import index_while_watching
 
 if TYPE_CHECKING:
     from controlplane.kernel.ports import InvalidationPorts
@@ -73,6 +75,11 @@ class Engine(Protocol):
 
     def name(self, ifindex: int) -> str:
         """A device's name as the engine's link cache has it."""
+        ...
+
+    @property
+    def caches(self) -> Topology:
+        """The engine's topology caches, to read (the start-up gate)."""
         ...
 
 
@@ -219,9 +226,11 @@ class InvalidationService:
             self._handle(ports.rtnl.snapshot())
             # The index is empty: streaming the dump as FlowSeen is the same as one
             # FlowsDumped, without a 100,000-entry tuple that would stay in the RSS.
-            handle, indexed = self._handle, self.book.indexed
-            ports.changes.dump_each(lambda flow: handle(ev.FlowSeen(flow=indexed(flow))))
+            held = self._index_at_start(ports)
             self._emit({"event": "FlowsDumped", "flows": len(engine)})
+            self._flush()
+            for event in held:
+                self._handle(event)
             self._flush()
         except BaseException:
             with contextlib.suppress(OSError):  # the start's own failure is the one to report
@@ -233,6 +242,40 @@ class InvalidationService:
             # (tens of ms). Process-wide, hence a constructor flag.
             gc.freeze()
         self.schedule.start(self._clock())
+
+    def _index_at_start(self, ports: InvalidationPorts) -> list[ev.Event]:
+        """The start-up dump into the index; topology events queued meanwhile acted on
+        during it (service/startup.py, core/startup.py) when the ports can look
+        entries up, else all handled after it. Returns the events held till then."""
+        handle, indexed, protocols = self._handle, self.book.indexed, ports.changes.protocols
+        if ports.lookup is None:
+            ports.changes.dump_each(lambda flow: handle(ev.FlowSeen(flow=indexed(flow))))
+            return []
+
+        def see(flow: Flow) -> None:
+            if flow.orig.proto in protocols:
+                handle(ev.FlowSeen(flow=indexed(flow)))
+
+        def act_on(event: ev.Event) -> None:
+            # Routes of what is indexed so far first (egress under the caches before
+            # the event), then the event, then its teardown: at once.
+            self._flush()
+            self._event_time = self._clock()
+            handle(event)
+            self._flush()
+
+        engine = self.engine
+        return index_while_watching(
+            dump=ports.dump,
+            events=ports.rtnl,
+            wait=ports.waiter.wait,
+            see=see,
+            act_on=act_on,
+            look_up=ports.lookup.entries_of,
+            caches=lambda: engine.caches,
+            next_hops=lambda: next_hops(engine.index),
+            limit=self.settings.queue_size,
+        )
 
     def stop(self) -> None:
         ports, self.ports = self.ports, None

@@ -378,6 +378,37 @@ def test_reuseport_groups_from_config(
     assert json.loads(b.state.read_text())["reuseport"]["groups"] == []
 
 
+def test_a_group_behind_a_hidden_bpffs_stays_owned(
+    make_agent: Callable[..., AgentProc], router: str, bpffs: Path
+) -> None:
+    """No bpffs at the configured path (``ip netns exec`` hides one under /sys)
+    does not mean the group is gone: the reload says so, the state keeps the
+    group, and once the bpffs is back the next reload unloads it."""
+    from controlplane.kernel.bpf.loader import group_pin_dir
+
+    rp = {"bpffs": str(bpffs), "groups": [{"name": "web", "max_listeners": 4}]}
+    a = make_agent({**NAT, "reuseport": rp}, "--watch-interval", "0").start()
+    elsewhere = Path(tempfile.mkdtemp(prefix="offloadctl-agent-bpffs-bind-"))
+    subprocess.run(["mount", "--bind", str(bpffs), str(elsewhere)], check=True)
+    try:
+        subprocess.run(["umount", "-l", str(bpffs)], check=True)  # pins live on, elsewhere
+        pins = Path(group_pin_dir(str(elsewhere), router, "web"))
+        a.write(NAT)
+        res = run("reload", "--socket", str(a.socket))
+        assert res.returncode == 0, res.stderr
+        assert "- reuseport group web" not in res.stdout and (pins / "prog").exists()
+        assert json.loads(a.state.read_text())["reuseport"]["groups"] == ["web"]
+        assert f"reuseport group web kept as ours: no bpffs mounted at {bpffs}" in a.log()
+        subprocess.run(["mount", "--bind", str(elsewhere), str(bpffs)], check=True)
+        res = run("reload", "--socket", str(a.socket))
+        assert res.returncode == 0, res.stderr
+        assert "- reuseport group web" in res.stdout and not pins.exists()
+        assert json.loads(a.state.read_text())["reuseport"]["groups"] == []
+    finally:
+        subprocess.run(["umount", "-l", str(elsewhere)], check=False)
+        elsewhere.rmdir()
+
+
 def test_sd_notify_and_metrics(make_agent: Callable[..., AgentProc], rundir: Path) -> None:
     notify_path = rundir / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -551,8 +582,8 @@ def test_status_and_flows_answered_by_the_agent(
 def test_link_cache_facts_render_like_the_kernels(netns: str) -> None:
     """A port join is planned from the watcher's link cache: the flowtable devices
     rendered from it equal those rendered from gather_facts (the kernel's)."""
-    from controlplane.agent.linkfacts import facts_from_links
     from controlplane.config import Config
+    from controlplane.core.linkfacts import facts_from_links
     from controlplane.core.render import render
     from controlplane.kernel.rtnl import topology
     from controlplane.kernel.rtnl.facts import gather_facts

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from controlplane.agent.ports import ApplyOutcome
 from controlplane.agent.snapshot import KernelView
 from controlplane.agent.state import AppliedState, StateError
 from controlplane.config import Config
+from controlplane.core.flowpath import Link
 from controlplane.errors import ConfigError, EnvironmentProblem, KernelError
 
 GOOD = "version: 1\nnat:\n  masquerade: [{oifname: wan0}]\n"
@@ -33,6 +36,8 @@ class FakeApplier:
     refuse: Exception | None = None
     applied: list[Config] = field(default_factory=list)
     cleaned: int = 0
+    settled: int = 0
+    links_hint: Mapping[int, Link] | None = None  # for the next apply only, as the real one
 
     def apply(self, cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
         if self.refuse is not None:
@@ -47,6 +52,12 @@ class FakeApplier:
         self.kernel = None
         self.cleaned += 1
         return ["deleted table inet offloadctl"]
+
+    def settle(self) -> None:
+        self.settled += 1
+
+    def plan_next_from(self, links: Mapping[int, Link]) -> None:
+        self.links_hint = links
 
 
 class FakeObserver:
@@ -75,7 +86,13 @@ def logbuf() -> io.StringIO:
 
 
 def make_agent(
-    tmp_path: Path, logbuf: io.StringIO, text: str = GOOD, **opts: Any
+    tmp_path: Path,
+    logbuf: io.StringIO,
+    text: str = GOOD,
+    *,
+    observer: FakeObserver | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+    **opts: Any,
 ) -> tuple[Agent, FakeApplier, Path]:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(text)
@@ -84,8 +101,9 @@ def make_agent(
     agent = Agent(
         AgentOptions(cfg, state_path=tmp_path / "state.json", **opts),
         applier,
-        FakeObserver(),
+        observer or FakeObserver(),
         log,
+        monotonic=monotonic,
     )
     return agent, applier, cfg
 
@@ -213,7 +231,8 @@ def test_stop_leaves_state_unless_cleanup(tmp_path: Path, logbuf: io.StringIO) -
 
 
 def test_flows_and_bad_limit(tmp_path: Path, logbuf: io.StringIO) -> None:
-    agent, _, _ = make_agent(tmp_path, logbuf)
+    observer = FakeObserver()
+    agent, _, _ = make_agent(tmp_path, logbuf, observer=observer)
     agent.start()
     doc = answer(agent, "flows", limit=2)["result"]
     # Always the kernel (the observer's conntrack reading), never the invalidation index.
@@ -221,8 +240,7 @@ def test_flows_and_bad_limit(tmp_path: Path, logbuf: io.StringIO) -> None:
     for bad in (-1, "3", True):
         assert answer(agent, "flows", limit=bad)["error"]["code"] == "bad_request"
     answer(agent, "flows", selector={"kind": "ip", "value": "10.0.0.1"}, offloaded=True)
-    observer = agent._observer
-    assert isinstance(observer, FakeObserver) and observer.asked is not None
+    assert observer.asked is not None
     assert (str(observer.asked[0]), observer.asked[1]) == ("ip 10.0.0.1", True)
     for bad_args in (
         {"selector": {"kind": "ip", "value": "10.0.0.300"}},
@@ -247,21 +265,22 @@ def test_status_opens_with_the_verdict(tmp_path: Path, logbuf: io.StringIO) -> N
 
 
 def test_handler_bug_is_answered_not_raised(tmp_path: Path, logbuf: io.StringIO) -> None:
-    agent, _, _ = make_agent(tmp_path, logbuf)
+    observer = FakeObserver()
+    agent, _, _ = make_agent(tmp_path, logbuf, observer=observer)
     agent.start()
 
     def broken(*_args: Any) -> tuple[list[dict[str, Any]], bool]:
         raise ZeroDivisionError("oops")
 
-    agent._observer.flows = broken  # type: ignore[method-assign,assignment]
+    observer.flows = broken  # type: ignore[method-assign,assignment]
     assert answer(agent, "flows")["error"]["code"] == "internal"
-    assert any("ZeroDivisionError" in line["msg"] for line in log_lines(logbuf))
+    bug = [line for line in log_lines(logbuf) if "ZeroDivisionError" in line["msg"]]
+    assert len(bug) == 1 and "Traceback" in bug[0]["traceback"]  # our bug: the log says where
 
 
 def test_topology_change_replans_with_bounded_retries(tmp_path: Path, logbuf: io.StringIO) -> None:
-    agent, applier, _ = make_agent(tmp_path, logbuf)
     now = [1000.0]
-    agent._monotonic = lambda: now[0]
+    agent, applier, _ = make_agent(tmp_path, logbuf, monotonic=lambda: now[0])
     agent.start()
     running = agent.running
     applies = len(applier.applied)
@@ -309,10 +328,9 @@ def test_topology_change_replans_with_bounded_retries(tmp_path: Path, logbuf: io
 def test_status_reads_the_table_not_conntrack(tmp_path: Path, logbuf: io.StringIO) -> None:
     """A status request must not hold the loop on a conntrack dump: the table part
     is refreshed inline, the conntrack counts are the periodic view's."""
-    agent, _, _ = make_agent(tmp_path, logbuf)
+    observer = FakeObserver()
+    agent, _, _ = make_agent(tmp_path, logbuf, observer=observer)
     agent.start()
-    observer = agent._observer
-    assert isinstance(observer, FakeObserver)
     dumps = observer.full
     k = answer(agent, "status")["result"]["kernel"]
     assert observer.full == dumps
@@ -328,6 +346,7 @@ class LinkSub:
 
     name = "links"
     epoch = 0
+    woke_at = 0.0
 
     def __init__(self) -> None:
         self.drained = 0
@@ -347,8 +366,8 @@ class LinkSub:
 
     def close(self) -> None: ...
 
-    def links(self) -> dict[int, str]:
-        return {7: "cached"}
+    def links(self) -> dict[int, Link]:
+        return {7: Link(7, "cached")}
 
 
 def test_replan_uses_link_cache_first_and_the_kernel_on_retry(
@@ -359,11 +378,11 @@ def test_replan_uses_link_cache_first_and_the_kernel_on_retry(
     agent.subsystems = (sub,)
     agent.start()
     seen: list[object] = []
-    applier.links_hint = None  # type: ignore[attr-defined]
+    applier.links_hint = None
 
     def once_refused(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
-        seen.append(applier.links_hint)  # type: ignore[attr-defined]
-        applier.links_hint = None  # type: ignore[attr-defined]  # consumed, as the real one
+        seen.append(applier.links_hint)
+        applier.links_hint = None  # consumed, as the real one
         if len(seen) == 1:
             raise EnvironmentProblem("device 'c3' vanished")
         return ApplyOutcome(True, ("+ device c4",))
@@ -371,7 +390,7 @@ def test_replan_uses_link_cache_first_and_the_kernel_on_retry(
     applier.apply = once_refused  # type: ignore[method-assign]
     agent.topology_changed()
     agent.reapply_if_needed()
-    assert seen == [{7: "cached"}, None]  # cache first; the retry asks the kernel
+    assert seen == [{7: Link(7, "cached")}, None]  # cache first; the retry asks the kernel
     assert sub.drained == 1  # after reading what the watcher queued meanwhile
 
 
@@ -408,3 +427,61 @@ def test_the_cli_default_drift_interval_is_the_daemons() -> None:
 
     default = inspect.signature(agent_cmd).parameters["drift_interval"].default
     assert default == daemon.DRIFT_CHECK
+
+
+def test_a_group_whose_removal_failed_stays_in_the_state(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    """The applier could not remove a group we own (no bpffs, permission denied):
+    the saved state keeps it (retried on the next apply) and the log says why."""
+    agent, applier, _ = make_agent(tmp_path, logbuf)
+    agent.start()
+    problem = "reuseport group old not removed, kept as ours: no bpffs mounted at /sys/fs/bpf"
+
+    def keeps(cfg: Config, netns: str | None, owned: AppliedState | None) -> ApplyOutcome:
+        return ApplyOutcome(
+            True, ("~ x",), kept_groups=("old",), kept_bpffs="/old/bpf", problems=(problem,)
+        )
+
+    applier.apply = keeps  # type: ignore[method-assign]
+    assert agent.reload("sighup").ok
+    saved = state_mod.load(tmp_path / "state.json")
+    assert saved is not None and saved.reuseport_groups == ("old",)
+    assert saved.reuseport_bpffs == "/old/bpf"  # looked for where it is pinned next time
+    errors = [line for line in log_lines(logbuf) if line["level"] == "error"]
+    assert [e["msg"] for e in errors] == [problem]
+
+
+class ClosingSub(LinkSub):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def close(self) -> None:
+        raise self.error
+
+
+def test_stop_reports_a_subsystem_that_fails_to_close_but_not_a_bug(
+    tmp_path: Path, logbuf: io.StringIO
+) -> None:
+    agent, _, _ = make_agent(tmp_path, logbuf)
+    agent.subsystems = (ClosingSub(OSError(9, "Bad file descriptor")),)
+    agent.start()
+    agent.stop()
+    assert any("Bad file descriptor" in d["msg"] for d in log_lines(logbuf) if d["event"] == "stop")
+    agent.subsystems = (ClosingSub(ZeroDivisionError("oops")),)
+    with pytest.raises(ZeroDivisionError):  # our bug: exit 70 through the CLI, not swallowed
+        agent.stop()
+
+
+def test_a_failed_cleanup_keeps_the_state(tmp_path: Path, logbuf: io.StringIO) -> None:
+    agent, applier, _ = make_agent(tmp_path, logbuf, cleanup_on_exit=True)
+    agent.start()
+
+    def fails(cfg: Config, netns: str | None, owned: AppliedState | None) -> list[str]:
+        raise EnvironmentProblem("reuseport group web left in place: permission denied")
+
+    applier.cleanup = fails  # type: ignore[method-assign]
+    agent.stop()
+    assert (tmp_path / "state.json").exists()
+    assert any("left in place" in d["msg"] for d in log_lines(logbuf) if d["level"] == "error")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -377,6 +378,8 @@ def test_cli_imports_only_what_validate_needs() -> None:
     assert "controlplane.config" in loaded
     heavy = {m for m in loaded if m.startswith(("controlplane.kernel", "controlplane.cli.ruleset"))}
     assert not heavy, heavy
+    # the match table checks the policies; the nft model it renders with waits
+    assert "controlplane.core.matches" in loaded and "controlplane.core.nft" not in loaded
 
 
 def test_only_one_shot_commands_run_without_the_cycle_collector() -> None:
@@ -392,3 +395,55 @@ def test_only_one_shot_commands_run_without_the_cycle_collector() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stderr.split() == ["False", "True", "True"], res.stderr
+
+
+# -- whose fault: only the input's problems are "invalid config" (exit 2) -----------
+
+
+def _bug(*args: object, **kwargs: object) -> NoReturn:
+    raise KeyError("a bug of ours")
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["yaml", "json"])
+def test_a_bug_while_parsing_is_not_blamed_on_the_config(
+    monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    monkeypatch.setattr(loader, "_json_depth_ok" if as_json else "_compose_yaml", _bug)
+    with pytest.raises(KeyError, match="a bug of ours"):
+        load_text('{"version": 1}', "t", json_syntax=as_json)
+
+
+def test_a_bug_finding_json_lines_is_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # lines are looked up only to report a problem: a duplicate key is one
+    monkeypatch.setattr(loader, "_compose_yaml", _bug)
+    with pytest.raises(KeyError, match="a bug of ours"):
+        load_text('{"version": 1, "flowtables": [{"name": "a b"}]}', "t", json_syntax=True)
+
+
+_BUGGY_VALIDATE = (
+    "import sys\nfrom controlplane import loader\n"
+    "def bug(text):\n    raise KeyError('a bug of ours')\n"
+    "loader._compose_yaml = bug\n"
+    "from controlplane.cli import main\nmain(['validate', sys.argv[1]])\n"
+)
+
+
+@pytest.mark.parametrize("debug", ["", "1"], ids=["plain", "debug"])
+def test_cli_a_bug_while_parsing_exits_70_not_2(debug: str) -> None:
+    res = subprocess.run(
+        [sys.executable, "-c", _BUGGY_VALIDATE, str(SEED)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OFFLOADCTL_DEBUG": debug},
+        timeout=60,
+        check=False,
+    )
+    assert "invalid config" not in res.stderr, res.stderr
+    if debug:  # the traceback, for whoever fixes it
+        assert "Traceback" in res.stderr and "KeyError: 'a bug of ours'" in res.stderr, res.stderr
+    else:
+        assert res.stderr == (
+            "offloadctl: internal error: KeyError: 'a bug of ours'"
+            " (OFFLOADCTL_DEBUG=1 shows more)\n"
+        )
+    assert res.returncode == 70, res.stderr  # debug too: 1 would read as "changes pending"

@@ -224,6 +224,12 @@ table inet pmtu {
 @pytest.mark.parametrize("topology", ["routed"], indirect=True)
 def test_new_goldens_load_in_the_kernel(topology: Topology) -> None:
     """The issue-9 examples' renderings (both grammars) pass the kernel's check."""
-    for stem in ("selftest-ports", "default-deny", "dnat-daddr", "vlan-bridge-port"):
+    for stem in (
+        "selftest-ports",
+        "default-deny",
+        "dnat-daddr",
+        "vlan-bridge-port",
+        "forward-accept",
+    ):
         ns_run(NSR, "nft", "-c", "-f", str(GOLDEN / f"{stem}.nft"))
         ns_run(NSR, "nft", "-c", "-j", "-f", str(GOLDEN / f"{stem}.json"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from topology import NS1, NS2, NSR, MiB, TcpStream, Topology, in_netns, offloadctl
 
-from controlplane.agent.kernel_backend import KernelObserver
 from controlplane.kernel.ctnetlink.accounting import entry_counters
 from controlplane.loader import load_config
+from controlplane.service.kernel_view import KernelObserver
 
 SIZE = 16 * MiB
 

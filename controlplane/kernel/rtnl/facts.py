@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from controlplane.config import Config
 from controlplane.core.devices import unhooked_directions
 from controlplane.core.flowpath import Flow, Link, flow_egress_addresses, resolve_paths
+from controlplane.core.linkfacts import bridge_link
 from controlplane.core.render import Facts
 from controlplane.errors import EnvironmentProblem, KernelError
 from controlplane.kernel.netlink import NetlinkSocket
@@ -45,10 +46,7 @@ def _gather(cfg: Config, netns: str | None) -> Facts:
             for bridge in ft.bridges:
                 if bridge in ports:
                     continue
-                found = get_link(nl, name=bridge)
-                if found is None or found.kind != "bridge":
-                    why = "no such device" if found is None else "not a bridge"
-                    raise EnvironmentProblem(f"flowtable {ft.name}: bridge {bridge}: {why}")
+                found = bridge_link(ft.name, bridge, get_link(nl, name=bridge))
                 members = ports_of(nl, found.ifindex)
                 ports[bridge] = tuple(sorted(m.name for m in members))
                 links[found.ifindex] = found
