@@ -1,7 +1,7 @@
 """The seams between the agent's loop and what it drives, as small Protocols.
 
 Every method the agent calls is declared here, so ``mypy --strict`` checks each
-call: ``controlplane.service.apply.KernelApplier`` and
+call: ``controlplane.service.applier.KernelApplier`` and
 ``controlplane.service.kernel_view.KernelObserver`` are the real Applier and
 Observer, ``controlplane.agent.invalidation.InvalidationSubsystem`` the real
 Subsystem; unit tests inject fakes (tests/unit/test_agent_*).
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from controlplane.agent.state import AppliedState
 from controlplane.config import Config
 from controlplane.core.flowpath import Link
-from controlplane.service.apply import ApplyOutcome
+from controlplane.service.applier import ApplyOutcome
 from controlplane.service.kernel_view import KernelView
 
 if TYPE_CHECKING:

@@ -90,7 +90,7 @@ def agent(
     from controlplane.agent import daemon, logs
     from controlplane.errors import ConfigError, ConfigIssue
     from controlplane.kernel.netns import entered, require_root
-    from controlplane.service.apply import KernelApplier
+    from controlplane.service.applier import KernelApplier
     from controlplane.service.kernel_view import KernelObserver
 
     if log_format not in ("plain", "json"):

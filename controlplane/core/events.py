@@ -125,6 +125,11 @@ def _check_index(value: int, field: str, *, zero: bool = False) -> None:
         raise ValueError(f"{field}: {value!r} is not an interface index")
 
 
+def _check_vlan(vlan: int) -> None:
+    if not 0 <= vlan < 4096:
+        raise ValueError(f"vlan: {vlan!r} is not a VLAN id (0-4095)")
+
+
 # -- events: links -----------------------------------------------------------
 
 
@@ -168,8 +173,7 @@ class FdbEntryChanged:
     def __post_init__(self) -> None:
         _check_index(self.bridge, "bridge")
         _check_index(self.port, "port")
-        if not 0 <= self.vlan < 4096:
-            raise ValueError(f"vlan: {self.vlan!r} is not a VLAN id (0-4095)")
+        _check_vlan(self.vlan)
         _set(self, "mac", canonical_mac(self.mac))
 
 
@@ -183,8 +187,7 @@ class FdbEntryRemoved:
 
     def __post_init__(self) -> None:
         _check_index(self.bridge, "bridge")
-        if not 0 <= self.vlan < 4096:
-            raise ValueError(f"vlan: {self.vlan!r} is not a VLAN id (0-4095)")
+        _check_vlan(self.vlan)
         _set(self, "mac", canonical_mac(self.mac))
 
 

@@ -17,7 +17,7 @@ from controlplane.core.linkfacts import bridge_link, facts_from_links, links_by_
 from controlplane.core.preflight import LinkInfo
 from controlplane.core.support import SupportMemo
 from controlplane.errors import EnvironmentProblem
-from controlplane.service.apply import _LinkNamesFromHint, _SupportCached
+from controlplane.service.applier import _LinkNamesFromHint, _SupportCached
 from tests.unit.fake_nft import FakeNft
 
 TIMES = st.floats(0, 100, allow_nan=False)

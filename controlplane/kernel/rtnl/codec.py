@@ -1,7 +1,7 @@
 """The rtnetlink codec: one definition per message type, for dumps and events alike.
 
 Links, neighbours/FDB and routes are decoded here and nowhere else: the
-watcher's notifications, the dumps that rebuild its caches, the topology
+watcher's notifications, its snapshots (the dumps the engine diffs), the topology
 snapshot and the route lookups all go through :func:`decode` /
 :func:`decode_route_lookup`. Hand-written over :mod:`controlplane.kernel.netlink`
 rather than pyroute2's decoder, which is ~10x slower per message
@@ -118,8 +118,8 @@ class RouteState:
 
 @dataclass
 class Caches:
-    """What the watcher knows of the namespace (what ``flowpath.Topology`` holds, plus
-    the route table entries seen, to diff after a lost stretch of route events)."""
+    """One dump of the namespace (what ``flowpath.Topology`` holds, plus the route table
+    entries seen); the watcher keeps none: the engine's caches are the one cache."""
 
     links: dict[int, Link] = field(default_factory=dict)
     fdb: dict[FdbKey, int] = field(default_factory=dict)
@@ -136,8 +136,7 @@ class Caches:
         )
 
     def add(self, change: Decoded) -> None:
-        """Record one message of a dump (events go through the watcher's ``apply``,
-        which also says what changed)."""
+        """Record one message of a dump (events go through the watcher's ``translate``)."""
         if isinstance(change, LinkMsg):
             _put(self.links, change.ifindex, change.link)
         elif isinstance(change, FdbMsg):
