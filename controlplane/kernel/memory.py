@@ -13,7 +13,13 @@ Why (docs/agent.md, "Memory"):
   trim threshold grows with the largest block it unmapped (mallopt(3),
   M_TRIM_THRESHOLD), and a helper thread's arena is trimmed only from its top.
 
-Both are best-effort: they change how much memory is resident, never what the
+- :func:`fix_malloc_thresholds`: ``mallopt(M_TRIM_THRESHOLD)`` and
+  ``mallopt(M_MMAP_THRESHOLD)`` at their defaults (128 KiB), set explicitly: that
+  turns glibc's dynamic adjustment off (mallopt(3)), so a block of 128 KiB or more
+  is its own mapping, unmapped when freed, and free memory at a heap's top goes back
+  at once, on whichever thread frees it (the drift check's nft listing, a view).
+
+All are best-effort: they change how much memory is resident, never what the
 program computes, so where they are missing (another libc, an old kernel) the
 answer is False and nothing else differs.
 """
@@ -22,10 +28,13 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["disable_thp", "release_free_heap", "thp_disabled"]
+__all__ = ["disable_thp", "fix_malloc_thresholds", "release_free_heap", "thp_disabled"]
 
 PR_SET_THP_DISABLE = 41  # include/uapi/linux/prctl.h
 PR_GET_THP_DISABLE = 42
+M_TRIM_THRESHOLD = -1  # glibc malloc.h
+M_MMAP_THRESHOLD = -3
+MALLOC_THRESHOLD = 128 * 1024  # both defaults (mallopt(3))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -50,3 +59,11 @@ def release_free_heap() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+def fix_malloc_thresholds() -> bool:
+    """glibc's trim and mmap thresholds fixed at their defaults; True when glibc took both."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return all(mallopt(p, MALLOC_THRESHOLD) == 1 for p in (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD))
