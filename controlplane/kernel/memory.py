@@ -1,12 +1,13 @@
-"""The agent's own memory: two process-wide knobs for a long-running Python heap.
+"""The agent's own memory: three process-wide knobs for a long-running Python heap.
 
 Why (docs/agent.md, "Memory"):
 
 - :func:`disable_thp`: ``prctl(PR_SET_THP_DISABLE)``. With transparent huge pages
-  in mode ``always`` (Debian's default) an anonymous mapping is backed by 2 MiB
+  in mode ``always`` (Debian's kernels, the VM's 6.1) an anonymous mapping is backed by 2 MiB
   pages, so a sparsely used Python heap (1 MiB obmalloc arenas, malloc's heaps)
   is resident by the 2 MiB. The flag is per process, inherited by children
-  (Documentation/admin-guide/mm/transhuge.rst, "prctl"; prctl(2)).
+  (PR_SET_THP_DISABLE(2const), prctl(2); the modes: the kernel's
+  Documentation/admin-guide/mm/transhuge.rst).
 - :func:`release_free_heap`: glibc's ``malloc_trim(0)`` hands free pages of every
   malloc arena back to the kernel (malloc_trim(3)). A conntrack dump frees
   megabytes of buffers and temporaries that malloc otherwise keeps: its dynamic
