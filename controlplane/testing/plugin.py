@@ -106,6 +106,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from controlplane.testing.remote import RemoteRun
 
     config.stash[_REMOTE] = RemoteRun(config, marked, config.getoption("offload_vm_timeout"))
+    if config.pluginmanager.hasplugin("timeout"):
+        # The first VM test's protocol runs the whole VM session (boot, every test,
+        # waiting for another run's VM): bounded by --offload-vm-timeout, not by
+        # pytest-timeout's per-test limit, which would end the session mid-run.
+        for item in marked:
+            item.add_marker(pytest.mark.timeout(0))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -45,6 +45,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controlplane.errors import EnvironmentProblem
+from controlplane.kernel.flock import lock_exclusive
+
 
 def default_cache_dir() -> Path:
     """Where the decompressed kernel, the initramfs and the job script live between runs:
@@ -553,8 +556,12 @@ MACHINE_LOCK = Path("/run/lock/offloadctl-vm.lock")
 
 
 class _Lock:
-    def __init__(self, path: Path) -> None:
+    """The machine lock, waited for at most ``wait`` seconds (then VMError naming it):
+    a hung holder costs the next run an error, never a hang."""
+
+    def __init__(self, path: Path, wait: float) -> None:
         self.path = path
+        self.wait = wait
         self.fd = -1
 
     def __enter__(self) -> _Lock:
@@ -563,7 +570,11 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log(f"another VM is running (lock {self.path}); waiting for it")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                lock_exclusive(self.fd, self.wait, f"the VM machine lock {self.path}")
+            except EnvironmentProblem as exc:
+                os.close(self.fd)
+                raise VMError(str(exc)) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
@@ -598,7 +609,7 @@ def run(cfg: RunConfig) -> int:
     cfg.results.mkdir(parents=True, exist_ok=True)
     # One VM per machine, not per checkout: two TCG guests on 2 cores starve each
     # other into timeouts (a CI clone and a work tree must wait for each other).
-    with _Lock(MACHINE_LOCK):
+    with _Lock(MACHINE_LOCK, wait=cfg.timeout):
         kernel = find_kernel()
         vmlinux = uncompressed_kernel(kernel, cfg.cache)
         initrd = initramfs(kernel, cfg.cache)

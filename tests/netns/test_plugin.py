@@ -3,6 +3,7 @@ a subprocess (pytester) with the installed entry point, against the host kernel.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from controlplane.testing import (
     TrafficError,
     Veth,
     topology,
+    vm,
 )
 from controlplane.testing.plugin import NOT_ROOT
 
@@ -210,6 +212,40 @@ def test_needs_offload(netlab, n):
         ["*the VM run ended without a result*(the runner: *path must not contain whitespace*"]
     )
     res.stdout.no_fnmatch_line("*ran on the host*")
+
+
+def test_a_busy_vm_fails_its_tests_with_the_reason_not_the_session(
+    pytester: pytest.Pytester,
+) -> None:
+    """Another run holds the machine's VM: the wait is bounded by --offload-vm-timeout
+    and the tests fail naming the lock. pytest-timeout's per-test limit (shorter here)
+    must not end the session while the first VM test's protocol waits (INTERNALERROR)."""
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.offload_vm
+@pytest.mark.parametrize("n", [1, 2])
+def test_needs_offload(netlab, n):
+    raise AssertionError("ran on the host")
+"""
+    )
+    fd = os.open(vm.MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running VM holds it
+        res = pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            "--offload-vm=always",
+            "--offload-vm-timeout=4",
+            "-o",
+            "timeout=2",
+        )
+    finally:
+        os.close(fd)
+    res.assert_outcomes(errors=2)
+    res.stdout.fnmatch_lines(["*has held the VM machine lock*for 4 s*"])
+    res.stdout.no_fnmatch_line("*INTERNALERROR*")
 
 
 def test_deselected_vm_tests_are_not_planned(
