@@ -295,9 +295,7 @@ class _Generation:
                 if pid == self.successor:
                     self.successor = 0
                     code = os.waitstatus_to_exitcode(status)
-                    self.log(
-                        f"reload: the successor (pid {pid}) exited ({code}) before it was active"
-                    )
+                    self.log(f"reload: the forked generation (pid {pid}) exited ({code})")
                     self.feed(Event(Ev.SUCCESSOR_FAILED, status=code))
         if self.code is not None or self.state.phase is Phase.EXITED:
             return
