@@ -157,3 +157,63 @@ def test_a_reload_that_fails_leaves_the_old_generation_serving(
     finally:
         main.kill()
         stop_pids(pids)
+
+
+def forked(log: Path) -> list[int]:
+    """The pids the log says a reload forked, in order."""
+    return [
+        int(line.split("reload: pid ", 1)[1].split()[0])
+        for line in log.read_text().splitlines()
+        if "reload: pid " in line
+    ]
+
+
+def test_a_reload_signal_during_a_reload_is_ignored(netns: str, bpffs: str, tmp_path: Path) -> None:
+    load_group(GROUP, netns=netns, bpffs=bpffs)
+    log = tmp_path / "exec.log"
+    # 'sleep' never says READY=1: each generation activates 1 s after its start,
+    # the window in which the second SIGHUP arrives.
+    main = Exec(netns, bpffs, log, ["sleep", "60"], "--ready-after", "1", "--reload-signal", "HUP")
+    pids: list[int] = []
+    try:
+        wait_target(netns, bpffs, 1, main)
+        main.proc.send_signal(signal.SIGHUP)
+        sup.wait_for("the reload's fork", lambda: bool(forked(log)), 15)
+        main.proc.send_signal(signal.SIGHUP)  # a separate signal: the first was handled
+        pids = forked(log)
+        assert main.wait() == 128 + signal.SIGTERM  # handed over; sleep died of SIGTERM
+        # Every decision of the old exec is in its log now: one fork, one generation.
+        assert forked(log) == pids and len(pids) == 1
+        st = status(netns, bpffs)
+        assert [(g.generation, g.target) for g in st.generations] == [(2, True)]
+        assert pid_alive(pids[0])
+    finally:
+        main.kill()
+        stop_pids(pids)
+
+
+def test_a_stop_during_a_reload_stops_the_forked_generation_too(
+    netns: str, bpffs: str, tmp_path: Path
+) -> None:
+    load_group(GROUP, netns=netns, bpffs=bpffs)
+    log = tmp_path / "exec.log"
+    main = Exec(netns, bpffs, log, ["sleep", "60"], "--ready-after", "5", "--reload-signal", "HUP")
+    pids: list[int] = []
+    try:
+        sup.wait_for("generation 1", lambda: "generation 1 active" in log.read_text(), 15)
+        main.proc.send_signal(signal.SIGHUP)
+        sup.wait_for("the reload's fork", lambda: bool(forked(log)), 15)
+        pids = forked(log)
+        sup.wait_for(
+            "the forked generation to start its CMD (its signals are caught then)",
+            lambda: f"exec[{GROUP}/2]: pid " in log.read_text(),
+            15,
+        )
+        main.proc.send_signal(signal.SIGTERM)
+        assert main.wait() == 128 + signal.SIGTERM
+        sup.wait_for("the forked generation to exit", lambda: not pid_alive(pids[0]), 15)
+        assert status(netns, bpffs).generations == ()  # both retired; nothing activated
+        assert "generation 2 active" not in log.read_text()
+    finally:
+        main.kill()
+        stop_pids(pids)
