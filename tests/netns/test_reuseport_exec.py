@@ -315,7 +315,7 @@ def pid_alive(pid: int) -> bool:
 def test_reload_with_detach_reports_the_new_main_pid(
     netns: str, bpffs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the example unit does: ExecStart=exec, ExecReload=exec --detach."""
+    """The synchronous reload of the example unit's comment: ExecReload=exec --detach."""
     load_group(GROUP, netns=netns, bpffs=bpffs)
     manager = FakeSystemd(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(manager.path))
