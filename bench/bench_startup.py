@@ -15,9 +15,10 @@ Rows (each with its baseline from the same run):
 2. **RSS at 100,000 indexed flows**: ``VmRSS`` once running and its highest value over
    the next ``--steady`` seconds (the periodic kernel view dumps conntrack every 10 s on a
    helper thread), the peak since start (``VmHWM``), with where it is
-   (``/proc/PID/smaps_rollup``: anonymous, of which transparent huge pages, file) and the
-   machine's THP mode. Baseline: the same imports in a bare interpreter, same run. Goal
-   <= 64 MB.
+   (``/proc/PID/smaps_rollup``: anonymous, of which transparent huge pages, file), the
+   machine's THP mode and whether the agent opted out of it (``THP_enabled`` in
+   ``/proc/PID/status``: docs/agent.md, *Memory*). Baseline: the same imports in a bare
+   interpreter, same run. Goal <= 64 MB.
 A move during the start-up dump is the VM suite's (``vm-tests/suite/test_startup.py``).
 
 Usage: ``python bench/bench_startup.py [--flows 100000]`` (root).
@@ -61,6 +62,8 @@ def smaps(pid: int) -> dict[str, int]:
                 parts = value.split()
                 if len(parts) == 2 and parts[1] == "kB":
                     out[key.strip()] = int(parts[0])
+                elif key == "THP_enabled":  # 0: the agent's prctl(PR_SET_THP_DISABLE)
+                    out[key] = int(value)
     return out
 
 
@@ -168,6 +171,8 @@ def main() -> int:
             f"{mem.get('Anonymous', 0) / 1024:>9.1f} / {mem.get('AnonHugePages', 0) / 1024:.1f}"
             f" / {(mem.get('Rss', 0) - mem.get('Anonymous', 0)) / 1024:.1f}"
         )
+        thp = "off (prctl)" if mem.get("THP_enabled") == 0 else "on"
+        print(f"{'    huge pages for the agent (THP ' + thp_mode() + ')':<52}{thp:>9}")
         print(f"{'  baseline: the same imports, no flows':<52}{imports:>9.1f}")
         verdict = "met" if rss <= GOAL_RSS_MB else "NOT met"
         print(f"  ratio: {rss / imports:.2f}x the imports; goal <= {GOAL_RSS_MB:.0f} MB: {verdict}")

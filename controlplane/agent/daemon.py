@@ -55,6 +55,7 @@ from controlplane.agent.topology import (
 )
 from controlplane.agent.views import KernelViews
 from controlplane.config import Config
+from controlplane.kernel.memory import release_free_heap
 
 __all__ = [
     "DRIFT_CHECK",
@@ -321,6 +322,7 @@ def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.on_signal(sig, loop.stop)
         agent.start()
+        release_free_heap()  # the start-up dump's buffers and temporaries
         loop.add_deadline_source(server.next_deadline)
         loop.every(0.5, server.expire)
         # The periodic kernel view (a conntrack dump: ~0.5 s per 50k entries) is
@@ -331,6 +333,7 @@ def run(
         def refresher() -> None:
             while not refresher_stop.wait(KERNEL_REFRESH):
                 view = agent.observe_kernel()
+                release_free_heap()  # the dump's, on this thread's own malloc arena
                 if view is not None:
                     views.append(view)  # list.append/pop are atomic under the GIL
 

@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> Any:
         if code is not None:
             sys.exit(code)
         # else: --help, a usage error or a spelling the fast parser leaves to click
+    if args[:1] == ["agent"]:
+        # Before the imports, so that their heap is not in huge pages either
+        # (docs/agent.md, "Memory").
+        from controlplane.kernel.memory import disable_thp, fix_malloc_thresholds
+
+        disable_thp()
+        fix_malloc_thresholds()
     # pydantic looks for plugins (the "pydantic" entry-point group of every
     # installed distribution) the first time a model builds its validator:
     # ~12 M instructions per command. offloadctl uses no pydantic plugin, so it

@@ -202,6 +202,9 @@ def test_socket_root_only_and_status(make_agent: Callable[..., AgentProc], route
     assert doc["control"]["refused"] == 1
     assert "masquerade" in table(router)
     assert json.loads(a.state.read_text())["schema"] == 1
+    # No transparent huge pages for the agent's heap (docs/agent.md, "Memory").
+    assert a.proc is not None
+    assert "THP_enabled:\t0\n" in Path(f"/proc/{a.proc.pid}/status").read_text()
 
 
 def test_protocol_mismatch_and_garbage_do_not_hurt(
