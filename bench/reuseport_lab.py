@@ -12,6 +12,9 @@ server: a quiet phase, then the restarts ``--exec-gap`` seconds apart:
 - ``c-server:typer``: the same, each ``exec`` started through the typer
   command (what every start cost before the fast start of cli/exec_cmd.py:
   typer and pydantic imported); the baseline of the row above;
+- ``c-server:hup``: the same, each restart a SIGHUP to the running exec
+  (``--reload-signal HUP``, what ``ExecReload=/bin/kill -HUP $MAINPID``
+  does): it forks the next generation, no new interpreter starts;
 - ``gunicorn``: gunicorn from PyPI serving a WSGI app, unchanged (the
   real-server row), at ``--gunicorn-rate`` HTTP requests/s.
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import struct
@@ -51,6 +55,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -205,7 +210,9 @@ TYPER_START = (
 
 def exec_argv(start: str, srv: str, bpffs: str, cmd: list[str]) -> list[str]:
     """``offloadctl reuseport exec`` of the group in ``srv``, by ``start``:
-    "fast" (the installed script) or "typer" (the typer command)."""
+    "fast" (the installed script), "typer" (the typer command) or "hup" (the
+    installed script, restarted by SIGHUP)."""
+    reload = ["--reload-signal", "HUP"] if start == "hup" else []
     offloadctl = shutil.which("offloadctl", path=os.path.dirname(sys.executable))
     if start == "typer":
         argv = [sys.executable, "-c", TYPER_START]
@@ -213,14 +220,64 @@ def exec_argv(start: str, srv: str, bpffs: str, cmd: list[str]) -> list[str]:
         argv = [offloadctl] if offloadctl else [sys.executable, "-m", "controlplane.cli"]
     return [
         *argv, "reuseport", "exec", "--name", GROUP, "--netns", srv, "--bpffs", bpffs,
-        "--listen", f"{SERVER_IP}:{PORT}", "--", *cmd,
+        "--listen", f"{SERVER_IP}:{PORT}", *reload, "--", *cmd,
     ]  # fmt: skip
 
 
+class Proc(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+
+
+class Forked:
+    """A generation a reload forked: reparented to us (subreaper) once its parent exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # still its parent's child
+                return None
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout or 3600)
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 3600)
+            time.sleep(0.02)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+
 class ExecProc:
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, *, pid: int = 0) -> None:
+        self.proc: Proc
+        if pid:
+            self.proc = Forked(pid)
+            return
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, cwd=REPO)
+
+
+def forked_pid(log: Path, parent: int) -> int:
+    """The pid generation ``parent``'s exec forked for a reload, from its log."""
+    found = re.findall(rf"exec\[{GROUP}/{parent}\]: reload: pid ([0-9]+) starts", log.read_text())
+    if not found:
+        raise RuntimeError(f"generation {parent} logged no reload")
+    return int(found[-1])
 
 
 def wait_generation(group: ReuseportGroup, gen: int, ex: ExecProc, timeout: float = 60) -> None:
@@ -290,6 +347,13 @@ def run_server(
                 if start in CONTROLS:
                     subprocess.run(CONTROLS[start], check=True, cwd=REPO)
                     handover.append((time.monotonic() - t) * 1000)
+                elif start == "hup":
+                    execs[-1].proc.send_signal(signal.SIGHUP)
+                    wait_generation(group, gen, execs[-1])
+                    handover.append((time.monotonic() - t) * 1000)
+                    execs.append(ExecProc([], log, pid=forked_pid(log, gen - 1)))
+                    if execs[-2].proc.wait(60) != 0:
+                        raise RuntimeError(f"exec of generation {gen - 1} exited non-zero")
                 else:
                     execs.append(ExecProc(exec_argv(start, srv, bpffs, cmd), log))
                     wait_generation(group, gen, execs[-1])
@@ -351,7 +415,8 @@ def print_rows(runs: list[ExecRun]) -> None:
     load = os.getloadavg()
     print(
         f"\nreuseport exec: {runs[0].restarts if runs else 0} restarts per server by running"
-        f" 'offloadctl reuseport exec' again; load average {load[0]:.1f} on"
+        f" 'offloadctl reuseport exec' again (SERVER:hup: by SIGHUP to the running exec,"
+        f" which forks the next generation); load average {load[0]:.1f} on"
         f" {os.cpu_count()} CPUs (shared machine; 'load': as the run started)\n"
     )
     head = (
@@ -397,7 +462,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--exec-servers",
         default="c-server,c-server:typer,gunicorn",
         help="servers restarted by 'reuseport exec' ('' to skip); SERVER:typer starts each"
-        " exec through the typer command (the baseline of the fast start); SERVER:imports"
+        " exec through the typer command (the baseline of the fast start); SERVER:hup"
+        " restarts by SIGHUP to the running exec (--reload-signal); SERVER:imports"
         " and SERVER:idle are controls without restarts",
     )
     p.add_argument(

@@ -12,8 +12,10 @@ outside world               event / action
 datagram ``READY=1`` from   READY_NOTIFIED (only CMD's own pid counts, as
 CMD on our NOTIFY_SOCKET    systemd's default ``NotifyAccess=main``)
 datagram from a successor   SUCCESSOR_ACTIVATED, if the kernel targets it
-caught signal               STOP_REQUESTED / SIGNAL_RECEIVED
-SIGCHLD + waitpid           CHILD_EXITED
+caught signal               STOP_REQUESTED / RELOAD_REQUESTED (the
+                            --reload-signal) / SIGNAL_RECEIVED
+SIGCHLD + waitpid           CHILD_EXITED, or SUCCESSOR_FAILED for a forked
+                            successor that exits before it is active
 deadlines                   READY_DELAY_PASSED, READY_TIMED_OUT, STOP_TIMED_OUT
 ==========================  ==============================================
 
@@ -21,6 +23,16 @@ Generations find each other by abstract Unix datagram sockets named after
 the group and generation (per network namespace, gone when the process is),
 and check the sender's credentials and the kernel's target before believing
 a message.
+
+A reload forks: no new interpreter starts (its CPU, ~70 ms of imports, is
+what lengthened the connect tail of the running server during a restart; see
+docs/reuseport-api.md). exec runs no threads (the pump is one selector loop,
+signals arrive through set_wakeup_fd), so the child of ``fork()`` holds a
+consistent copy of every lock and module. The child closes its copies of the
+parent's listeners, sockets and group descriptors (so the parent's retire
+and close still migrate the queue), then runs :func:`run` with the same
+options, as a new ``exec`` would, and ends with ``os._exit`` (the parent's
+``finally`` blocks are not the child's to run).
 """
 
 from __future__ import annotations
@@ -87,6 +99,7 @@ class ExecOptions:
     ready_timeout: float = 90.0  # give up on a CMD that is not ready by then
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 90.0  # SIGKILL a CMD that ignores stop_signal this long
+    reload_signal: int | None = None  # fork the next generation on it (not forwarded)
 
 
 def control_address(name: str, generation: int) -> str:
@@ -200,6 +213,8 @@ class _Generation:
         self.on_active = on_active
         self.prefix = f"offloadctl reuseport exec[{opts.name}/{state.generation}]"
         self.child = 0
+        self.successor = 0  # our forked next generation, while we may reap it
+        self.owned: list[contextlib.AbstractContextManager[object]] = []  # closed by a fork
         self.deadlines: dict[Ev, float] = {}
         self.code: int | None = None
 
@@ -219,6 +234,7 @@ class _Generation:
             stack.enter_context(wake_w)
             wake_r.setblocking(False)
             wake_w.setblocking(False)
+            self.owned = [ctl, nfy, wake_r, wake_w]
             stack.enter_context(_signals_to(wake_w.fileno()))
             self.child = _spawn(
                 self.opts.argv,
@@ -237,6 +253,7 @@ class _Generation:
             if self.opts.ready_after is not None:
                 self.deadlines[Ev.READY_DELAY_PASSED] = now + self.opts.ready_after
             sel = stack.enter_context(selectors.DefaultSelector())
+            self.owned.append(sel)
             sel.register(ctl, selectors.EVENT_READ, self._on_control)
             sel.register(nfy, selectors.EVENT_READ, self._on_notify)
             sel.register(wake_r, selectors.EVENT_READ, self._on_signals)
@@ -264,12 +281,22 @@ class _Generation:
         for signo in data:
             if signo == signal.SIGCHLD:
                 self._reap()
+            elif signo == self.opts.reload_signal:
+                self.feed(Event(Ev.RELOAD_REQUESTED, signo=signo))
             elif signo in hv.STOP_SIGNALS:
                 self.feed(Event(Ev.STOP_REQUESTED, signo=signo))
             else:
                 self.feed(Event(Ev.SIGNAL_RECEIVED, signo=signo))
 
     def _reap(self) -> None:
+        if self.successor:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.successor, os.WNOHANG)
+                if pid == self.successor:
+                    self.successor = 0
+                    code = os.waitstatus_to_exitcode(status)
+                    self.log(f"reload: the forked generation (pid {pid}) exited ({code})")
+                    self.feed(Event(Ev.SUCCESSOR_FAILED, status=code))
         if self.code is not None or self.state.phase is Phase.EXITED:
             return
         with contextlib.suppress(ChildProcessError):
@@ -331,8 +358,16 @@ class _Generation:
             self.log(f"generation {gen} active")
             if self.on_active is not None:
                 self.on_active(gen)
-        elif kind in (Act.NOTIFY_READY, Act.FORWARD_STATUS):
+        elif kind in (Act.NOTIFY_READY, Act.FORWARD_STATUS, Act.NOTIFY_RELOAD_FAILED):
             notify.notify(*action.lines)
+        elif kind is Act.NOTIFY_RELOADING:
+            notify.notify(*action.lines, f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        elif kind is Act.FORK_SUCCESSOR:
+            self._fork_successor()
+        elif kind is Act.STOP_SUCCESSOR:
+            if self.successor:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.successor, action.signo)
         elif kind is Act.TELL_PREDECESSORS:
             self._tell_predecessors()
         elif kind in (Act.FORWARD_SIGNAL, Act.STOP_CHILD, Act.KILL_CHILD):
@@ -353,6 +388,41 @@ class _Generation:
         elif kind is Act.EXIT:
             self.log(f"CMD exited; exit status {action.code}")
             self.code = action.code
+
+    def _fork_successor(self) -> None:
+        """Fork; the child runs the next generation as a new ``exec`` would."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self.successor = pid
+            self.log(f"reload: pid {pid} starts the next generation (forked, no new interpreter)")
+            self._reap()  # a child that already failed, its SIGCHLD came before we knew its pid
+            return
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)  # the parent's pipe; run() sets up our own
+            # Until run() catches them again: a stop ends us, a reload is the parent's.
+            for sig in FORWARDED_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(self.opts.reload_signal or signal.SIGHUP, signal.SIG_IGN)
+            for s in self.socks:  # else our copies would keep the parent's generation open
+                s.close()
+            for owned in self.owned:
+                owned.__exit__(None, None, None)
+            self.group.close()
+            code = run(self.opts)
+        except ControlPlaneError as exc:
+            print(f"offloadctl: {exc}", file=sys.stderr, flush=True)
+            code = exc.exit_code
+        except BaseException as exc:  # never let the parent's frames unwind in the child
+            with contextlib.suppress(Exception):
+                print(f"offloadctl: reload failed: {exc!r}", file=sys.stderr, flush=True)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
 
     def _tell_predecessors(self) -> None:
         gen = self.state.generation

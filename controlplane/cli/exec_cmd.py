@@ -104,6 +104,15 @@ PARAMS: tuple[Param, ...] = (
         90.0,
         min=0,
     ),
+    Param(
+        "reload_signal",
+        ("--reload-signal",),
+        str,
+        "on this signal (e.g. HUP from ExecReload=/bin/kill -HUP $MAINPID) fork the next"
+        " generation: a restart that starts no new interpreter; not forwarded to CMD",
+        default=None,
+        show_default=False,
+    ),
     Param("backlog", ("--backlog",), int, "listen() backlog", 4096, min=1),
     Param(
         "detach",
@@ -198,7 +207,7 @@ def parse(args: Sequence[str]) -> dict[str, Any] | None:
 # --- what the command does ----------------------------------------------------------
 
 
-def _signal_number(text: str) -> int:
+def _signal_number(text: str, field: str = "--stop-signal") -> int:
     from controlplane.core.numbers import ascii_decimal
 
     name = text.upper()
@@ -209,8 +218,28 @@ def _signal_number(text: str) -> int:
         return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
     except (KeyError, ValueError):
         raise ConfigError(
-            [ConfigIssue("--stop-signal", f"{text!r} is not a signal name or number")]
+            [ConfigIssue(field, f"{text!r} is not a signal name or number")]
         ) from None
+
+
+def _reload_signal(text: str | None) -> int | None:
+    from controlplane.agent.reuseport_exec import FORWARDED_SIGNALS
+    from controlplane.core.reuseport_handover import STOP_SIGNALS
+
+    if text is None:
+        return None
+    number = _signal_number(text, "--reload-signal")
+    allowed = [s for s in FORWARDED_SIGNALS if s not in STOP_SIGNALS]
+    if number not in allowed:
+        names = ", ".join(signal.Signals(s).name[3:] for s in allowed)
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "--reload-signal", f"{text!r} cannot be the reload signal; one of {names}"
+                )
+            ]
+        )
+    return number
 
 
 def run(values: Mapping[str, Any]) -> int:
@@ -233,6 +262,7 @@ def run(values: Mapping[str, Any]) -> int:
         ready_timeout=values["ready_timeout"],
         stop_signal=_signal_number(values["stop_signal"]),
         stop_timeout=values["stop_timeout"],
+        reload_signal=_reload_signal(values["reload_signal"]),
     )
     if values["detach"]:
         generation, code = reuseport_exec.run_detached(opts)

@@ -20,6 +20,16 @@ The handover, seen from both generations::
                  copies of the listeners, SIGTERM CMD (it closes its copies:
                  the kernel migrates what is queued to N+1)
     N   HANDING_OVER --CMD exited--> EXITED with CMD's status
+
+A reload (``--reload-signal``, e.g. SIGHUP from systemd's ``ExecReload=``)
+makes N+1 without a new interpreter: N, SERVING, forks itself and the child
+runs as N+1 (the same start as a new ``exec``, then the rows above)::
+
+    N   SERVING   --reload signal--> RELOADING: RELOADING=1 to the manager,
+                  fork N+1; a second reload signal meanwhile is ignored
+    N   RELOADING --successor active--> HANDING_OVER (as from SERVING)
+    N   RELOADING --N+1 exited first--> SERVING: READY=1 with the failure
+                  as STATUS; N keeps serving
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ class Phase(enum.Enum):
     SERVING = "serving"  # generation active (the target unless a newer one is)
     HANDING_OVER = "handing-over"  # a successor is active: retired, CMD told to stop
     STOPPING = "stopping"  # a stop signal was forwarded to CMD
+    RELOADING = "reloading"  # serving, and a forked successor is starting
     ABORTING = "aborting"  # not ready in time, or overtaken while starting
     EXITED = "exited"
 
@@ -78,6 +89,8 @@ class Ev(enum.Enum):
     SIGNAL_RECEIVED = "signal-received"  # any other caught signal
     STOP_TIMED_OUT = "stop-timed-out"  # CMD ignored the stop signal too long
     CHILD_EXITED = "child-exited"
+    RELOAD_REQUESTED = "reload-requested"  # the --reload-signal was caught
+    SUCCESSOR_FAILED = "successor-failed"  # our forked successor exited before it was active
 
 
 class Act(enum.Enum):
@@ -94,13 +107,17 @@ class Act(enum.Enum):
     START_STOP_TIMER = "start-stop-timer"
     KILL_CHILD = "kill-child"  # SIGKILL: CMD ignored the stop signal
     EXIT = "exit"  # exit with exit_code(state)
+    NOTIFY_RELOADING = "notify-reloading"  # RELOADING=1 to the outer manager
+    FORK_SUCCESSOR = "fork-successor"  # fork; the child runs as the next generation
+    NOTIFY_RELOAD_FAILED = "notify-reload-failed"  # READY=1 again, STATUS= why
+    STOP_SUCCESSOR = "stop-successor"  # the stop signal, to the starting successor
 
 
 @dataclass(frozen=True)
 class Event:
     kind: Ev
     signo: int = 0  # STOP_REQUESTED / SIGNAL_RECEIVED
-    status: int = 0  # CHILD_EXITED: exit code, or -signal when killed
+    status: int = 0  # CHILD_EXITED, SUCCESSOR_FAILED: exit code, or -signal when killed
     text: str = ""  # STATUS_NOTIFIED
 
 
@@ -124,9 +141,10 @@ class ExecState:
 
 
 # Short aliases for the table below.
-S, SV, H, ST, AB, X = (
+S, SV, RL, H, ST, AB, X = (
     Phase.STARTING,
     Phase.SERVING,
+    Phase.RELOADING,
     Phase.HANDING_OVER,
     Phase.STOPPING,
     Phase.ABORTING,
@@ -150,6 +168,9 @@ _TABLE: dict[tuple[Phase, Ev], _Row] = {
     (S, Ev.STOP_TIMED_OUT): (S, ()),
     # Failed start: retire what was never active; the predecessor keeps serving.
     (S, Ev.CHILD_EXITED): (X, _CLEAN_EXIT),
+    # Not serving yet: nothing to reload from (a new exec would take over anyway).
+    (S, Ev.RELOAD_REQUESTED): (S, ()),
+    (S, Ev.SUCCESSOR_FAILED): (S, ()),
     # SERVING
     (SV, Ev.READY_NOTIFIED): (SV, ()),
     (SV, Ev.READY_DELAY_PASSED): (SV, ()),
@@ -163,6 +184,24 @@ _TABLE: dict[tuple[Phase, Ev], _Row] = {
     (SV, Ev.STOP_TIMED_OUT): (SV, ()),
     # Crash: closing migrates the queue to another active generation if any.
     (SV, Ev.CHILD_EXITED): (X, _CLEAN_EXIT),
+    (SV, Ev.RELOAD_REQUESTED): (RL, (Act.NOTIFY_RELOADING, Act.FORK_SUCCESSOR)),
+    (SV, Ev.SUCCESSOR_FAILED): (SV, ()),
+    # RELOADING: SERVING while the forked successor starts; it tells us (and
+    # the kernel confirms) when it is active, as any successor does.
+    (RL, Ev.READY_NOTIFIED): (RL, ()),
+    (RL, Ev.READY_DELAY_PASSED): (RL, ()),
+    (RL, Ev.READY_TIMED_OUT): (RL, ()),
+    (RL, Ev.STATUS_NOTIFIED): (RL, (Act.FORWARD_STATUS,)),
+    (RL, Ev.SUCCESSOR_ACTIVATED): (H, _GIVE_UP),
+    # Stopping the service stops the half-started successor too (it retires itself).
+    (RL, Ev.STOP_REQUESTED): (ST, (Act.FORWARD_SIGNAL, Act.STOP_SUCCESSOR)),
+    (RL, Ev.SIGNAL_RECEIVED): (RL, (Act.FORWARD_SIGNAL,)),
+    (RL, Ev.STOP_TIMED_OUT): (RL, ()),
+    (RL, Ev.CHILD_EXITED): (X, _CLEAN_EXIT),
+    # One reload at a time: a reload signal while one is starting is ignored
+    # (the starting successor already runs the newest code and config).
+    (RL, Ev.RELOAD_REQUESTED): (RL, ()),
+    (RL, Ev.SUCCESSOR_FAILED): (SV, (Act.NOTIFY_RELOAD_FAILED,)),
     # HANDING_OVER: retired and closed; only CMD's exit is awaited.
     (H, Ev.READY_NOTIFIED): (H, ()),
     (H, Ev.READY_DELAY_PASSED): (H, ()),
@@ -173,6 +212,8 @@ _TABLE: dict[tuple[Phase, Ev], _Row] = {
     (H, Ev.SIGNAL_RECEIVED): (H, (Act.FORWARD_SIGNAL,)),
     (H, Ev.STOP_TIMED_OUT): (H, (Act.KILL_CHILD,)),
     (H, Ev.CHILD_EXITED): (X, (Act.EXIT,)),
+    (H, Ev.RELOAD_REQUESTED): (H, ()),
+    (H, Ev.SUCCESSOR_FAILED): (H, ()),
     # STOPPING
     (ST, Ev.READY_NOTIFIED): (ST, ()),
     (ST, Ev.READY_DELAY_PASSED): (ST, ()),
@@ -183,6 +224,8 @@ _TABLE: dict[tuple[Phase, Ev], _Row] = {
     (ST, Ev.SIGNAL_RECEIVED): (ST, (Act.FORWARD_SIGNAL,)),
     (ST, Ev.STOP_TIMED_OUT): (ST, ()),
     (ST, Ev.CHILD_EXITED): (X, _CLEAN_EXIT),
+    (ST, Ev.RELOAD_REQUESTED): (ST, ()),
+    (ST, Ev.SUCCESSOR_FAILED): (ST, ()),
     # ABORTING: retired and closed, CMD told to stop; it never serves again.
     (AB, Ev.READY_NOTIFIED): (AB, ()),
     (AB, Ev.READY_DELAY_PASSED): (AB, ()),
@@ -193,6 +236,8 @@ _TABLE: dict[tuple[Phase, Ev], _Row] = {
     (AB, Ev.SIGNAL_RECEIVED): (AB, (Act.FORWARD_SIGNAL,)),
     (AB, Ev.STOP_TIMED_OUT): (AB, (Act.KILL_CHILD,)),
     (AB, Ev.CHILD_EXITED): (X, (Act.EXIT,)),
+    (AB, Ev.RELOAD_REQUESTED): (AB, ()),
+    (AB, Ev.SUCCESSOR_FAILED): (AB, ()),
 }
 _TABLE.update({(X, ev): (X, ()) for ev in Ev})  # terminal: nothing happens any more
 TRANSITIONS: Mapping[tuple[Phase, Ev], _Row] = MappingProxyType(_TABLE)
@@ -220,6 +265,23 @@ def _expand(kind: Act, state: ExecState, event: Event) -> Action:
         return Action(kind, lines=(*main, "READY=1", f"STATUS=generation {state.generation}"))
     if kind is Act.FORWARD_STATUS:
         return Action(kind, lines=(f"STATUS={event.text}",))
+    if kind is Act.NOTIFY_RELOADING:
+        # Plumbing appends MONOTONIC_USEC= (systemd >= 253 matches the reload by it).
+        return Action(
+            kind, lines=("RELOADING=1", f"STATUS=generation {state.generation}: reloading")
+        )
+    if kind is Act.NOTIFY_RELOAD_FAILED:
+        status = event.status
+        why = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return Action(
+            kind,
+            lines=(
+                "READY=1",
+                f"STATUS=generation {state.generation}: reload failed (successor {why})",
+            ),
+        )
+    if kind is Act.STOP_SUCCESSOR:
+        return Action(kind, signo=signal.SIGTERM)
     if kind is Act.EXIT:
         return Action(kind, code=exit_code(state))
     return Action(kind)

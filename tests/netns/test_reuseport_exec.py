@@ -237,6 +237,18 @@ def st_line(netns: str, bpffs: str) -> str:
     return f"counters {status(netns, bpffs).counters}"
 
 
+def assert_every_request_answered(load: HttpLoad, netns: str, bpffs: str, last: int) -> None:
+    """Generations 1..last each answered, none failed, the last one alone remains."""
+    print(f"{load.attempts} requests, per generation {load.answers}, {st_line(netns, bpffs)}")
+    assert load.failures == []
+    assert sum(load.answers.values()) == load.attempts  # every request answered
+    assert sorted(load.answers) == list(range(1, last + 1))
+    st = status(netns, bpffs)
+    assert [(g.generation, g.target) for g in st.generations] == [(last, True)]
+    assert (st.counters.dropped, st.counters.fallback) == (0, 0)
+    assert st.counters.migrated > 0, "no handover had a queue: the test proved nothing"
+
+
 def test_gunicorn_restarted_20_times_under_load_without_a_reset(
     netns: str, bpffs: str, tmp_path: Path
 ) -> None:
@@ -265,15 +277,7 @@ def test_gunicorn_restarted_20_times_under_load_without_a_reset(
             load.wait_served(gen)
         load.stop.set()
         load.join(timeout=10)
-
-        print(f"{load.attempts} requests, per generation {load.answers}, {st_line(netns, bpffs)}")
-        assert load.failures == []
-        assert sum(load.answers.values()) == load.attempts  # every request answered
-        assert sorted(load.answers) == list(range(1, RESTARTS + 2))
-        st = status(netns, bpffs)
-        assert [(g.generation, g.target) for g in st.generations] == [(RESTARTS + 1, True)]
-        assert (st.counters.dropped, st.counters.fallback) == (0, 0)
-        assert st.counters.migrated > 0, "no handover had a queue: the test proved nothing"
+        assert_every_request_answered(load, netns, bpffs, RESTARTS + 1)
         execs[-1].proc.send_signal(signal.SIGTERM)
         assert execs[-1].wait() == 0  # gunicorn's own status after a graceful stop
     finally:
@@ -311,7 +315,7 @@ def pid_alive(pid: int) -> bool:
 def test_reload_with_detach_reports_the_new_main_pid(
     netns: str, bpffs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the example unit does: ExecStart=exec, ExecReload=exec --detach."""
+    """The synchronous reload of the example unit's comment: ExecReload=exec --detach."""
     load_group(GROUP, netns=netns, bpffs=bpffs)
     manager = FakeSystemd(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(manager.path))

@@ -156,7 +156,8 @@ def test_the_fast_parser_takes_the_plain_spellings() -> None:
     got = parse(
         [
             *("-n", "web", "--listen", "a=127.0.0.1:80", "-l", "[::1]:80", "--ready-timeout=5"),
-            *("--backlog", "16", "--detach", "--netns", "ns1", "--bpffs=/b", "srv", "--x", "--"),
+            *("--backlog", "16", "--detach", "--netns", "ns1", "--bpffs=/b"),
+            *("--reload-signal", "HUP", "srv", "--x", "--"),
         ]
     )
     assert got == {
@@ -167,6 +168,7 @@ def test_the_fast_parser_takes_the_plain_spellings() -> None:
         "ready_timeout": 5.0,
         "stop_signal": "TERM",
         "stop_timeout": 90.0,
+        "reload_signal": "HUP",
         "backlog": 16,
         "detach": True,
         "netns": "ns1",

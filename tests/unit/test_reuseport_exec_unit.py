@@ -36,9 +36,20 @@ def test_start_and_reload_run_the_same_generation_command() -> None:
     svc = service()
     assert svc["Type"] == "notify"
     assert svc["NotifyAccess"] == "all"  # MAINPID= comes from the next generation
-    assert svc["ExecStart"] == "/usr/bin/offloadctl reuseport exec $EXEC_ARGS"
-    assert svc["ExecReload"] == "/usr/bin/offloadctl reuseport exec --detach $EXEC_ARGS"
+    start = "/usr/bin/offloadctl reuseport exec --reload-signal HUP $EXEC_ARGS"
+    assert svc["ExecStart"] == start
+    # Reload: SIGHUP, exec forks the next generation (no new interpreter starts).
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert svc["KillMode"] == "mixed"  # SIGTERM to exec, which forwards it
+
+
+def test_exec_start_takes_the_fast_start_with_the_reload_signal() -> None:
+    from controlplane.cli.exec_cmd import parse
+
+    words = service()["ExecStart"].split()
+    cut = words.index("$EXEC_ARGS")
+    values = parse([*words[3:cut], *exec_args()])
+    assert values is not None and values["reload_signal"] == "HUP"
 
 
 def test_exec_args_parse() -> None:

@@ -29,10 +29,26 @@ events = st.one_of(
             Event(Ev.SUCCESSOR_ACTIVATED),
             Event(Ev.STOP_TIMED_OUT),
             Event(Ev.SIGNAL_RECEIVED, signo=signal.SIGHUP),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
         ]
     ),
+    st.integers(-64, 255).map(lambda c: Event(Ev.SUCCESSOR_FAILED, status=c)),
     st.sampled_from(sorted(h.STOP_SIGNALS)).map(lambda s: Event(Ev.STOP_REQUESTED, signo=s)),
     st.integers(-64, 255).map(lambda c: Event(Ev.CHILD_EXITED, status=c)),
+)
+
+# The same, with readiness and reload signals as often as everything else together:
+# three events in a row without a stop, an exit or a failure are then common.
+reload_events = st.one_of(
+    st.sampled_from(
+        [
+            Event(Ev.READY_NOTIFIED),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
+            Event(Ev.SIGNAL_RECEIVED, signo=signal.SIGUSR1),
+        ]
+    ),
+    events,
 )
 
 
@@ -146,6 +162,90 @@ def test_promises_hold_for_any_event_sequence(evs: list[Event], takeover: bool) 
     caught = [e.signo for e in evs[:end] if e.kind in (Ev.SIGNAL_RECEIVED, Ev.STOP_REQUESTED)]
     forwarded = [a.signo for i, a in flat if a.kind is Act.FORWARD_SIGNAL]
     assert forwarded == caught
+
+
+def test_a_reload_forks_once_and_hands_over_like_a_restart() -> None:
+    state, steps = run(
+        [
+            Event(Ev.READY_NOTIFIED),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),  # while one starts: ignored
+            Event(Ev.SUCCESSOR_ACTIVATED),
+            Event(Ev.CHILD_EXITED, status=0),
+        ]
+    )
+    assert [a.kind for a in steps[1]] == [Act.NOTIFY_RELOADING, Act.FORK_SUCCESSOR]
+    assert steps[1][0].lines == ("RELOADING=1", "STATUS=generation 7: reloading")
+    assert steps[2] == []
+    assert [a.kind for a in steps[3]] == [
+        Act.RETIRE,
+        Act.CLOSE_LISTENERS,
+        Act.STOP_CHILD,
+        Act.START_STOP_TIMER,
+    ]
+    assert steps[4] == [h.Action(Act.EXIT, code=0)] and state.phase is Phase.EXITED
+
+
+def test_a_failed_reload_keeps_serving_and_says_so() -> None:
+    state, steps = run(
+        [
+            Event(Ev.READY_NOTIFIED),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
+            Event(Ev.SUCCESSOR_FAILED, status=-signal.SIGKILL),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
+        ]
+    )
+    assert steps[2] == [
+        h.Action(
+            Act.NOTIFY_RELOAD_FAILED,
+            lines=("READY=1", "STATUS=generation 7: reload failed (successor killed by signal 9)"),
+        )
+    ]
+    assert state.phase is Phase.RELOADING  # the next reload signal tries again
+    assert [a.kind for a in steps[3]] == [Act.NOTIFY_RELOADING, Act.FORK_SUCCESSOR]
+
+
+def test_stopping_during_a_reload_stops_the_successor_too() -> None:
+    state, steps = run(
+        [
+            Event(Ev.READY_NOTIFIED),
+            Event(Ev.RELOAD_REQUESTED, signo=signal.SIGHUP),
+            Event(Ev.STOP_REQUESTED, signo=signal.SIGTERM),
+        ]
+    )
+    assert steps[2] == [
+        h.Action(Act.FORWARD_SIGNAL, signo=signal.SIGTERM),
+        h.Action(Act.STOP_SUCCESSOR, signo=signal.SIGTERM),
+    ]
+    assert state.phase is Phase.STOPPING
+
+
+@settings(max_examples=400)
+@given(st.lists(reload_events, max_size=14), st.booleans())
+def test_reload_promises_hold_for_any_event_sequence(evs: list[Event], takeover: bool) -> None:
+    _, steps = run(evs, takeover=takeover)
+    pending = False  # a forked successor that has neither failed nor taken over
+    retired = False
+    for ev, acts in zip(evs, steps, strict=True):
+        kinds = [a.kind for a in acts]
+        if Act.FORK_SUCCESSOR in kinds:
+            # Only on the reload signal, never two at once, never once out of the group;
+            # the manager hears RELOADING=1 first.
+            assert ev.kind is Ev.RELOAD_REQUESTED and not pending and not retired
+            assert kinds == [Act.NOTIFY_RELOADING, Act.FORK_SUCCESSOR]
+            pending = True
+        elif ev.kind is Ev.RELOAD_REQUESTED:
+            assert kinds == []  # ignored, and never forwarded to CMD
+        if Act.STOP_SUCCESSOR in kinds:
+            assert pending
+        if Act.NOTIFY_RELOAD_FAILED in kinds:
+            assert pending and ev.kind is Ev.SUCCESSOR_FAILED
+        if ev.kind is Ev.SUCCESSOR_FAILED and pending and not retired:
+            assert kinds == [Act.NOTIFY_RELOAD_FAILED]
+        if ev.kind in (Ev.SUCCESSOR_FAILED, Ev.SUCCESSOR_ACTIVATED):
+            pending = False
+        if Act.RETIRE in kinds or ev.kind in (Ev.STOP_REQUESTED, Ev.CHILD_EXITED):
+            retired = True
 
 
 def test_successor_is_believed_only_when_the_kernel_targets_it() -> None:
