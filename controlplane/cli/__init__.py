@@ -8,8 +8,10 @@ so ``offloadctl validate`` does not pay for BPF, netlink or libnftables.
 
 This package itself imports nothing heavy: ``main`` runs ``reuseport exec``
 without typer or pydantic (cli/exec_cmd.py: a restart's start-up CPU competes
-with the server it restarts), and imports the typer app (cli/common.py, which
-also makes its group lazy-loading with the tables below) for everything else.
+with the server it restarts) and ``agent`` without typer or click
+(cli/agent_cmd.py: their RSS, for the daemon's life), and imports the typer
+app (cli/common.py, which also makes its group lazy-loading with the tables
+below) for everything else.
 """
 
 from __future__ import annotations
@@ -123,6 +125,13 @@ def main(argv: list[str] | None = None) -> Any:
     if "PYDANTIC_DISABLE_PLUGINS" not in os.environ:
         os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
         plugins_off_by_us = True
+    if args[:1] == ["agent"] and COMPLETE_VAR not in os.environ:
+        # Without typer/click: ~5 MB of the daemon's RSS (cli/agent_cmd.py).
+        from controlplane.cli.agent_cmd import fast_main as agent_main
+
+        code = agent_main(args[1:])
+        if code is not None:
+            sys.exit(code)
     if COMPLETE_VAR in os.environ:  # the shell asks for completions (cli/completion.py)
         from controlplane.cli.completion import enable
 

@@ -8,138 +8,25 @@ caller reads the kernel).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from controlplane.agent.health import STALE_AFTER
-from controlplane.cli.common import ConfigArg, JsonOpt, NetnsOpt, app
+from controlplane.cli import agent_cmd
+from controlplane.cli.common import JsonOpt, NetnsOpt, app
 from controlplane.cli.errors import err, handles_errors
-from controlplane.errors import EnvironmentProblem, ExitCode, one_line
+from controlplane.cli.fastparse import REQUIRED, typer_command, typer_param
+from controlplane.errors import EnvironmentProblem, ExitCode
 
-SocketOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--socket",
-        help="control socket (default /run/offloadctl/<netns or host>.sock)",
-        show_default=False,
-        metavar="PATH",
-    ),
-]
+# Annotated: the default (None) is the function's, not typer.Option's.
+SocketOpt = Annotated[Path | None, typer_param(replace(agent_cmd.SOCKET, default=REQUIRED))]
 
-
-@app.command()
-@handles_errors
-def agent(
-    config: ConfigArg,
-    netns: NetnsOpt = None,
-    state_file: Annotated[
-        Path | None,
-        typer.Option(
-            help="state file (default /var/lib/offloadctl/<netns or host>/state.json)",
-            show_default=False,
-            metavar="PATH",
-        ),
-    ] = None,
-    socket_path: SocketOpt = None,
-    log_format: Annotated[
-        str, typer.Option(help="plain (logfmt) or json", metavar="plain|json")
-    ] = "plain",
-    metrics: Annotated[
-        str | None,
-        typer.Option(
-            help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9108",
-            show_default=False,
-            metavar="HOST:PORT",
-        ),
-    ] = None,
-    metrics_allow_remote: Annotated[
-        bool, typer.Option("--metrics-allow-remote", help="allow a non-loopback --metrics address")
-    ] = False,
-    cleanup_on_exit: Annotated[
-        bool,
-        typer.Option(
-            "--cleanup-on-exit", help="on SIGTERM remove the table and reuseport groups we own"
-        ),
-    ] = False,
-    watch_interval: Annotated[
-        float,
-        typer.Option(
-            help="seconds between config-file checks (0: only SIGHUP/reload)", metavar="SECONDS"
-        ),
-    ] = 1.0,
-    drift_interval: Annotated[
-        float,
-        typer.Option(
-            help="seconds between drift checks: a change another writer made to the"
-            " table is undone within this (0: never)",
-            metavar="SECONDS",
-        ),
-    ] = 10.0,
-    health_stale_after: Annotated[
-        float,
-        typer.Option(
-            help="--metrics' /healthz fails once the main loop has not run for this long",
-            metavar="SECONDS",
-        ),
-    ] = STALE_AFTER,
-) -> None:
-    """Apply CONFIG and keep the kernel in line with it until SIGTERM (reload: SIGHUP)."""
-    from controlplane import __version__
-    from controlplane.agent import daemon, logs
-    from controlplane.errors import ConfigError, ConfigIssue
-    from controlplane.kernel.netns import entered, require_root
-    from controlplane.service.applier import KernelApplier
-    from controlplane.service.kernel_view import KernelObserver
-
-    if log_format not in ("plain", "json"):
-        raise ConfigError([ConfigIssue("--log-format", f"{log_format!r}: use plain or json")])
-    for flag, value in (("--watch-interval", watch_interval), ("--drift-interval", drift_interval)):
-        if value < 0:
-            raise ConfigError([ConfigIssue(flag, "must be >= 0")])
-    if health_stale_after <= 0:
-        raise ConfigError([ConfigIssue("--health-stale-after", "must be > 0")])
-    listen = None
-    if metrics is not None:
-        from controlplane.agent.metrics import parse_listen
-
-        listen = parse_listen(metrics, metrics_allow_remote)
-    require_root("running the agent")
-    # The name becomes part of the default socket and state paths: refuse a bad
-    # or missing namespace before any directory is made for it.
-    with entered(netns):
-        pass
-    log = logs.DecisionLog(logs.setup("json" if log_format == "json" else "plain"))
-    opts = daemon.AgentOptions(
-        config_path=config,
-        netns=netns,
-        state_path=state_file,
-        socket_path=socket_path,
-        cleanup_on_exit=cleanup_on_exit,
-        watch_interval=watch_interval,
-        drift_interval=drift_interval,
-        metrics=listen,
-        health_stale_after=health_stale_after,
-    )
-    from controlplane.agent.invalidation import InvalidationSubsystem
-
-    def subsystems(a: daemon.Agent) -> tuple[InvalidationSubsystem, ...]:
-        return (InvalidationSubsystem(netns, log, on_links=a.topology_changed),)
-
-    try:
-        daemon.run(
-            opts,
-            KernelApplier(),
-            KernelObserver(),
-            log,
-            version=__version__,
-            make_subsystems=subsystems,
-        )
-    except Exception as exc:
-        # Also on the agent's own log stream, so a journal/JSON pipeline sees why it stopped.
-        log.error("start", f"cannot run: {one_line(exc)}")
-        raise
+# The agent's options and behaviour live in cli/agent_cmd.py (main() starts it
+# without typer); this is its typer command, for --help, usage errors, the man
+# page and completion.
+app.command("agent")(typer_command(agent_cmd.PARAMS, agent_cmd.HELP, agent_cmd.run))
 
 
 def _client(netns: str | None, socket_path: Path | None) -> Any:

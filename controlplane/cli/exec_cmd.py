@@ -5,13 +5,9 @@ A restart is a new ``exec`` process starting while the old generation serves:
 its start-up CPU competes with the server and its clients, and typer with
 pydantic costs ~300 ms of CPU per start against ~70 ms for what exec itself
 imports. So ``offloadctl``'s main() hands the arguments after ``reuseport
-exec`` to :func:`fast_main` first. Its parser takes only the plain spellings
-(``--opt VALUE``, ``--opt=VALUE``, ``-n``/``-l VALUE``, decimal numbers in
-range, then ``--`` or the first positional starts CMD); anything else
-(``--help``, a usage error, ``-nweb``, ``1e3``, a value starting with '-')
-returns None and main() runs the typer command instead, which prints click's
-help and error lines. What the fast parser accepts, click parses the same
-(a property test holds them together).
+exec`` to :func:`fast_main` first: cli/fastparse.py's parser, with ``--`` or
+the first positional starting CMD; what it leaves to click (``--help``, a
+usage error, ``-nweb``) runs the typer command instead.
 
 The options have one home, :data:`PARAMS`: the typer command is built from
 it (cli/reuseport.py), and so are --help, the man page and completion. The
@@ -21,40 +17,16 @@ behaviour has one home too, :func:`run`, which both starts call.
 from __future__ import annotations
 
 import os
-import re
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
+from controlplane.cli import fastparse
+from controlplane.cli.fastparse import Param
 from controlplane.errors import ConfigError, ConfigIssue
 from controlplane.kernel.bpf.loader import DEFAULT_BPFFS
 
 __all__ = ["BPFFS", "HELP", "NAME", "NETNS", "PARAMS", "Param", "fast_main", "parse", "run"]
-
-REQUIRED: Any = ...  # typer's marker of a required parameter
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of the command, as typer declares it."""
-
-    dest: str  # the function argument (and click's name)
-    flags: tuple[str, ...]  # every spelling; () for the positional CMD
-    kind: type  # str, int, float or bool (a --x/--no-x flag)
-    help: str
-    default: Any = REQUIRED
-    multiple: bool = False  # repeatable option, or the positional's nargs=-1
-    min: float | None = None
-    show_default: bool = True
-    envvar: str | None = None
-
-    @property
-    def annotation(self) -> Any:
-        if self.multiple:
-            return list[self.kind]  # type: ignore[name-defined]
-        return self.kind | None if self.default is None else self.kind
-
 
 NAME = Param("name", ("--name", "-n"), str, "group name")
 NETNS = Param(
@@ -134,74 +106,11 @@ its listeners, so its queued connections migrate here, and stops its CMD.
 Exits with CMD's status.
 """
 
-# --- the fast parser --------------------------------------------------------------
-
-_DECIMAL = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")}
-
-
-def _spellings() -> dict[str, tuple[Param, Any]]:
-    """Every flag -> (its parameter, the value a bare flag stands for, or None)."""
-    out: dict[str, tuple[Param, Any]] = {}
-    for p in PARAMS:
-        for flag in p.flags:
-            if p.kind is bool:
-                on, off = flag.split("/")
-                out[on], out[off] = (p, True), (p, False)
-            else:
-                out[flag] = (p, None)
-    return out
-
-
-def _value(p: Param, text: str) -> Any:
-    """``text`` as ``p``'s value, or None where click's reading is left to click."""
-    if p.kind is str:
-        return None if text.startswith("-") else text
-    if not _DECIMAL[p.kind].fullmatch(text):
-        return None
-    value = p.kind(text)
-    return None if p.min is not None and value < p.min else value
-
 
 def parse(args: Sequence[str]) -> dict[str, Any] | None:
-    """The parameters as the typer command would get them, or None: not a
-    spelling this parser takes (let click parse it, answer or refuse it)."""
-    spellings = _spellings()
-    values: dict[str, Any] = {p.dest: [] if p.multiple else p.default for p in PARAMS}
-    given: set[str] = set()
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--" or not arg.startswith("-") or arg == "-":
-            values["cmd"] = list(args[i:] if arg == "--" else args[i - 1 :])
-            break
-        flag, eq, attached = arg.partition("=")
-        if flag not in spellings or (eq and not flag.startswith("--")):
-            return None
-        p, bare = spellings[flag]
-        if bare is not None:
-            if eq:
-                return None
-            value: Any = bare
-        else:
-            if not eq:
-                if i == len(args):
-                    return None
-                attached, i = args[i], i + 1
-            value = _value(p, attached)
-            if value is None:
-                return None
-        given.add(p.dest)
-        if p.multiple:
-            values[p.dest].append(value)
-        else:
-            values[p.dest] = value
-    for p in PARAMS:
-        if p.envvar and p.dest not in given and os.environ.get(p.envvar):
-            values[p.dest] = os.environ[p.envvar]
-        if values[p.dest] is REQUIRED or (p.multiple and not values[p.dest]):
-            return None  # click says what is missing (CMD is required too)
-    return values
+    """The parameters as the typer command would get them, or None (for click):
+    the options end at CMD's first word."""
+    return fastparse.parse(PARAMS, args, interspersed=False)
 
 
 # --- what the command does ----------------------------------------------------------
@@ -275,28 +184,4 @@ def run(values: Mapping[str, Any]) -> int:
 def fast_main(args: Sequence[str]) -> int | None:
     """``offloadctl reuseport exec ARGS`` without typer: the exit status, or
     None when ``args`` are for click (help, a usage error, an odd spelling)."""
-    values = parse(args)
-    if values is None:
-        return None
-    try:
-        return run(values)
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        return _reported(exc)
-
-
-def _reported(exc: BaseException) -> int:
-    """Report ``exc`` as every command does (typer is imported only now, on failure)."""
-    import typer
-
-    from controlplane.cli.errors import handles_errors
-
-    def reraise() -> NoReturn:
-        raise exc
-
-    try:
-        handles_errors(reraise)()
-    except typer.Exit as done:
-        return int(done.exit_code)
-    raise AssertionError("handles_errors returned")  # pragma: no cover
+    return fastparse.fast_main(PARAMS, run, args, interspersed=False)

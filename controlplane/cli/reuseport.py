@@ -8,15 +8,13 @@ error class's code; there is never a traceback.
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Callable
-from typing import Any
 
 import typer
 
 from controlplane.cli import exec_cmd
 from controlplane.cli.errors import handles_errors
+from controlplane.cli.fastparse import typer_command, typer_param
 from controlplane.core.numbers import ascii_decimal
 from controlplane.errors import ConfigError, ConfigIssue
 from controlplane.kernel.bpf import loader as bpf_loader
@@ -34,23 +32,9 @@ GenerationOpt = typer.Option(
 )
 
 
-def _typer_param(p: exec_cmd.Param) -> Any:
-    """The typer declaration of a parameter that exec_cmd declares (typer-free)."""
-    if not p.flags:
-        return typer.Argument(p.default, help=p.help)
-    return typer.Option(
-        p.default,
-        *p.flags,
-        help=p.help,
-        min=p.min,
-        show_default=p.show_default,
-        envvar=p.envvar,
-    )
-
-
-NameOpt = _typer_param(exec_cmd.NAME)
-NetnsOpt = _typer_param(exec_cmd.NETNS)
-BpffsOpt = _typer_param(exec_cmd.BPFFS)
+NameOpt = typer_param(exec_cmd.NAME)
+NetnsOpt = typer_param(exec_cmd.NETNS)
+BpffsOpt = typer_param(exec_cmd.BPFFS)
 
 
 def _open(name: str, netns: str | None, bpffs: str) -> ReuseportGroup:
@@ -279,21 +263,6 @@ def receive(
             served += 1
 
 
-def _exec_command() -> Callable[..., None]:
-    """The typer command of ``exec``, declared by exec_cmd.PARAMS (their one home)."""
-
-    def exec_(**values: Any) -> None:
-        raise typer.Exit(exec_cmd.run(values))
-
-    exec_.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [
-            inspect.Parameter(p.dest, inspect.Parameter.KEYWORD_ONLY, default=_typer_param(p))
-            for p in exec_cmd.PARAMS
-        ]
-    )
-    exec_.__annotations__ = {p.dest: p.annotation for p in exec_cmd.PARAMS}
-    exec_.__doc__ = exec_cmd.HELP
-    return handles_errors(exec_)
-
-
-app.command("exec", context_settings={"allow_interspersed_args": False})(_exec_command())
+app.command("exec", context_settings={"allow_interspersed_args": False})(
+    typer_command(exec_cmd.PARAMS, exec_cmd.HELP, exec_cmd.run)
+)

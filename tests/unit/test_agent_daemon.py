@@ -421,11 +421,9 @@ def test_drift_check_restores_another_writers_change_and_says_so(
 
 
 def test_the_cli_default_drift_interval_is_the_daemons() -> None:
-    import inspect
+    from controlplane.cli.agent_cmd import PARAMS
 
-    from controlplane.cli.agent import agent as agent_cmd
-
-    default = inspect.signature(agent_cmd).parameters["drift_interval"].default
+    default = next(p.default for p in PARAMS if p.dest == "drift_interval")
     assert default == daemon.DRIFT_CHECK
 
 
