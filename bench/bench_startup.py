@@ -17,8 +17,9 @@ Rows (each with its baseline from the same run):
    helper thread), the peak since start (``VmHWM``), with where it is
    (``/proc/PID/smaps_rollup``: anonymous, of which transparent huge pages, file), the
    machine's THP mode and whether the agent opted out of it (``THP_enabled`` in
-   ``/proc/PID/status``: docs/agent.md, *Memory*). Baseline: the same imports in a bare
-   interpreter, same run. Goal <= 64 MB.
+   ``/proc/PID/status``: docs/agent.md, *Memory*). Baseline: the agent's imports in a
+   bare interpreter, and the same with typer (which the agent imported before it
+   started without it: cli/agent_cmd.py), same run. Goal <= 64 MB.
 A move during the start-up dump is the VM suite's (``vm-tests/suite/test_startup.py``).
 
 Usage: ``python bench/bench_startup.py [--flows 100000]`` (root).
